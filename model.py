@@ -1,0 +1,368 @@
+"""The CLF network: a ResNet backbone whose stage-4 grid of local features is aggregated in several
+ways (SPoC, MAC, GeM), each projected and L2-normalised, then concatenated into one retrieval
+embedding; a BatchNorm + Linear classifier on the same vector drives training.
+
+`python model.py` prints the Params | FLOPs table of the three backbones on the four datasets.
+"""
+import os
+import socket
+import warnings
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from utils import UserError, run_cli, safe_load
+
+# ----------------------------------------------------------------------------------------------
+# backbones: stem + layer1..layer4, no avgpool/fc; stage 3 (layer3) keeps its input resolution
+# ----------------------------------------------------------------------------------------------
+
+
+def _torchvision_resnet(arch):
+    """torchvision's ResNet-18/50 trunk with the same parameter names as torchvision (conv1, bn1,
+    layer1..layer4), so its ImageNet state dict loads as it is once `fc.*` is dropped."""
+    net = getattr(torchvision.models, arch)(weights=None)
+    # the first block of layer3 downsamples in its strided conv and in its shortcut: undo both, so
+    # a 224 input gives a 14x14 stage-4 map instead of 7x7 (finer local features, 4x the cost)
+    block = net.layer3[0]
+    (block.conv2 if hasattr(block, 'conv3') else block.conv1).stride = (1, 1)
+    block.downsample[0].stride = (1, 1)
+    return nn.Sequential(OrderedDict(
+        (name, getattr(net, name))
+        for name in ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4')))
+
+
+class SEModule(nn.Module):
+    """Squeeze-and-excitation: rescale each channel by a gate computed from the global average."""
+
+    def __init__(self, channels, reduction=16):
+        super().__init__()
+        # a pooling module rather than x.mean(): thop counts it (h*w + 1 per output), and so does
+        # the published FLOPs figure (+0.01G)
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, channels // reduction, kernel_size=1)
+        self.fc2 = nn.Conv2d(channels // reduction, channels, kernel_size=1)
+
+    def forward(self, x):
+        # x [B, C, h, w] -> gate [B, C, 1, 1]
+        gate = self.avg_pool(x)
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(gate))))
+        return x * gate
+
+
+class SEBottleneck(nn.Module):
+    """Caffe-style SE-ResNet bottleneck: the stride sits on the first 1x1 conv (torchvision puts it
+    on the 3x3), and the SE gate rescales the residual branch before the addition."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        width = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, width, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.se = SEModule(width)
+        self.downsample = None
+        if stride != 1 or inplanes != width:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, width, kernel_size=1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(width))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(self.se(out) + shortcut)
+
+
+def _seresnet50():
+    """SE-ResNet-50 trunk laid out like the public `se_resnet50-ce0d4300.pth` (see SE_NAME_MAP)."""
+    def stage(inplanes, planes, blocks, stride):
+        layers = [SEBottleneck(inplanes, planes, stride)]
+        layers += [SEBottleneck(planes * 4, planes) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    return nn.Sequential(OrderedDict([
+        ('conv1', nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)),  # [B, 64, 112, 112]
+        ('bn1', nn.BatchNorm2d(64)),
+        ('relu', nn.ReLU(inplace=True)),
+        # the Caffe model pooled without padding; the original CLF pooled with padding 1 and its
+        # published FLOPs count that: 112 -> 57 with ceil_mode, hence 15x15 at stage 4
+        ('maxpool', nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True)),  # [B, 64, 57, 57]
+        ('layer1', stage(64, 64, 3, stride=1)),      # [B, 256, 57, 57]
+        ('layer2', stage(256, 128, 4, stride=2)),    # [B, 512, 29, 29]
+        ('layer3', stage(512, 256, 6, stride=1)),    # [B, 1024, 29, 29]  (stride 1: see above)
+        ('layer4', stage(1024, 512, 3, stride=2)),   # [B, 2048, 15, 15]
+    ]))
+
+
+# name -> (builder, channels of the stage-4 map)
+BACKBONES = {
+    'resnet18': (lambda: _torchvision_resnet('resnet18'), 512),
+    'resnet50': (lambda: _torchvision_resnet('resnet50'), 2048),
+    'seresnet50': (_seresnet50, 2048),
+}
+
+# ----------------------------------------------------------------------------------------------
+# ImageNet weights
+# ----------------------------------------------------------------------------------------------
+
+# where pretrained=True finds each backbone's weights: (file name, URL)
+IMAGENET_WEIGHTS = {
+    'resnet18': (os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url),
+                 torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url),
+    'resnet50': (os.path.basename(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url),
+                 torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url),
+    'seresnet50': ('se_resnet50-ce0d4300.pth',
+                   'https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-cadene/'
+                   'se_resnet50-ce0d4300.pth'),
+}
+CLASSIFIER_PREFIXES = ('fc.', 'last_linear.')  # ImageNet heads, never used here
+# se_resnet50-ce0d4300.pth (and timm's legacy_seresnet50) name prefix -> ours
+SE_NAME_MAP = {'layer0.conv1.': 'conv1.', 'layer0.bn1.': 'bn1.'}
+
+
+def checkpoints_dir():
+    """The torch hub checkpoints folder, where torchvision caches downloaded weights."""
+    return os.path.join(torch.hub.get_dir(), 'checkpoints')
+
+
+def download_imagenet_weights(backbone_type, timeout=30):
+    """State dict of the ImageNet weights, from the torch hub cache or downloaded into it."""
+    file_name, url = IMAGENET_WEIGHTS[backbone_type]
+    path = os.path.join(checkpoints_dir(), file_name)
+    if os.path.isfile(path):
+        return safe_load(path, f'ImageNet weights for {backbone_type}')
+    # torch.hub opens the URL without a timeout: a firewall that drops packets would hang for minutes
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        if backbone_type in ('resnet18', 'resnet50'):  # torchvision's weights API and its cache
+            weights = getattr(torchvision.models, f'ResNet{backbone_type[6:]}_Weights').IMAGENET1K_V1
+            return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        return torch.hub.load_state_dict_from_url(url, model_dir=checkpoints_dir(), file_name=file_name,
+                                                  map_location='cpu', weights_only=True)
+    except Exception as err:  # no network, proxy refused, HTTP error, bad hash: all need the same fix
+        reason = str(getattr(err, 'reason', None) or err).strip()
+        reason = reason.splitlines()[0][:200] if reason else type(err).__name__
+        raise UserError(
+            f'cannot download the ImageNet weights of {backbone_type} ({reason}). The file {file_name} '
+            f'is needed: download it from {url} on a machine with internet access and put it in '
+            f'{checkpoints_dir()}{os.sep} (the torch hub checkpoints folder), or pass its path with '
+            f'--pretrained PATH; to train from scratch without ImageNet weights, pass --pretrained none.'
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def adapt_state_dict(state_dict, backbone_type):
+    """Rename an ImageNet state dict onto our backbone's names and drop its classifier."""
+    adapted = {}
+    for name, tensor in state_dict.items():
+        if name.startswith(CLASSIFIER_PREFIXES):
+            continue
+        if backbone_type == 'seresnet50':
+            for theirs, ours in SE_NAME_MAP.items():
+                if name.startswith(theirs):
+                    name = ours + name[len(theirs):]
+            name = name.replace('.se_module.', '.se.')
+        adapted[name] = tensor
+    return adapted
+
+
+def load_backbone_weights(backbone, state_dict, backbone_type, source):
+    """Copy every backbone tensor from `state_dict`; any missing, unexpected or mis-shaped tensor
+    is a UserError naming `source` (the file) and the tensors."""
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise UserError(f'{source}: expected a state dict (parameter name -> tensor) of an ImageNet '
+                        f'{backbone_type}, found {type(state_dict).__name__} holding other objects')
+    given = adapt_state_dict(state_dict, backbone_type)
+    expected = backbone.state_dict()
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [f'{k} {tuple(given[k].shape)} (expected {tuple(v.shape)})'
+                  for k, v in expected.items() if k in given and given[k].shape != v.shape]
+
+    def listing(label, names):
+        more = f' and {len(names) - 8} more' if len(names) > 8 else ''
+        return f'{len(names)} {label}: {", ".join(names[:8])}{more}' if names else ''
+
+    problems = [p for p in (listing('missing', missing), listing('unexpected', unexpected),
+                            listing('with the wrong shape', mismatched)) if p]
+    if problems:
+        raise UserError(f'{source} does not hold ImageNet weights of a {backbone_type} ('
+                        + '; '.join(problems) + ')')
+    backbone.load_state_dict(given, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the multi-local-feature head
+# ----------------------------------------------------------------------------------------------
+# Each branch reduces the stage-4 grid [B, C, h, w] to one vector [B, C].
+
+
+def spoc(x):
+    """Sum-pooled convolutional features: the mean of the local features."""
+    return x.mean((2, 3))
+
+
+def mac(x):
+    """Maximum activation of convolutions: the per-channel maximum."""
+    return x.amax((2, 3))
+
+
+def gem(x, p=3.0, eps=1e-6):
+    """Generalised mean pooling; p = 3 lies between mean (p = 1) and max (p -> inf)."""
+    # cubes of activations overflow float16 (max 65504) from about 40 on: pool in float32
+    return x.float().clamp(min=eps).pow(p).mean((2, 3)).pow(1.0 / p).to(x.dtype)
+
+
+BRANCHES = {'S': spoc, 'M': mac, 'G': gem}
+
+
+def parse_branches(s):
+    """Validate a branch set such as 'SMG' (letters of BRANCHES, each at most once, any order)."""
+    s = str(s)
+    bad = sorted({c for c in s if c not in BRANCHES})
+    repeated = sorted({c for c in s if s.count(c) > 1})
+    if not s or bad or repeated:
+        why = ('it is empty' if not s else f'unknown letter(s) {", ".join(bad)}' if bad
+               else f'repeated letter(s) {", ".join(repeated)}')
+        raise UserError(f"invalid branch set '{s}': {why}. Use one or more of S (SPoC, mean), "
+                        f"M (MAC, max), G (GeM, p=3), each at most once, e.g. SMG")
+    return s
+
+
+class Model(nn.Module):
+    """Backbone -> one (pool -> Linear -> L2) branch per letter of `branches` -> concatenation.
+
+    forward(x [B, 3, H, W]) -> (embedding [B, n*feature_dim], L2-normalised; logits [B, num_classes]).
+    `pretrained`: False, True (ImageNet weights from the torch hub cache, downloaded if needed) or
+    the path of an ImageNet state-dict file. With `freeze_backbone_bn`, train() leaves the
+    backbone's BatchNorm layers in eval mode so their running statistics stay as loaded.
+    """
+
+    def __init__(self, backbone_type, feature_dim, num_classes, branches='SMG', pretrained=False,
+                 freeze_backbone_bn=False):
+        super().__init__()
+        if backbone_type not in BACKBONES:
+            raise UserError(f"unknown backbone '{backbone_type}': expected one of {', '.join(BACKBONES)}")
+        for name, value in (('feature_dim', feature_dim), ('num_classes', num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f'{name} must be a positive integer, got {value!r}')
+        self.backbone_type, self.feature_dim, self.num_classes = backbone_type, feature_dim, num_classes
+        self.branches = parse_branches(branches)
+        self.freeze_backbone_bn = freeze_backbone_bn
+
+        # read the weights first, so that a missing file fails before anything is built
+        state_dict = None
+        if pretrained is True:
+            state_dict = download_imagenet_weights(backbone_type)
+            source = os.path.join(checkpoints_dir(), IMAGENET_WEIGHTS[backbone_type][0])
+        elif pretrained not in (False, None):
+            source = os.fspath(pretrained)
+            state_dict = safe_load(source, f'ImageNet weights for {backbone_type}')
+
+        build, channels = BACKBONES[backbone_type]
+        self.backbone = build()
+        if state_dict is not None:
+            load_backbone_weights(self.backbone, state_dict, backbone_type, source)
+        # one projection per branch: [B, C] -> [B, feature_dim]
+        self.projections = nn.ModuleList(nn.Linear(channels, feature_dim, bias=False) for _ in self.branches)
+        width = len(self.branches) * feature_dim
+        self.classifier = nn.Sequential(nn.BatchNorm1d(width), nn.Linear(width, num_classes, bias=False))
+
+    @property
+    def config(self):
+        """What it takes to rebuild this model (plain types, for saving next to the weights)."""
+        return dict(backbone_type=self.backbone_type, feature_dim=self.feature_dim,
+                    num_classes=self.num_classes, branches=self.branches)
+
+    def train(self, mode=True):
+        """Set train/eval mode; with freeze_backbone_bn the backbone's BatchNorm stays in eval mode."""
+        super().train(mode)
+        if mode and self.freeze_backbone_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def features(self, x):
+        """Stage-4 map [B, C, h, w]: 14x14 at 224 input (15x15 for SE-ResNet-50)."""
+        return self.backbone(x)
+
+    def forward(self, x):
+        grid = self.features(x)  # [B, C, h, w]
+        parts = [F.normalize(proj(BRANCHES[b](grid)), dim=-1)  # n x [B, feature_dim], unit norm
+                 for b, proj in zip(self.branches, self.projections)]
+        concat = torch.cat(parts, dim=-1)  # [B, n*feature_dim], norm sqrt(n)
+        logits = self.classifier(concat)  # [B, num_classes]
+        return F.normalize(concat, dim=-1), logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Params and FLOPs, counted as thop did in 2020 (when the published table was made)
+# ----------------------------------------------------------------------------------------------
+
+
+def _count_linear_2020(m, x, y):
+    # in multiplications + (in - 1) additions per output element; today's thop counts only `in`
+    m.total_ops += torch.DoubleTensor([(2 * m.in_features - 1) * y.numel()])
+
+
+def _count_bn_2020(m, x, y):
+    # 2 operations per element (scale and shift); today's thop counts 4 for an affine BatchNorm
+    m.total_ops += torch.DoubleTensor([2 * x[0].numel()])
+
+
+def count_params_flops(model, image_size=224):
+    """(params, flops) of `model` on one 3 x image_size x image_size image, in eval mode."""
+    with warnings.catch_warnings():  # thop compares versions with distutils' deprecated LooseVersion
+        warnings.simplefilter('ignore', DeprecationWarning)
+        from thop import profile  # only this function needs thop
+
+    device = next(model.parameters()).device
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    custom = {nn.Linear: _count_linear_2020, nn.BatchNorm1d: _count_bn_2020, nn.BatchNorm2d: _count_bn_2020,
+              nn.SyncBatchNorm: _count_bn_2020}
+    flops, _ = profile(model, inputs=(x,), custom_ops=custom, verbose=False)  # restores train/eval
+    params = sum(p.numel() for p in model.parameters())
+    return params, int(flops)
+
+
+DATASET_CLASSES = {'CARS196': 98, 'CUB200': 100, 'SOP': 11318, 'In-shop': 3997}  # training classes
+TABLE_NAMES = {'resnet18': 'ResNet18', 'resnet50': 'ResNet50', 'seresnet50': 'SEResNet50'}
+
+
+def format_cell(params, flops):
+    return f'{params / 1e6:.2f}M \\| {flops / 1e9:.2f}G'
+
+
+def params_flops_table(feature_dim=512, image_size=224):
+    """The Params | FLOPs table as markdown lines (rows: backbones, columns: datasets)."""
+    lines = ['| Backbone | ' + ' | '.join(DATASET_CLASSES) + ' |',
+             '| --- |' + ' --- |' * len(DATASET_CLASSES)]
+    for backbone_type in BACKBONES:
+        cells = []
+        for num_classes in DATASET_CLASSES.values():
+            # the counts depend on shapes only: on the meta device no weights are allocated or
+            # initialised and no arithmetic is done, so the whole table takes seconds
+            with torch.device('meta'):
+                model = Model(backbone_type, feature_dim, num_classes)
+            cells.append(format_cell(*count_params_flops(model, image_size)))
+        lines.append(f'| {TABLE_NAMES[backbone_type]} | ' + ' | '.join(cells) + ' |')
+    return lines
+
+
+def main():
+    print('\n'.join(params_flops_table()))
+
+
+if __name__ == '__main__':
+    run_cli(main)
