@@ -1,0 +1,542 @@
+"""data_utils.py on tiny datasets written in each benchmark's real layout."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.io import savemat
+
+import data_utils
+from utils import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _data_fixtures import make_tiny_dataset, write_class_folders  # noqa: E402
+
+
+def write_image(path, size=(40, 30), mode='RGB', seed=0, fmt=None):
+    """A random-pixel image in any PIL mode; returns its path."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), 'RGB')
+    if mode == 'P':
+        img = img.convert('P', palette=Image.Palette.ADAPTIVE)
+    elif mode != 'RGB':
+        img = img.convert(mode)
+    img.save(path, fmt or ('PNG' if path.endswith('.png') else 'JPEG'))
+    return path
+
+
+def load(data_path, name, crop):
+    return torch.load(data_utils.data_dict_path(data_path, name, crop), weights_only=True)
+
+
+def mat_struct(records, fields):
+    """numpy struct array of shape (1, N), saved by savemat as a MATLAB struct array."""
+    arr = np.zeros((1, len(records)), dtype=[(f, object) for f in fields])
+    for k, r in enumerate(records):
+        for f in fields:
+            arr[0, k][f] = r[f]
+    return arr
+
+
+def p(root, name, crop, file):
+    return os.path.join(root, name, crop, file)
+
+
+# ---------------------------------------------------------------------------------------------
+# CARS196
+# ---------------------------------------------------------------------------------------------
+
+CAR_ORIGINAL = [  # (file, class, box, mode): classes on both sides of the 98/99 split
+    ('000001.jpg', 1, (2, 3, 30, 25), 'RGB'),
+    ('000002.jpg', 98, (0, 0, 40, 30), 'L'),
+    ('000003.jpg', 99, (5, 5, 20, 20), 'CMYK'),
+    ('000004.jpg', 1, (10, 1, 39, 29), 'RGB'),
+    ('000005.jpg', 196, (1, 2, 3, 4), 'RGB'),
+]
+
+
+def make_car_original(root):
+    car = os.path.join(root, 'car')
+    records = []
+    for k, (file, cls, (x1, y1, x2, y2), mode) in enumerate(CAR_ORIGINAL):
+        write_image(os.path.join(car, 'car_ims', file), mode=mode, seed=k)
+        records.append(dict(relative_im_path=f'car_ims/{file}', bbox_x1=np.uint8(x1), bbox_y1=np.uint8(y1),
+                            bbox_x2=np.uint8(x2), bbox_y2=np.uint8(y2), **{'class': np.uint8(cls)},
+                            test=np.uint8(k % 2)))
+    fields = ['relative_im_path', 'bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'class', 'test']
+    savemat(os.path.join(car, 'cars_annos.mat'),
+            {'annotations': mat_struct(records, fields), 'class_names': np.array(['a'], dtype=object)})
+    return car
+
+
+def assert_crops(car_or_cub_items, root, name):
+    """Each crop has the box's size and the box's pixels (JPEG at quality 95: within a few levels)."""
+    for src, file, box in car_or_cub_items:
+        crop = np.asarray(Image.open(p(root, name, 'cropped', file)).convert('RGB'), dtype=np.float64)
+        expected = np.asarray(Image.open(src).convert('RGB').crop(box), dtype=np.float64)
+        assert crop.shape == expected.shape == (box[3] - box[1], box[2] - box[0], 3)
+        if file.endswith('.png'):
+            assert np.array_equal(crop, expected)
+        else:
+            assert np.abs(crop - expected).mean() < 4
+
+
+def assert_uncropped_identical(pairs):
+    for src, dst in pairs:
+        with open(src, 'rb') as a, open(dst, 'rb') as b:
+            assert a.read() == b.read()
+
+
+def test_car_original_layout(tmp_path):
+    root = str(tmp_path)
+    car = make_car_original(root)
+    result = data_utils.process_dataset(root, 'car')
+    d = load(root, 'car', 'uncropped')
+    assert d == result['uncropped']
+    assert d == {'train': {'1': [p(root, 'car', 'uncropped', '000001.jpg'), p(root, 'car', 'uncropped', '000004.jpg')],
+                           '98': [p(root, 'car', 'uncropped', '000002.jpg')]},
+                 'test': {'99': [p(root, 'car', 'uncropped', '000003.jpg')],
+                          '196': [p(root, 'car', 'uncropped', '000005.jpg')]}}
+    c = load(root, 'car', 'cropped')
+    assert c == {s: {k: [x.replace('/uncropped/', '/cropped/') for x in v] for k, v in d[s].items()} for s in d}
+    srcs = [os.path.join(car, 'car_ims', f) for f, *_ in CAR_ORIGINAL]
+    assert_uncropped_identical([(s, p(root, 'car', 'uncropped', f)) for s, (f, *_) in zip(srcs, CAR_ORIGINAL)])
+    # hard links on the same filesystem: no second copy of the bytes
+    assert os.path.samefile(srcs[0], p(root, 'car', 'uncropped', '000001.jpg'))
+    assert_crops([(s, f, box) for s, (f, _, box, _) in zip(srcs, CAR_ORIGINAL)], root, 'car')
+
+
+def make_car_devkit(root, kaggle=False):
+    car = os.path.join(root, 'car')
+    fields = ['bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'class', 'fname']
+    # both parts number their files from 00001.jpg: the same names on purpose
+    parts = {'cars_train': [('00001.jpg', 3, (1, 1, 20, 20)), ('00002.jpg', 150, (0, 2, 30, 28))],
+             'cars_test': [('00001.jpg', 120, (4, 4, 36, 26)), ('00002.jpg', 3, (2, 2, 12, 12))]}
+    for part, rows in parts.items():
+        folder = os.path.join(car, part, part) if kaggle else os.path.join(car, part)
+        records = []
+        for k, (file, cls, (x1, y1, x2, y2)) in enumerate(rows):
+            write_image(os.path.join(folder, file), seed=10 + k + 5 * len(part))
+            records.append(dict(bbox_x1=x1, bbox_y1=y1, bbox_x2=x2, bbox_y2=y2, fname=file, **{'class': cls}))
+        # Kaggle's copy: car_devkit/devkit/ and a renamed test label file
+        devkit = os.path.join(car, 'car_devkit', 'devkit') if kaggle else os.path.join(car, 'devkit')
+        mat = os.path.join(devkit, 'cars_train_annos.mat') if part == 'cars_train' else \
+            os.path.join(car, 'cars_test_annos_withlabels (1).mat' if kaggle else 'cars_test_annos_withlabels.mat')
+        os.makedirs(os.path.dirname(mat), exist_ok=True)
+        savemat(mat, {'annotations': mat_struct(records, fields)})
+    savemat(os.path.join(devkit, 'cars_meta.mat'), {'class_names': np.array(['x'] * 196, dtype=object)})
+    return car, parts
+
+
+@pytest.mark.parametrize('kaggle', [False, True])
+def test_car_devkit_layout(tmp_path, kaggle):
+    root = str(tmp_path)
+    car, parts = make_car_devkit(root, kaggle)
+    data_utils.process_dataset(root, 'car')
+    u = lambda f: p(root, 'car', 'uncropped', f)  # noqa: E731
+    assert load(root, 'car', 'uncropped') == {
+        'train': {'3': [u('cars_train_00001.jpg'), u('cars_test_00002.jpg')]},
+        'test': {'150': [u('cars_train_00002.jpg')], '120': [u('cars_test_00001.jpg')]}}
+    items = []
+    for part, rows in parts.items():
+        folder = os.path.join(car, part, part) if kaggle else os.path.join(car, part)
+        for file, _, box in rows:
+            items.append((os.path.join(folder, file), f'{part}_{file}', box))
+    assert_uncropped_identical([(s, u(f)) for s, f, _ in items])
+    assert_crops(items, root, 'car')
+
+
+# ---------------------------------------------------------------------------------------------
+# CUB-200-2011, SOP, In-shop
+# ---------------------------------------------------------------------------------------------
+
+CUB_ROWS = [  # (id, path, class, box as written in bounding_boxes.txt)
+    (1, '001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg', 1, '2.0 3.0 20.0 15.0'),
+    (2, '100.Brown_Pelican/Brown_Pelican_0122_94.png', 100, '10.6 5.9 20.7 14.2'),
+    (3, '101.White_Pelican/White_Pelican_0025_97604.jpg', 101, '0.0 0.0 40.0 30.0'),
+    (4, '200.Common_Yellowthroat/Common_Yellowthroat_0055_190967.jpg', 200, '5.0 1.0 9.5 9.5'),
+    (5, '001.Black_footed_Albatross/Black_Footed_Albatross_0009_34.jpg', 1, '1.0 1.0 30.0 20.0'),
+]
+
+
+def make_cub(root, nested=False, modes=('RGB', 'P', 'L', 'RGB', 'CMYK')):  # P: the .png one
+    cub = os.path.join(root, 'cub', 'CUB_200_2011') if nested else os.path.join(root, 'cub')
+    os.makedirs(cub, exist_ok=True)
+    for (i, rel, _, _), mode in zip(CUB_ROWS, modes):
+        write_image(os.path.join(cub, 'images', rel), mode=mode, seed=i)
+    with open(os.path.join(cub, 'images.txt'), 'w') as f:
+        f.writelines(f'{i} {rel}\n' for i, rel, _, _ in CUB_ROWS)
+    with open(os.path.join(cub, 'image_class_labels.txt'), 'w') as f:
+        f.writelines(f'{i} {c}\n' for i, _, c, _ in CUB_ROWS)
+    with open(os.path.join(cub, 'bounding_boxes.txt'), 'w') as f:
+        f.writelines(f'{i} {b}\n' for i, _, _, b in CUB_ROWS)
+    return cub
+
+
+def cub_box(text):
+    x, y, w, h = (int(float(v)) for v in text.split())
+    return x, y, x + w, y + h
+
+
+@pytest.mark.parametrize('nested', [False, True])
+def test_cub(tmp_path, nested):
+    root = str(tmp_path)
+    cub = make_cub(root, nested)
+    data_utils.process_dataset(root, 'cub')
+    u = lambda k: p(root, 'cub', 'uncropped', os.path.basename(CUB_ROWS[k][1]))  # noqa: E731
+    assert load(root, 'cub', 'uncropped') == {'train': {'1': [u(0), u(4)], '100': [u(1)]},
+                                              'test': {'101': [u(2)], '200': [u(3)]}}
+    # box 2 is '10.6 5.9 20.7 14.2' -> x1=10, y1=5, x2=10+20, y2=5+14
+    assert cub_box(CUB_ROWS[1][3]) == (10, 5, 30, 19)
+    srcs = [os.path.join(cub, 'images', rel) for _, rel, _, _ in CUB_ROWS]
+    assert_uncropped_identical([(s, u(k)) for k, s in enumerate(srcs)])
+    assert_crops([(s, os.path.basename(s), cub_box(r[3])) for s, r in zip(srcs, CUB_ROWS)], root, 'cub')
+
+
+def make_sop(root):
+    sop = os.path.join(root, 'sop')
+    train = [(1, 1, 1, 'bicycle_final/111085122871_0.JPG'), (2, 1, 1, 'bicycle_final/111085122871_1.JPG'),
+             (3, 2, 2, 'chair_final/111265328556_0.JPG')]
+    test = [(1, 11319, 1, 'bicycle_final/111996212766_0.JPG'), (2, 11320, 3, 'sofa_final/111301102580_4.JPG')]
+    for name, rows in (('Ebay_train.txt', train), ('Ebay_test.txt', test)):
+        for k, (_, _, _, rel) in enumerate(rows):
+            write_image(os.path.join(sop, rel), seed=k, fmt='JPEG')
+        with open(os.path.join(sop, name), 'w') as f:
+            f.write('image_id class_id super_class_id path\n')
+            f.writelines(f'{a} {b} {c} {d}\n' for a, b, c, d in rows)
+    return sop
+
+
+def test_sop(tmp_path):
+    root = str(tmp_path)
+    sop = make_sop(root)
+    data_utils.process_dataset(root, 'sop')
+    u = lambda f: p(root, 'sop', 'uncropped', f)  # noqa: E731
+    assert load(root, 'sop', 'uncropped') == {
+        'train': {'1': [u('111085122871_0.JPG'), u('111085122871_1.JPG')], '2': [u('111265328556_0.JPG')]},
+        'test': {'11319': [u('111996212766_0.JPG')], '11320': [u('111301102580_4.JPG')]}}
+    assert not os.path.exists(data_utils.data_dict_path(root, 'sop', 'cropped'))
+    assert_uncropped_identical([(os.path.join(sop, 'chair_final/111265328556_0.JPG'), u('111265328556_0.JPG'))])
+
+
+ISC_ROWS = [('img/WOMEN/Dresses/id_00000002/02_1_front.jpg', 'id_00000002', 'train'),
+            ('img/WOMEN/Dresses/id_00000002/02_2_side.jpg', 'id_00000002', 'train'),
+            ('img/MEN/Denim/id_00000080/01_1_front.jpg', 'id_00000080', 'query'),
+            ('img/MEN/Denim/id_00000080/01_2_side.jpg', 'id_00000080', 'gallery'),
+            ('img/WOMEN/Skirts/id_00000090/02_1_front.jpg', 'id_00000090', 'gallery')]
+
+
+def make_isc(root, img_root='Img'):
+    isc = os.path.join(root, 'isc')
+    for k, (rel, _, _) in enumerate(ISC_ROWS):
+        write_image(os.path.join(isc, img_root, rel) if img_root else os.path.join(isc, rel), seed=k)
+    os.makedirs(os.path.join(isc, 'Eval'))
+    with open(os.path.join(isc, 'Eval', 'list_eval_partition.txt'), 'w') as f:
+        f.write(f'{len(ISC_ROWS)}\nimage_name item_id evaluation_status\n')
+        f.writelines(f'{a}    {b}    {c}\n' for a, b, c in ISC_ROWS)
+    return isc
+
+
+@pytest.mark.parametrize('img_root', ['Img', ''])
+def test_isc(tmp_path, img_root):
+    root = str(tmp_path)
+    isc = make_isc(root, img_root)
+    data_utils.process_dataset(root, 'isc')
+    u = lambda f: p(root, 'isc', 'uncropped', f)  # noqa: E731
+    d = load(root, 'isc', 'uncropped')
+    assert list(d) == ['train', 'query', 'gallery']
+    assert d == {'train': {'id_00000002': [u('id_00000002_02_1_front.jpg'), u('id_00000002_02_2_side.jpg')]},
+                 'query': {'id_00000080': [u('id_00000080_01_1_front.jpg')]},
+                 'gallery': {'id_00000080': [u('id_00000080_01_2_side.jpg')],
+                             'id_00000090': [u('id_00000090_02_1_front.jpg')]}}
+    assert_uncropped_identical([(os.path.join(isc, img_root, ISC_ROWS[3][0]), u('id_00000080_01_2_side.jpg'))])
+
+
+# ---------------------------------------------------------------------------------------------
+# own class folders
+# ---------------------------------------------------------------------------------------------
+
+
+def test_own_folders_split_names_and_reserved(tmp_path):
+    root = str(tmp_path)
+    write_class_folders(root, 'shoes', num_classes=5, per_class=2, size=16)
+    os.makedirs(os.path.join(root, 'shoes', 'cropped'))  # reserved: never a class
+    open(os.path.join(root, 'shoes', 'class_00', 'notes.txt'), 'w').close()  # not an image: ignored
+    data_utils.process_dataset(root, 'shoes')
+    u = lambda c, j: p(root, 'shoes', 'uncropped', f'class_{c:02d}_img_{j}.jpg')  # noqa: E731
+    # 5 sorted classes, split 0.5 -> round(2.5) = 3 train classes
+    assert load(root, 'shoes', 'uncropped') == {
+        'train': {f'class_{c:02d}': [u(c, 0), u(c, 1)] for c in range(3)},
+        'test': {f'class_{c:02d}': [u(c, 0), u(c, 1)] for c in range(3, 5)}}
+    # a second run sees uncropped/ and does not take it for a class; --split moves the boundary
+    data_utils.process_dataset(root, 'shoes', split=0.2)
+    d = load(root, 'shoes', 'uncropped')
+    assert list(d['train']) == ['class_00'] and list(d['test']) == [f'class_{c:02d}' for c in range(1, 5)]
+    assert data_utils.split_classes(['b', 'a', 'c', 'd'], 0.5) == (['a', 'b'], ['c', 'd'])
+    assert data_utils.split_classes(['a', 'b'], 0.01) == (['a'], ['b'])  # never an empty side
+    assert data_utils.normalization('shoes') == (data_utils.IMAGENET_MEAN, data_utils.IMAGENET_STD)
+    assert data_utils.normalization('car') == data_utils.NORMALIZATION['car']
+
+
+def test_image_modes_accepted(tmp_path):
+    # grayscale, CMYK, palette (with transparency), RGBA, 16-bit grey: all valid input, kept byte for byte
+    root = str(tmp_path)
+    files = {'a/grey.png': 'L', 'a/cmyk.jpg': 'CMYK', 'b/palette.gif': 'P', 'b/alpha.png': 'RGBA'}
+    for rel, mode in files.items():
+        write_image(os.path.join(root, 'own', rel), mode=mode, fmt='GIF' if rel.endswith('.gif') else None)
+    img = Image.open(os.path.join(root, 'own', 'b/palette.gif'))
+    img.save(os.path.join(root, 'own', 'b/palette_t.png'), transparency=0)
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).save(
+        os.path.join(root, 'own', 'a/grey16.png'))
+    data_utils.process_dataset(root, 'own')
+    d = load(root, 'own', 'uncropped')
+    assert sorted(d['train']['a']) == [p(root, 'own', 'uncropped', f) for f in
+                                       ('a_cmyk.jpg', 'a_grey.png', 'a_grey16.png')]
+    assert len(d['test']['b']) == 3
+    assert_uncropped_identical([(os.path.join(root, 'own', rel), p(root, 'own', 'uncropped', rel.replace('/', '_')))
+                                for rel in files])
+
+
+def test_tiny_fixture_for_other_tests(tmp_path):
+    data_path = make_tiny_dataset(tmp_path)
+    d = load(data_path, 'tiny', 'uncropped')
+    assert sorted(d['train']) == ['class_00', 'class_01', 'class_02']
+    assert sorted(d['test']) == ['class_03', 'class_04', 'class_05']
+    assert all(len(v) == 4 and all(os.path.isfile(x) for x in v) for s in d.values() for v in s.values())
+
+
+def test_own_folder_name_collision_is_an_error(tmp_path):
+    root = str(tmp_path)
+    write_image(os.path.join(root, 'own', 'a_b', 'c.jpg'), seed=1)
+    write_image(os.path.join(root, 'own', 'a', 'b_c.jpg'), seed=2)  # also named a_b_c.jpg
+    with pytest.raises(UserError, match='same file name'):
+        data_utils.process_dataset(root, 'own')
+    assert not os.path.exists(os.path.join(root, 'own', 'uncropped'))
+
+
+def test_existing_files_identical_accepted_different_refused(tmp_path, monkeypatch):
+    root = str(tmp_path)
+    write_class_folders(root, 'own', num_classes=2, per_class=2, size=8)
+    # links impossible (another filesystem): byte copies, accepted on a re-run because equal
+    monkeypatch.setattr(os, 'link', lambda *a: (_ for _ in ()).throw(OSError(18, 'cross-device')))
+    first = data_utils.process_dataset(root, 'own')
+    dst = p(root, 'own', 'uncropped', 'class_00_img_0.jpg')
+    src = os.path.join(root, 'own', 'class_00', 'img_0.jpg')
+    assert not os.path.samefile(src, dst)
+    assert_uncropped_identical([(src, dst)])
+    assert data_utils.process_dataset(root, 'own') == first
+    # another image under that name: refused, not overwritten
+    write_image(src, size=(8, 8), seed=99)
+    before = open(dst, 'rb').read()
+    with pytest.raises(UserError, match='already exist and differ'):
+        data_utils.process_dataset(root, 'own')
+    assert open(dst, 'rb').read() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name, make, remove', [
+    ('car', make_car_original, 'car/cars_annos.mat'),
+    ('car', make_car_devkit, 'car/cars_test_annos_withlabels.mat'),
+    ('car', make_car_devkit, 'car/devkit/cars_train_annos.mat'),
+    ('cub', make_cub, 'cub/bounding_boxes.txt'),
+    ('cub', make_cub, 'cub/image_class_labels.txt'),
+    ('sop', make_sop, 'sop/Ebay_test.txt'),
+    ('isc', make_isc, 'isc/Eval/list_eval_partition.txt'),
+])
+def test_missing_annotation_file(tmp_path, name, make, remove):
+    root = str(tmp_path)
+    make(root)
+    os.remove(os.path.join(root, remove))
+    with pytest.raises(UserError) as err:
+        data_utils.process_dataset(root, name)
+    message = str(err.value)
+    assert message.startswith(f'{name}: annotation file not found: {os.path.join(root, remove)}')
+    assert 'expected layout' in message
+    assert not os.path.exists(data_utils.data_dict_path(root, name, 'uncropped'))
+
+
+@pytest.mark.parametrize('name, make, image', [
+    ('car', make_car_original, 'car/car_ims/000003.jpg'),
+    ('cub', make_cub, 'cub/images/101.White_Pelican/White_Pelican_0025_97604.jpg'),
+    ('sop', make_sop, 'sop/chair_final/111265328556_0.JPG'),
+    ('isc', make_isc, 'isc/Img/img/MEN/Denim/id_00000080/01_2_side.jpg'),
+])
+def test_missing_image(tmp_path, name, make, image):
+    root = str(tmp_path)
+    make(root)
+    os.remove(os.path.join(root, image))
+    with pytest.raises(UserError) as err:
+        data_utils.process_dataset(root, name)
+    message = str(err.value)
+    assert message.startswith(f'{name}: 1 image file(s) listed by the annotations are missing')
+    assert os.path.join(root, image) in message and 'expected layout' in message
+    assert not os.path.exists(os.path.join(root, name, 'uncropped'))
+
+
+def test_malformed_annotations(tmp_path):
+    root = str(tmp_path)
+    cub = make_cub(root)
+    with open(os.path.join(cub, 'bounding_boxes.txt'), 'a') as f:
+        f.write('6 1.0 2.0 3.0\n')  # a column short
+    with pytest.raises(UserError, match=r'bounding_boxes.txt line 6: expected 5 columns'):
+        data_utils.process_dataset(root, 'cub')
+    car = make_car_original(root)
+    with open(os.path.join(car, 'cars_annos.mat'), 'wb') as f:
+        f.write(b'not a MATLAB file')
+    with pytest.raises(UserError, match=r'car: cannot read .*cars_annos.mat as a MATLAB file'):
+        data_utils.process_dataset(root, 'car')
+    savemat(os.path.join(car, 'cars_annos.mat'), {'annotations': mat_struct([{'fname': 'a.jpg'}], ['fname'])})
+    with pytest.raises(UserError, match=r'no struct "annotations" with fields .* \(missing: relative_im_path'):
+        data_utils.process_dataset(root, 'car')
+
+
+def test_unreadable_images_all_listed_nothing_written(tmp_path):
+    root = str(tmp_path)
+    write_class_folders(root, 'own', num_classes=3, per_class=10, size=32)
+    bad = []
+    for c in range(3):
+        for j in range(8):  # 24 bad files: 20 listed, 4 counted
+            path = os.path.join(root, 'own', f'class_{c:02d}', f'img_{j}.jpg')
+            data = open(path, 'rb').read()
+            with open(path, 'wb') as f:  # truncated, or not an image at all
+                f.write(data[:len(data) // 2] if j % 2 else b'not an image')
+            bad.append(path)
+    with pytest.raises(UserError) as err:
+        data_utils.process_dataset(root, 'own')
+    message = str(err.value)
+    assert '24 image file(s) are unreadable' in message and '... and 4 more' in message
+    assert sum(path in message for path in bad) == 20
+    assert 'truncated' in message and 'nothing was written' in message
+    assert not os.path.exists(os.path.join(root, 'own', 'uncropped'))
+    assert not os.path.exists(data_utils.data_dict_path(root, 'own', 'uncropped'))
+
+
+def test_cli_errors_without_traceback(tmp_path):
+    root = str(tmp_path)
+    make_cub(root)
+    os.remove(os.path.join(root, 'cub', 'images.txt'))
+    run = subprocess.run([sys.executable, 'data_utils.py', '--data_path', root, '--data_name', 'cub'],
+                         cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 1 and 'Traceback' not in run.stderr
+    assert run.stderr.startswith(f'error: cub: annotation file not found: {os.path.join(root, "cub", "images.txt")}')
+    run = subprocess.run([sys.executable, 'data_utils.py', '--data_path', root, '--data_name', 'nope'],
+                         cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 1 and "unknown dataset 'nope'" in run.stderr
+    with pytest.raises(UserError, match='no path separators'):
+        data_utils.main(['--data_path', root, '--data_name', '../cub'])
+
+
+def test_all_present_processed_absent_reported(tmp_path, capsys):
+    root = str(tmp_path)
+    make_sop(root)
+    make_isc(root)
+    data_utils.main(['--data_path', root])
+    out = capsys.readouterr().out
+    assert 'skipping car, cub: no such folder' in out
+    assert 'sop uncropped: train 2 classes / 3 images, test 2 classes / 2 images' in out
+    assert 'isc uncropped: train 1 classes / 2 images, query 1 classes / 1 images, gallery 2 classes / 2 images' in out
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic lists, re-runs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_interrupted_write_keeps_previous_lists(tmp_path, monkeypatch):
+    root = str(tmp_path)
+    make_cub(root)
+    data_utils.process_dataset(root, 'cub')
+    path = data_utils.data_dict_path(root, 'cub', 'uncropped')
+    before = open(path, 'rb').read()
+    cmd = [sys.executable, 'data_utils.py', '--data_path', root, '--data_name', 'cub']
+    # killed (SIGKILL) halfway through writing the list: the previous file is untouched
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True,
+                         env={**os.environ, 'CLF_FAULT': 'kill-write:uncropped_data_dicts:1'})
+    assert run.returncode == -9
+    assert open(path, 'rb').read() == before
+    # a write that fails (disk full): an error, the previous file is untouched, no temporary left
+    monkeypatch.setenv('CLF_FAULT', 'fail-write:cropped_data_dicts:1')
+    os.remove(data_utils.data_dict_path(root, 'cub', 'cropped'))
+    with pytest.raises(UserError, match='cannot write'):
+        data_utils.process_dataset(root, 'cub')
+    assert not os.path.exists(data_utils.data_dict_path(root, 'cub', 'cropped'))
+    assert open(path, 'rb').read() == before
+
+
+def test_disk_full_while_copying(tmp_path, monkeypatch):
+    root = str(tmp_path)
+    write_class_folders(root, 'own', num_classes=2, per_class=2, size=8)
+    monkeypatch.setattr(os, 'link', lambda *a: (_ for _ in ()).throw(OSError(18, 'cross-device')))
+    monkeypatch.setattr(data_utils.shutil, 'copyfile', lambda *a: (_ for _ in ()).throw(OSError(28, 'No space')))
+    with pytest.raises(UserError, match=r'cannot copy .*img_0.jpg to .*class_00_img_0.jpg: No space'):
+        data_utils.process_dataset(root, 'own')
+    assert not os.path.exists(data_utils.data_dict_path(root, 'own', 'uncropped'))
+    assert os.listdir(os.path.join(root, 'own', 'uncropped')) == []  # no temporary left behind
+
+
+def test_rerun_gives_same_result(tmp_path):
+    root = str(tmp_path)
+    make_car_original(root)
+    first = data_utils.process_dataset(root, 'car')
+    crop = p(root, 'car', 'cropped', '000001.jpg')
+    crop_bytes, crop_mtime = open(crop, 'rb').read(), os.stat(crop).st_mtime_ns
+    assert data_utils.process_dataset(root, 'car') == first
+    assert load(root, 'car', 'cropped') == first['cropped']
+    assert open(crop, 'rb').read() == crop_bytes and os.stat(crop).st_mtime_ns == crop_mtime  # written once
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+
+def tree_bytes(root):
+    out = {}
+    for folder, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(folder, f), 'rb') as fh:
+                out[os.path.relpath(os.path.join(folder, f), root)] = fh.read()
+    return out
+
+
+def test_demo_deterministic_and_processed(tmp_path):
+    small = dict(num_classes=6, per_class=3, size=48)
+    a = data_utils.make_demo(str(tmp_path / 'a' / 'demo'), seed=3, **small)
+    b = data_utils.make_demo(str(tmp_path / 'b' / 'demo'), seed=3, **small)
+    c = data_utils.make_demo(str(tmp_path / 'c' / 'demo'), seed=4, **small)
+    ta, tb, tc = tree_bytes(a), tree_bytes(b), tree_bytes(c)
+    assert len(ta) == 6 * 3 + 5 and ta == tb and ta != tc
+    # CUB's layout: the real CUB reader and pipeline process it
+    items, layout = data_utils.read_cub(a, num_train_classes=3, name='demo')
+    result = data_utils.process_items(items, str(tmp_path / 'a'), 'demo', layout)
+    d = load(str(tmp_path / 'a'), 'demo', 'uncropped')
+    assert d == result['uncropped']
+    assert list(d['train']) == ['1', '2', '3'] and list(d['test']) == ['4', '5', '6']
+    assert all(len(v) == 3 and all(os.path.isfile(x) for x in v) for s in d.values() for v in s.values())
+    cropped = load(str(tmp_path / 'a'), 'demo', 'cropped')
+    assert sum(len(v) for v in cropped['test'].values()) == 9
+    with open(os.path.join(a, 'bounding_boxes.txt')) as f:
+        for line in f:
+            x, y, w, h = map(float, line.split()[1:])
+            assert 0 <= x and 0 <= y and w > 4 and h > 4 and x + w <= 48 and y + h <= 48
+
+
+def test_demo_command(tmp_path, monkeypatch):
+    # the full-size demo through the command line, drawn once and reused on a re-run
+    monkeypatch.setattr(data_utils, 'DEMO_CLASSES', 4)
+    monkeypatch.setattr(data_utils, 'DEMO_PER_CLASS', 2)
+    data_utils.main(['--data_path', str(tmp_path), '--data_name', 'demo', '--seed', '1'])
+    d = load(str(tmp_path), 'demo', 'uncropped')
+    assert list(d['train']) == ['1', '2'] and list(d['test']) == ['3', '4']
+    assert data_utils.normalization('demo') == (data_utils.IMAGENET_MEAN, data_utils.IMAGENET_STD)
+    with pytest.raises(UserError, match='--split applies to own'):
+        data_utils.main(['--data_path', str(tmp_path), '--data_name', 'demo', '--split', '0.3'])
