@@ -1,0 +1,216 @@
+"""Image loading, the dataset and the transforms (utils.py, "images and transforms")."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import utils  # noqa: E402
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+ONE_LEVEL = 1 / 255 / min(STD)  # one uint8 step after normalisation
+
+
+def textured(width, height, seed):
+    """[H, W, 3] uint8 with smooth structure plus fine texture (like a photo, not flat)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    base = np.stack([np.sin(7 * x + 3 * y), np.cos(5 * x - 9 * y), np.sin(11 * x * y + 1)], -1)
+    pixels = 128 + 70 * base + rng.normal(0, 20, (height, width, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope='module')
+def jpegs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('jpegs')
+    paths = []
+    for k, (w, h) in enumerate([(300, 200), (200, 300), (160, 120), (90, 70)]):
+        path = folder / f'img_{k}.jpg'
+        Image.fromarray(textured(w, h, k)).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def test_transforms_shape_dtype_and_values():
+    img = Image.fromarray(textured(100, 80, 0))
+    for size in (32, 64, 120):  # 120 > image: the resize enlarges
+        x = utils.train_transform(size, MEAN, STD)(img)
+        y = utils.test_transform(size, MEAN, STD)(img)
+        assert x.shape == y.shape == (3, size, size)
+        assert x.dtype == y.dtype == torch.float32
+        assert x.is_contiguous() and y.is_contiguous()
+    exact = Image.fromarray(textured(32, 32, 1))  # no resize needed: still a contiguous float tensor
+    x = utils.test_transform(32, MEAN, STD)(exact)
+    assert x.is_contiguous() and torch.equal(x, utils.test_transform(32, MEAN, STD)(exact.copy()))
+    # a flat grey image normalises to exactly (v/255 - mean)/std per channel
+    grey = Image.new('RGB', (50, 40), (100, 150, 200))
+    x = utils.test_transform(16, MEAN, STD)(grey)
+    want = (torch.tensor([100, 150, 200]) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+    assert torch.allclose(x.mean((1, 2)), want, atol=1e-5) and x.std((1, 2)).max() < 1e-6
+
+
+def test_same_crops_and_pixels_as_original_for_a_seed():
+    img = Image.fromarray(textured(150, 110, 1))
+    fast, original = utils.train_transform(64, MEAN, STD), utils.original_train_transform(64, MEAN, STD)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        a = original(img)
+        torch.manual_seed(seed)
+        b = fast(img)
+        # same crop and flip; resampling agrees with PIL to one level
+        assert (a - b).abs().max().item() <= ONE_LEVEL + 1e-5
+        assert torch.rand(1).item() == _rng_after(seed, original, img)  # both consumed the same draws
+    assert (utils.test_transform(64, MEAN, STD)(img)
+            - utils.original_test_transform(64, MEAN, STD)(img)).abs().max().item() <= ONE_LEVEL + 1e-5
+
+
+def _rng_after(seed, transform, img):
+    torch.manual_seed(seed)
+    transform(img)
+    return torch.rand(1).item()
+
+
+def test_statistics_match_original_with_draft_decoding(jpegs):
+    """Per-channel mean and std of the outputs within 1 % of the original's (JPEG draft decoding
+    at half scale for the 300x200 images, since 150x100 still covers the 73x73 resize)."""
+    with Image.open(jpegs[0]) as im:
+        im.draft('RGB', (73, 73))
+        assert im.size == (150, 100)
+    dataset = utils.ImageListDataset({'a': jpegs}, utils.train_transform(64, MEAN, STD))
+    original = utils.original_train_transform(64, MEAN, STD)
+    outs_o, outs_p = [], []
+    for seed in range(3):
+        for k, path in enumerate(jpegs):
+            torch.manual_seed(seed)
+            outs_o.append(original(Image.open(path).convert('RGB')))
+            torch.manual_seed(seed)
+            outs_p.append(dataset[k][0])
+    std, mean = torch.tensor(STD)[:, None], torch.tensor(MEAN)[:, None]
+    o = torch.stack(outs_o).transpose(0, 1).flatten(1) * std + mean  # [3, N] pixels in [0, 1]
+    p = torch.stack(outs_p).transpose(0, 1).flatten(1) * std + mean
+    assert p.shape == o.shape
+    assert ((p.mean(1) - o.mean(1)).abs() / o.mean(1)).max() < 0.01
+    assert ((p.std(1) - o.std(1)).abs() / o.std(1)).max() < 0.01
+
+
+def test_uint8_loading_paths_agree_with_pil(jpegs, tmp_path):
+    for path in jpegs:  # full decode (torchvision's libjpeg-turbo) gives PIL's pixels
+        x = utils.load_image_uint8(path)
+        want = torch.from_numpy(np.array(utils.load_image(path))).permute(2, 0, 1)
+        assert x.dtype == torch.uint8 and x.shape == want.shape
+        assert (x.int() - want.int()).abs().max() <= 1 and (x != want).float().mean() < 0.01
+    # draft decoding only when it can halve the image and stay >= the asked size
+    assert utils.load_image_uint8(jpegs[0], (73, 73)).shape == (3, 100, 150)   # 300x200 -> 150x100
+    assert utils.load_image_uint8(jpegs[0], (151, 51)).shape == (3, 200, 300)  # 150 < 151: full size
+    assert utils.load_image_uint8(jpegs[2], (73, 73)).shape == (3, 120, 160)   # 120 // 73 = 1: full size
+    # CMYK JPEG and PNG take the PIL path and agree with load_image
+    rgb = textured(40, 30, 3)
+    Image.fromarray(rgb).convert('CMYK').save(tmp_path / 'cmyk.jpg', quality=95)
+    Image.fromarray(rgb).save(tmp_path / 'rgb.png')
+    for name in ('cmyk.jpg', 'rgb.png'):
+        want = torch.from_numpy(np.array(utils.load_image(tmp_path / name))).permute(2, 0, 1)
+        assert torch.equal(utils.load_image_uint8(tmp_path / name), want)
+
+
+def test_seed_gives_identical_batches_with_workers(jpegs):
+    dataset = utils.ImageListDataset({'a': jpegs[:2], 'b': jpegs[2:]}, utils.train_transform(32, MEAN, STD))
+
+    def batches(seed):
+        torch.manual_seed(seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=True, num_workers=2)
+        return [(x, y) for x, y in loader]
+
+    first, again, other = batches(0), batches(0), batches(1)
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(first, again))
+    assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, other))
+
+
+def test_load_image_converts_every_mode(tmp_path):
+    rgb = textured(40, 30, 2)
+    grey = Image.fromarray(rgb[..., 0])
+    grey.save(tmp_path / 'grey.jpg', quality=95)
+    Image.fromarray(rgb).convert('CMYK').save(tmp_path / 'cmyk.jpg', quality=95)
+    Image.fromarray(rgb).convert('P').save(tmp_path / 'palette.png')
+    rgba = np.dstack([rgb, np.full((30, 40), 255, np.uint8)])
+    rgba[:, :20, 3] = 0        # left half fully transparent
+    rgba[:, 20:30, 3] = 128    # then half transparent
+    Image.fromarray(rgba, 'RGBA').save(tmp_path / 'rgba.png')
+    Image.fromarray(rgba, 'RGBA').convert('LA').save(tmp_path / 'la.png')
+    Image.fromarray(rgba, 'RGBA').convert('P').save(tmp_path / 'palette_t.png', transparency=0)
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(tmp_path / 'grey16.png')
+
+    for name in ('grey.jpg', 'cmyk.jpg', 'palette.png', 'rgba.png', 'la.png', 'palette_t.png', 'grey16.png'):
+        img = utils.load_image(tmp_path / name)
+        assert img.mode == 'RGB' and img.size == (40, 30), name
+    g = np.asarray(utils.load_image(tmp_path / 'grey.jpg')).astype(int)
+    assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()
+    assert np.abs(g[..., 0] - rgb[..., 0]).mean() < 5  # JPEG error only
+    c = np.asarray(utils.load_image(tmp_path / 'cmyk.jpg')).astype(int)
+    assert np.abs(c - rgb).mean() < 6  # CMYK JPEG comes back as the original colours
+    g16 = np.asarray(utils.load_image(tmp_path / 'grey16.png'))
+    assert np.array_equal(g16[..., 0], rgb[..., 0])  # 16-bit scaled to 8 bits, not clipped to white
+    a = np.asarray(utils.load_image(tmp_path / 'rgba.png')).astype(int)
+    assert (a[:, :20] == 255).all()                               # transparent -> white background
+    assert np.array_equal(a[:, 30:], rgb[:, 30:])                  # opaque -> unchanged
+    assert np.abs(a[:, 20:30] - (rgb[:, 20:30].astype(int) * 128 + 255 * 127) / 255).max() <= 1  # blended
+    la = np.asarray(utils.load_image(tmp_path / 'la.png')).astype(int)
+    assert (la[:, :20] == 255).all()
+    # the same picture loads the same way as a dataset item and through the transform
+    dataset = utils.ImageListDataset({'x': [str(tmp_path / 'rgba.png')]}, utils.test_transform(16, MEAN, STD))
+    assert torch.equal(dataset[0][0], utils.test_transform(16, MEAN, STD)(utils.load_image(tmp_path / 'rgba.png')))
+
+
+def test_damaged_and_missing_files_raise_user_error_naming_them(tmp_path, jpegs):
+    data = open(jpegs[0], 'rb').read()
+    truncated = tmp_path / 'truncated.jpg'
+    truncated.write_bytes(data[:len(data) // 2])
+    text = tmp_path / 'notes.jpg'
+    text.write_text('not an image')
+    for path in (truncated, text):
+        with pytest.raises(utils.UserError, match='cannot decode image') as err:
+            utils.load_image(str(path))
+        assert str(path) in str(err.value) and 'changed after preprocessing' in str(err.value)
+    with pytest.raises(utils.UserError, match='not found') as err:
+        utils.load_image(str(tmp_path / 'gone.jpg'))
+    assert str(tmp_path / 'gone.jpg') in str(err.value)
+
+    # inside a DataLoader worker: the error reaches the main process still naming the file
+    dataset = utils.ImageListDataset({'a': [jpegs[0], str(truncated)]}, utils.train_transform(32, MEAN, STD))
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1))
+    try:
+        next(batches)
+        raise AssertionError('the damaged file was not reported')
+    except utils.UserError as caught:
+        text = str(caught)
+    finally:
+        # the re-raised exception keeps the iterator in a reference cycle; left to the garbage
+        # collector, its worker shutdown waits out a 5 s timeout: stop the worker now
+        getattr(batches, '_shutdown_workers', lambda: None)()
+    message = utils.worker_error_message(text)
+    assert message.startswith(f'cannot decode image {truncated}:') and '\n' not in message
+
+
+def test_dataset_order_and_targets():
+    split = {'b': ['b1.jpg', 'b2.jpg'], '10': ['t1.jpg'], 'a': ['a1.jpg'], '9': ['n1.jpg', 'n2.jpg']}
+    dataset = utils.ImageListDataset(split, transform=None)
+    assert dataset.classes == ['10', '9', 'a', 'b']  # sorted label strings
+    assert dataset.images == ['b1.jpg', 'b2.jpg', 't1.jpg', 'a1.jpg', 'n1.jpg', 'n2.jpg']
+    assert dataset.labels == ['b', 'b', '10', 'a', '9', '9']
+    assert dataset.targets == [3, 3, 0, 2, 1, 1]
+    assert len(dataset) == 6
+
+
+def test_default_num_workers_and_loader_settings(monkeypatch):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    assert utils.default_num_workers() == 8
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
+    assert utils.default_num_workers() == 4
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '16')
+    assert utils.default_num_workers() == 0
+    assert utils.loader_kwargs(0, 'cpu') == {'num_workers': 0, 'pin_memory': False}
+    cuda = utils.loader_kwargs(3, 'cuda')
+    assert cuda['pin_memory'] and cuda['persistent_workers'] and cuda['num_workers'] == 3
