@@ -1,0 +1,138 @@
+"""Tiny training runs for the train.py tests: a hard little dataset, the flags, and runners."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import data_utils  # noqa: E402
+import train  # noqa: E402
+
+NAME = 'tiny'
+RUN_NAME = 'tiny_uncropped_resnet18_8'  # {data_name}_{crop_type}_{backbone_type}_{feature_dim}
+EPOCHS = 2
+
+
+def write_noisy_classes(root, name=NAME, num_classes=6, per_class=4, size=40, seed=0):
+    """root/name/class_k/img_j.png: mostly noise with a faint class tint, so retrieval is neither
+    perfect nor hopeless and R@1 moves from epoch to epoch."""
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+        folder = os.path.join(root, name, f'class_{c}')
+        os.makedirs(folder, exist_ok=True)
+        tint = rng.integers(0, 256, 3)
+        for j in range(per_class):
+            noise = rng.integers(0, 256, (size, size, 3))
+            jitter = rng.integers(0, 256, 3)  # per-image colour cast, as strong as the class tint
+            pixels = (0.25 * tint + 0.25 * jitter + 0.5 * noise).astype(np.uint8)
+            Image.fromarray(pixels, 'RGB').save(os.path.join(folder, f'img_{j}.png'))
+
+
+def make_dataset(root):
+    """Write and process the dataset with data_utils: 3 training classes x 4, 3 test classes x 4."""
+    root = os.fspath(root)
+    write_noisy_classes(root)
+    data_utils.process_dataset(root, NAME)
+    return root
+
+
+def flags(data_path, results_dir, *extra, epochs=EPOCHS, workers=0):
+    """train.py arguments for a few-second CPU run: 32 px, batch 4 (3 steps per epoch), 8-d branches."""
+    return ['--data_path', os.fspath(data_path), '--data_name', NAME, '--pretrained', 'none',
+            '--image_size', '32', '--batch_size', '4', '--num_epochs', str(epochs), '--recalls', '1,2',
+            '--feature_dim', '8', '--num_workers', str(workers), '--device', 'cpu',
+            '--results_dir', os.fspath(results_dir), *extra]
+
+
+def out(results_dir, kind):
+    """Path of one output: kind in statistics.csv, model.pth, data_base.pth, checkpoint.pth, curves.png."""
+    return os.path.join(os.fspath(results_dir), f'{RUN_NAME}_{kind}')
+
+
+def run_script(args, fault=None, timeout=300, launcher=(sys.executable,)):
+    """Run `launcher train.py args` (default: a fresh interpreter; SIGKILL and exit codes need one)
+    -> CompletedProcess."""
+    # one BLAS/OpenMP thread: on a busy 2-core machine spinning OpenMP threads slow tiny steps 20x
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    env.pop('CLF_FAULT', None)
+    if fault:
+        env['CLF_FAULT'] = fault
+    return subprocess.run([*launcher, str(REPO / 'train.py'), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def tensors(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+_cache = {}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs with one intra-op thread (see run_script); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def dataset(tmp_path_factory):
+    """The processed tiny dataset (made once per session; tests must not change it)."""
+    if 'data' not in _cache:
+        _cache['data'] = make_dataset(tmp_path_factory.mktemp('data'))
+    return _cache['data']
+
+
+@pytest.fixture
+def reference(tmp_path_factory, dataset):
+    """An uninterrupted in-process run of EPOCHS epochs (made once): (results dir, stdout)."""
+    if 'reference' not in _cache:
+        results = tmp_path_factory.mktemp('reference')
+        capture = _Capture()
+        with capture:
+            train.main(flags(dataset, results))
+        _cache['reference'] = (results, capture.text)
+    return _cache['reference']
+
+
+class _Capture:
+    """Collect what train.main prints to stdout (capsys cannot be shared by a cached fixture)."""
+
+    def __enter__(self):
+        import io
+        self.buffer, self.saved = io.StringIO(), sys.stdout
+        sys.stdout = self.buffer
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout = self.saved
+        self.text = self.buffer.getvalue()
+
+
+def copy_results(src, dst):
+    shutil.copytree(src, dst)
+    return dst

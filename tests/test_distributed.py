@@ -1,0 +1,98 @@
+"""Multi-process training with torchrun: 2 CPU processes over gloo on the tiny dataset, killed and resumed."""
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import torch
+
+from _train_fixtures import (EPOCHS, REPO, dataset, flags, free_port, one_thread, out,  # noqa: F401
+                             reference, run_script, tensors)
+import model as model_lib
+import utils
+
+
+def test_shard_range_and_gather_without_torchrun():
+    # contiguous shards concatenate back to the whole range, whatever the sizes
+    for n, world in [(12, 2), (7, 3), (2, 4), (0, 2)]:
+        shards = [utils.shard_range(n, r, world) for r in range(world)]
+        assert [i for shard in shards for i in shard] == list(range(n))
+        assert max(len(s) for s in shards) - min(len(s) for s in shards) <= (-(-n // world) if n else 0)
+    x = torch.arange(6.0).view(3, 2)
+    assert utils.all_gather_rows(x) is x and utils.get_world_size() == 1 and utils.is_main_process()
+    assert utils.all_reduce_sum([1.0, 2.0], torch.device('cpu')) == [1.0, 2.0]
+
+
+GATHER_SCRIPT = '''
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import utils
+utils.init_distributed('cpu')
+rank, world = utils.get_rank(), utils.get_world_size()
+rows = utils.shard_range(5, rank, world)                    # rank 0: 0, 1, 2; rank 1: 3, 4
+mine = torch.tensor([[float(i), 10.0 * i] for i in rows])   # [n_rank, 2], unequal n_rank
+gathered = utils.all_gather_rows(mine)
+totals = utils.all_reduce_sum([len(rows), rank], torch.device('cpu'))
+if rank == 0:
+    torch.save({'gathered': gathered, 'totals': totals}, sys.argv[2])
+utils.cleanup_distributed()
+'''
+
+
+def test_gather_unequal_shards_in_order(tmp_path):
+    script, result = tmp_path / 'gather.py', tmp_path / 'gathered.pth'
+    script.write_text(GATHER_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    run = subprocess.run([*torchrun(), str(script), str(REPO), str(result)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = tensors(result)
+    assert torch.equal(saved['gathered'], torch.tensor([[0.0, 0.0], [1.0, 10.0], [2.0, 20.0],
+                                                        [3.0, 30.0], [4.0, 40.0]]))
+    assert saved['totals'] == [5.0, 1.0]
+
+
+def torchrun():
+    return (sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}')
+
+
+def test_torchrun_two_cpu_processes_with_kill_and_resume(dataset, reference, tmp_path):
+    results = tmp_path / 'results'
+    # both processes are killed during epoch 2; the relaunch with --resume auto finishes the run
+    killed = run_script(flags(dataset, results), fault='kill:2:1', timeout=420, launcher=torchrun())
+    assert killed.returncode != 0
+    assert tensors(out(results, 'checkpoint.pth'))['epoch'] == 1
+    assert killed.stdout.count('Config:') == 1 and 'world_size         2' in killed.stdout
+    assert killed.stdout.count(f'Epoch 1/{EPOCHS} |') == 1  # rank 0 alone prints
+    result = run_script(flags(dataset, results, '--resume', 'auto'), timeout=420, launcher=torchrun())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count('Resuming from') == 1 and result.stdout.count(f'Epoch 2/{EPOCHS} |') == 1
+    assert f'Epoch 1/{EPOCHS} |' not in result.stdout
+    assert sorted(os.listdir(results)) == sorted(os.path.basename(out(results, kind)) for kind in
+                                                 ('statistics.csv', 'model.pth', 'data_base.pth',
+                                                  'checkpoint.pth', 'curves.png'))
+    stats = pd.read_csv(out(results, 'statistics.csv'))
+    assert stats['epoch'].tolist() == list(range(1, EPOCHS + 1))
+    first = [line for line in killed.stdout.splitlines() if f'Epoch 1/{EPOCHS} |' in line][0]
+    assert f'train loss {stats["train_loss"][0]:.4f} acc {stats["train_accuracy"][0]:.2f}%' in first
+    for column in ('train_accuracy', 'test_recall@1', 'test_recall@2', 'test_map@r'):
+        assert stats[column].between(0, 100).all()
+    assert stats['train_loss'].gt(0).all()
+
+    # features gathered from the two shards in order: the saved model re-embeds each image into its row
+    database = tensors(out(results, 'data_base.pth'))
+    single = tensors(out(reference[0], 'data_base.pth'))
+    assert database['test_images'] == single['test_images'] and database['test_labels'] == single['test_labels']
+    model = model_lib.Model('resnet18', 8, 3)
+    model.load_state_dict(tensors(out(results, 'model.pth')))
+    model.eval()
+    transform = utils.test_transform(32, database['config']['mean'], database['config']['std'])
+    with torch.no_grad():
+        again, _ = model(torch.stack([transform(utils.load_image(p)) for p in database['test_images']]))
+    assert torch.allclose(again, database['test_features'], atol=1e-5)
+    ids = {label: k for k, label in enumerate(sorted(set(database['test_labels'])))}
+    metrics = utils.evaluate(database['test_features'], [ids[label] for label in database['test_labels']], [1, 2])
+    best = stats['test_recall@1'].idxmax()
+    assert 100 * metrics['R@1'] == stats['test_recall@1'][best]
+    assert tensors(out(results, 'checkpoint.pth'))['epoch'] == EPOCHS

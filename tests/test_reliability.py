@@ -1,0 +1,248 @@
+"""Crash safety of train.py: resume after SIGKILL is exact, loading is safe, bad states stop clearly.
+
+Faults are injected with the test-only CLF_FAULT variable (see train.read_faults, utils.FAULT_ENV).
+"""
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from _train_fixtures import (REPO, RUN_NAME, assert_same_tensors, dataset, flags,  # noqa: F401
+                             make_dataset, one_thread, out, reference, run_script, tensors)
+import train
+import utils
+from utils import UserError
+
+
+def temporaries(results):
+    return glob.glob(os.path.join(results, '.*.tmp'))
+
+
+@pytest.mark.parametrize('fault, workers, epoch_on_disk', [
+    ('kill:2:2', 0, 1),                        # mid-epoch, after an optimizer step
+    ('kill-write:checkpoint:2', 2, 1),         # halfway through writing epoch 2's checkpoint
+    ('kill-write:data_base:2', 0, 1),          # halfway through epoch 2's database (model already new)
+])
+def test_sigkill_then_resume_matches_uninterrupted(dataset, reference, tmp_path, fault, workers, epoch_on_disk):
+    results = tmp_path / 'results'
+    killed = run_script(flags(dataset, results, workers=workers), fault=fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert tensors(out(results, 'checkpoint.pth'))['epoch'] == epoch_on_disk  # the last one is whole
+    if fault.startswith('kill-write'):
+        assert temporaries(results)  # the half-written file, never renamed into place
+    if 'data_base' in fault:  # the new model was written but not put in place without its database
+        state = tensors(out(results, 'checkpoint.pth'))
+        assert_same_tensors(tensors(out(results, 'model.pth')), state['model'])
+
+    # resume in this process (same flags + --resume auto); the worker count may differ from the
+    # reference's 0: each image's augmentation depends only on (seed, epoch, index)
+    train.main(flags(dataset, results, '--resume', 'auto', workers=workers))
+    ref = reference[0]
+    with open(out(ref, 'statistics.csv'), 'rb') as a, open(out(results, 'statistics.csv'), 'rb') as b:
+        assert a.read() == b.read()
+    assert_same_tensors(tensors(out(ref, 'model.pth')), tensors(out(results, 'model.pth')))
+    db_ref, db = tensors(out(ref, 'data_base.pth')), tensors(out(results, 'data_base.pth'))
+    assert torch.equal(db_ref['test_features'], db['test_features']) and db_ref['config'] == db['config']
+    assert temporaries(results) == []
+
+
+def test_sigkill_from_outside_while_writing_then_resume(dataset, reference, tmp_path):
+    # killed by another process right after the epoch-1 line is printed, i.e. while the epoch's
+    # files are being written or the next epoch starts: wherever it lands, resuming gives the same
+    results = tmp_path / 'results'
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    env.pop('CLF_FAULT', None)
+    process = subprocess.Popen([sys.executable, 'train.py', *flags(dataset, results)], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith('Epoch 1/'):
+                process.kill()
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    train.main(flags(dataset, results, '--resume', 'auto'))
+    ref = reference[0]
+    with open(out(ref, 'statistics.csv'), 'rb') as a, open(out(results, 'statistics.csv'), 'rb') as b:
+        assert a.read() == b.read()
+    assert_same_tensors(tensors(out(ref, 'model.pth')), tensors(out(results, 'model.pth')))
+    assert temporaries(results) == []
+
+
+def test_ctrl_c_stops_and_keeps_last_checkpoint(dataset, tmp_path, monkeypatch, capsys):
+    results = tmp_path / 'results'
+    monkeypatch.setenv('CLF_FAULT', 'interrupt:2:1')
+    with pytest.raises(SystemExit) as err:
+        utils.run_cli(train.main, flags(dataset, results))
+    assert err.value.code == 130 and 'interrupted' in capsys.readouterr().err
+    state = tensors(out(results, 'checkpoint.pth'))
+    assert state['epoch'] == 1 and len(state['statistics']) == 1 and temporaries(results) == []
+
+
+def test_malicious_checkpoint_refused_payload_never_runs(dataset, tmp_path):
+    marker = tmp_path / 'payload_ran'
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f'touch {marker}',))
+
+    results = tmp_path / 'results'
+    results.mkdir()
+    torch.save({'epoch': 1, 'model': Payload()}, out(results, 'checkpoint.pth'))
+    with pytest.raises(UserError) as err:
+        train.main(flags(dataset, results, '--resume', 'auto'))
+    assert 'refusing to load' in str(err.value) and out(results, 'checkpoint.pth') in str(err.value)
+    assert 'posix.system' in str(err.value)
+    for what in ('data dict', 'database'):
+        with pytest.raises(UserError, match='refusing to load'):
+            utils.safe_load(out(results, 'checkpoint.pth'), what)
+    assert not marker.exists()
+    assert os.listdir(results) == [os.path.basename(out(results, 'checkpoint.pth'))]
+
+
+def test_damaged_checkpoint_clear_message(dataset, tmp_path):
+    results = tmp_path / 'results'
+    results.mkdir()
+    with open(out(results, 'checkpoint.pth'), 'wb') as f:
+        f.write(b'PK\x03\x04 not really a zip')
+    with pytest.raises(UserError, match='damaged, truncated or not a PyTorch file'):
+        train.main(flags(dataset, results, '--resume', out(results, 'checkpoint.pth')))
+
+
+def test_resume_with_other_settings_refused(dataset, reference, tmp_path):
+    results = shutil.copytree(reference[0], tmp_path / 'copy')
+    with pytest.raises(UserError) as err:
+        train.main(flags(dataset, results, '--resume', 'auto', '--seed', '5', '--lr', '0.01'))
+    assert 'seed: checkpoint 0, now 5' in str(err.value) and 'lr: checkpoint 0.001, now 0.01' in str(err.value)
+
+
+def test_nan_loss_stops_best_files_untouched(dataset, reference, tmp_path, monkeypatch):
+    results = tmp_path / 'results'
+    monkeypatch.setenv('CLF_FAULT', 'nan:2:1')
+    with pytest.raises(UserError) as err:
+        train.main(flags(dataset, results))
+    assert 'the loss became nan at epoch 2, step 1' in str(err.value)
+    # on disk: exactly what epoch 1 wrote (the best files are epoch 1's, as in the reference run)
+    state = tensors(out(results, 'checkpoint.pth'))
+    assert state['epoch'] == 1 and state['best_epoch'] == 1
+    assert_same_tensors(tensors(out(results, 'model.pth')), state['model'])
+    with open(out(reference[0], 'statistics.csv')) as f:
+        first_epoch = ''.join(f.readlines()[:2])
+    with open(out(results, 'statistics.csv')) as f:
+        assert f.read() == first_epoch
+    assert temporaries(results) == []
+
+
+def test_failed_write_clear_message_previous_files_intact(dataset, tmp_path, monkeypatch):
+    results = tmp_path / 'results'
+    monkeypatch.setenv('CLF_FAULT', 'fail-write:checkpoint:2')  # the disk fills up at epoch 2's checkpoint
+    with pytest.raises(UserError) as err:
+        train.main(flags(dataset, results))
+    assert f'cannot write {out(results, "checkpoint.pth")}: No space left on device' in str(err.value)
+    assert 'previous file, if any, is unchanged' in str(err.value)
+    assert tensors(out(results, 'checkpoint.pth'))['epoch'] == 1 and temporaries(results) == []
+
+
+def _read_only_runner(tmp_path):
+    """A command prefix that runs train.py unable to write one folder, or (None, reason).
+
+    CI runs as root, which ignores permission bits: drop to nobody with setpriv when nobody can run
+    this Python, else use a read-only bind mount in a private mount namespace (unshare)."""
+    if os.geteuid() != 0:
+        return [], 'chmod'
+    setpriv = shutil.which('setpriv')
+    if setpriv:
+        probe = subprocess.run([setpriv, '--reuid=nobody', '--regid=nogroup', '--clear-groups', sys.executable,
+                                '-c', 'import torch, pandas, thop'], cwd='/', capture_output=True)
+        if probe.returncode == 0:
+            return [setpriv, '--reuid=nobody', '--regid=nogroup', '--clear-groups'], 'nobody'
+    unshare = shutil.which('unshare')
+    if unshare:
+        target = tmp_path / 'probe'
+        target.mkdir()
+        probe = subprocess.run([unshare, '--mount', 'sh', '-c', f'mount --bind {target} {target} && '
+                                f'mount -o remount,bind,ro {target} {target} && touch {target}/x'],
+                               capture_output=True)
+        if probe.returncode != 0 and b'Read-only file system' in probe.stderr:
+            return 'unshare', 'read-only mount'
+    return None, ('running as root, nobody cannot import this Python and its packages, and a read-only '
+                  'bind mount (unshare --mount) is not permitted here')
+
+
+def test_read_only_results_folder(tmp_path):
+    prefix, how = _read_only_runner(tmp_path)
+    if prefix is None:
+        pytest.skip(how)
+    # a world-readable folder of its own: nobody cannot enter pytest's private tmp folders
+    base = tempfile.mkdtemp(prefix='clf-read-only-')
+    try:
+        os.chmod(base, 0o755)
+        data = make_dataset(os.path.join(base, 'data'))
+        results = os.path.join(base, 'results')
+        os.mkdir(results)
+        previous = os.path.join(results, f'{RUN_NAME}_statistics.csv')
+        with open(previous, 'wb') as f:
+            f.write(b'epoch\n1\n')
+        command = [sys.executable, 'train.py', *flags(data, results, epochs=1)]
+        if how == 'read-only mount':
+            command = ['unshare', '--mount', 'sh', '-c', 'mount --bind "$0" "$0" && '
+                       'mount -o remount,bind,ro "$0" "$0" && exec "$@"', results, *command]
+        elif how == 'nobody':
+            command = prefix + command  # results/ belongs to root, mode 755: nobody may not write
+        else:
+            os.chmod(results, 0o555)
+        env = {k: v for k, v in os.environ.items() if k != 'CLF_FAULT'}
+        env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert result.stderr.strip().startswith(f'error: cannot write to results folder {results}')
+        assert 'Traceback' not in result.stderr
+        assert os.listdir(results) == [os.path.basename(previous)]
+        with open(previous, 'rb') as f:
+            assert f.read() == b'epoch\n1\n'
+    finally:
+        os.chmod(base, 0o755)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize('split, workers', [('train', 1), ('test', 0)])
+def test_image_corrupted_after_preprocessing(tmp_path, split, workers):
+    data = make_dataset(tmp_path / 'data')
+    dicts = tensors(os.path.join(data, 'tiny', 'uncropped_data_dicts.pth'))
+    victim = sorted(dicts[split].values())[1][2]
+    with open(victim, 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n' + b'\x00' * 40)  # a PNG header, then nothing decodable
+    with pytest.raises(UserError) as err:
+        train.main(flags(data, tmp_path / 'results', epochs=1, workers=workers))
+    message = str(err.value)
+    assert message.startswith(f'cannot decode image {victim}') and '\n' not in message
+    assert 'Traceback' not in message and 'DataLoader worker' not in message
+
+
+def test_group_write_all_or_nothing(tmp_path, monkeypatch):
+    model, database = tmp_path / 'run_model.pth', tmp_path / 'run_data_base.pth'
+    model.write_bytes(b'old model')
+    database.write_bytes(b'old database')
+    monkeypatch.setenv('CLF_FAULT', 'fail-write:data_base:1')  # the second file of the pair fails
+    with pytest.raises(UserError, match=f'cannot write {database}: No space left on device'):
+        utils.atomic_write_group([(b'new model', model), (b'new database', database)])
+    assert model.read_bytes() == b'old model' and database.read_bytes() == b'old database'
+    assert sorted(os.listdir(tmp_path)) == ['run_data_base.pth', 'run_model.pth']
+    monkeypatch.delenv('CLF_FAULT')
+    utils.atomic_write_group([(b'new model', model), (b'new database', database)])
+    assert model.read_bytes() == b'new model' and database.read_bytes() == b'new database'
+    assert oct(os.stat(model).st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,264 @@
+"""train.py: the loss, the LR schedule, frozen BatchNorm, an end-to-end run and bad input."""
+import math
+import os
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+import torchvision
+
+from _train_fixtures import (EPOCHS, NAME, dataset, flags, one_thread, out, reference,  # noqa: F401
+                             run_script, tensors)
+import data_utils
+import model as model_lib
+import train
+import utils
+from utils import UserError
+
+
+# ----------------------------------------------------------------------------------------------
+# loss and schedule
+# ----------------------------------------------------------------------------------------------
+
+
+def test_class_balanced_weights_by_hand():
+    # counts 3, 1, 2 of N = 6 -> N/n = 2, 6, 3 (sum 11) -> scaled to sum 3: 6/11, 18/11, 9/11
+    w = utils.class_balanced_weights(torch.tensor([0, 0, 0, 1, 2, 2]), 3)
+    assert torch.allclose(w, torch.tensor([6 / 11, 18 / 11, 9 / 11]))
+    assert math.isclose(float(w.sum()), 3.0, rel_tol=1e-6)
+    # a class without samples gets 0; the rest still sum to the number of classes
+    w = utils.class_balanced_weights([0, 0, 1], 3)
+    assert torch.allclose(w, torch.tensor([1.0, 2.0, 0.0]))
+
+
+def test_label_smoothing_loss_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    target = torch.tensor([0, 2])
+    weight = torch.tensor([6 / 11, 18 / 11, 9 / 11])
+
+    def by_hand(row, t, temperature):
+        z = [v / temperature for v in row]
+        log_norm = math.log(sum(math.exp(v) for v in z))
+        log_p = [v - log_norm for v in z]
+        return 0.9 * -log_p[t] + 0.1 * -sum(log_p) / len(log_p)
+
+    for temperature in (1.0, 0.5):
+        rows = logits.tolist()
+        plain = (by_hand(rows[0], 0, temperature) + by_hand(rows[1], 2, temperature)) / 2
+        weighted = (6 / 11 * by_hand(rows[0], 0, temperature) + 9 / 11 * by_hand(rows[1], 2, temperature)) / 2
+        loss = utils.LabelSmoothingCrossEntropy(0.1, temperature)(logits, target)
+        assert math.isclose(float(loss), plain, rel_tol=1e-6)
+        loss = utils.LabelSmoothingCrossEntropy(0.1, temperature, weight=weight)(logits, target)
+        assert math.isclose(float(loss), weighted, rel_tol=1e-6)
+    # sample 0 at T = 1 on paper: log-sum-exp(2, 0, -1) = 2.16984, so -log p = (0.16984, 2.16984,
+    # 3.16984): 0.9 * 0.16984 + 0.1 * mean(...) = 0.15286 + 0.18365
+    assert math.isclose(by_hand([2.0, 0.0, -1.0], 0, 1.0), 0.33651, rel_tol=1e-4)
+    single = utils.LabelSmoothingCrossEntropy()(logits[:1], target[:1])
+    assert math.isclose(float(single), 0.33651, rel_tol=1e-4)
+
+
+def test_lr_schedule_milestones():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([param], lr=1e-4)
+    scheduler = train.make_scheduler(optimizer, 20)
+    lrs = []
+    for _ in range(20):  # lr in force during epochs 1..20, stepped after each
+        lrs.append(optimizer.param_groups[0]['lr'])
+        optimizer.step()
+        scheduler.step()
+    for epoch, lr in enumerate(lrs, start=1):
+        expected = 1e-4 if epoch <= 12 else 1e-5 if epoch <= 16 else 1e-6
+        assert math.isclose(lr, expected, rel_tol=1e-9), (epoch, lr)
+    # short runs: int(0.6 E) = 0 is dropped, repeats merged
+    assert list(train.make_scheduler(optimizer, 1).milestones) == []
+    assert sorted(train.make_scheduler(optimizer, 3).milestones) == [1, 2]
+    assert sorted(train.make_scheduler(optimizer, 2).milestones) == [1]
+
+
+def test_backbone_batchnorm_frozen_with_loaded_weights(tmp_path, dataset):
+    # an 'ImageNet' file (torchvision layout, fc included) with non-trivial BN statistics
+    torch.manual_seed(0)
+    imagenet = torchvision.models.resnet18()
+    for m in imagenet.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    weights = tmp_path / 'resnet18_imagenet.pth'
+    torch.save(imagenet.state_dict(), weights)
+
+    args = train.parse_args(flags(dataset, tmp_path / 'results', '--pretrained', str(weights)))
+    config, dicts = train.resolve_config(args)
+    assert config['freeze_backbone_bn'] is True and config['lr'] == 1e-4  # weights loaded: recipe values
+    model = model_lib.Model('resnet18', 8, config['num_classes'], pretrained=str(weights),
+                            freeze_backbone_bn=config['freeze_backbone_bn'])
+    bn_before = {k: v.clone() for k, v in model.backbone.state_dict().items()
+                 if 'running' in k or 'num_batches' in k}
+    conv_before = model.backbone.conv1.weight.detach().clone()
+    head_bn_before = model.classifier[0].running_mean.clone()
+
+    images = utils.ImageListDataset(dicts['train'], utils.train_transform(32, *data_utils.normalization(NAME)))
+    loader = torch.utils.data.DataLoader(images, batch_size=4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    criterion = utils.LabelSmoothingCrossEntropy()
+    scaler = torch.amp.GradScaler('cuda', enabled=False)
+    stats = train.train_one_epoch(model, loader, criterion, optimizer, scaler, torch.device('cpu'), None,
+                                  1, 1, show_bar=False)
+    assert stats['loss'] > 0 and 0 <= stats['accuracy'] <= 100
+    for k, v in model.backbone.state_dict().items():
+        if k in bn_before:
+            assert torch.equal(v, bn_before[k]), k
+    assert not torch.equal(model.backbone.conv1.weight, conv_before)  # it did train
+    assert not torch.equal(model.classifier[0].running_mean, head_bn_before)  # head BN is not frozen
+
+    # from scratch the backbone BN trains (frozen, it keeps an untrained backbone near chance)
+    args = train.parse_args(flags(dataset, tmp_path / 'results'))
+    config, _ = train.resolve_config(args)
+    assert config['freeze_backbone_bn'] is False and config['lr'] == 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end: data_utils -> train.py -> statistics, model, database, curves
+# ----------------------------------------------------------------------------------------------
+
+
+def test_end_to_end_outputs_consistent(reference):
+    results, stdout = reference
+    stats = pd.read_csv(out(results, 'statistics.csv'))
+    assert list(stats.columns) == ['epoch', 'train_loss', 'train_accuracy', 'test_recall@1', 'test_recall@2',
+                                   'test_map@r']
+    assert stats['epoch'].tolist() == list(range(1, EPOCHS + 1))
+    assert stats['train_loss'].between(0, 10).all() and stats['train_accuracy'].between(0, 100).all()
+    assert (stats['test_recall@1'] <= stats['test_recall@2']).all()
+
+    # printed: resolved config, Params/FLOPs, one line per epoch with every R@K and MAP@R
+    assert 'Config:' in stdout and 'Params: ' in stdout and 'FLOPs: ' in stdout
+    for row in stats.itertuples():
+        assert (f'Epoch {row.epoch}/{EPOCHS} | train loss {row.train_loss:.4f} acc {row.train_accuracy:.2f}% | '
+                f'R@1 {row._4:.2f}% R@2 {row._5:.2f}% | MAP@R {row._6:.2f}%') in stdout
+
+    # the database holds the best epoch (first strict maximum of R@1) and re-evaluates to its row
+    best = int(stats['test_recall@1'].idxmax())
+    database = tensors(out(results, 'data_base.pth'))
+    assert set(database) == {'test_images', 'test_labels', 'test_features', 'config'}
+    features, labels = database['test_features'], database['test_labels']
+    assert features.shape == (12, 24) and features.dtype == torch.float32
+    assert torch.allclose(features.norm(dim=1), torch.ones(12), atol=1e-5)
+    assert len(database['test_images']) == 12 and all(os.path.isfile(p) for p in database['test_images'])
+    ids = {label: k for k, label in enumerate(sorted(set(labels)))}
+    metrics = utils.evaluate(features, torch.tensor([ids[label] for label in labels]), [1, 2])
+    assert 100 * metrics['R@1'] == stats['test_recall@1'][best]
+    assert 100 * metrics['R@2'] == stats['test_recall@2'][best]
+    assert 100 * metrics['MAP@R'] == stats['test_map@r'][best]
+    config = database['config']
+    mean, std = data_utils.normalization(NAME)
+    assert config == {'backbone_type': 'resnet18', 'feature_dim': 8, 'branches': 'SMG', 'num_classes': 3,
+                      'image_size': 32, 'mean': list(mean), 'std': list(std),
+                      'data_name': NAME, 'crop_type': 'uncropped',
+                      'model_file': os.path.basename(out(results, 'model.pth'))}
+
+    # the model file is that epoch's model: it re-embeds the test images into the stored features
+    state = tensors(os.path.join(results, config['model_file']))
+    model = model_lib.Model('resnet18', 8, 3, branches='SMG')
+    model.load_state_dict(state)
+    model.eval()
+    transform = utils.test_transform(32, config['mean'], config['std'])
+    with torch.no_grad():
+        batch = torch.stack([transform(utils.load_image(p)) for p in database['test_images']])
+        again, _ = model(batch)
+    assert torch.allclose(again, features, atol=1e-5)
+
+    checkpoint = tensors(out(results, 'checkpoint.pth'))
+    assert checkpoint['epoch'] == EPOCHS and checkpoint['best_epoch'] == best + 1
+    assert checkpoint['best_recall'] * 100 == stats['test_recall@1'][best]
+    with open(out(results, 'curves.png'), 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    assert not [p for p in os.listdir(results) if p.endswith('.tmp')]
+
+
+def test_resume_when_done_changes_nothing(dataset, reference, tmp_path, capsys):
+    results = shutil.copytree(reference[0], tmp_path / 'copy')
+    before = {p: (results / p).read_bytes() for p in os.listdir(results)}
+    train.main(flags(dataset, results, '--resume', 'auto'))
+    assert 'Nothing to do' in capsys.readouterr().out
+    assert {p: (results / p).read_bytes() for p in os.listdir(results)} == before
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one clear message, nothing in results/ touched
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--data_name', 'nosuch'], "unknown dataset 'nosuch'"),
+    (['--crop_type', 'cropped'], 'data dict not found'),
+    (['--recalls', '1,x'], 'comma-separated list of positive integers'),
+    (['--recalls', '0,1'], 'comma-separated list of positive integers'),
+    (['--recalls', ''], 'comma-separated list of positive integers'),
+    (['--recalls', '1,12'], 'R@12 asks for 12 neighbours but a test image'),
+    (['--feature_dim', '0'], '--feature_dim must be a positive integer'),
+    (['--feature_dim', '-4'], '--feature_dim must be a positive integer'),
+    (['--branches', 'SX'], "invalid branch set 'SX'"),
+    (['--pretrained', 'missing_weights.pth'], '--pretrained missing_weights.pth'),
+    (['--resume', 'missing_checkpoint.pth'], '--resume missing_checkpoint.pth: checkpoint not found'),
+    (['--batch_size', '0'], '--batch_size must be a positive integer'),
+    (['--device', 'tpu'], "--device 'tpu'"),
+])
+def test_bad_input_clear_message_results_untouched(dataset, tmp_path, extra, message):
+    results = tmp_path / 'results'
+    results.mkdir()
+    sentinel = results / 'tiny_uncropped_resnet18_8_statistics.csv'
+    sentinel.write_bytes(b'previous run\n')
+    with pytest.raises(UserError) as err:
+        train.main(flags(dataset, results, *extra))
+    assert message in str(err.value)
+    assert os.listdir(results) == [sentinel.name] and sentinel.read_bytes() == b'previous run\n'
+
+
+def test_missing_data_dict_names_file(tmp_path):
+    (tmp_path / NAME).mkdir()
+    with pytest.raises(UserError) as err:
+        train.main(flags(tmp_path, tmp_path / 'results'))
+    assert os.path.join(str(tmp_path), NAME, 'uncropped_data_dicts.pth') in str(err.value)
+    assert 'data_utils.py' in str(err.value) and not (tmp_path / 'results').exists()
+
+
+def test_unknown_backbone_is_an_argparse_error(dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        train.main(flags(dataset, tmp_path / 'results', '--backbone_type', 'vgg16'))
+    assert err.value.code == 2 and "invalid choice: 'vgg16'" in capsys.readouterr().err
+
+
+def test_bad_input_exit_status_and_no_traceback(dataset, tmp_path):
+    result = run_script(flags(dataset, tmp_path / 'results', '--recalls', '1,two'))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: --recalls '1,two': expected a comma-separated list of positive integers, e.g. 1,2,4,8"]
+    assert not (tmp_path / 'results').exists()
+
+
+def test_query_gallery_dataset(dataset, tmp_path):
+    # an In-shop-like data dict: the test images split into a query and a gallery half per class
+    dicts = tensors(os.path.join(dataset, NAME, 'uncropped_data_dicts.pth'))
+    query = {label: paths[:2] for label, paths in dicts['test'].items()}
+    gallery = {label: paths[2:] for label, paths in dicts['test'].items()}
+    data_path = tmp_path / 'data'
+    (data_path / 'shop').mkdir(parents=True)
+    torch.save({'train': dicts['train'], 'query': query, 'gallery': gallery},
+               data_path / 'shop' / 'uncropped_data_dicts.pth')
+    results = tmp_path / 'results'
+    args = flags(data_path, results, '--data_name', 'shop', epochs=1)
+    with pytest.raises(UserError, match='R@7 asks for 7 neighbours but the gallery of .* has 6 images'):
+        train.main(args + ['--recalls', '1,7'])
+    train.main(args)
+
+    database = tensors(os.path.join(results, 'shop_uncropped_resnet18_8_data_base.pth'))
+    assert database['test_images'] == [p for paths in query.values() for p in paths]
+    assert database['gallery_images'] == [p for paths in gallery.values() for p in paths]
+    assert database['test_features'].shape == (6, 24) and database['gallery_features'].shape == (6, 24)
+    labels = sorted(set(database['test_labels']))
+    q = torch.tensor([labels.index(x) for x in database['test_labels']])
+    g = torch.tensor([labels.index(x) for x in database['gallery_labels']])
+    metrics = utils.evaluate(database['test_features'], q, [1, 2], database['gallery_features'], g)
+    stats = pd.read_csv(os.path.join(results, 'shop_uncropped_resnet18_8_statistics.csv'))
+    assert stats['test_recall@1'][0] == 100 * metrics['R@1'] and stats['test_map@r'][0] == 100 * metrics['MAP@R']
