@@ -631,6 +631,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.data_name == ['demo']:  # the demo is drawn here, so its folder may not exist yet
+        try:
+            os.makedirs(args.data_path, exist_ok=True)
+        except OSError as err:
+            raise UserError(f'--data_path {args.data_path}: cannot create the folder ({err.strerror})') from None
     if not os.path.isdir(args.data_path):
         raise UserError(f'--data_path {args.data_path} is not a folder')
     names = args.data_name

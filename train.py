@@ -70,6 +70,8 @@ def parse_args(argv=None):
         help="'auto' (continue this run's checkpoint when there is one, else start fresh) or a checkpoint "
              "file [default: start fresh]")
     add('--results_dir', default='results', type=str, help='where outputs are written [default: %(default)s]')
+    add('--eval_untrained', action='store_true',
+        help='also evaluate the model before the first epoch and print its R@K, a baseline (not saved)')
     return parser.parse_args(argv)
 
 
@@ -600,6 +602,22 @@ def main(argv=None):
                                                         rank, world_size, device)
     eval_labels = label_ids(*[dataset.labels for dataset in eval_sets.values()])
     faults = read_faults()
+
+    if args.eval_untrained and state is None:
+        # a baseline to read the trained R@K against; nothing is saved, and every epoch reseeds
+        # its RNGs, so the run that follows is the same with or without it
+        try:
+            features = {split: extract_features(model, loader, device, amp_dtype, dim, show_bar=main_process,
+                                                desc=f'Extracting {split} features')
+                        for split, loader in eval_loaders.items()}
+        except UserError as err:
+            raise UserError(utils.worker_error_message(err)) from None
+        if main_process:
+            metrics = retrieval_metrics(features, eval_labels, config['recalls'], device)
+            print('Before training | '
+                  + ' '.join(f'R@{k} {100 * metrics[f"R@{k}"]:.2f}%' for k in config['recalls'])
+                  + f' | MAP@R {100 * metrics["MAP@R"]:.2f}%', flush=True)
+        utils.barrier()
 
     for epoch in range(start_epoch, config['num_epochs'] + 1):
         seed_everything(derive_seed(config['seed'], epoch, rank))
