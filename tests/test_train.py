@@ -184,6 +184,31 @@ def test_resume_when_done_changes_nothing(dataset, reference, tmp_path, capsys):
     assert {p: (results / p).read_bytes() for p in os.listdir(results)} == before
 
 
+def test_eval_untrained_baseline_leaves_the_run_unchanged(dataset, reference, tmp_path, capsys):
+    results = tmp_path / 'baseline'
+    train.main(flags(dataset, results, '--eval_untrained'))
+    stdout = capsys.readouterr().out
+    line = [text for text in stdout.splitlines() if text.startswith('Before training | ')]
+    assert len(line) == 1
+
+    # the baseline is the seeded initial model's R@K on the test images
+    database = tensors(out(reference[0], 'data_base.pth'))
+    config = database['config']
+    torch.manual_seed(0)
+    model = model_lib.Model('resnet18', 8, 3, branches='SMG').eval()
+    transform = utils.test_transform(32, config['mean'], config['std'])
+    with torch.no_grad():
+        features, _ = model(torch.stack([transform(utils.load_image(p)) for p in database['test_images']]))
+    ids = {label: k for k, label in enumerate(sorted(set(database['test_labels'])))}
+    metrics = utils.evaluate(features, torch.tensor([ids[label] for label in database['test_labels']]), [1, 2])
+    assert line[0] == (f'Before training | R@1 {100 * metrics["R@1"]:.2f}% R@2 {100 * metrics["R@2"]:.2f}% '
+                       f'| MAP@R {100 * metrics["MAP@R"]:.2f}%')
+
+    # evaluating first changes nothing in the run itself
+    with open(out(results, 'statistics.csv'), 'rb') as a, open(out(reference[0], 'statistics.csv'), 'rb') as b:
+        assert a.read() == b.read()
+
+
 # ----------------------------------------------------------------------------------------------
 # bad input: one clear message, nothing in results/ touched
 # ----------------------------------------------------------------------------------------------
