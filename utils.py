@@ -163,9 +163,10 @@ def safe_load(path, what='file'):
                             f'from it was run){": " + culprit[:200] if culprit else ""}') from None
         if isinstance(err, OSError) and not isinstance(err, EOFError):
             raise UserError(f'cannot read {what} {path}: {err.strerror or err}') from None
-        detail = text.splitlines()[0][:200] if text.strip() else type(err).__name__
+        # a KeyError's text is just the stray byte it met (e.g. '101'): no help to anyone
+        detail = '' if isinstance(err, KeyError) or not text.strip() else f' ({text.splitlines()[0][:200]})'
         raise UserError(f'cannot read {what} {path}: the file is damaged, truncated or not a PyTorch '
-                        f'file ({detail})') from None
+                        f'file{detail}') from None
 
 
 
