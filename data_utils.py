@@ -5,6 +5,7 @@ import io
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
@@ -114,7 +115,7 @@ def _car_record(r, path):
     """(label, box) of one CARS196 annotation record."""
     try:
         return str(int(r['class'])), tuple(int(r[f]) for f in CAR_FIELDS[:4])
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int() of an inf
         raise UserError(f'car: {path}: expected numbers in the fields {", ".join(CAR_FIELDS)}, got '
                         f'{ {f: r[f] for f in CAR_FIELDS} }') from None
 
@@ -184,7 +185,7 @@ def read_cub(root, num_train_classes=100, name='cub', layout=CUB_LAYOUT):
         try:
             x, y, w, h = (int(float(v)) for v in boxes[image_id])
             label = str(int(labels[image_id]))
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: int() of an inf
             raise UserError(f'{name}: image id {image_id}: expected an integer class id in '
                             f'{files["image_class_labels.txt"]} and numbers x y w h in '
                             f'{files["bounding_boxes.txt"]}') from None
@@ -435,7 +436,11 @@ def process_dataset(data_path, name, split=None, seed=0):
     if split is not None and (name in DATASETS or name == 'demo'):
         raise UserError(f'--split applies to own class-folder datasets; {name} has a fixed split')
     if name == 'demo':
-        make_demo(root, seed=seed)
+        try:
+            make_demo(root, seed=seed)
+        except OSError as err:  # disk full, no permission: the next run starts the drawing afresh
+            raise UserError(f'demo: cannot write the demo images to {root}: {err.strerror or err} '
+                            f'(check free disk space and that {data_path} is writable)') from None
         items, layout = read_cub(root, num_train_classes=_demo_classes(root) // 2, name='demo',
                                  layout=CUB_LAYOUT.replace('cub/', 'demo/'))
         return process_items(items, data_path, name, layout)
@@ -578,7 +583,7 @@ def make_demo(root, seed=0, num_classes=None, per_class=None, size=None):
                 return root  # already drawn with these settings
         # drawn earlier with other settings: the folder is entirely generated, start again
         shutil.rmtree(root)
-    elif os.path.isdir(root) and os.listdir(root):
+    elif os.path.lexists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise UserError(f'demo: {root} exists and was not made by this script; '
                         f'choose another --data_path or remove that folder')
     # drawn in a side folder and renamed at the end: an interrupted drawing never looks complete
@@ -654,7 +659,7 @@ def main(argv=None):
         except UserError as err:
             if len(names) == 1:
                 raise
-            print(f'error: {err}', flush=True)
+            print(f'error: {err}', file=sys.stderr, flush=True)  # the other datasets go on
             failed.append(name)
     if failed:
         raise UserError(f'{len(failed)} of {len(names)} datasets not processed: {", ".join(failed)}')

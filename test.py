@@ -73,9 +73,12 @@ def resolve_database_path(name, results_dir):
     return name
 
 
+def _as_list(value):
+    return value.tolist() if isinstance(value, torch.Tensor) else value
+
+
 def _is_number_triple(value):
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
+    value = _as_list(value)
     return (isinstance(value, (list, tuple)) and len(value) == 3
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
 
@@ -117,6 +120,8 @@ def check_database(db, path):
     for key in ('mean', 'std'):
         if not _is_number_triple(config[key]):
             raise UserError(f'{path}: config {key} must be three numbers (per RGB channel), got {config[key]!r}')
+    if min(_as_list(config['std'])) <= 0:  # the normalisation divides by it
+        raise UserError(f'{path}: config std must be positive, got {config["std"]!r}')
     dim = len(config['branches']) * config['feature_dim']  # embedding = concat of one feature per branch
     for split in ('test', 'gallery') if isc else ('test',):
         if db[f'{split}_features'].shape[1] != dim:

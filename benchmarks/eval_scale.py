@@ -105,7 +105,8 @@ def main(args):
         methods = list(args.methods)
     except ImportError:
         methods = [m for m in args.methods if m != 'faiss']
-        print('faiss is not installed: skipped')
+        if 'faiss' in args.methods:
+            print('faiss is not installed: skipped')
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         features, labels = make_features(args.num, args.dim, args.class_size, args.noise, args.seed)
@@ -156,8 +157,14 @@ def parse_args(argv=None):
     parser.add_argument('--class_size', type=float, default=5.3, help='mean images per class')
     parser.add_argument('--noise', type=float, default=3.0, help='noise scale around class centres')
     parser.add_argument('--ks', type=ks, default=[1, 10, 100, 1000], help='comma list of K for R@K')
-    parser.add_argument('--methods', type=lambda s: s.split(','), default=list(METHODS),
-                        help=f'comma list from {",".join(METHODS)}')
+    def methods(text):
+        values = text.split(',')
+        if 'evaluate' not in values or any(v not in METHODS for v in values):
+            raise argparse.ArgumentTypeError(f'a comma list from {",".join(METHODS)} that includes evaluate '
+                                             f'(the reference of the comparison)')
+        return values
+    parser.add_argument('--methods', type=methods, default=list(METHODS),
+                        help=f'comma list from {",".join(METHODS)}; evaluate is required')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--child', dest='method', choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument('--features', help=argparse.SUPPRESS)

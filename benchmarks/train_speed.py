@@ -8,6 +8,7 @@ the same initial weights.
     python benchmarks/train_speed.py --device cpu --batch_size 4 --image_size 64 --steps 3 --backbones resnet18
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -218,7 +219,7 @@ def main():
     if device.type == 'cuda':
         data_mib = images.numel() * images.element_size() / 2 ** 20
         print(f'peak memory includes the {data_mib:.0f} MiB of synthetic batches kept on the GPU')
-    nonfinite = [r[0] for r in rows if not all(map(lambda v: v == v and abs(v) != float('inf'), r[5] + r[6]))]
+    nonfinite = [r[0] for r in rows if not all(math.isfinite(v) for v in r[5] + r[6])]
     if nonfinite:
         raise utils.UserError(f'non-finite loss for {", ".join(nonfinite)}')
 

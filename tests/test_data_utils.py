@@ -389,6 +389,10 @@ def test_malformed_annotations(tmp_path):
         f.write('6 1.0 2.0 3.0\n')  # a column short
     with pytest.raises(UserError, match=r'bounding_boxes.txt line 6: expected 5 columns'):
         data_utils.process_dataset(root, 'cub')
+    with open(os.path.join(cub, 'bounding_boxes.txt'), 'w') as f:
+        f.writelines(f'{k} 0 0 {"inf" if k == 2 else 5} 5\n' for k in range(1, len(CUB_ROWS) + 1))
+    with pytest.raises(UserError, match=r'cub: image id 2: expected an integer class id'):
+        data_utils.process_dataset(root, 'cub')
     car = make_car_original(root)
     with open(os.path.join(car, 'cars_annos.mat'), 'wb') as f:
         f.write(b'not a MATLAB file')
@@ -540,3 +544,17 @@ def test_demo_command(tmp_path, monkeypatch):
     assert data_utils.normalization('demo') == (data_utils.IMAGENET_MEAN, data_utils.IMAGENET_STD)
     with pytest.raises(UserError, match='--split applies to own'):
         data_utils.main(['--data_path', str(tmp_path), '--data_name', 'demo', '--split', '0.3'])
+
+
+def test_demo_bad_targets(tmp_path, monkeypatch):
+    (tmp_path / 'demo').write_text('a file, not a folder')
+    with pytest.raises(UserError, match='demo: .*demo exists and was not made by this script'):
+        data_utils.process_dataset(str(tmp_path), 'demo')
+    assert not os.path.exists(tmp_path / 'demo.partial')  # refused before drawing anything
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(data_utils.Image.Image, 'save', disk_full)
+    with pytest.raises(UserError, match=r'demo: cannot write the demo images to .*No space left on device'):
+        data_utils.process_dataset(str(tmp_path / 'other'), 'demo')
+    assert not os.path.exists(tmp_path / 'other' / 'demo')  # never looks complete

@@ -176,6 +176,8 @@ def test_damaged_and_missing_files_raise_user_error_naming_them(tmp_path, jpegs)
     with pytest.raises(utils.UserError, match='not found') as err:
         utils.load_image(str(tmp_path / 'gone.jpg'))
     assert str(tmp_path / 'gone.jpg') in str(err.value)
+    with pytest.raises(utils.UserError, match='cannot read image .*: Is a directory'):
+        utils.load_image(str(tmp_path))  # an OS error is reported as such, not as a damaged file
 
     # inside a DataLoader worker: the error reaches the main process still naming the file
     dataset = utils.ImageListDataset({'a': [jpegs[0], str(truncated)]}, utils.train_transform(32, MEAN, STD))

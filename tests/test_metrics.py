@@ -1,5 +1,4 @@
 """Retrieval metrics: evaluate() and recall() against hand-worked cases and a brute-force reference."""
-import math
 
 import pytest
 import torch
@@ -154,6 +153,9 @@ def test_label_types_agree():
 def test_no_relevant_items_anywhere():
     result = evaluate(torch.randn(4, 3), ['a', 'b', 'c', 'd'], [1, 3])
     assert result == {'R@1': 0.0, 'R@3': 0.0, 'MAP@R': 0.0}
+    # gallery mode where no query's class is in the gallery (a whole chunk without any R >= 1)
+    result = evaluate(torch.randn(2, 3), ['a', 'b'], [1, 3], torch.randn(3, 3), ['c', 'd', 'e'])
+    assert result == {'R@1': 0.0, 'R@3': 0.0, 'MAP@R': 0.0}
 
 
 @pytest.mark.parametrize('ks', [[], [0], [1, -2], [1.5]])
@@ -167,6 +169,8 @@ def test_mismatched_shapes():
         evaluate(torch.randn(4, 3), [0, 0, 1], [1])
     with pytest.raises(ValueError):
         evaluate(torch.randn(4, 3), [0, 0, 1, 1], [1], torch.randn(4, 2), [0, 0, 1, 1])
+    with pytest.raises(ValueError, match='one gallery item'):
+        evaluate(torch.randn(4, 3), [0, 0, 1, 1], [1], torch.randn(0, 3), [])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')

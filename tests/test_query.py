@@ -287,6 +287,8 @@ BAD_INPUTS = {  # case -> f(tmp folder, tiny) -> (flags to change, texts the mes
                                                  ['backbone_type', 'database resnet50, model file resnet18']),
     'unknown backbone recorded': lambda t, tiny: _refused(t, tiny, {'backbone_type': 'vgg'},
                                                           ['vgg', 'cannot be built']),
+    'zero std recorded': lambda t, tiny: _refused(t, tiny, {'std': [0.0, 0.2, 0.2]},
+                                                  ['config std must be positive']),
     'database image missing': lambda t, tiny: _moved_image(t, tiny),
     'unknown device': _flag('--device', 'gpu7', "--device 'gpu7'"),
 }
