@@ -135,9 +135,10 @@ def resolve_config(args):
     recalls = parse_recalls(args.recalls)
     if args.feature_dim <= 0:
         raise UserError(f'--feature_dim must be a positive integer, got {args.feature_dim}')
-    for flag in ('batch_size', 'num_epochs'):
-        if getattr(args, flag) < 1:
-            raise UserError(f'--{flag} must be a positive integer, got {getattr(args, flag)}')
+    if args.batch_size < 2:  # the classifier's BatchNorm1d needs 2+ images per batch
+        raise UserError(f'--batch_size must be at least 2, got {args.batch_size}')
+    if args.num_epochs < 1:
+        raise UserError(f'--num_epochs must be a positive integer, got {args.num_epochs}')
     if args.image_size < 16:
         raise UserError(f'--image_size must be at least 16 (the backbone downsamples by 16), got {args.image_size}')
     if args.num_workers is not None and args.num_workers < 0:
@@ -187,6 +188,8 @@ def resolve_config(args):
 
 def check_writable(folder):
     """Fail now, not after an epoch of work, when results cannot be written (nothing is overwritten)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f'--results_dir {folder}: expected a folder, found a file')
     try:
         os.makedirs(folder, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix='.write-test-', dir=folder)
@@ -225,7 +228,8 @@ def rng_state():
         'python': [version, list(internal), gauss],
         'numpy': [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         'torch': torch.get_rng_state(),
-        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # only when CUDA is in use: asking would otherwise start a CUDA context for a CPU run
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
     }
 
 
@@ -443,15 +447,36 @@ def load_checkpoint(path, config):
     state = utils.safe_load(path, 'checkpoint')
     needed = ('epoch', 'model', 'optimizer', 'scheduler', 'scaler', 'best_recall', 'best_epoch',
               'statistics', 'rng', 'config')
-    if not isinstance(state, dict) or any(key not in state for key in needed):
-        raise UserError(f'{path} is not a train.py checkpoint (missing '
-                        f'{[k for k in needed if not isinstance(state, dict) or k not in state]})')
+    if not isinstance(state, dict) or any(key not in state for key in needed) or \
+            not isinstance(state['config'], dict):
+        raise UserError(f'{path} is not a train.py checkpoint (missing or malformed: '
+                        f'{[k for k in needed if not isinstance(state, dict) or k not in state] or ["config"]})')
     differ = [f'{key}: checkpoint {state["config"].get(key)!r}, now {config[key]!r}'
               for key in RESUME_KEYS if state['config'].get(key) != config[key]]
     if differ:
         raise UserError(f'cannot resume from {path}: it was made with other settings ({"; ".join(differ)}); '
                         f'use the same flags, or start fresh without --resume')
     return state
+
+
+def restore_checkpoint(state, path, model, optimizer, scheduler, scaler):
+    """Put a checkpoint's model, optimizer, scheduler, scaler and RNG states in place
+    -> (statistics rows, best {'recall', 'epoch'}, first epoch still to run)."""
+    try:
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        if state['scaler'] and scaler.is_enabled():  # empty when saved without fp16 (CPU, bf16, --no_amp)
+            scaler.load_state_dict(state['scaler'])
+        set_rng_state(state['rng'])
+        statistics, start_epoch = list(state['statistics']), int(state['epoch']) + 1
+        best = {'recall': float(state['best_recall']), 'epoch': int(state['best_epoch'])}
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        # the settings matched, so the contents were altered or come from another version of train.py
+        raise UserError(f'cannot resume from {path}: its contents do not fit this run '
+                        f'({" ".join(str(err).split())[:200] or type(err).__name__}); start fresh without '
+                        f'--resume') from None
+    return statistics, best, start_epoch
 
 
 def statistics_csv(statistics, recalls):
@@ -580,14 +605,7 @@ def main(argv=None):
 
     statistics, best, start_epoch = [], {'recall': -1.0, 'epoch': 0}, 1
     if state is not None:
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        if state['scaler'] and scaler.is_enabled():  # empty when saved without fp16 (CPU, bf16, --no_amp)
-            scaler.load_state_dict(state['scaler'])
-        statistics, start_epoch = list(state['statistics']), state['epoch'] + 1
-        best = {'recall': state['best_recall'], 'epoch': state['best_epoch']}
-        set_rng_state(state['rng'])
+        statistics, best, start_epoch = restore_checkpoint(state, resume_path, model, optimizer, scheduler, scaler)
         if main_process:
             print(f'Resuming from {resume_path}: epoch {state["epoch"]} of {config["num_epochs"]} done, '
                   f'best R@1 {100 * best["recall"]:.2f}% (epoch {best["epoch"]})', flush=True)

@@ -161,10 +161,12 @@ def safe_load(path, what='file'):
             raise UserError(f'refusing to load {path}: it is not a plain {what} (it holds objects other '
                             f'than tensors and plain containers, which could run code on load; nothing '
                             f'from it was run){": " + culprit[:200] if culprit else ""}') from None
-        if isinstance(err, OSError) and not isinstance(err, EOFError):
+        if isinstance(err, OSError):
             raise UserError(f'cannot read {what} {path}: {err.strerror or err}') from None
-        # a KeyError's text is just the stray byte it met (e.g. '101'): no help to anyone
-        detail = '' if isinstance(err, KeyError) or not text.strip() else f' ({text.splitlines()[0][:200]})'
+        # a KeyError's text is just the stray byte it met (e.g. '101'): no help to anyone; of torch's
+        # zip errors the first sentence says it, the rest is advice about other causes
+        detail = '' if isinstance(err, KeyError) or not text.strip() else \
+            f' ({text.splitlines()[0].split(". ")[0][:200]})'
         raise UserError(f'cannot read {what} {path}: the file is damaged, truncated or not a PyTorch '
                         f'file{detail}') from None
 
@@ -196,8 +198,12 @@ def init_distributed(device_arg=None):
     if device.type not in ('cpu', 'cuda'):
         raise UserError(f"unsupported --device '{device_arg}': expected cpu, cuda or cuda:N")
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or 'RANK' not in os.environ:
-        if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f'--device {device_arg}: only {torch.cuda.device_count()} CUDA device(s) here')
+        if device.type == 'cuda' and device.index is not None:
+            if device.index >= torch.cuda.device_count():
+                raise UserError(f'--device {device_arg}: only {torch.cuda.device_count()} CUDA device(s) here')
+            # make it the current device: bf16 support, pinned memory and RNG calls then refer to it,
+            # and no CUDA context is opened on GPU 0 as well
+            torch.cuda.set_device(device)
         return device
     if not dist.is_initialized():
         if device.type == 'cuda':
@@ -323,6 +329,8 @@ def load_image(path, draft_size=None):
     except FileNotFoundError:
         raise UserError(f'image not found: {path}') from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        if isinstance(err, OSError) and err.errno is not None:  # the OS refused (a folder, permissions, I/O)
+            raise UserError(f'cannot read image {path}: {err.strerror or err}') from None
         reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise UserError(f'cannot decode image {path}: {reason} (the file is damaged, not an image, '
                         f'or changed after preprocessing; replace it or re-run data_utils.py)') from None
@@ -669,7 +677,7 @@ def _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes, self_m
         end = min(begin + chunk, num_query)
         ids = query_ids[begin:end]
         size = counts[ids]                                            # [c] class size in the gallery
-        slot = torch.arange(int(size.max()))
+        slot = torch.arange(max(int(size.max()), 1))  # width >= 1 even when no query's class is there
         in_class = slot[None, :] < size[:, None]                      # [c, w]
         members = order[torch.where(in_class, starts[ids][:, None] + slot, 0)]  # [c, w] gallery indices
         relevant = in_class
@@ -813,9 +821,9 @@ def evaluate(query_features, query_labels, ks, gallery_features=None, gallery_la
             query_features.shape[1] != gallery_features.shape[1]:
         raise ValueError(f'features must be [N, D] with the same D, got {tuple(query_features.shape)} '
                          f'and {tuple(gallery_features.shape)}')
-    if len(query_features) == 0 or len(query_labels) != len(query_features) or \
-            len(gallery_labels) != len(gallery_features):
-        raise ValueError(f'need at least one query and one label per feature vector, got '
+    if len(query_features) == 0 or len(gallery_features) == 0 or len(query_labels) != len(query_features) \
+            or len(gallery_labels) != len(gallery_features):
+        raise ValueError(f'need at least one query, one gallery item and one label per feature vector, got '
                          f'{len(query_features)} queries / {len(query_labels)} labels, '
                          f'{len(gallery_features)} gallery items / {len(gallery_labels)} labels')
     device = query_features.device

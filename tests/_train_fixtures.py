@@ -1,6 +1,5 @@
 """Tiny training runs for the train.py tests: a hard little dataset, the flags, and runners."""
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -131,8 +130,3 @@ class _Capture:
     def __exit__(self, *exc):
         sys.stdout = self.saved
         self.text = self.buffer.getvalue()
-
-
-def copy_results(src, dst):
-    shutil.copytree(src, dst)
-    return dst

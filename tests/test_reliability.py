@@ -117,6 +117,21 @@ def test_damaged_checkpoint_clear_message(dataset, tmp_path):
         train.main(flags(dataset, results, '--resume', out(results, 'checkpoint.pth')))
 
 
+def test_altered_checkpoint_contents_clear_message(dataset, reference, tmp_path):
+    # the right settings, but a model that is not this network's: refused before anything is written
+    results = shutil.copytree(reference[0], tmp_path / 'copy')
+    state = tensors(out(results, 'checkpoint.pth'))
+    state['epoch'], state['model'] = 1, {'fc.weight': torch.zeros(2, 2)}
+    torch.save(state, out(results, 'checkpoint.pth'))
+    before = {p: (results / p).read_bytes() for p in os.listdir(results)}
+    with pytest.raises(UserError) as err:
+        train.main(flags(dataset, results, '--resume', 'auto'))
+    message = str(err.value)
+    assert message.startswith(f'cannot resume from {out(results, "checkpoint.pth")}: its contents do not fit')
+    assert 'Missing key(s)' in message and '\n' not in message
+    assert {p: (results / p).read_bytes() for p in os.listdir(results)} == before
+
+
 def test_resume_with_other_settings_refused(dataset, reference, tmp_path):
     results = shutil.copytree(reference[0], tmp_path / 'copy')
     with pytest.raises(UserError) as err:

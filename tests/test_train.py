@@ -226,7 +226,9 @@ def test_eval_untrained_baseline_leaves_the_run_unchanged(dataset, reference, tm
     (['--branches', 'SX'], "invalid branch set 'SX'"),
     (['--pretrained', 'missing_weights.pth'], '--pretrained missing_weights.pth'),
     (['--resume', 'missing_checkpoint.pth'], '--resume missing_checkpoint.pth: checkpoint not found'),
-    (['--batch_size', '0'], '--batch_size must be a positive integer'),
+    (['--batch_size', '1'], '--batch_size must be at least 2, got 1'),
+    (['--num_epochs', '0'], '--num_epochs must be a positive integer, got 0'),
+    (['--image_size', '0'], '--image_size must be at least 16'),
     (['--device', 'tpu'], "--device 'tpu'"),
 ])
 def test_bad_input_clear_message_results_untouched(dataset, tmp_path, extra, message):
@@ -246,6 +248,14 @@ def test_missing_data_dict_names_file(tmp_path):
         train.main(flags(tmp_path, tmp_path / 'results'))
     assert os.path.join(str(tmp_path), NAME, 'uncropped_data_dicts.pth') in str(err.value)
     assert 'data_utils.py' in str(err.value) and not (tmp_path / 'results').exists()
+
+
+def test_results_dir_that_is_a_file(dataset, tmp_path):
+    results = tmp_path / 'results'
+    results.write_bytes(b'not a folder')
+    with pytest.raises(UserError, match=f'--results_dir {results}: expected a folder, found a file'):
+        train.main(flags(dataset, results))
+    assert results.read_bytes() == b'not a folder'
 
 
 def test_unknown_backbone_is_an_argparse_error(dataset, tmp_path, capsys):
