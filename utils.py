@@ -155,7 +155,9 @@ def safe_load(path, what='file'):
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # a damaged file can fail anywhere inside the unpickler (KeyError, ...)
         text = str(err)
-        if isinstance(err, pickle.UnpicklingError) and 'Weights only load failed' in text:
+        # 'Unsupported operand' = a byte that is no pickle opcode: a damaged or non-PyTorch file, not code
+        if (isinstance(err, pickle.UnpicklingError) and 'Weights only load failed' in text
+                and 'nsupported operand' not in text):
             # torch names the offending global, e.g. 'Trying to load unsupported GLOBAL posix.system ...'
             culprit = next((line.strip() for line in text.splitlines() if 'nsupported' in line), '')
             raise UserError(f'refusing to load {path}: it is not a plain {what} (it holds objects other '

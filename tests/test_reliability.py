@@ -115,6 +115,11 @@ def test_damaged_checkpoint_clear_message(dataset, tmp_path):
         f.write(b'PK\x03\x04 not really a zip')
     with pytest.raises(UserError, match='damaged, truncated or not a PyTorch file'):
         train.main(flags(dataset, results, '--resume', out(results, 'checkpoint.pth')))
+    # a text file is damaged input, not code: its first byte ('#') is no pickle opcode
+    with open(out(results, 'checkpoint.pth'), 'w') as f:
+        f.write('# notes\n')
+    with pytest.raises(UserError, match='damaged, truncated or not a PyTorch file'):
+        utils.safe_load(out(results, 'checkpoint.pth'), 'checkpoint')
 
 
 def test_altered_checkpoint_contents_clear_message(dataset, reference, tmp_path):
