@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from model import BACKBONES, Model
-from utils import UserError, atomic_write_bytes, load_image, run_cli, safe_load, test_transform
+from utils import UserError, atomic_write_bytes, load_image, resolve_device, run_cli, safe_load, test_transform
 
 TILE = 224  # side of every written picture, as the original
 BORDER = 8  # width of the match (green) / mismatch (red) frame
@@ -41,21 +41,6 @@ def parse_args(argv=None):
     parser.add_argument('--device', default=None, type=str,
                         help='device that embeds a query image not in the database (default: cuda if there, else cpu)')
     return parser.parse_args(argv)
-
-
-def resolve_device(name):
-    """torch.device from the --device flag; CUDA by default when it is there."""
-    if name is None:
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f'--device {name!r} is not a device name; expected e.g. cpu, cuda or cuda:0') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'--device {name}: CUDA is not available on this machine; use --device cpu')
-    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f'--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)')
-    return device
 
 
 def resolve_database_path(name, results_dir):

@@ -5,7 +5,6 @@ database to results/, with a checkpoint each epoch so a killed run resumes where
 Single process: `python train.py ...`; several GPUs or nodes: `torchrun --nproc_per_node=N train.py ...`.
 """
 import argparse
-import copy
 import glob
 import io
 import math
@@ -359,6 +358,22 @@ def extract_features(model, loader, device, amp_dtype, dim, show_bar=True, desc=
     return utils.all_gather_rows(features).cpu()
 
 
+def extract_all(model, loaders, device, amp_dtype, dim, show_bar=True):
+    """Features of every evaluation split -> {split: CPU FloatTensor [N, dim]}."""
+    try:
+        return {split: extract_features(model, loader, device, amp_dtype, dim, show_bar=show_bar,
+                                        desc=f'Extracting {split} features')
+                for split, loader in loaders.items()}
+    except UserError as err:  # raised in a loader worker: keep the message, drop the worker traceback
+        raise UserError(utils.worker_error_message(err)) from None
+
+
+def metrics_text(metrics, recalls):
+    """'R@1 62.50% R@2 74.31% | MAP@R 18.20%' (percent, two decimals, as the original printed)."""
+    return (' '.join(f'R@{k} {100 * metrics[f"R@{k}"]:.2f}%' for k in recalls)
+            + f' | MAP@R {100 * metrics["MAP@R"]:.2f}%')
+
+
 def build_datasets(dicts, image_size, mean, std):
     """Training images get the random crop/flip, evaluation images the plain resize.
     -> (train set, {'test': set} or {'query': set, 'gallery': set})."""
@@ -590,7 +605,10 @@ def main(argv=None):
         check_writable(config['results_dir'])  # last check before any file is written
         remove_stale_temporaries(paths)
         print_config(config, device, world_size, amp_dtype)
-        params, flops = model_lib.count_params_flops(copy.deepcopy(model).cpu(), config['image_size'])
+        with torch.device('meta'):  # counts need shapes only: no weights copied, no real forward
+            shape_model = model_lib.Model(config['backbone_type'], config['feature_dim'], config['num_classes'],
+                                          branches=config['branches'])
+        params, flops = model_lib.count_params_flops(shape_model, config['image_size'])
         print(f'Params: {params / 1e6:.2f}M | FLOPs: {flops / 1e9:.2f}G '
               f'(at {config["image_size"]}x{config["image_size"]})', flush=True)
 
@@ -624,17 +642,10 @@ def main(argv=None):
     if args.eval_untrained and state is None:
         # a baseline to read the trained R@K against; nothing is saved, and every epoch reseeds
         # its RNGs, so the run that follows is the same with or without it
-        try:
-            features = {split: extract_features(model, loader, device, amp_dtype, dim, show_bar=main_process,
-                                                desc=f'Extracting {split} features')
-                        for split, loader in eval_loaders.items()}
-        except UserError as err:
-            raise UserError(utils.worker_error_message(err)) from None
+        features = extract_all(model, eval_loaders, device, amp_dtype, dim, show_bar=main_process)
         if main_process:
             metrics = retrieval_metrics(features, eval_labels, config['recalls'], device)
-            print('Before training | '
-                  + ' '.join(f'R@{k} {100 * metrics[f"R@{k}"]:.2f}%' for k in config['recalls'])
-                  + f' | MAP@R {100 * metrics["MAP@R"]:.2f}%', flush=True)
+            print(f'Before training | {metrics_text(metrics, config["recalls"])}', flush=True)
         utils.barrier()
 
     for epoch in range(start_epoch, config['num_epochs'] + 1):
@@ -643,12 +654,10 @@ def main(argv=None):
         try:
             stats = train_one_epoch(train_model, train_loader, criterion, optimizer, scaler, device, amp_dtype,
                                     epoch, config['num_epochs'], show_bar=main_process, faults=faults)
-            utils.broadcast_buffers(model)  # every shard embedded by the model rank 0 saves
-            features = {split: extract_features(model, loader, device, amp_dtype, dim, show_bar=main_process,
-                                                desc=f'Extracting {split} features')
-                        for split, loader in eval_loaders.items()}
         except UserError as err:  # raised in a loader worker: keep the message, drop the worker traceback
             raise UserError(utils.worker_error_message(err)) from None
+        utils.broadcast_buffers(model)  # every shard embedded by the model rank 0 saves
+        features = extract_all(model, eval_loaders, device, amp_dtype, dim, show_bar=main_process)
         scheduler.step()
 
         if main_process:
@@ -659,9 +668,7 @@ def main(argv=None):
             row['test_map@r'] = 100.0 * metrics['MAP@R']
             statistics.append(row)
             print(f'Epoch {epoch}/{config["num_epochs"]} | train loss {stats["loss"]:.4f} '
-                  f'acc {stats["accuracy"]:.2f}% | '
-                  + ' '.join(f'R@{k} {100 * metrics[f"R@{k}"]:.2f}%' for k in config['recalls'])
-                  + f' | MAP@R {100 * metrics["MAP@R"]:.2f}%', flush=True)
+                  f'acc {stats["accuracy"]:.2f}% | {metrics_text(metrics, config["recalls"])}', flush=True)
 
             # order matters for crash safety: the best files first, the checkpoint last, so a kill
             # anywhere in between repeats this epoch on resume and rewrites the same files; the

@@ -181,14 +181,8 @@ def safe_load(path, what='file'):
 # helper below is a no-op, so the same code runs on CPU, one GPU and many.
 
 
-def init_distributed(device_arg=None):
-    """Pick the device (`device_arg`, default CUDA when available) and join torchrun's process group.
-
-    Returns the torch.device this process works on: `cuda:LOCAL_RANK` under torchrun with CUDA.
-    """
-    import datetime
-    import torch.distributed as dist
-
+def resolve_device(device_arg=None):
+    """The --device flag as a torch.device (default CUDA when available); a bad name is a UserError."""
     if device_arg is None:
         device_arg = 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
@@ -199,10 +193,22 @@ def init_distributed(device_arg=None):
         raise UserError(f"--device {device_arg}: CUDA is not available on this machine; use --device cpu")
     if device.type not in ('cpu', 'cuda'):
         raise UserError(f"unsupported --device '{device_arg}': expected cpu, cuda or cuda:N")
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f'--device {device_arg}: only {torch.cuda.device_count()} CUDA device(s) here')
+    return device
+
+
+def init_distributed(device_arg=None):
+    """Pick the device (`device_arg`, default CUDA when available) and join torchrun's process group.
+
+    Returns the torch.device this process works on: `cuda:LOCAL_RANK` under torchrun with CUDA.
+    """
+    import datetime
+    import torch.distributed as dist
+
+    device = resolve_device(device_arg)
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or 'RANK' not in os.environ:
         if device.type == 'cuda' and device.index is not None:
-            if device.index >= torch.cuda.device_count():
-                raise UserError(f'--device {device_arg}: only {torch.cuda.device_count()} CUDA device(s) here')
             # make it the current device: bf16 support, pinned memory and RNG calls then refer to it,
             # and no CUDA context is opened on GPU 0 as well
             torch.cuda.set_device(device)
