@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from utils import UserError, run_cli, safe_load
+from utils import UserError, load_state_dict_strict, run_cli, safe_load
 
 # ----------------------------------------------------------------------------------------------
 # backbones: stem + layer1..layer4, no avgpool/fc; stage 3 (layer3) keeps its input resolution
@@ -177,28 +177,12 @@ def adapt_state_dict(state_dict, backbone_type):
 
 
 def load_backbone_weights(backbone, state_dict, backbone_type, source):
-    """Copy every backbone tensor from `state_dict`; any missing, unexpected or mis-shaped tensor
-    is a UserError naming `source` (the file) and the tensors."""
-    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise UserError(f'{source}: expected a state dict (parameter name -> tensor) of an ImageNet '
-                        f'{backbone_type}, found {type(state_dict).__name__} holding other objects')
-    given = adapt_state_dict(state_dict, backbone_type)
-    expected = backbone.state_dict()
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    mismatched = [f'{k} {tuple(given[k].shape)} (expected {tuple(v.shape)})'
-                  for k, v in expected.items() if k in given and given[k].shape != v.shape]
-
-    def listing(label, names):
-        more = f' and {len(names) - 8} more' if len(names) > 8 else ''
-        return f'{len(names)} {label}: {", ".join(names[:8])}{more}' if names else ''
-
-    problems = [p for p in (listing('missing', missing), listing('unexpected', unexpected),
-                            listing('with the wrong shape', mismatched)) if p]
-    if problems:
-        raise UserError(f'{source} does not hold ImageNet weights of a {backbone_type} ('
-                        + '; '.join(problems) + ')')
-    backbone.load_state_dict(given, strict=True)
+    """Copy every backbone tensor from an ImageNet `state_dict` (renamed, classifier dropped); any
+    missing, unexpected or mis-shaped tensor is a UserError naming `source` and the tensors."""
+    what = f'ImageNet weights of a {backbone_type}'
+    if not isinstance(state_dict, dict):
+        raise UserError(f'{source} does not hold {what}: found a {type(state_dict).__name__}')
+    load_state_dict_strict(backbone, adapt_state_dict(state_dict, backbone_type), source, what)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """Shared pieces of CLF: errors and safe files, distributed helpers, image lists and transforms,
 the training loss and the retrieval metrics."""
-import errno
+import glob
+import hashlib
 import io
 import math
 import os
-import pickle
-import signal
+import random
 import sys
 import tempfile
 import warnings
@@ -24,95 +24,72 @@ class UserError(Exception):
     """A mistake the user can fix (bad flag, missing or unreadable file); printed without traceback."""
 
 
-def run_cli(main, *args, **kwargs):
-    """Run a script's main(); a UserError becomes one 'error: ...' line on stderr and exit status 1."""
+def run_cli(main, interrupted='stopped at once; files already written are intact'):
+    """Run a script's main(); a UserError becomes one 'error: ...' line on stderr and exit status 1,
+    Ctrl-C one 'interrupted: ...' line and status 130. Under torchrun one process speaks: the
+    others stay quiet about errors found before the process group started (every process finds
+    those) and prefix later ones with their rank."""
+    rank = int(os.environ.get('RANK', '0'))
     try:
-        return main(*args, **kwargs)
+        return main()
     except UserError as err:
-        print(f'error: {err}', file=sys.stderr, flush=True)
+        if rank == 0 or is_distributed():
+            print(f'{f"[rank {rank}] " if rank else ""}error: {err}', file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        print('interrupted: stopped at once; files already written are intact', file=sys.stderr, flush=True)
+        if rank == 0:
+            print(f'interrupted: {interrupted}', file=sys.stderr, flush=True)
         sys.exit(130)
 
 
-# Test-only fault injection. CLF_FAULT holds comma-separated faults; the file-writing ones act here,
-# the training ones in train.py:
-#   kill-write:NAME:N   SIGKILL this process halfway through its N-th atomic write of a file whose
-#                       name contains NAME (the temporary file is half written, the target untouched)
-#   fail-write:NAME:N   that write fails as if the disk were full
-#   nan:E:S, kill:E:S, interrupt:E:S   (train.py) the loss of step S of epoch E is NaN / SIGKILL /
-#                       SIGINT after that step
-# Unset in normal use; nothing here changes behaviour when it is unset.
-FAULT_ENV = 'CLF_FAULT'
-_fault_write_counts = {}  # (CLF_FAULT value, kind, NAME) -> matching writes so far in this process
+def check_int(name, value, low, high):
+    """A flag's integer within [low, high], else a UserError naming the flag and the range."""
+    if not low <= value <= high:
+        raise UserError(f'{name} must be between {low} and {high}, got {value}')
+    return value
 
 
-def faults(kind):
-    """The argument lists of the CLF_FAULT entries of `kind`, e.g. faults('nan') -> [['2', '1']]."""
-    found = []
-    for entry in os.environ.get(FAULT_ENV, '').split(','):
-        parts = entry.strip().split(':')
-        if parts[0] == kind:
-            found.append(parts[1:])
-    return found
-
-
-def _write_fault(path):
-    """'kill' or 'fail' when a CLF_FAULT write fault targets this write of `path`, else None."""
-    for kind in ('kill-write', 'fail-write'):
-        for name, n in faults(kind):
-            if name in os.path.basename(path):
-                key = (os.environ.get(FAULT_ENV), kind, name)  # a new CLF_FAULT value counts afresh
-                _fault_write_counts[key] = _fault_write_counts.get(key, 0) + 1
-                if _fault_write_counts[key] == int(n):
-                    return kind.split('-')[0]
-    return None
-
-
-def _file_mode():
-    """Permissions a plain open() would give a new file (mkstemp's are 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
+def file_mode():
+    """Permissions a plain open() gives a new file (mkstemp's are 0600). The umask is read from
+    /proc, never set: setting it, even briefly, changes it for every thread of the process."""
+    try:
+        with open('/proc/self/status') as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
+    except (OSError, StopIteration, ValueError):  # not Linux: the only portable way sets and restores it
+        umask = os.umask(0o022)
+        os.umask(umask)
     return 0o666 & ~umask
 
 
-def atomic_write_bytes(data, path):
-    """Write bytes to `path` so that readers see either the old file or the whole new one, never a part."""
-    atomic_write_group([(data, path)])
-
-
-def atomic_write_group(items):
-    """Write several [(bytes, path)] files that belong together (a model and its feature database):
-    every temporary file is written and synced first, then all are renamed in one quick pass, so a
-    crash while writing leaves all the old files, never a new one beside an old one."""
-    pending = []  # (temporary file, path), in the order given
-    path = None
+def write_temporary(data, path):
+    """Write bytes to a new hidden temporary file beside `path`, synced to disk -> its name."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
     try:
-        for data, path in items:
-            path = os.fspath(path)
-            folder = os.path.dirname(os.path.abspath(path))
-            os.makedirs(folder, exist_ok=True)
-            fault = _write_fault(path)
-            fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-            pending.append((tmp, path))
-            with os.fdopen(fd, 'wb') as f:
-                if fault == 'fail':
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                if fault == 'kill':  # die with a half-written temporary file, as a pre-emption would
-                    f.write(data[:len(data) // 2])
-                    f.flush()
-                    os.fsync(f.fileno())
-                    os.kill(os.getpid(), signal.SIGKILL)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, _file_mode())
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
+    except BaseException:
+        os.remove(tmp)
+        raise
+    return tmp
+
+
+def atomic_write(files):
+    """Write {path: bytes} so that readers see either the old files or all the new ones, never a
+    part: every temporary file is written and synced first, then all are renamed in one quick pass
+    (a model and its database are replaced together). A failure is a UserError; nothing changed."""
+    pending, path = [], None  # [(temporary file, path)]
+    try:
+        for path, data in files.items():
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            pending.append((write_temporary(data, path), path))
         while pending:
-            tmp, path = pending[0]
-            os.replace(tmp, path)
+            os.replace(*pending[0])
             pending.pop(0)
-        for folder in {os.path.dirname(os.path.abspath(os.fspath(p))) for _, p in items}:
+        for folder in {os.path.dirname(os.path.abspath(p)) for p in files}:
             try:  # make the renames durable; not every filesystem allows fsync on a folder
                 dir_fd = os.open(folder, os.O_RDONLY)
                 try:
@@ -130,48 +107,203 @@ def atomic_write_group(items):
                 os.remove(tmp)
 
 
-def _torch_bytes(obj):
+def torch_bytes(obj):
+    """What torch.save writes for `obj`, as bytes."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
 
 
-def atomic_save(obj, path):
-    """torch.save `obj` to `path` atomically (temporary file in the same folder, fsync, rename)."""
-    atomic_write_group([(_torch_bytes(obj), path)])
+def remove_temporaries(paths):
+    """Delete the hidden temporary files that a killed atomic_write of these paths left behind."""
+    for path in paths:
+        folder, name = os.path.split(os.path.abspath(path))
+        for tmp in glob.glob(os.path.join(glob.escape(folder), '.' + glob.escape(name) + '.*.tmp')):
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
 
 
-def atomic_save_group(items):
-    """torch.save several [(obj, path)] together: see atomic_write_group."""
-    atomic_write_group([(_torch_bytes(obj), path) for obj, path in items])
+def read_bytes(path, what='file'):
+    """The bytes of a regular file; a missing file, a folder, a pipe or a device is a UserError."""
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        raise UserError(f'{what} not found: {path}')
+    if not os.path.isfile(path):
+        raise UserError(f'{what} {path} is not a regular file (a folder, pipe or device?)')
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except OSError as err:
+        raise UserError(f'cannot read {what} {path}: {err.strerror or err}') from None
+
+
+def load_bytes(data, path, what='file'):
+    """torch.load of a file's bytes with weights_only=True: tensors and plain containers, never code.
+    The format is checked first: a torch zip file (b'PK'), or torch's pre-1.6 format (pickle
+    protocol 2 then a long-int magic number); a bare pickle is refused without being opened."""
+    if data[:4] not in (b'PK\x03\x04', b'\x80\x02\x8a\x0a'):
+        if data[:1] == b'\x80':  # a pickle protocol marker
+            raise UserError(f'refusing to load {path}: it is a bare Python pickle, not a tensor file written '
+                            f'by torch.save (nothing from it was run)')
+        raise UserError(f'cannot read {what} {path}: not a PyTorch file (damaged, truncated or another format)')
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    except Exception:  # a damaged file can fail anywhere inside the unpickler (KeyError, ...)
+        unsafe = []
+        if data[:2] == b'PK':
+            try:  # the globals it would need beyond tensors and plain containers
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
+            except Exception:  # noqa: BLE001 - a damaged zip: reported below
+                pass
+        if unsafe:
+            raise UserError(f'refusing to load {path}: it is not a plain {what} (it holds objects other than '
+                            f'tensors and plain containers, which could run code on load; nothing from it was '
+                            f'run): {", ".join(unsafe[:5])}') from None
+        raise UserError(f'cannot read {what} {path}: the file is damaged or truncated') from None
 
 
 def safe_load(path, what='file'):
-    """torch.load with weights_only=True: tensors and plain containers only, never arbitrary code."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f'{what} not found: {path}')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # a damaged file can fail anywhere inside the unpickler (KeyError, ...)
-        text = str(err)
-        # 'Unsupported operand' = a byte that is no pickle opcode: a damaged or non-PyTorch file, not code
-        if (isinstance(err, pickle.UnpicklingError) and 'Weights only load failed' in text
-                and 'nsupported operand' not in text):
-            # torch names the offending global, e.g. 'Trying to load unsupported GLOBAL posix.system ...'
-            culprit = next((line.strip() for line in text.splitlines() if 'nsupported' in line), '')
-            raise UserError(f'refusing to load {path}: it is not a plain {what} (it holds objects other '
-                            f'than tensors and plain containers, which could run code on load; nothing '
-                            f'from it was run){": " + culprit[:200] if culprit else ""}') from None
-        if isinstance(err, OSError):
-            raise UserError(f'cannot read {what} {path}: {err.strerror or err}') from None
-        # a KeyError's text is just the stray byte it met (e.g. '101'): no help to anyone; of torch's
-        # zip errors the first sentence says it, the rest is advice about other causes
-        detail = '' if isinstance(err, KeyError) or not text.strip() else \
-            f' ({text.splitlines()[0].split(". ")[0][:200]})'
-        raise UserError(f'cannot read {what} {path}: the file is damaged, truncated or not a PyTorch '
-                        f'file{detail}') from None
+    """Read and torch.load a file safely (see load_bytes)."""
+    return load_bytes(read_bytes(path, what), os.fspath(path), what)
 
+
+def load_state_dict_strict(module, state, source, what='weights of this model'):
+    """Load `state` into `module` strictly; missing, unexpected or mis-shaped tensors are a
+    UserError saying that `source` does not hold `what`, listing up to 8 of each kind."""
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f'{source} does not hold {what}: expected a state dict (parameter name -> tensor)')
+    expected = module.state_dict()
+    problems = {'missing': [k for k in expected if k not in state],
+                'unexpected': [k for k in state if k not in expected],
+                'with the wrong shape': [f'{k} {list(state[k].shape)} (expected {list(v.shape)})'
+                                         for k, v in expected.items() if k in state and state[k].shape != v.shape]}
+    listed = [f'{len(names)} {kind}: {", ".join(names[:8])}{f" and {len(names) - 8} more" if len(names) > 8 else ""}'
+              for kind, names in problems.items() if names]
+    if listed:
+        raise UserError(f'{source} does not hold {what} ({"; ".join(listed)})')
+    module.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the feature database train.py writes and test.py searches
+# ----------------------------------------------------------------------------------------------
+# {'test_images': [paths], 'test_labels': [str], 'test_features': [N, D] float, (query/gallery
+#  data: the query split under test_*, and gallery_images, gallery_labels, gallery_features),
+#  'config': {DATABASE_CONFIG}}. model_sha256 ties it to the model file written with it.
+DATABASE_CONFIG = ('backbone_type', 'feature_dim', 'branches', 'num_classes', 'image_size', 'mean', 'std',
+                   'data_name', 'crop_type', 'model_file', 'model_sha256')
+
+
+def save_model_and_database(state_dict, database, model_path, database_path):
+    """Write a model's state dict and its feature database together (atomic_write), the database
+    recording the model file's name and SHA-256."""
+    model_bytes = torch_bytes(state_dict)
+    config = dict(database['config'], model_file=os.path.basename(model_path),
+                  model_sha256=hashlib.sha256(model_bytes).hexdigest())
+    atomic_write({model_path: model_bytes, database_path: torch_bytes(dict(database, config=config))})
+
+
+def _database_error(path, problem):
+    return UserError(f'{path} is not a usable CLF feature database: {problem} (expected the '
+                     f'..._data_base.pth that train.py writes)')
+
+
+def load_database(path):
+    """Read and check a feature database -> (database, query/gallery or not). Labels become str."""
+    db = safe_load(path, 'feature database')
+    if not isinstance(db, dict):
+        raise _database_error(path, f'it holds a {type(db).__name__}, not a dict')
+    isc = any(k.startswith('gallery_') for k in db)
+    splits = ('test', 'gallery') if isc else ('test',)
+    missing = [f'{s}_{k}' for s in splits for k in ('images', 'labels', 'features') if f'{s}_{k}' not in db]
+    config = db.get('config')
+    missing += ['config'] if not isinstance(config, dict) else [k for k in DATABASE_CONFIG if k not in config]
+    if missing:
+        raise _database_error(path, f'missing {", ".join(missing)}')
+    for key in ('feature_dim', 'num_classes', 'image_size'):
+        if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] <= 0:
+            raise _database_error(path, f'config {key} must be a positive integer, got {config[key]!r}')
+    for key in ('mean', 'std'):
+        values = list(config[key]) if isinstance(config[key], (list, tuple)) else []
+        if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values) \
+                or (key == 'std' and min(values) <= 0):
+            raise _database_error(path, f'config {key} must be three numbers (std positive), got {config[key]!r}')
+    dim = len(str(config['branches'])) * config['feature_dim']  # one feature_dim block per branch
+    for split in splits:
+        images, labels, features = (db[f'{split}_{k}'] for k in ('images', 'labels', 'features'))
+        if not isinstance(images, (list, tuple)) or not all(isinstance(p, str) for p in images) or \
+                not isinstance(labels, (list, tuple)) or not all(isinstance(v, (str, int)) for v in labels):
+            raise _database_error(path, f'{split}_images and {split}_labels must be lists of paths and labels')
+        if not torch.is_tensor(features) or not features.is_floating_point() or features.dim() != 2 \
+                or features.shape[1] != dim:
+            raise _database_error(path, f'{split}_features must be a float tensor [N, {dim}] (branches '
+                                        f'{config["branches"]} x feature_dim {config["feature_dim"]})')
+        if not len(images) == len(labels) == len(features) or not images:
+            raise _database_error(path, f'{split}_images, _labels and _features must have the same non-zero '
+                                        f'length, got {len(images)}, {len(labels)} and {len(features)}')
+        if not torch.isfinite(features).all() or not (features.norm(dim=1) > 0).all():
+            raise _database_error(path, f'{split}_features hold NaN, infinite or all-zero vectors (from a '
+                                        f'diverged model?)')
+        db[f'{split}_labels'] = [str(v) for v in labels]
+    return db, isc
+
+
+def read_model_state(db, db_path):
+    """The state dict of the model file a database was written with (beside the database), checked
+    against the SHA-256 the database recorded -> (state dict, model file path)."""
+    model_path = os.path.join(os.path.dirname(db_path), os.path.basename(str(db['config']['model_file'])))
+    data = read_bytes(model_path, 'model file')
+    if hashlib.sha256(data).hexdigest() != db['config']['model_sha256']:
+        raise UserError(f'the model file {model_path} is not the one the database {db_path} was written '
+                        f'with (its SHA-256 differs); use the database and model file of the same training run')
+    return load_bytes(data, model_path, 'model file'), model_path
+
+
+# ----------------------------------------------------------------------------------------------
+# reproducibility: every random draw of epoch e depends only on (seed, e), never on what ran before
+# ----------------------------------------------------------------------------------------------
+
+
+def derive_seed(*parts):
+    """Mix integers into one 63-bit seed (SplitMix64 steps), so nearby inputs give unrelated seeds."""
+    x = 0x9E3779B97F4A7C15
+    for part in parts:
+        x = (x ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return x >> 1
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """RNG states of Python, NumPy and torch (CPU and CUDA) as tensors and lists (weights_only-loadable)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        'python': [version, list(internal), gauss],
+        'numpy': [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        'torch': torch.get_rng_state(),
+        # only when CUDA is in use: asking would otherwise start a CUDA context for a CPU run
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+
+
+def set_rng_state(state):
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,24 +456,22 @@ def all_reduce_sum(values, device):
 # ----------------------------------------------------------------------------------------------
 
 
-def load_image(path, draft_size=None):
-    """Open and fully decode an image as RGB. `draft_size=(w, h)` lets a JPEG decode at 1/2, 1/4
-    or 1/8 scale, never below that size (the DCT does the downscaling almost for free)."""
+def load_image(path):
+    """Open and fully decode an image as RGB (PIL); an unreadable file is a UserError naming it."""
     path = os.fspath(path)
     try:
         with Image.open(path) as img:
-            if draft_size is not None and img.format == 'JPEG':
-                img.draft('RGB', (int(draft_size[0]), int(draft_size[1])))
             img.load()  # decode now, inside the try, so a damaged file fails here and not later
             return _to_rgb(img)
     except FileNotFoundError:
         raise UserError(f'image not found: {path}') from None
+    except IsADirectoryError:
+        raise UserError(f'{path} is a folder, not an image file') from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        if isinstance(err, OSError) and err.errno is not None:  # the OS refused (a folder, permissions, I/O)
+        if isinstance(err, OSError) and err.errno is not None:  # the OS refused (permissions, I/O)
             raise UserError(f'cannot read image {path}: {err.strerror or err}') from None
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise UserError(f'cannot decode image {path}: {reason} (the file is damaged, not an image, '
-                        f'or changed after preprocessing; replace it or re-run data_utils.py)') from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f'cannot decode image {path}: {reason} (damaged, or not an image)') from None
 
 
 def _to_rgb(img):
@@ -363,55 +493,37 @@ def _to_rgb(img):
     return img.convert('RGB')  # L, 1, CMYK (PIL undoes Adobe's inverted CMYK JPEGs), YCbCr, LAB, P
 
 
-def load_image_uint8(path, draft_size=None):
-    """Like load_image, but -> uint8 tensor [3, H, W] (a channels-last view of [H, W, 3] pixels).
-    JPEGs that draft mode cannot shrink by 2 or more are decoded by torchvision (libjpeg-turbo
-    on the whole file at once, no PIL copies: ~25 % faster than PIL, same pixels); anything else,
-    and any file torchvision refuses, goes through PIL, which decides and names the error."""
+def load_image_uint8(path):
+    """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels). Plain
+    JPEGs go through torchvision's libjpeg-turbo (whole file at once, ~25 % faster than PIL, same
+    pixels); anything else, and any file it refuses, through PIL, which names the error."""
     path = os.fspath(path)
     try:
-        with Image.open(path) as img:
-            plain_jpeg = img.format == 'JPEG' and img.mode in ('RGB', 'L')  # YCbCr or grey, not CMYK
-            if plain_jpeg and draft_size is not None and \
-                    min(img.size[0] // int(draft_size[0]), img.size[1] // int(draft_size[1])) >= 2:
-                img.draft('RGB', (int(draft_size[0]), int(draft_size[1])))
-                img.load()
-                return _image_to_uint8(_to_rgb(img))
-    except Exception:  # noqa: BLE001 - load_image below reports it properly
-        plain_jpeg = False
-    if plain_jpeg:
-        try:
-            with open(path, 'rb') as f:
-                data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        with open(path, 'rb') as f:
+            data = f.read()
+        if data[:3] == b'\xff\xd8\xff' and b'Adobe' not in data[:4096]:  # JPEG, not an Adobe CMYK one
             with warnings.catch_warnings():  # torchvision 0.29 announces its decoders move to torchcodec
                 warnings.simplefilter('ignore', DeprecationWarning)
                 from torchvision.io import ImageReadMode, decode_jpeg
-                return decode_jpeg(data, mode=ImageReadMode.RGB)  # [3, H, W], strides (1, 3W, 3)
-        except (ImportError, RuntimeError, OSError, ValueError):
-            pass  # a later torchvision without it, or a file it refuses: PIL below
-    return _image_to_uint8(load_image(path, draft_size))
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (ImportError, RuntimeError, OSError, ValueError):
+        pass  # a later torchvision without it, a file it refuses, or one the OS refuses: PIL below
+    return torch.from_numpy(np.array(load_image(path), dtype=np.uint8)).permute(2, 0, 1)
 
 
-def _image_to_uint8(img):
-    """PIL RGB (or a uint8 tensor [3, H, W]) -> uint8 tensor [3, H, W] (a channels-last view of the
-    [H, W, 3] pixels: no transpose copy, and torch's uint8 resize is fastest on that layout)."""
-    if isinstance(img, torch.Tensor):
-        return img
-    if img.mode != 'RGB':
-        img = _to_rgb(img)
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-
-
-def _resize_uint8(x, size):
-    """[3, H, W] uint8 -> [3, h, w] uint8, bilinear with antialiasing (matches PIL's BILINEAR to +-1)."""
-    if tuple(x.shape[-2:]) == tuple(size):
+def resize_uint8(x, side):
+    """[..., 3, H, W] uint8 -> [..., 3, side, side] uint8, bilinear with antialiasing (PIL's
+    BILINEAR to +-1 grey level), computed in torch on the uint8 pixels."""
+    if tuple(x.shape[-2:]) == (side, side):
         return x
-    return torch.nn.functional.interpolate(x[None], size=size, mode='bilinear', antialias=True,
-                                           align_corners=False)[0]
+    batch = x if x.dim() == 4 else x[None]
+    out = torch.nn.functional.interpolate(batch, size=(side, side), mode='bilinear', antialias=True,
+                                          align_corners=False)
+    return out if x.dim() == 4 else out[0]
 
 
-class _Normalize:
-    """uint8 [3, H, W] -> float32 [3, H, W] as (x / 255 - mean) / std in one fused pass."""
+class Normalize:
+    """uint8 [..., 3, H, W] -> float32 as (x / 255 - mean) / std in one fused pass, on x's device."""
 
     def __init__(self, mean, std):
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
@@ -423,109 +535,100 @@ class _Normalize:
         self.shift = (-mean64 / std64).float()        # [3, 1, 1]
 
     def __call__(self, x):
-        out = torch.empty(x.shape, dtype=torch.float32)  # contiguous whatever the layout of x
-        return torch.addcmul(self.shift, x, self.scale, out=out)  # shift + x * scale: [3, H, W]
+        shift, scale = self.shift.to(x.device), self.scale.to(x.device)
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # contiguous whatever x's layout
+        return torch.addcmul(shift, x, scale, out=out)  # shift + x * scale
+
+
+def crop_flip_draws(resize_side, side, generator=None):
+    """The random crop offsets and flip of one training image, drawn in torchvision's order
+    (RandomCrop's i, j, then RandomHorizontalFlip) -> (i, j, flip)."""
+    room = resize_side - side + 1
+    i = int(torch.randint(0, room, (1,), generator=generator)) if room > 1 else 0
+    j = int(torch.randint(0, room, (1,), generator=generator)) if room > 1 else 0
+    return i, j, bool(torch.rand(1, generator=generator) < 0.5)
 
 
 class TrainTransform:
     """Resize((r, r)) -> RandomCrop(s) -> RandomHorizontalFlip -> ToTensor -> Normalize, r = round(8s/7),
-    computed on uint8 with torch's fast resize and one fused normalisation. Random draws come from
-    torch's RNG in the same order as torchvision's, so a seed gives the same crops and flips."""
+    on uint8 with one fused normalisation; draws from torch's default generator (crop_flip_draws)."""
 
     def __init__(self, image_size, mean, std):
-        self.image_size = int(image_size)
-        self.resize_size = int(round(self.image_size * 8 / 7))
-        self.draft_size = (self.resize_size, self.resize_size)  # read by ImageListDataset
-        self.accepts_uint8_tensor = True
-        self.normalize = _Normalize(mean, std)
+        self.image_size, self.resize_size = int(image_size), int(round(image_size * 8 / 7))
+        self.normalize = Normalize(mean, std)
 
-    def __call__(self, img):
-        s, r = self.image_size, self.resize_size
-        x = _resize_uint8(_image_to_uint8(img), (r, r))  # [3, r, r]
-        i = torch.randint(0, r - s + 1, size=(1,)).item() if r > s else 0
-        j = torch.randint(0, r - s + 1, size=(1,)).item() if r > s else 0
-        x = x[:, i:i + s, j:j + s]  # [3, s, s] view
-        if torch.rand(1) < 0.5:
-            x = x.flip(-1)
-        return self.normalize(x)
-
-    def __repr__(self):
-        return (f'TrainTransform(resize=({self.resize_size}, {self.resize_size}), crop={self.image_size}, '
-                f'hflip=0.5, mean={self.normalize.mean}, std={self.normalize.std})')
+    def __call__(self, x):
+        s = self.image_size
+        i, j, flip = crop_flip_draws(self.resize_size, s)
+        x = resize_uint8(x, self.resize_size)[:, i:i + s, j:j + s]  # [3, s, s] view
+        return self.normalize(x.flip(-1) if flip else x)
 
 
-class TestTransform:
+class EvalTransform:
     """Resize((s, s)) -> ToTensor -> Normalize, on uint8 with one fused normalisation."""
 
     def __init__(self, image_size, mean, std):
-        self.image_size = int(image_size)
-        self.draft_size = None  # full decode: database and query embeddings must see the same pixels
-        self.accepts_uint8_tensor = True
-        self.normalize = _Normalize(mean, std)
+        self.image_size, self.resize_size = int(image_size), int(image_size)
+        self.normalize = Normalize(mean, std)
 
-    def __call__(self, img):
-        s = self.image_size
-        return self.normalize(_resize_uint8(_image_to_uint8(img), (s, s)))
-
-    def __repr__(self):
-        return (f'TestTransform(resize=({self.image_size}, {self.image_size}), '
-                f'mean={self.normalize.mean}, std={self.normalize.std})')
+    def __call__(self, x):
+        return self.normalize(resize_uint8(x, self.image_size))
 
 
 def train_transform(image_size, mean, std):
-    """The training transform (random crop of a round(8s/7) resize, flip, normalise) -> [3, s, s]."""
+    """The training transform of a uint8 [3, H, W] image (random crop of a round(8s/7) resize, flip,
+    normalise) -> float [3, s, s]."""
     return TrainTransform(image_size, mean, std)
 
 
 def test_transform(image_size, mean, std):
-    """The evaluation transform (resize to s x s, normalise) -> [3, s, s]."""
-    return TestTransform(image_size, mean, std)
-
-
-# not tests, whatever their names: pytest must not collect them where a test file imports them
-test_transform.__test__ = False
-TestTransform.__test__ = False
-
-
-def original_train_transform(image_size, mean, std):
-    """The original's torchvision pipeline, kept for the speed and statistics comparison."""
-    from torchvision import transforms
-    r = int(round(image_size * 8 / 7))
-    return transforms.Compose([transforms.Resize((r, r)), transforms.RandomCrop(image_size),
-                               transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                               transforms.Normalize(mean, std)])
-
-
-def original_test_transform(image_size, mean, std):
-    """The original's torchvision evaluation pipeline."""
-    from torchvision import transforms
-    return transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor(),
-                               transforms.Normalize(mean, std)])
+    """The evaluation transform of a uint8 [3, H, W] image (resize to s x s, normalise) -> float [3, s, s]."""
+    return EvalTransform(image_size, mean, std)
 
 
 class ImageListDataset(torch.utils.data.Dataset):
-    """Images of a data-dict split {label: [paths]}; targets index the sorted labels."""
+    """Images of a data-dict split {label: [paths]}; targets index the sorted labels. Item `index`
+    or (index, seed): the seed fixes the transform's random draws (see SeededSampler)."""
 
     def __init__(self, data_dict_split, transform):
         self.classes = sorted(data_dict_split)
-        self.class_to_idx = {label: k for k, label in enumerate(self.classes)}
         self.images, self.labels, self.targets = [], [], []
         for label, paths in data_dict_split.items():
             self.images += [os.fspath(p) for p in paths]
             self.labels += [label] * len(paths)
-            self.targets += [self.class_to_idx[label]] * len(paths)
+            self.targets += [self.classes.index(label)] * len(paths)
         self.transform = transform
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, index):
-        draft_size = getattr(self.transform, 'draft_size', None)
-        if getattr(self.transform, 'accepts_uint8_tensor', False):  # the project's transforms
-            img = load_image_uint8(self.images[index], draft_size)
-        else:  # any other transform gets what torchvision transforms expect: a PIL image
-            img = load_image(self.images[index], draft_size)
-        return self.transform(img), self.targets[index]
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)  # CPU generator only: safe in forked workers
+        return self.transform(load_image_uint8(self.images[index])), self.targets[index]
+
+
+class SeededSampler(torch.utils.data.Sampler):
+    """Shuffles like DistributedSampler (order from seed + epoch; this rank's share) and hands each
+    index out with its own seed derive_seed(seed, epoch, index), so an image's crop and flip in an
+    epoch are the same whatever the worker count, the process that loads it, or the cache."""
+
+    def __init__(self, dataset, seed, num_replicas=1, rank=0):
+        self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
+                                                           shuffle=True, seed=seed)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        for index in self.sampler:
+            yield index, derive_seed(self.seed, self.epoch, index)
+
+    def __len__(self):
+        return len(self.sampler)
 
 
 def default_num_workers():
@@ -535,28 +638,117 @@ def default_num_workers():
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    local_processes = max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
-    per_process = cpus // local_processes
+    per_process = cpus // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
     return 0 if per_process <= 1 else min(8, per_process)
 
 
-def loader_kwargs(num_workers, device):
-    """DataLoader settings: pinned memory for CUDA copies, workers kept alive between epochs."""
-    device = torch.device(device)
-    kwargs = {'num_workers': num_workers, 'pin_memory': device.type == 'cuda'}
-    if num_workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=4)
-    return kwargs
-
-
 def worker_error_message(err):
-    """The one-line message of a UserError (or its text) raised inside a DataLoader worker (the
-    loader re-raises it in the main process with the worker's traceback glued in front)."""
+    """The one-line message of a UserError raised inside a DataLoader worker (the loader re-raises it
+    in the main process with the worker's traceback glued in front)."""
     text = str(err).strip()
-    if 'DataLoader worker' not in text:
-        return text
-    last = text.splitlines()[-1]
-    return last.split('UserError: ', 1)[-1]
+    return text.splitlines()[-1].split('UserError: ', 1)[-1] if 'DataLoader worker' in text else text
+
+
+# ----------------------------------------------------------------------------------------------
+# decode-once image cache
+# ----------------------------------------------------------------------------------------------
+# Decoding and resizing a JPEG costs far more than a training step's share of the GPU; the
+# recipe's inputs are fixed-size resizes of fixed files, so they are decoded once, at full
+# resolution, and kept as one uint8 tensor [N, 3, side, side]: on the GPU when it fits in
+# CACHE_GPU_SHARE of the free GPU memory, else in host memory when it fits in CACHE_RAM_SHARE of
+# the available RAM. Under torchrun one process per node decodes into shared memory (/dev/shm)
+# and the others map the same pages.
+CACHE_GPU_SHARE, CACHE_RAM_SHARE = 0.4, 0.4
+CACHE_CHOICES = ('auto', 'gpu', 'ram', 'off')
+
+
+def available_ram():
+    """Bytes of memory available for new allocations (MemAvailable), or None when unknown."""
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def cache_place(choice, nbytes, device):
+    """Where a cache of `nbytes` goes for --cache `choice`: 'gpu', 'ram' or None (the loader)."""
+    gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == 'cuda' else 0
+    ram = available_ram()
+    fits = {'gpu': nbytes <= CACHE_GPU_SHARE * gpu_free,
+            'ram': ram is None or nbytes <= CACHE_RAM_SHARE * ram}
+    if choice == 'auto':
+        return 'gpu' if fits['gpu'] else 'ram' if fits['ram'] else None
+    if choice in fits and not fits[choice]:
+        where = f'{CACHE_GPU_SHARE:.0%} of the free memory of {device}' if choice == 'gpu' else \
+            f'{CACHE_RAM_SHARE:.0%} of the available RAM'
+        raise UserError(f'--cache {choice}: the decoded images take {nbytes / 2 ** 30:.2f} GiB, more than '
+                        f'{where}; use --cache auto or off, or a smaller --image_size')
+    return None if choice == 'off' else choice
+
+
+def _decode_into(out, paths, side, desc, show_bar):
+    """Decode and resize every image into out[k] (uint8 [N, 3, side, side]) with a thread per core
+    (the decoders and torch's resize release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from tqdm import tqdm
+
+    def one(k):
+        out[k] = resize_uint8(load_image_uint8(paths[k]), side)
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # parallel over images, not inside each resize
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(tqdm(pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit='img',
+                      disable=not show_bar, leave=False))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def build_cache(paths, side, place, device, key, show_bar=True):
+    """uint8 [N, 3, side, side] of the images at `paths`, decoded once per node: on `device` for
+    place 'gpu', in host memory for 'ram'. `key` names the /dev/shm file under torchrun."""
+    shape = (len(paths), 3, side, side)
+    if not is_distributed():
+        host = torch.empty(shape, dtype=torch.uint8)
+        _decode_into(host, paths, side, f'Decoding {len(paths)} images once', show_bar)
+    else:
+        import torch.distributed as dist
+        shm = os.path.join('/dev/shm', f'clf-cache-{key}-{os.environ.get("TORCHELASTIC_RUN_ID", "run")}.u8')
+        local_main = int(os.environ.get('LOCAL_RANK', '0')) == 0
+        try:
+            if local_main:
+                host = torch.from_file(shm, shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)
+                _decode_into(host, paths, side, f'Decoding {len(paths)} images once', show_bar)
+            dist.barrier()  # decoded: the node's other processes map the same pages
+            if not local_main:
+                host = torch.from_file(shm, shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)
+            dist.barrier()  # everyone has it mapped: the name can go, the pages stay while mapped
+        finally:
+            if local_main and os.path.exists(shm):
+                os.remove(shm)
+    return host.to(device) if place == 'gpu' else host
+
+
+def crop_flip_batch(cache, indices, draws, side):
+    """Training crops of cached images, as TrainTransform cuts them: cache uint8 [N, 3, r, r],
+    indices [B], draws [(i, j, flip)] * B -> uint8 [B, 3, side, side] on the cache's device."""
+    if cache.is_cuda:  # one gather kernel: rows and columns of every crop, reversed where flipped
+        device = cache.device
+        i, j, flip = torch.tensor(draws, device=device).unbind(1)                    # [B] each
+        steps = torch.arange(side, device=device)
+        rows, cols = i[:, None] + steps, j[:, None] + steps                           # [B, s]
+        cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)
+        index = torch.as_tensor(indices, device=device)
+        return cache[index[:, None, None, None], torch.arange(3, device=device)[None, :, None, None],
+                     rows[:, None, :, None], cols[:, None, None, :]]
+    out = torch.empty((len(indices), 3, side, side), dtype=torch.uint8)
+    for k, (index, (i, j, flip)) in enumerate(zip(indices, draws)):
+        crop = cache[index, :, i:i + side, j:j + side]
+        out[k] = crop.flip(-1) if flip else crop
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,12 +800,25 @@ class LabelSmoothingCrossEntropy(torch.nn.Module):
 
 def _label_ids(query_labels, gallery_labels):
     """Map labels (list of str/int, or a tensor) to int ids shared by queries and gallery: [Nq], [Ng]."""
-    def as_list(labels):
-        return labels.tolist() if torch.is_tensor(labels) else list(labels)
-    query, gallery = as_list(query_labels), as_list(gallery_labels)
+    query, gallery = (v.tolist() if torch.is_tensor(v) else list(v) for v in (query_labels, gallery_labels))
     ids = {label: i for i, label in enumerate(dict.fromkeys(query + gallery))}
     return (torch.tensor([ids[label] for label in query], dtype=torch.long),
             torch.tensor([ids[label] for label in gallery], dtype=torch.long), len(ids))
+
+
+def _duplicates(features):
+    """(rows, first) of rows that repeat an earlier row exactly, or None when all differ. BLAS can
+    give two identical vectors similarities 1 ulp apart by their place in the matrix; copying the
+    first one's column over the others makes identical vectors score identically."""
+    bits = features.contiguous().view(torch.int32 if features.dtype == torch.float32 else torch.int64).long()
+    weights = torch.randint(-2 ** 62, 2 ** 62, (features.shape[1],), generator=torch.Generator().manual_seed(0))
+    key = (bits * weights.to(bits.device)).sum(1)  # a hash of the exact bits (wraps around; only equality counts)
+    _, group = torch.unique(key, return_inverse=True)
+    position = torch.arange(len(key), device=key.device)
+    first = torch.full_like(key, len(key)).scatter_reduce(0, group, position, 'amin')[group]
+    rows = torch.nonzero(first != position).flatten()
+    rows = rows[(features[rows] == features[first[rows]]).all(1)]  # a hash collision is no duplicate
+    return (rows, first[rows]) if len(rows) else None
 
 
 def _similarities(queries, gallery):
@@ -668,9 +873,10 @@ def _precision_sums(same, top, r):
     return torch.where(counted, m / position, 0).sum(1)
 
 
-def _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes, self_mode):
+def _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes, self_mode, duplicates=None):
     """Queries against a gallery (or against each other, self excluded), one query chunk at a time.
-    Returns first_hit [Nq] (other-class items strictly more similar than the best same-class one),
+    `duplicates`: see _duplicates. Returns first_hit [Nq] (other-class items strictly more similar
+    than the best same-class one),
     r [Nq] (same-class items in the gallery) and precision_sum [Nq] (see _precision_sums)."""
     device, num_query = queries.device, len(queries)
     # gallery members of every class: order[starts[k] : starts[k] + counts[k]]
@@ -695,6 +901,8 @@ def _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes, self_m
         num_relevant[begin:end] = r
 
         sims = _similarities(queries[begin:end], gallery)             # [c, Ng]
+        if duplicates is not None:
+            sims[:, duplicates[0].to(sims.device)] = sims[:, duplicates[1].to(sims.device)]
         members, in_class, relevant = members.to(device), in_class.to(device), relevant.to(device)
         same = sims.gather(1, members).masked_fill(~relevant, -math.inf).sort(dim=1, descending=True).values
         # drop the query's whole class (itself included): sims keeps only other-class items
@@ -834,22 +1042,22 @@ def evaluate(query_features, query_labels, ks, gallery_features=None, gallery_la
         raise ValueError(f'need at least one query, one gallery item and one label per feature vector, got '
                          f'{len(query_features)} queries / {len(query_labels)} labels, '
                          f'{len(gallery_features)} gallery items / {len(gallery_labels)} labels')
+    if not torch.isfinite(query_features).all() or not torch.isfinite(gallery_features).all():
+        raise ValueError('features contain NaN or infinite values (a diverged model?): no ranking exists')
     device = query_features.device
     dtype = query_features.dtype if query_features.dtype in (torch.float32, torch.float64) else torch.float32
     queries = query_features.to(dtype).contiguous()
+    gallery = queries if self_mode else gallery_features.to(device=device, dtype=dtype).contiguous()
     query_ids, gallery_ids, num_classes = _label_ids(query_labels, gallery_labels)
-    if self_mode:
-        width = int(torch.bincount(query_ids).max())
-        # the symmetric way keeps [N, w] tables per query; a huge class falls back to the plain way
-        if 48 * len(queries) * width <= _budget(device):
-            first_hit, r, precision_sum = _self_stats(queries, query_ids, num_classes)
-        else:
-            first_hit, r, precision_sum = _gallery_stats(queries, query_ids, queries, query_ids,
-                                                         num_classes, True)
+    duplicates = _duplicates(gallery)
+    # the symmetric way keeps [N, w] tables per query and cannot equalise duplicate columns; a huge
+    # class or repeated vectors take the plain way
+    if self_mode and duplicates is None and \
+            48 * len(queries) * int(torch.bincount(query_ids).max()) <= _budget(device):
+        first_hit, r, precision_sum = _self_stats(queries, query_ids, num_classes)
     else:
-        gallery = gallery_features.to(device=device, dtype=dtype).contiguous()
-        first_hit, r, precision_sum = _gallery_stats(queries, query_ids, gallery, gallery_ids,
-                                                     num_classes, False)
+        first_hit, r, precision_sum = _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes,
+                                                     self_mode, duplicates)
     found = r > 0
     result = {f'R@{k}': float((found & (first_hit < k)).sum()) / len(queries) for k in ks}
     result['MAP@R'] = float((precision_sum[found] / r[found]).mean()) if found.any() else 0.0

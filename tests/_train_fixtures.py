@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -58,15 +57,13 @@ def out(results_dir, kind):
     return os.path.join(os.fspath(results_dir), f'{RUN_NAME}_{kind}')
 
 
-def run_script(args, fault=None, timeout=300, launcher=(sys.executable,)):
-    """Run `launcher train.py args` (default: a fresh interpreter; SIGKILL and exit codes need one)
-    -> CompletedProcess."""
+def run_script(args, fault=None, timeout=300, launcher=(sys.executable,), script='train.py'):
+    """Run `launcher script args` in a fresh interpreter (SIGKILL and exit codes need one), with
+    `fault` injected by tests/fault_launcher.py when given -> CompletedProcess."""
     # one BLAS/OpenMP thread: on a busy 2-core machine spinning OpenMP threads slow tiny steps 20x
     env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-    env.pop('CLF_FAULT', None)
-    if fault:
-        env['CLF_FAULT'] = fault
-    return subprocess.run([*launcher, str(REPO / 'train.py'), *args], cwd=REPO, env=env,
+    command = [str(REPO / 'tests' / 'fault_launcher.py'), fault] if fault else []
+    return subprocess.run([*launcher, *command, str(REPO / script), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -84,49 +81,3 @@ def assert_same_tensors(a, b):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-
-
-_cache = {}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs with one intra-op thread (see run_script); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def dataset(tmp_path_factory):
-    """The processed tiny dataset (made once per session; tests must not change it)."""
-    if 'data' not in _cache:
-        _cache['data'] = make_dataset(tmp_path_factory.mktemp('data'))
-    return _cache['data']
-
-
-@pytest.fixture
-def reference(tmp_path_factory, dataset):
-    """An uninterrupted in-process run of EPOCHS epochs (made once): (results dir, stdout)."""
-    if 'reference' not in _cache:
-        results = tmp_path_factory.mktemp('reference')
-        capture = _Capture()
-        with capture:
-            train.main(flags(dataset, results))
-        _cache['reference'] = (results, capture.text)
-    return _cache['reference']
-
-
-class _Capture:
-    """Collect what train.main prints to stdout (capsys cannot be shared by a cached fixture)."""
-
-    def __enter__(self):
-        import io
-        self.buffer, self.saved = io.StringIO(), sys.stdout
-        sys.stdout = self.buffer
-        return self
-
-    def __exit__(self, *exc):
-        sys.stdout = self.saved
-        self.text = self.buffer.getvalue()

@@ -298,7 +298,7 @@ def test_failed_download_through_run_cli_has_no_traceback(tmp_path):
     env = dict(os.environ, TORCH_HOME=str(tmp_path), http_proxy='http://127.0.0.1:9',
                https_proxy='http://127.0.0.1:9', HTTP_PROXY='http://127.0.0.1:9',
                HTTPS_PROXY='http://127.0.0.1:9', no_proxy='', NO_PROXY='')
-    code = "import model, utils; utils.run_cli(model.Model, 'seresnet50', 8, 4, pretrained=True)"
+    code = "import model, utils; utils.run_cli(lambda: model.Model('seresnet50', 8, 4, pretrained=True))"
     result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 1
@@ -311,7 +311,7 @@ def test_failed_download_through_run_cli_has_no_traceback(tmp_path):
 
 def test_run_cli_exit_status(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(M.Model, 'resnet18', 8, 4, pretrained=str(tmp_path / 'missing.pth'))
+        run_cli(lambda: M.Model('resnet18', 8, 4, pretrained=str(tmp_path / 'missing.pth')))
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.startswith('error: ImageNet weights for resnet18 not found: ')
 

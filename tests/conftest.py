@@ -1,0 +1,44 @@
+"""Shared fixtures: the repository on sys.path, one intra-op thread, a tiny processed dataset and
+one uninterrupted reference run of train.py (each made once per session)."""
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / 'tests'))
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs with one intra-op thread (see run_script); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='session')
+def dataset(tmp_path_factory):
+    """The processed tiny dataset (tests must not change it)."""
+    from _train_fixtures import make_dataset
+    return make_dataset(tmp_path_factory.mktemp('data'))
+
+
+@pytest.fixture(scope='session')
+def reference(tmp_path_factory, dataset):
+    """An uninterrupted in-process run of EPOCHS epochs: (results dir, what it printed)."""
+    import train
+    from _train_fixtures import flags
+    results = tmp_path_factory.mktemp('reference')
+    saved, sys.stdout = sys.stdout, io.StringIO()
+    try:
+        train.main(flags(dataset, results))
+        text = sys.stdout.getvalue()
+    finally:
+        sys.stdout = saved
+    return results, text
