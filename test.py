@@ -16,17 +16,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from model import BACKBONES, Model
-from utils import UserError, atomic_write_bytes, load_image, resolve_device, run_cli, safe_load, test_transform
+import utils
+from model import Model
+from utils import UserError
 
 TILE = 224  # side of every written picture, as the original
-BORDER = 8  # width of the match (green) / mismatch (red) frame
-GREEN, RED = (0, 255, 0), (255, 0, 0)
+BORDER = 8  # width of the frame around the picture: match (green), mismatch (red), no label known (white)
+INNER = TILE - 2 * BORDER  # side of the picture inside the frame
+GREEN, RED, WHITE = (0, 255, 0), (255, 0, 0), (255, 255, 255)
 PAD, CAPTION = 8, 44  # row picture: gap around tiles, room for two caption lines under each tile
 ROW_MAX = 11  # tiles per line of the row picture (query + 10); a longer top-K wraps onto more lines
-SPLIT_KEYS = ('images', 'labels', 'features')
-CONFIG_KEYS = ('backbone_type', 'feature_dim', 'branches', 'num_classes', 'image_size', 'mean', 'std',
-               'data_name', 'crop_type', 'model_file')
+# Inside every folder test.py writes: only a folder holding it is ever replaced, never the user's files.
+MARKER = '.written_by_test_py'
+MARKER_TEXT = b'CLF test.py results; the next run for the same query name replaces this folder whole\n'
+DATABASE_NAME = re.compile(r'(.+)_(uncropped|cropped)_(.+)_(\d+)_data_base\.pth')  # as train.py names it
 
 
 def parse_args(argv=None):
@@ -45,169 +48,74 @@ def parse_args(argv=None):
 
 def resolve_database_path(name, results_dir):
     """A bare file name is looked up in results_dir (as the original did), then in the current folder;
-    anything with a folder in it is a path."""
+    anything with a folder in it is a path. A missing database says which training run writes it."""
+    path = name
     if os.path.dirname(name) == '':
         in_results = os.path.join(results_dir, name)
-        if os.path.isfile(in_results):
-            return in_results
-        if not os.path.isfile(name):
-            raise UserError(f'database not found: {in_results} (--data_base {name} is looked up in '
-                            f'--results_dir {results_dir}; give a path to use a file elsewhere)')
-    elif not os.path.isfile(name):
-        raise UserError(f'database not found: {name} (expected a ..._data_base.pth written by train.py)')
-    return name
+        path = in_results if os.path.lexists(in_results) or not os.path.lexists(name) else name
+    if os.path.lexists(path):  # a pipe or device goes on, to be refused as not a regular file
+        return path
+    parts = DATABASE_NAME.fullmatch(os.path.basename(path))
+    if parts is None:
+        raise UserError(f'database not found: {path} (expected a ..._data_base.pth written by train.py)')
+    folder = os.path.dirname(path)  # train.py writes into --results_dir, default 'results'
+    keys = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'results_dir')[:4 + (folder != 'results')]
+    flags = ' '.join(f'--{k} {v}' for k, v in zip(keys, parts.groups() + (folder,)))
+    raise UserError(f'database not found: {path}; train the model first: python train.py {flags} (with your '
+                    f'--data_path) writes it, or give --data_base the path of an existing database')
 
 
-def _as_list(value):
-    return value.tolist() if isinstance(value, torch.Tensor) else value
+def load_query(path):
+    """The query as an RGB image; a folder, pipe, missing or undecodable file is a UserError saying so."""
+    if os.path.isdir(path):
+        raise UserError(f'the query {path} is a folder; give one image file')
+    utils.read_bytes(path, 'query image')  # missing, a pipe or device (which PIL would wait on), unreadable
+    return utils.load_image(path)  # undecodable: 'cannot decode image ...: reason (damaged, or not an image)'
 
 
-def _is_number_triple(value):
-    value = _as_list(value)
-    return (isinstance(value, (list, tuple)) and len(value) == 3
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
-
-
-def check_database(db, path):
-    """Check that `db` has the structure train.py writes; labels become str. Returns True when isc-like."""
-    expected = ('expected a feature database written by train.py: a dict with test_images, test_labels, '
-                'test_features and config (and gallery_* for a query/gallery dataset)')
-    if not isinstance(db, dict):
-        raise UserError(f'{path} is not a CLF feature database (it holds a {type(db).__name__}); {expected}')
-    gallery = [f'gallery_{k}' for k in SPLIT_KEYS]
-    isc = any(k in db for k in gallery)
-    required = [f'test_{k}' for k in SPLIT_KEYS] + (gallery if isc else []) + ['config']
-    missing = [k for k in required if k not in db]
-    if missing:
-        raise UserError(f'{path} is not a CLF feature database (missing {", ".join(missing)}); {expected}')
-    for split in ('test', 'gallery') if isc else ('test',):
-        images, labels, features = (db[f'{split}_{k}'] for k in SPLIT_KEYS)
-        if not isinstance(images, (list, tuple)) or not all(isinstance(p, str) for p in images):
-            raise UserError(f'{path}: {split}_images must be a list of image paths; {expected}')
-        if not isinstance(labels, (list, tuple)) or not all(isinstance(v, (str, int)) for v in labels):
-            raise UserError(f'{path}: {split}_labels must be a list of label strings; {expected}')
-        if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
-            raise UserError(f'{path}: {split}_features must be a float tensor [N, D]; {expected}')
-        if not len(images) == len(labels) == len(features) or len(images) == 0:
-            raise UserError(f'{path}: {split}_images, {split}_labels and {split}_features must have the same, '
-                            f'non-zero length (they have {len(images)}, {len(labels)} and {len(features)})')
-        db[f'{split}_labels'] = [str(v) for v in labels]
+def load_model(db, db_path):
+    """The model the database records, with the weights of its model file (SHA-checked), strictly."""
+    state, model_path = utils.read_model_state(db, db_path)
     config = db['config']
-    if not isinstance(config, dict) or any(k not in config for k in CONFIG_KEYS):
-        missing = sorted(set(CONFIG_KEYS) - set(config)) if isinstance(config, dict) else list(CONFIG_KEYS)
-        raise UserError(f'{path}: its config lacks {", ".join(missing)}; {expected}')
-    for key in ('feature_dim', 'num_classes', 'image_size'):
-        if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] <= 0:
-            raise UserError(f'{path}: config {key} must be a positive integer, got {config[key]!r}')
-    for key in ('backbone_type', 'branches', 'model_file'):
-        if not isinstance(config[key], str) or not config[key]:
-            raise UserError(f'{path}: config {key} must be a non-empty string, got {config[key]!r}')
-    for key in ('mean', 'std'):
-        if not _is_number_triple(config[key]):
-            raise UserError(f'{path}: config {key} must be three numbers (per RGB channel), got {config[key]!r}')
-    if min(_as_list(config['std'])) <= 0:  # the normalisation divides by it
-        raise UserError(f'{path}: config std must be positive, got {config["std"]!r}')
-    dim = len(config['branches']) * config['feature_dim']  # embedding = concat of one feature per branch
-    for split in ('test', 'gallery') if isc else ('test',):
-        if db[f'{split}_features'].shape[1] != dim:
-            raise UserError(f'{path}: {split}_features have {db[f"{split}_features"].shape[1]} dimensions, but its '
-                            f'config (branches {config["branches"]}, feature_dim {config["feature_dim"]}) '
-                            f'gives {dim}')
-    return isc
-
-
-def infer_settings(state):
-    """Model settings read back from a state dict's tensor names and shapes (branch letters cannot be:
-    the pooling has no weights, only the number of branches shows)."""
-    found = {}
-    projections = [k for k in state if re.fullmatch(r'projections\.\d+\.weight', k)]
-    if projections:  # one Linear(C, feature_dim) per branch: [feature_dim, C]
-        found['feature_dim'] = int(state[projections[0]].shape[0])
-        found['branches'] = len(projections)
-    if 'classifier.1.weight' in state:  # BatchNorm1d, then Linear(n*feature_dim, num_classes): [classes, n*d]
-        found['num_classes'] = int(state['classifier.1.weight'].shape[0])
-    backbone = {k[len('backbone.'):]: tuple(v.shape) for k, v in state.items() if k.startswith('backbone.')}
-    for name, (build, _) in BACKBONES.items():
-        with torch.device('meta'):  # names and shapes only: nothing allocated, nothing initialised
-            layout = {k: tuple(v.shape) for k, v in build().state_dict().items()}
-        if layout == backbone:
-            found['backbone_type'] = name
-    return found
-
-
-def describe_mismatch(model, state, config):
-    """(settings that differ, tensor-level details) between the database's config and a model file."""
-    expected = model.state_dict()
-    inferred, wanted = infer_settings(state), infer_settings(expected)
-    differences = []
-    for key in ('backbone_type', 'feature_dim', 'branches', 'num_classes'):
-        if key == 'backbone_type' and key not in inferred and wanted.get(key) is not None:
-            differences.append(f'backbone_type: database {config[key]}, model file a different backbone')
-        elif key in inferred and inferred[key] != wanted.get(key):
-            if key == 'branches':  # only the count is in the file
-                differences.append(f'branches: database {config[key]} ({len(config[key])} branches), '
-                                   f'model file {inferred[key]} branches')
-            else:
-                differences.append(f'{key}: database {config[key]}, model file {inferred[key]}')
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [k for k in expected if k in state and tuple(expected[k].shape) != tuple(state[k].shape)]
-    details = []
-    if missing:
-        details.append(f'{len(missing)} tensors missing from the file, e.g. {missing[0]}')
-    if unexpected:
-        details.append(f'{len(unexpected)} unexpected tensors, e.g. {unexpected[0]}')
-    if shapes:
-        k = shapes[0]
-        details.append(f'{len(shapes)} with another shape, e.g. {k} {list(state[k].shape)} where the database\'s '
-                       f'settings give {list(expected[k].shape)}')
-    return '; '.join(differences) or 'the tensors differ', '; '.join(details)
-
-
-def load_model(config, db_path):
-    """Build the model the database records and load its model file (beside the database), strictly."""
-    model_path = os.path.join(os.path.dirname(db_path), os.path.basename(config['model_file']))
-    state = safe_load(model_path, 'model file')
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f'{model_path} is not a model file (expected the state dict that train.py saves '
-                        f'as ..._model.pth)')
     try:
         model = Model(config['backbone_type'], config['feature_dim'], config['num_classes'], config['branches'],
                       pretrained=False)
     except UserError as err:
         raise UserError(f'{db_path} records model settings that cannot be built: {err}') from None
-    expected = model.state_dict()
-    if set(expected) != set(state) or any(tuple(expected[k].shape) != tuple(state[k].shape) for k in expected):
-        what, details = describe_mismatch(model, state, config)
-        raise UserError(f'the database {db_path} does not match its model file {model_path}: {what} '
-                        f'({details}); use the database and model file written by the same training run')
-    model.load_state_dict(state, strict=True)
+    utils.load_state_dict_strict(model, state, model_path)
     return model.eval(), model_path
 
 
 @torch.no_grad()
-def embed_image(model, image, config, device):
-    """Retrieval embedding [n*feature_dim] of one PIL image, preprocessed like the database's test images."""
-    transform = test_transform(config['image_size'], tuple(config['mean']), tuple(config['std']))
-    x = transform(image).unsqueeze(0).to(device)  # [1, 3, s, s]
+def embed_image(model, path, config, device):
+    """Retrieval embedding [n*feature_dim] of an image file, decoded and preprocessed as train.py did the
+    database's test images."""
+    transform = utils.test_transform(config['image_size'], tuple(config['mean']), tuple(config['std']))
+    x = transform(utils.load_image_uint8(path)).unsqueeze(0).to(device)  # [1, 3, s, s]
     return model.to(device)(x)[0][0].float().cpu()
 
 
 def find_image(path, images):
     """Index of the query in a database image list (the same path, or the same file), else None."""
     target = os.path.normcase(os.path.abspath(path))
-    name = os.path.basename(path)
-    for i, p in enumerate(images):
-        if p == path or os.path.normcase(os.path.abspath(p)) == target:
-            return i
-    for i, p in enumerate(images):  # a link or another spelling of the same file: compare only same names
-        if os.path.basename(p) == name:
-            try:
-                if os.path.samefile(p, path):
-                    return i
-            except OSError:
-                pass
-    return None
+    same_path = (i for i, p in enumerate(images) if os.path.normcase(os.path.abspath(p)) == target)
+    # a link to a database image: stat only the candidates with the same name (a database is large)
+    same_file = (i for i, p in enumerate(images) if os.path.basename(p) == os.path.basename(path)
+                 and os.path.exists(p) and os.path.samefile(p, path))
+    index = next(same_path, None)
+    return index if index is not None else next(same_file, None)
+
+
+def locate_query(db, query_path, isc):
+    """Where the query is in the database: (split searched, index to exclude, stored feature, label);
+    feature and label are None for an image the database does not hold."""
+    split = 'gallery' if isc else 'test'
+    index = find_image(query_path, db['test_images'])
+    if index is not None:  # isc: a query-split image searches the whole gallery; else the others
+        return split, None if isc else index, db['test_features'][index], db['test_labels'][index]
+    if isc and (index := find_image(query_path, db['gallery_images'])) is not None:
+        return split, index, db['gallery_features'][index], db['gallery_labels'][index]
+    return split, None, None, None
 
 
 def rank_gallery(query_feature, gallery_features, exclude=None):
@@ -221,28 +129,28 @@ def rank_gallery(query_feature, gallery_features, exclude=None):
     return candidates[order], scores[order]
 
 
-def tile(image, color=None):
-    """The TILE x TILE picture of an image, framed in `color` (None: no frame)."""
-    image = image.resize((TILE, TILE), resample=Image.BILINEAR)
-    if color is not None:
-        ImageDraw.Draw(image).rectangle((0, 0, TILE - 1, TILE - 1), outline=color, width=BORDER)
-    return image
+def tile(image, color=WHITE):
+    """The TILE x TILE picture of an image: shrunk to sit inside a BORDER-wide frame of `color`, so the
+    frame surrounds the picture instead of covering its edge."""
+    canvas = Image.new('RGB', (TILE, TILE), color)
+    canvas.paste(image.resize((INNER, INNER), resample=Image.BILINEAR), (BORDER, BORDER))
+    return canvas
 
 
 def _fit(draw, text, font):
-    """Cut `text` so that it fits under one tile."""
-    if draw.textlength(text, font=font) <= TILE:
-        return text
-    while text and draw.textlength(text + '...', font=font) > TILE:
+    """`text`, cut and ended with '...' where it would not fit under one tile."""
+    cut = text
+    while text and draw.textlength(cut, font=font) > TILE:
         text = text[:-1]
-    return text + '...'
+        cut = text + '...'
+    return cut
 
 
 def row_picture(tiles, captions):
     """Tiles in a row (ROW_MAX per line) with two caption lines under each: captions [(line1, line2, colour)]."""
     cols, lines = min(len(tiles), ROW_MAX), -(-len(tiles) // ROW_MAX)
-    width, line_height = cols * TILE + (cols + 1) * PAD, TILE + CAPTION + PAD
-    canvas = Image.new('RGB', (width, lines * line_height + PAD), 'white')
+    line_height = TILE + CAPTION + PAD
+    canvas = Image.new('RGB', (cols * TILE + (cols + 1) * PAD, lines * line_height + PAD), 'white')
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=15)
     for i, (picture, (line1, line2, color)) in enumerate(zip(tiles, captions)):
@@ -259,6 +167,29 @@ def encode(image, fmt):
     return buffer.getvalue()
 
 
+def render(query_image, query_label, hits):
+    """Encoded pictures {file name: bytes} for the query and its hits [(rank, score, label, image)]."""
+    tiles = [tile(query_image)]
+    files = {'query_img.jpg': encode(tiles[0], 'JPEG')}
+    captions = [('query', 'label unknown' if query_label is None else f'label {query_label}', 'black')]
+    for rank, score, label, image in hits:
+        match = None if query_label is None else label == query_label  # None: no label, a white frame
+        tiles.append(tile(image, WHITE if match is None else GREEN if match else RED))
+        files[f'retrieval_img_{rank}_{score:.4f}.jpg'] = encode(tiles[-1], 'JPEG')
+        text = 'black' if match is None else (0, 128, 0) if match else (192, 0, 0)
+        captions.append((f'#{rank}  {score:.4f}', f'label {label}', text))
+    files['retrieval.png'] = encode(row_picture(tiles, captions), 'PNG')
+    return files
+
+
+def check_replaceable(target):
+    """Only a folder test.py wrote (a real folder with MARKER inside) may be replaced; anything else
+    at that path belongs to someone else."""
+    if os.path.lexists(target) and (os.path.islink(target) or not os.path.isfile(os.path.join(target, MARKER))):
+        raise UserError(f'{target} exists and was not written by test.py (it holds no {MARKER}); nothing was '
+                        f'removed: move it away, rename the query image or pass another --results_dir')
+
+
 def write_result_folder(results_dir, stem, files):
     """Write every file into a fresh hidden folder, then swap it in for results/{stem}: never a half set."""
     target = os.path.join(results_dir, stem)
@@ -267,8 +198,8 @@ def write_result_folder(results_dir, stem, files):
     try:
         os.makedirs(results_dir, exist_ok=True)
         os.mkdir(tmp)
-        for name, data in files.items():
-            atomic_write_bytes(data, os.path.join(tmp, name))
+        utils.atomic_write({os.path.join(tmp, name): data for name, data in {**files, MARKER: MARKER_TEXT}.items()})
+        check_replaceable(target)  # again, just before the swap: the path may have changed meanwhile
         if os.path.lexists(target):  # keep the previous results until the new set is complete
             old = tmp[:-len('.tmp')] + '.old.tmp'
             os.rename(target, old)
@@ -280,68 +211,33 @@ def write_result_folder(results_dir, stem, files):
                 old = None
             raise
         tmp = None
-    except UserError as err:
-        raise UserError(f'cannot write the results to {target}: {err}') from None
     except OSError as err:
         raise UserError(f'cannot write the results to {target}: {err.strerror or err}; previous results, if any, '
                         f'are unchanged (check free disk space and that {results_dir} is writable)') from None
     finally:
-        for leftover in (tmp, old):
-            if leftover is not None and os.path.isdir(leftover) and not os.path.islink(leftover):
+        for leftover in (tmp, old):  # only our own hidden folders: the fresh set, or the replaced one
+            if leftover is not None and os.path.isdir(leftover):
                 shutil.rmtree(leftover, ignore_errors=True)
-            elif leftover is not None and os.path.lexists(leftover):
-                os.remove(leftover)
     return target
-
-
-def locate_query(db, query_path, isc):
-    """Where the query is in the database: (split searched, index to exclude, stored feature, label);
-    feature and label are None for an image the database does not hold."""
-    split = 'gallery' if isc else 'test'
-    index = find_image(query_path, db['test_images'])
-    if index is not None:  # isc: a query-split image searches the whole gallery; else the others
-        return split, None if isc else index, db['test_features'][index], db['test_labels'][index]
-    if isc and (index := find_image(query_path, db['gallery_images'])) is not None:
-        return split, index, db['gallery_features'][index], db['gallery_labels'][index]
-    return split, None, None, None
-
-
-def render(query_image, query_label, hits):
-    """Encoded pictures {file name: bytes} for the query and its hits [(rank, score, label, image)]."""
-    query_tile = tile(query_image)
-    files = {'query_img.jpg': encode(query_tile, 'JPEG')}
-    tiles = [query_tile]
-    captions = [('query', 'label unknown' if query_label is None else f'label {query_label}', 'black')]
-    for rank, score, label, image in hits:
-        match = None if query_label is None else label == query_label  # None: no label, no frame
-        picture = tile(image, None if match is None else GREEN if match else RED)
-        files[f'retrieval_img_{rank}_{score:.4f}.jpg'] = encode(picture, 'JPEG')
-        tiles.append(picture)
-        text = 'black' if match is None else (0, 128, 0) if match else (192, 0, 0)
-        captions.append((f'#{rank}  {score:.4f}', f'label {label}', text))
-    files['retrieval.png'] = encode(row_picture(tiles, captions), 'PNG')
-    return files
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.retrieval_num <= 0:
         raise UserError(f'--retrieval_num must be a positive integer, got {args.retrieval_num}')
-    device = resolve_device(args.device)
+    device = utils.resolve_device(args.device)
     db_path = resolve_database_path(args.data_base, args.results_dir)
-    db = safe_load(db_path, 'feature database')
-    isc = check_database(db, db_path)
-    config = db['config']
+    db, isc = utils.load_database(db_path)
     query_path = args.query_img_name
-    if not os.path.isfile(query_path):
-        raise UserError(f'query image not found: {query_path}')
-    query_image = load_image(query_path)
-    model, model_path = load_model(config, db_path)  # always: a database must agree with its model
+    query_image = load_query(query_path)
+    stem = os.path.splitext(os.path.basename(query_path))[0]
+    check_replaceable(os.path.join(args.results_dir, stem))  # fail before the work, not after
+    model, model_path = load_model(db, db_path)  # always: a database must agree with its model
 
     split, exclude, query_feature, query_label = locate_query(db, query_path, isc)
     if query_feature is None:  # query by your own photo: embed it as the database images were
-        query_feature = embed_image(model, query_image, config, device)
-    images, labels, features = (db[f'{split}_{k}'] for k in SPLIT_KEYS)
+        query_feature = embed_image(model, query_path, db['config'], device)
+    images, labels, features = (db[f'{split}_{k}'] for k in ('images', 'labels', 'features'))
     searchable = len(images) - (exclude is not None)
     if args.retrieval_num > searchable:
         raise UserError(f'--retrieval_num {args.retrieval_num} asks for more images than {db_path} can return '
@@ -353,9 +249,9 @@ def main(argv=None):
                                           scores[:args.retrieval_num].tolist()), start=1):
         if not os.path.isfile(images[i]):
             raise UserError(f'database image not found: {images[i]} (listed in {db_path}; was the dataset moved?)')
-        hits.append((rank, score, labels[i], tile(load_image(images[i])), images[i]))  # 224x224: bounded memory
+        picture = utils.load_image(images[i]).resize((INNER, INNER), resample=Image.BILINEAR)  # bounded memory
+        hits.append((rank, score, labels[i], picture, images[i]))
     files = render(query_image, query_label, [h[:4] for h in hits])
-    stem = os.path.splitext(os.path.basename(query_path))[0]
     target = write_result_folder(args.results_dir, stem, files)
 
     source = f'label {query_label}, feature from {db_path}' if query_label is not None else \
@@ -368,4 +264,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    run_cli(main)
+    utils.run_cli(main)

@@ -1,20 +1,16 @@
 """Tiny feature databases for the test.py tests, built the way train.py builds them (contract format)."""
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from model import Model  # the repository is on sys.path: tests/conftest.py
+import utils
 
-from model import Model  # noqa: E402
-import utils  # noqa: E402
-from utils import atomic_save, load_image  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_SIZE = 32  # network input; the written pictures are 224 x 224 whatever this is
@@ -54,29 +50,36 @@ def make_split(folder, labels, seed):
 def embed(model, paths, image_size=IMAGE_SIZE):
     """Features of images as test.py would compute them: model(test_transform(image)) -> [N, D]."""
     transform = utils.test_transform(image_size, IMAGENET_MEAN, IMAGENET_STD)
-    batch = torch.stack([transform(load_image(p)) for p in paths])  # [N, 3, s, s]
+    batch = torch.stack([transform(utils.load_image_uint8(p)) for p in paths])  # [N, 3, s, s]
     return model.eval()(batch)[0]
 
 
 def make_database(folder, test, gallery=None, backbone_type='resnet18', feature_dim=8, branches='SMG',
-                  num_classes=3, name='tiny_uncropped', seed=0, config_overrides=None):
-    """Random-init model + its feature database in `folder`; returns (database path, model)."""
+                  num_classes=3, name='tiny_uncropped', seed=0):
+    """Random-init model + its feature database in `folder`, written by train.py's writer
+    (utils.save_model_and_database); returns (database path, model)."""
     torch.manual_seed(seed)
     model = Model(backbone_type, feature_dim, num_classes, branches, pretrained=False).eval()
-    stem = f'{name}_{backbone_type}_{feature_dim}'
     db = {'test_images': test[0], 'test_labels': test[1], 'test_features': embed(model, test[0])}
     if gallery is not None:
         db.update(gallery_images=gallery[0], gallery_labels=gallery[1], gallery_features=embed(model, gallery[0]))
     db['config'] = {'backbone_type': backbone_type, 'feature_dim': feature_dim, 'branches': branches,
                     'num_classes': num_classes, 'image_size': IMAGE_SIZE, 'mean': list(IMAGENET_MEAN),
-                    'std': list(IMAGENET_STD), 'data_name': name.split('_')[0], 'crop_type': 'uncropped',
-                    'model_file': f'{stem}_model.pth'}
-    db['config'].update(config_overrides or {})
-    os.makedirs(folder, exist_ok=True)
-    atomic_save(model.state_dict(), os.path.join(folder, f'{stem}_model.pth'))
-    path = os.path.join(folder, f'{stem}_data_base.pth')
-    atomic_save(db, path)
-    return path, model
+                    'std': list(IMAGENET_STD), 'data_name': name.split('_')[0], 'crop_type': 'uncropped'}
+    stem = os.path.join(folder, f'{name}_{backbone_type}_{feature_dim}')
+    utils.save_model_and_database(model.state_dict(), db, f'{stem}_model.pth', f'{stem}_data_base.pth')
+    return f'{stem}_data_base.pth', model
+
+
+def copy_database(db_path, folder, change):
+    """A copy of a database and its model file in `folder`, the database first changed in place by
+    change(db); written by the same writer, so it is a consistent pair -> the copy's database path."""
+    db = torch.load(db_path, weights_only=True)
+    state = torch.load(os.path.join(os.path.dirname(db_path), db['config']['model_file']), weights_only=True)
+    change(db)
+    copy = os.path.join(folder, os.path.basename(db_path))
+    utils.save_model_and_database(state, db, os.path.join(folder, db['config']['model_file']), copy)
+    return copy
 
 
 def brute_force(query_feature, features, exclude=None):
