@@ -1,20 +1,23 @@
 """Turn a downloaded retrieval dataset (CARS196, CUB-200-2011, SOP, In-shop), a folder of class
 sub-folders, or a generated demo set into image lists: {data_path}/{name}/{crop_type}_data_dicts.pth."""
 import argparse
+import contextlib
+import filecmp
 import io
 import math
 import os
 import shutil
 import sys
-import tempfile
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from utils import UserError, atomic_save, atomic_write_bytes, load_image, run_cli
+from utils import (UserError, atomic_write, check_int, load_image, read_bytes, remove_temporaries, run_cli,
+                   safe_load, torch_bytes)
 
 # ImageNet statistics: used for a user's own folders and the demo (no dataset statistics known).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,6 +32,7 @@ NORMALIZATION = {
 CROP_TYPES = ('uncropped', 'cropped')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
 MAX_LISTED = 20  # bad files listed by name in one error; the rest are counted
+TEMPORARY_EXTRA = len('..12345678.tmp')  # what utils.write_temporary adds to a name (mkstemp: 8 letters)
 
 
 def normalization(name):
@@ -111,17 +115,14 @@ CAR_LAYOUT = '''  car/cars_annos.mat, car/car_ims/*.jpg                      (or
 CAR_FIELDS = ('bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'class')
 
 
-def _car_record(r, path):
-    """(label, box) of one CARS196 annotation record."""
+def _car_item(r, path, src, name=None):
+    """One CARS196 annotation record of file `path` as an Item: classes 1-98 train, 99-196 test."""
     try:
-        return str(int(r['class'])), tuple(int(r[f]) for f in CAR_FIELDS[:4])
+        label, box = int(r['class']), tuple(int(r[f]) for f in CAR_FIELDS[:4])
     except (TypeError, ValueError, OverflowError):  # OverflowError: int() of an inf
         raise UserError(f'car: {path}: expected numbers in the fields {", ".join(CAR_FIELDS)}, got '
                         f'{ {f: r[f] for f in CAR_FIELDS} }') from None
-
-
-def _car_split(label):
-    return 'train' if int(label) <= 98 else 'test'  # classes 1-98 train, 99-196 test
+    return Item(src, name or os.path.basename(src), str(label), 'train' if label <= 98 else 'test', box)
 
 
 def read_car(root):
@@ -131,12 +132,7 @@ def read_car(root):
         _require(original[1], 'car', CAR_LAYOUT, 'image folder')
         records = _read_mat_annotations(_require(original[0], 'car', CAR_LAYOUT), 'car',
                                         ('relative_im_path',) + CAR_FIELDS)
-        items = []
-        for r in records:
-            label, box = _car_record(r, original[0])
-            rel = str(r['relative_im_path'])
-            items.append(Item(os.path.join(root, rel), os.path.basename(rel), label, _car_split(label), box))
-        return items, CAR_LAYOUT
+        return [_car_item(r, original[0], os.path.join(root, str(r['relative_im_path']))) for r in records], CAR_LAYOUT
     markers = [os.path.join(root, p) for p in ('cars_train', 'cars_test', 'devkit', 'car_devkit',
                                                'cars_test_annos_withlabels.mat')]
     if not any(os.path.exists(p) for p in markers):
@@ -155,11 +151,9 @@ def read_car(root):
         if os.path.isdir(os.path.join(folder, part)):
             folder = os.path.join(folder, part)
         annos = _require(_first_existing(*annos) or annos[0], 'car', CAR_LAYOUT)
-        for r in _read_mat_annotations(annos, 'car', ('fname',) + CAR_FIELDS):
-            label, box = _car_record(r, annos)
-            fname = str(r['fname'])
-            # both folders number their files 00001.jpg, ...: the folder name keeps them apart
-            items.append(Item(os.path.join(folder, fname), f'{part}_{fname}', label, _car_split(label), box))
+        # both folders number their files 00001.jpg, ...: the folder name keeps them apart
+        items += [_car_item(r, annos, os.path.join(folder, str(r['fname'])), f'{part}_{r["fname"]}')
+                  for r in _read_mat_annotations(annos, 'car', ('fname',) + CAR_FIELDS)]
     return items, CAR_LAYOUT
 
 
@@ -235,6 +229,7 @@ def read_isc(root):
 DATASETS = {'car': read_car, 'cub': read_cub, 'sop': read_sop, 'isc': read_isc}
 SPLITS = {'car': ('train', 'test'), 'cub': ('train', 'test'), 'sop': ('train', 'test'),
           'isc': ('train', 'query', 'gallery')}
+LAYOUTS = {'car': CAR_LAYOUT, 'cub': CUB_LAYOUT, 'sop': SOP_LAYOUT, 'isc': ISC_LAYOUT}
 RESERVED = set(CROP_TYPES)  # sub-folders written by this script, never read as classes
 
 
@@ -264,15 +259,14 @@ def read_own(root, name, split=0.5):
     if len(classes) < 2:
         raise UserError(f'{name}: found {len(classes)} class folder(s) with images in {root}; at least 2 '
                         f'are needed (one train, one test class)\nexpected layout:\n{layout}')
-    train, _ = split_classes(classes, split)
-    train = set(train)
+    train = set(split_classes(classes, split)[0])
     items = [Item(os.path.join(root, c, f), f'{c}_{f}', c, 'train' if c in train else 'test', None)
              for c in sorted(classes) for f in classes[c]]
     return items, layout
 
 
 # ----------------------------------------------------------------------------------------------
-# the shared pipeline: check every source, place files, write the lists
+# the shared pipeline: check every name and source, place files, write the lists
 # ----------------------------------------------------------------------------------------------
 
 
@@ -286,7 +280,8 @@ def _check_image(item):
             img.draft('RGB', (max(img.width // 8, 1), max(img.height // 8, 1)))
             img.load()
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return f'unreadable ({str(err).splitlines()[0][:100] if str(err) else type(err).__name__})'
+        # the whole first line, never cut mid-word ('... could be decompression bomb DOS attack.')
+        return f'unreadable ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})'
     if item.box is not None:
         x1, y1, x2, y2 = item.box
         if x2 <= x1 or y2 <= y1:
@@ -297,61 +292,109 @@ def _check_image(item):
 def _same_file(a, b):
     """True when b is a as a hard link or a byte-identical copy."""
     try:
-        if os.path.samefile(a, b):
-            return True
-        if os.path.getsize(a) != os.path.getsize(b):
-            return False
-        with open(a, 'rb') as fa, open(b, 'rb') as fb:
-            while True:
-                ca, cb = fa.read(1 << 20), fb.read(1 << 20)
-                if ca != cb:
-                    return False
-                if not ca:
-                    return True
+        return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
     except OSError:
         return False
 
 
+def _check_names(items, root, name):
+    """Output names must be distinct per source and short enough for the file system (with room
+    for the temporary name a write uses) -> items without repeated annotation lines."""
+    by_name = {}
+    for item in items:
+        by_name.setdefault(item.name, set()).add(item.src)
+    clashes = [f'{n}: ' + ', '.join(sorted(s)) for n, s in by_name.items() if len(s) > 1]
+    if clashes:
+        raise UserError(f'{name}: different images would get the same file name; ' + _listing(clashes, 'names'))
+    name_max = 255  # when the file system does not say
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        name_max = os.pathconf(root, 'PC_NAME_MAX') if os.pathconf(root, 'PC_NAME_MAX') > 0 else 255
+    too_long = [n for n in by_name if len(os.fsencode(n)) + TEMPORARY_EXTRA > name_max]
+    if too_long:
+        raise UserError(f'{name}: ' + _listing(too_long, f'output file name(s) longer than the file system '
+                                               f'allows ({name_max} bytes, {TEMPORARY_EXTRA} of them kept for '
+                                               f'the temporary name of a write)') +
+                        '\nnothing was written; shorten those class folder or image names')
+    return list({(i.src, i.name, i.split): i for i in items}.values())
+
+
+def _check_sources(sources, name, layout):
+    """Every source image exists and decodes: all problems found in one pass, before any write."""
+    reasons = _pmap(_check_image, sources, f'{name}: checking images')
+    missing = [i.src for i, r in zip(sources, reasons) if r == 'missing']
+    bad = [f'{i.src}: {r}' for i, r in zip(sources, reasons) if r not in (None, 'missing')]
+    parts = ([_listing(missing, 'image file(s) listed by the annotations are missing')] if missing else []) + \
+        ([_listing(bad, 'image file(s) are unreadable, truncated or have an empty box')] if bad else [])
+    if parts:
+        raise UserError(f'{name}: ' + '\n'.join(parts) + f'\nnothing was written; expected layout:\n{layout}')
+
+
+def _remove_temporaries(folder):
+    """Delete the hidden .tmp files that killed writes left in a folder this script owns."""
+    for entry in os.listdir(folder):
+        if entry.startswith('.') and entry.endswith('.tmp'):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, entry))
+
+
 def _place_original(src, dst):
-    """Hard link src at dst (copy through a temporary file where links are not allowed)."""
+    """Hard link src at dst; where links are not allowed, an atomic copy."""
     if os.path.exists(dst):
         return  # already checked to be the same file
     try:
         os.link(src, dst)
-        return
-    except OSError:
-        pass  # another filesystem, or links not supported: copy
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(dst) + '.', suffix='.tmp',
-                                   dir=os.path.dirname(dst))
-        os.close(fd)
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except OSError as err:
-        raise UserError(f'cannot copy {src} to {dst}: {err.strerror or err} (check free disk space and '
-                        f'that the folder is writable)') from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
+    except OSError:  # another filesystem, or links not supported
+        atomic_write({dst: read_bytes(src, 'image')})
 
 
-def _crop_bytes(item):
-    """The bounding-box crop of an image, encoded once as high-quality JPEG (PNG for .png names)."""
+def _write_crop(folder, item):
+    """Write the bounding-box crop of an image, encoded once as high-quality JPEG (PNG for .png
+    names) -> None, or the path when another crop is already there."""
     crop = load_image(item.src).crop(item.box)  # any mode -> RGB as training sees it
     buffer = io.BytesIO()
     if item.name.lower().endswith('.png'):
         crop.save(buffer, 'PNG')
     else:
         crop.save(buffer, 'JPEG', quality=95, subsampling=0)
-    return buffer.getvalue()
+    dst = os.path.join(folder, item.name)
+    if os.path.exists(dst):
+        with open(dst, 'rb') as f:
+            return None if f.read() == buffer.getvalue() else dst
+    atomic_write({dst: buffer.getvalue()})
+    return None
 
 
 def _pmap(fn, items, desc):
     """fn over items in a thread pool (PIL releases the GIL while decoding), with a progress bar."""
-    workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
+    try:
         return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit='img', leave=False))
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C, images not started are skipped
+
+
+def _place_all(sources, out, name):
+    """Originals byte for byte (hard links where possible) in uncropped/, crops in cropped/."""
+    conflicts = [os.path.join(out['uncropped'], i.name) for i in sources
+                 if os.path.lexists(os.path.join(out['uncropped'], i.name))
+                 and not _same_file(i.src, os.path.join(out['uncropped'], i.name))]
+    if conflicts:  # another image under the same name: a conflict, never an overwrite
+        raise UserError(f'{name}: ' + _listing(conflicts, 'file(s) already exist and differ from the image '
+                                               'that would be placed there') +
+                        f'\nremove {out["uncropped"]} (it holds only links or copies of the originals) and run again')
+    for folder in out.values():
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:
+            raise UserError(f'{name}: cannot create {folder}: {err.strerror or err}') from None
+        _remove_temporaries(folder)
+    for item in tqdm(sources, desc=f'{name}: linking originals', unit='img', leave=False):
+        _place_original(item.src, os.path.join(out['uncropped'], item.name))
+    if 'cropped' in out:
+        conflicts = [d for d in _pmap(partial(_write_crop, out['cropped']), sources, f'{name}: writing crops') if d]
+        if conflicts:
+            raise UserError(f'{name}: ' + _listing(conflicts, 'crop(s) already exist with other content') +
+                            f'\nremove {out["cropped"]} and run again')
 
 
 def build_lists(items, data_path, name, crop_type, splits):
@@ -363,101 +406,114 @@ def build_lists(items, data_path, name, crop_type, splits):
 
 
 def process_items(items, data_path, name, layout, splits=('train', 'test')):
-    """Check all source images, place them under {name}/uncropped (and crops under {name}/cropped
-    when items have boxes), then write the .pth lists atomically. Returns {crop_type: dicts}."""
-    # 1. names must be unique: two sources on one name would overwrite each other
-    by_name = {}
-    for item in items:
-        by_name.setdefault(item.name, set()).add(item.src)
-    clashes = [f'{n}: ' + ', '.join(sorted(s)) for n, s in by_name.items() if len(s) > 1]
-    if clashes:
-        raise UserError(f'{name}: different images would get the same file name; ' + _listing(clashes, 'names'))
-    items = list({(i.src, i.name, i.split): i for i in items}.values())  # a line listed twice counts once
-    # 2. every source image exists and decodes, all found in one pass before anything is written
+    """Check all names and source images, place them under {name}/uncropped (and crops under
+    {name}/cropped when items have boxes), then write the .pth lists atomically, together: an
+    interrupted run leaves the previous lists (or none). Returns {crop_type: dicts}."""
+    items = _check_names(items, os.path.join(data_path, name), name)
     sources = list({i.src: i for i in items}.values())
-    reasons = _pmap(_check_image, sources, f'{name}: checking images')
-    missing = [i.src for i, r in zip(sources, reasons) if r == 'missing']
-    bad = [f'{i.src}: {r}' for i, r in zip(sources, reasons) if r not in (None, 'missing')]
-    if missing or bad:
-        parts = []
-        if missing:
-            parts.append(_listing(missing, 'image file(s) listed by the annotations are missing'))
-        if bad:
-            parts.append(_listing(bad, 'image file(s) are unreadable, truncated or have an empty box'))
-        raise UserError(f'{name}: ' + '\n'.join(parts) + f'\nnothing was written; expected layout:\n{layout}')
-    crop_types = ('uncropped', 'cropped') if all(i.box is not None for i in items) else ('uncropped',)
-    # 3. an existing file of another image under the same name is a conflict, not an overwrite
-    out = {c: os.path.join(data_path, name, c) for c in crop_types}
-    conflicts = [os.path.join(out['uncropped'], i.name) for i in sources
-                 if os.path.lexists(os.path.join(out['uncropped'], i.name))
-                 and not _same_file(i.src, os.path.join(out['uncropped'], i.name))]
-    if conflicts:
-        raise UserError(f'{name}: ' + _listing(conflicts, 'file(s) already exist and differ from the image '
-                                               'that would be placed there') +
-                        f'\nremove {out["uncropped"]} (it holds only links or copies of the originals) and run again')
-    # 4. originals byte for byte (hard links where possible), crops encoded once
-    for folder in out.values():
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as err:
-            raise UserError(f'{name}: cannot create {folder}: {err.strerror or err}') from None
-    for item in tqdm(sources, desc=f'{name}: linking originals', unit='img', leave=False):
-        _place_original(item.src, os.path.join(out['uncropped'], item.name))
-    if 'cropped' in out:
-        def write_crop(item):
-            dst = os.path.join(out['cropped'], item.name)
-            data = _crop_bytes(item)
-            if os.path.exists(dst):
-                with open(dst, 'rb') as f:
-                    return None if f.read() == data else dst
-            atomic_write_bytes(data, dst)
-            return None
-        conflicts = [d for d in _pmap(write_crop, sources, f'{name}: writing crops') if d]
-        if conflicts:
-            raise UserError(f'{name}: ' + _listing(conflicts, 'crop(s) already exist with other content') +
-                            f'\nremove {out["cropped"]} and run again')
-    # 5. lists last, atomically: an interrupted run leaves the previous .pth (or none)
-    result = {}
-    for crop in crop_types:
-        dicts = build_lists(items, data_path, name, crop, splits)
-        path = data_dict_path(data_path, name, crop)
-        atomic_save(dicts, path)
+    _check_sources(sources, name, layout)
+    crop_types = CROP_TYPES if all(i.box is not None for i in items) else ('uncropped',)
+    remove_temporaries([data_dict_path(data_path, name, c) for c in CROP_TYPES])
+    _place_all(sources, {c: os.path.join(data_path, name, c) for c in crop_types}, name)
+    result = {crop: build_lists(items, data_path, name, crop, splits) for crop in crop_types}
+    atomic_write({data_dict_path(data_path, name, crop): torch_bytes(d) for crop, d in result.items()})
+    for crop, dicts in result.items():
         summary = ', '.join(f'{s} {len(d)} classes / {sum(map(len, d.values()))} images' for s, d in dicts.items())
-        print(f'{name} {crop}: {summary} -> {path}', flush=True)
-        result[crop] = dicts
+        print(f'{name} {crop}: {summary} -> {data_dict_path(data_path, name, crop)}', flush=True)
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# datasets by name: processing one, and reading its lists back (train.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def _command(data_path, name):
+    return f'`python data_utils.py --data_path {data_path} --data_name {name}`'
+
+
+def _check_options(names, split=None, seed=0):
+    """Dataset names and flags, checked before any dataset is touched."""
+    for name in names:
+        if not name or name != os.path.basename(name) or name.startswith('.'):
+            raise UserError(f'--data_name {name!r} must be a folder name inside --data_path (no path separators)')
+    check_int('--seed', seed, 0, 2 ** 32 - 1)
+    fixed = [n for n in names if n in DATASETS or n == 'demo']
+    if split is not None and fixed:
+        raise UserError(f'--split applies to own class-folder datasets; {", ".join(fixed)} '
+                        f'{"has" if len(fixed) == 1 else "have"} a fixed split')
+    if split is not None and not 0 < split < 1:
+        raise UserError(f'--split must be between 0 and 1 (share of classes used for training), got {split}')
+
+
+def _folder_error(data_path, name, then_run=False):
+    """The message for a missing dataset folder; then_run adds the command that makes the lists."""
+    root = os.path.join(data_path, name)
+    if name == 'demo':  # generated, never downloaded
+        return f'demo: folder not found: {root}; the demo is generated: run {_command(data_path, name)}'
+    then = f'\nthen run {_command(data_path, name)}' if then_run else ''
+    if name in LAYOUTS:
+        return f'{name}: folder not found: {root}\nexpected layout:\n{LAYOUTS[name]}{then}'
+    return (f'unknown dataset {name!r}: {root} is not a folder. Use one of {", ".join(DATASETS)}, demo, '
+            f'or an own dataset laid out as\n{own_layout(name)}{then}')
 
 
 def process_dataset(data_path, name, split=None, seed=0):
     """Process one dataset by name: a benchmark, 'demo', or an own class-folder dataset."""
-    if not name or name != os.path.basename(name) or name.startswith('.'):
-        raise UserError(f'--data_name {name!r} must be a folder name inside --data_path (no path separators)')
+    _check_options([name], split, seed)
     root = os.path.join(data_path, name)
-    if split is not None and (name in DATASETS or name == 'demo'):
-        raise UserError(f'--split applies to own class-folder datasets; {name} has a fixed split')
     if name == 'demo':
         try:
             make_demo(root, seed=seed)
         except OSError as err:  # disk full, no permission: the next run starts the drawing afresh
             raise UserError(f'demo: cannot write the demo images to {root}: {err.strerror or err} '
                             f'(check free disk space and that {data_path} is writable)') from None
-        items, layout = read_cub(root, num_train_classes=_demo_classes(root) // 2, name='demo',
+        items, layout = read_cub(root, num_train_classes=DEMO_CLASSES // 2, name='demo',
                                  layout=CUB_LAYOUT.replace('cub/', 'demo/'))
         return process_items(items, data_path, name, layout)
+    if not os.path.isdir(root):
+        raise UserError(_folder_error(data_path, name))
     if name in DATASETS:
-        if not os.path.isdir(root):
-            raise UserError(f'{name}: folder not found: {root}\nexpected layout:\n'
-                            + {'car': CAR_LAYOUT, 'cub': CUB_LAYOUT, 'sop': SOP_LAYOUT, 'isc': ISC_LAYOUT}[name])
         items, layout = DATASETS[name](root)
         return process_items(items, data_path, name, layout, SPLITS[name])
-    if not os.path.isdir(root):
-        raise UserError(f'unknown dataset {name!r}: {root} is not a folder. Use one of '
-                        f'{", ".join(DATASETS)}, demo, or an own dataset laid out as\n{own_layout(name)}')
-    split = 0.5 if split is None else split
-    if not 0 < split < 1:
-        raise UserError(f'--split must be between 0 and 1 (share of classes used for training), got {split}')
-    items, layout = read_own(root, name, split)
+    items, layout = read_own(root, name, 0.5 if split is None else split)
     return process_items(items, data_path, name, layout)
+
+
+def _first_image(split, name, path):
+    """The first image path of a split, which must be {label: [image paths]} with at least one."""
+    well_formed = isinstance(split, dict) and all(isinstance(paths, (list, tuple)) and
+                                                  all(isinstance(p, str) for p in paths) for paths in split.values())
+    if not well_formed or not any(split.values()):
+        raise UserError(f"data dict {path}: split '{name}' is empty or not {{label: [image paths]}}; "
+                        f"re-run data_utils.py")
+    return next(p for paths in split.values() for p in paths)
+
+
+def load_data_dicts(data_path, data_name, crop_type):
+    """Read and check the lists this script wrote -> (dicts, path); each problem is one UserError
+    that says what to run."""
+    _check_options([data_name])
+    if crop_type not in CROP_TYPES:
+        raise UserError(f'--crop_type {crop_type!r}: expected one of {", ".join(CROP_TYPES)}')
+    if not os.path.isdir(os.path.join(data_path, data_name)):
+        raise UserError(_folder_error(data_path, data_name, then_run=True))
+    path = data_dict_path(data_path, data_name, crop_type)
+    if not os.path.isfile(path):
+        raise UserError(f'data dict not found: {path}; run {_command(data_path, data_name)} first' +
+                        (' (cropped lists exist only for datasets with bounding boxes: car, cub, demo)'
+                         if crop_type == 'cropped' else ''))
+    dicts = safe_load(path, 'data dict')
+    if not isinstance(dicts, dict) or 'train' not in dicts or \
+            not ('test' in dicts or ('query' in dicts and 'gallery' in dicts)):
+        raise UserError(f"data dict {path}: expected splits 'train' and 'test' (or 'query' and 'gallery'), "
+                        f"found {sorted(map(str, dicts)) if isinstance(dicts, dict) else type(dicts).__name__}")
+    firsts = {s: _first_image(dicts[s], s, path) for s in ('train', 'test', 'query', 'gallery') if s in dicts}
+    for split, first in firsts.items():
+        if not os.path.exists(first):
+            raise UserError(f"data dict {path}: images of split '{split}' not found (first: {first}); the "
+                            f"dataset moved since data_utils.py ran? re-run it with the current --data_path")
+    return dicts, path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,11 +525,6 @@ POLYGONS = ('square', 'triangle', 'diamond', 'hexagon', 'star', 'cross')
 SHAPES = POLYGONS + ('circle', 'ring')
 TEXTURES = ('solid', 'hstripes', 'vstripes', 'checker', 'dots')
 DEMO_MARKER = 'demo_seed.txt'
-
-
-def _demo_classes(root):
-    with open(os.path.join(root, 'classes.txt')) as f:
-        return sum(1 for line in f if line.strip())
 
 
 def _polygon(shape, cx, cy, r, angle):
@@ -497,16 +548,11 @@ def _polygon(shape, cx, cy, r, angle):
 def _texture(kind, size, colour_a, colour_b, period):
     """An RGB texture of (size, size) pixels; period in pixels."""
     yy, xx = np.mgrid[0:size, 0:size]
-    if kind == 'solid':
-        mask = np.zeros((size, size), bool)
-    elif kind == 'hstripes':
-        mask = (yy // period) % 2 == 1
-    elif kind == 'vstripes':
-        mask = (xx // period) % 2 == 1
-    elif kind == 'checker':
-        mask = ((xx // period) + (yy // period)) % 2 == 1
-    else:  # dots
-        mask = ((xx % (2 * period) - period) ** 2 + (yy % (2 * period) - period) ** 2) < (period * 0.6) ** 2
+    mask = {'solid': lambda: np.zeros((size, size), bool), 'hstripes': lambda: (yy // period) % 2 == 1,
+            'vstripes': lambda: (xx // period) % 2 == 1,
+            'checker': lambda: ((xx // period) + (yy // period)) % 2 == 1,
+            'dots': lambda: ((xx % (2 * period) - period) ** 2 + (yy % (2 * period) - period) ** 2)
+            < (period * 0.6) ** 2}[kind]()
     img = np.where(mask[..., None], np.array(colour_b, np.uint8), np.array(colour_a, np.uint8))
     return Image.fromarray(img.astype(np.uint8), 'RGB')
 
@@ -569,50 +615,55 @@ def _draw_demo_image(parts, rng, size):
     return img, (x1, y1, x2, y2)
 
 
+def _draw_demo(folder, seed, num_classes, per_class, size, signature):
+    """Draw every image and the CUB-style text files into folder; the marker is written last."""
+    rng = np.random.default_rng(seed)
+    classes = [_demo_class(rng) for _ in range(num_classes)]
+    images, labels, boxes, class_lines = [], [], [], []
+    for c, parts in enumerate(tqdm(classes, desc='demo: drawing', unit='class', leave=False), 1):
+        class_folder = f'{c:03d}.object_{c:03d}'
+        class_lines.append(f'{c} {class_folder}\n')
+        os.makedirs(os.path.join(folder, 'images', class_folder), exist_ok=True)
+        for k in range(per_class):
+            image_id = len(images) + 1
+            img, (x1, y1, x2, y2) = _draw_demo_image(parts, rng, size)
+            rel = f'{class_folder}/object_{c:03d}_{k + 1:04d}.jpg'
+            img.save(os.path.join(folder, 'images', rel), 'JPEG', quality=90)
+            images.append(f'{image_id} {rel}\n')
+            labels.append(f'{image_id} {c}\n')
+            boxes.append(f'{image_id} {float(x1)} {float(y1)} {float(x2 - x1)} {float(y2 - y1)}\n')
+    for file, lines in (('images.txt', images), ('image_class_labels.txt', labels),
+                        ('bounding_boxes.txt', boxes), ('classes.txt', class_lines), (DEMO_MARKER, [signature])):
+        with open(os.path.join(folder, file), 'w') as f:
+            f.writelines(lines)
+
+
 def make_demo(root, seed=0, num_classes=None, per_class=None, size=None):
     """Draw the demo dataset into root in CUB-200-2011's layout (images.txt, image_class_labels.txt,
     bounding_boxes.txt, classes.txt, images/<class>/*.jpg). Same seed and sizes -> same bytes."""
     num_classes = DEMO_CLASSES if num_classes is None else num_classes
     per_class = DEMO_PER_CLASS if per_class is None else per_class
     size = DEMO_SIZE if size is None else size
-    marker = os.path.join(root, DEMO_MARKER)
     signature = f'seed {seed} classes {num_classes} per_class {per_class} size {size}\n'
-    if os.path.exists(marker):
+    marker = os.path.join(root, DEMO_MARKER)
+    partial, old = root.rstrip(os.sep) + '.partial', root.rstrip(os.sep) + '.old'
+    for leftover in (partial, old):  # what an interrupted drawing or swap left
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover)
+    if os.path.isfile(marker):
         with open(marker) as f:
             if f.read() == signature:
                 return root  # already drawn with these settings
-        # drawn earlier with other settings: the folder is entirely generated, start again
-        shutil.rmtree(root)
     elif os.path.lexists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise UserError(f'demo: {root} exists and was not made by this script; '
                         f'choose another --data_path or remove that folder')
-    # drawn in a side folder and renamed at the end: an interrupted drawing never looks complete
-    partial = root.rstrip(os.sep) + '.partial'
-    if os.path.isdir(partial):
-        shutil.rmtree(partial)
-    rng = np.random.default_rng(seed)
-    classes = [_demo_class(rng) for _ in range(num_classes)]
-    images, labels, boxes, class_lines = [], [], [], []
-    image_id = 0
-    for c, parts in enumerate(tqdm(classes, desc='demo: drawing', unit='class', leave=False), 1):
-        folder = f'{c:03d}.object_{c:03d}'
-        class_lines.append(f'{c} {folder}\n')
-        os.makedirs(os.path.join(partial, 'images', folder), exist_ok=True)
-        for k in range(per_class):
-            image_id += 1
-            img, (x1, y1, x2, y2) = _draw_demo_image(parts, rng, size)
-            rel = f'{folder}/object_{c:03d}_{k + 1:04d}.jpg'
-            img.save(os.path.join(partial, 'images', rel), 'JPEG', quality=90)
-            images.append(f'{image_id} {rel}\n')
-            labels.append(f'{image_id} {c}\n')
-            boxes.append(f'{image_id} {float(x1)} {float(y1)} {float(x2 - x1)} {float(y2 - y1)}\n')
-    for file, lines in (('images.txt', images), ('image_class_labels.txt', labels),
-                        ('bounding_boxes.txt', boxes), ('classes.txt', class_lines), (DEMO_MARKER, [signature])):
-        with open(os.path.join(partial, file), 'w') as f:
-            f.writelines(lines)
+    # drawn in a side folder, then whole folders are swapped: until the last rename the old
+    # drawing (with its marker and lists) is complete, after it the new one is
+    _draw_demo(partial, seed, num_classes, per_class, size, signature)
     if os.path.isdir(root):
-        os.rmdir(root)  # empty (checked above)
+        os.replace(root, old)
     os.replace(partial, root)
+    shutil.rmtree(old, ignore_errors=True)
     return root
 
 
@@ -630,12 +681,13 @@ def parse_args(argv=None):
                              'default: every benchmark folder present')
     parser.add_argument('--split', type=float, default=None,
                         help='own folders: share of the sorted class names used for training (default 0.5)')
-    parser.add_argument('--seed', type=int, default=0, help='demo: random seed of the drawing')
+    parser.add_argument('--seed', type=int, default=0, help='demo: random seed of the drawing (0 .. 2**32-1)')
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    _check_options(args.data_name or list(DATASETS), args.split, args.seed)
     if args.data_name == ['demo']:  # the demo is drawn here, so its folder may not exist yet
         try:
             os.makedirs(args.data_path, exist_ok=True)

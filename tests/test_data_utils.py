@@ -1,7 +1,11 @@
-"""data_utils.py on tiny datasets written in each benchmark's real layout."""
+"""data_utils.py on tiny datasets written in each benchmark's real layout, and the lists read back."""
+import errno
 import os
+import shutil
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -10,24 +14,12 @@ from PIL import Image
 from scipy.io import savemat
 
 import data_utils
+import utils
+from _data_fixtures import make_tiny_dataset, write_class_folders, write_image
+from _train_fixtures import run_script
 from utils import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _data_fixtures import make_tiny_dataset, write_class_folders  # noqa: E402
-
-
-def write_image(path, size=(40, 30), mode='RGB', seed=0, fmt=None):
-    """A random-pixel image in any PIL mode; returns its path."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), 'RGB')
-    if mode == 'P':
-        img = img.convert('P', palette=Image.Palette.ADAPTIVE)
-    elif mode != 'RGB':
-        img = img.convert(mode)
-    img.save(path, fmt or ('PNG' if path.endswith('.png') else 'JPEG'))
-    return path
 
 
 def load(data_path, name, crop):
@@ -45,6 +37,21 @@ def mat_struct(records, fields):
 
 def p(root, name, crop, file):
     return os.path.join(root, name, crop, file)
+
+
+def fail_writes(monkeypatch, name):
+    """In-process fault: every atomic write of a file whose name contains `name` fails (disk full)."""
+    write = utils.write_temporary
+
+    def write_temporary(data, path):
+        if name in os.path.basename(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(data, path)
+    monkeypatch.setattr(utils, 'write_temporary', write_temporary)
+
+
+def temporaries(folder):
+    return sorted(f for _, _, files in os.walk(folder) for f in files if f.endswith('.tmp'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,43 +350,32 @@ def test_existing_files_identical_accepted_different_refused(tmp_path, monkeypat
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('name, make, remove', [
-    ('car', make_car_original, 'car/cars_annos.mat'),
-    ('car', make_car_devkit, 'car/cars_test_annos_withlabels.mat'),
-    ('car', make_car_devkit, 'car/devkit/cars_train_annos.mat'),
-    ('cub', make_cub, 'cub/bounding_boxes.txt'),
-    ('cub', make_cub, 'cub/image_class_labels.txt'),
-    ('sop', make_sop, 'sop/Ebay_test.txt'),
-    ('isc', make_isc, 'isc/Eval/list_eval_partition.txt'),
+MISSING_IMAGE = '1 image file(s) listed by the annotations are missing:\n  {}'
+
+
+@pytest.mark.parametrize('name, make, remove, message', [
+    ('car', make_car_original, 'car/cars_annos.mat', 'annotation file not found: {}'),
+    ('car', make_car_devkit, 'car/cars_test_annos_withlabels.mat', 'annotation file not found: {}'),
+    ('car', make_car_devkit, 'car/devkit/cars_train_annos.mat', 'annotation file not found: {}'),
+    ('cub', make_cub, 'cub/bounding_boxes.txt', 'annotation file not found: {}'),
+    ('cub', make_cub, 'cub/image_class_labels.txt', 'annotation file not found: {}'),
+    ('sop', make_sop, 'sop/Ebay_test.txt', 'annotation file not found: {}'),
+    ('isc', make_isc, 'isc/Eval/list_eval_partition.txt', 'annotation file not found: {}'),
+    ('car', make_car_original, 'car/car_ims/000003.jpg', MISSING_IMAGE),
+    ('cub', make_cub, 'cub/images/101.White_Pelican/White_Pelican_0025_97604.jpg', MISSING_IMAGE),
+    ('sop', make_sop, 'sop/chair_final/111265328556_0.JPG', MISSING_IMAGE),
+    ('isc', make_isc, 'isc/Img/img/MEN/Denim/id_00000080/01_2_side.jpg', MISSING_IMAGE),
 ])
-def test_missing_annotation_file(tmp_path, name, make, remove):
+def test_missing_file(tmp_path, name, make, remove, message):
     root = str(tmp_path)
     make(root)
     os.remove(os.path.join(root, remove))
     with pytest.raises(UserError) as err:
         data_utils.process_dataset(root, name)
-    message = str(err.value)
-    assert message.startswith(f'{name}: annotation file not found: {os.path.join(root, remove)}')
-    assert 'expected layout' in message
-    assert not os.path.exists(data_utils.data_dict_path(root, name, 'uncropped'))
-
-
-@pytest.mark.parametrize('name, make, image', [
-    ('car', make_car_original, 'car/car_ims/000003.jpg'),
-    ('cub', make_cub, 'cub/images/101.White_Pelican/White_Pelican_0025_97604.jpg'),
-    ('sop', make_sop, 'sop/chair_final/111265328556_0.JPG'),
-    ('isc', make_isc, 'isc/Img/img/MEN/Denim/id_00000080/01_2_side.jpg'),
-])
-def test_missing_image(tmp_path, name, make, image):
-    root = str(tmp_path)
-    make(root)
-    os.remove(os.path.join(root, image))
-    with pytest.raises(UserError) as err:
-        data_utils.process_dataset(root, name)
-    message = str(err.value)
-    assert message.startswith(f'{name}: 1 image file(s) listed by the annotations are missing')
-    assert os.path.join(root, image) in message and 'expected layout' in message
+    assert str(err.value).startswith(f'{name}: ' + message.format(os.path.join(root, remove)))
+    assert 'expected layout' in str(err.value)
     assert not os.path.exists(os.path.join(root, name, 'uncropped'))
+    assert not os.path.exists(data_utils.data_dict_path(root, name, 'uncropped'))
 
 
 def test_malformed_annotations(tmp_path):
@@ -424,7 +420,37 @@ def test_unreadable_images_all_listed_nothing_written(tmp_path):
     assert not os.path.exists(data_utils.data_dict_path(root, 'own', 'uncropped'))
 
 
-def test_cli_errors_without_traceback(tmp_path):
+def test_decompression_bomb_reason_whole(tmp_path):
+    # a PNG whose header claims 20000 x 20000 pixels: PIL refuses it with a 100+ character reason
+    root = str(tmp_path)
+    write_class_folders(root, 'own', num_classes=2, per_class=1, size=8)
+    data = bytearray(open(write_image(os.path.join(root, 'own', 'class_00', 'bomb.png'), (1, 1)), 'rb').read())
+    data[16:24] = struct.pack('>II', 20000, 20000)  # IHDR width, height, then its CRC
+    data[29:33] = struct.pack('>I', zlib.crc32(bytes(data[12:29])))
+    open(os.path.join(root, 'own', 'class_00', 'bomb.png'), 'wb').write(data)
+    with pytest.raises(UserError) as err:
+        data_utils.process_dataset(root, 'own')
+    assert 'bomb.png: unreadable (Image size (400000000 pixels) exceeds limit of' in str(err.value)
+    assert 'could be decompression bomb DOS attack.)' in str(err.value)  # cut at 'DOS att' before
+
+
+def test_long_names_refused_before_writing(tmp_path):
+    # a 250-byte class folder is legal, but {class}_{file} (plus a temporary's 14) is not
+    root = str(tmp_path)
+    write_class_folders(root, 'own', num_classes=2, per_class=1, size=8)
+    long_class = os.path.join(root, 'own', 'c' * 250)
+    write_image(os.path.join(long_class, 'img_0.jpg'))
+    write_image(os.path.join(root, 'own', 'd' * 235, 'img_0.jpg'))  # 245 bytes + 14: also too long
+    with pytest.raises(UserError) as err:
+        data_utils.process_dataset(root, 'own')
+    message = str(err.value)
+    assert message.startswith('own: 2 output file name(s) longer than the file system allows (255 bytes')
+    assert 'c' * 250 + '_img_0.jpg' in message and 'shorten those' in message and 'disk space' not in message
+    assert not os.path.exists(os.path.join(root, 'own', 'uncropped'))
+
+
+def test_cli_errors_without_traceback(tmp_path, capsys):
+    # one run through the interpreter: exit status 1 and one line, no traceback
     root = str(tmp_path)
     make_cub(root)
     os.remove(os.path.join(root, 'cub', 'images.txt'))
@@ -432,11 +458,31 @@ def test_cli_errors_without_traceback(tmp_path):
                          cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 1 and 'Traceback' not in run.stderr
     assert run.stderr.startswith(f'error: cub: annotation file not found: {os.path.join(root, "cub", "images.txt")}')
-    run = subprocess.run([sys.executable, 'data_utils.py', '--data_path', root, '--data_name', 'nope'],
-                         cwd=REPO, capture_output=True, text=True)
-    assert run.returncode == 1 and "unknown dataset 'nope'" in run.stderr
-    with pytest.raises(UserError, match='no path separators'):
-        data_utils.main(['--data_path', root, '--data_name', '../cub'])
+    # the rest in-process, through the same run_cli
+    for argv, message in [(['--data_name', 'nope'], "error: unknown dataset 'nope'"),
+                          (['--data_name', 'demo', '--seed', '-1'], 'error: --seed must be between 0 and 4294967295'),
+                          (['--data_name', 'demo', '--seed', str(2 ** 32)], 'error: --seed must be between 0 and')]:
+        with pytest.raises(SystemExit) as exit_:
+            utils.run_cli(lambda: data_utils.main(['--data_path', root, *argv]))
+        assert exit_.value.code == 1 and capsys.readouterr().err.startswith(message)
+    assert not os.path.exists(os.path.join(root, 'demo'))
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--data_name', 'own', 'car', '--split', '0.3'], '--split applies to own class-folder datasets; car has a fixed'),
+    (['--split', '0.3'], '--split applies to own class-folder datasets; car, cub, sop, isc have a fixed split'),
+    (['--data_name', 'own', '--split', '1.5'], '--split must be between 0 and 1'),
+    (['--data_name', 'own', '--split', 'nan'], '--split must be between 0 and 1'),
+    (['--data_name', 'own', '../cub'], "--data_name '../cub' must be a folder name inside --data_path"),
+    (['--data_name', 'own', 'demo', '--seed', '-1'], '--seed must be between 0 and 4294967295, got -1'),
+])
+def test_flags_checked_before_any_dataset(tmp_path, argv, message):
+    root = str(tmp_path)
+    write_class_folders(root, 'own', num_classes=2, per_class=1, size=8)
+    with pytest.raises(UserError) as err:
+        data_utils.main(['--data_path', root, *argv])
+    assert str(err.value).startswith(message)
+    assert os.listdir(root) == ['own'] and sorted(os.listdir(os.path.join(root, 'own'))) == ['class_00', 'class_01']
 
 
 def test_all_present_processed_absent_reported(tmp_path, capsys):
@@ -451,7 +497,7 @@ def test_all_present_processed_absent_reported(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# atomic lists, re-runs
+# atomic writes, re-runs, permissions
 # ---------------------------------------------------------------------------------------------
 
 
@@ -461,27 +507,32 @@ def test_interrupted_write_keeps_previous_lists(tmp_path, monkeypatch):
     data_utils.process_dataset(root, 'cub')
     path = data_utils.data_dict_path(root, 'cub', 'uncropped')
     before = open(path, 'rb').read()
-    cmd = [sys.executable, 'data_utils.py', '--data_path', root, '--data_name', 'cub']
     # killed (SIGKILL) halfway through writing the list: the previous file is untouched
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True,
-                         env={**os.environ, 'CLF_FAULT': 'kill-write:uncropped_data_dicts:1'})
+    run = run_script(['--data_path', root, '--data_name', 'cub'], fault='kill-write:uncropped_data_dicts:1',
+                     script='data_utils.py')
     assert run.returncode == -9
     assert open(path, 'rb').read() == before
+    assert temporaries(root)[0].startswith('.uncropped_data_dicts.pth.')
+    # a crop killed the same way; the next run removes both leftovers, whatever else it does
+    crop = p(root, 'cub', 'cropped', 'White_Pelican_0025_97604.jpg')
+    os.remove(crop)
+    open(os.path.join(os.path.dirname(crop), '.White_Pelican_0025_97604.jpg.x1y2z3w4.tmp'), 'wb').write(b'half')
     # a write that fails (disk full): an error, the previous file is untouched, no temporary left
-    monkeypatch.setenv('CLF_FAULT', 'fail-write:cropped_data_dicts:1')
+    fail_writes(monkeypatch, 'cropped_data_dicts')
     os.remove(data_utils.data_dict_path(root, 'cub', 'cropped'))
-    with pytest.raises(UserError, match='cannot write'):
+    with pytest.raises(UserError, match='cannot write .*cropped_data_dicts.pth: No space left on device'):
         data_utils.process_dataset(root, 'cub')
     assert not os.path.exists(data_utils.data_dict_path(root, 'cub', 'cropped'))
     assert open(path, 'rb').read() == before
+    assert temporaries(root) == [] and os.path.isfile(crop)
 
 
 def test_disk_full_while_copying(tmp_path, monkeypatch):
     root = str(tmp_path)
     write_class_folders(root, 'own', num_classes=2, per_class=2, size=8)
     monkeypatch.setattr(os, 'link', lambda *a: (_ for _ in ()).throw(OSError(18, 'cross-device')))
-    monkeypatch.setattr(data_utils.shutil, 'copyfile', lambda *a: (_ for _ in ()).throw(OSError(28, 'No space')))
-    with pytest.raises(UserError, match=r'cannot copy .*img_0.jpg to .*class_00_img_0.jpg: No space'):
+    fail_writes(monkeypatch, 'class_00_img_0.jpg')
+    with pytest.raises(UserError, match=r'cannot write .*class_00_img_0.jpg: No space left on device'):
         data_utils.process_dataset(root, 'own')
     assert not os.path.exists(data_utils.data_dict_path(root, 'own', 'uncropped'))
     assert os.listdir(os.path.join(root, 'own', 'uncropped')) == []  # no temporary left behind
@@ -496,6 +547,86 @@ def test_rerun_gives_same_result(tmp_path):
     assert data_utils.process_dataset(root, 'car') == first
     assert load(root, 'car', 'cropped') == first['cropped']
     assert open(crop, 'rb').read() == crop_bytes and os.stat(crop).st_mtime_ns == crop_mtime  # written once
+
+
+def test_written_files_follow_umask(tmp_path):
+    # umask 027 in a fresh process; copies (links refused), crops from the thread pool, lists and
+    # the demo's own files all get 0o666 & ~umask = 0o640, and the umask itself is never changed
+    script = (f'import os, sys; sys.path.insert(0, {REPO!r}); os.umask(0o027)\n'
+              f'os.link = lambda *a: (_ for _ in ()).throw(OSError(18, "cross-device"))\n'
+              f'import data_utils; data_utils.DEMO_CLASSES, data_utils.DEMO_PER_CLASS = 4, 3\n'
+              f'data_utils.main(["--data_path", {str(tmp_path)!r}, "--data_name", "demo"])\n'
+              f'print(oct(os.umask(0)))')
+    run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0 and run.stdout.splitlines()[-1] == '0o27', run.stderr
+    modes = {os.path.relpath(os.path.join(folder, f), tmp_path): os.stat(os.path.join(folder, f)).st_mode & 0o777
+             for folder, _, files in os.walk(tmp_path) for f in files}
+    assert len([f for f in modes if f.startswith('demo/cropped/')]) == 12 and len(modes) == 12 * 3 + 7
+    assert set(modes.values()) == {0o640}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the lists back (what train.py calls)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('tiny'))
+    make_tiny_dataset(root, num_classes=4, per_class=2, size=16)
+    write_class_folders(root, 'raw', num_classes=2, per_class=1, size=8)  # never processed
+    return root
+
+
+def test_load_data_dicts(tmp_path, tiny):
+    dicts, path = data_utils.load_data_dicts(tiny, 'tiny', 'uncropped')
+    assert path == data_utils.data_dict_path(tiny, 'tiny', 'uncropped') and dicts == load(tiny, 'tiny', 'uncropped')
+    make_isc(str(tmp_path / 'a'))
+    expected = data_utils.process_dataset(str(tmp_path / 'a'), 'isc')['uncropped']
+    assert data_utils.load_data_dicts(str(tmp_path / 'a'), 'isc', 'uncropped')[0] == expected
+    # the whole data path moved since data_utils.py ran
+    os.rename(tmp_path / 'a', tmp_path / 'b')
+    with pytest.raises(UserError) as err:
+        data_utils.load_data_dicts(str(tmp_path / 'b'), 'isc', 'uncropped')
+    assert str(err.value) == (f"data dict {data_utils.data_dict_path(str(tmp_path / 'b'), 'isc', 'uncropped')}: "
+                              f"images of split 'train' not found (first: {expected['train']['id_00000002'][0]}); "
+                              f"the dataset moved since data_utils.py ran? re-run it with the current --data_path")
+
+
+BAD = 'data dict {root}/bad/uncropped_data_dicts.pth: '
+SPLITS = "expected splits 'train' and 'test' (or 'query' and 'gallery'), found "
+
+
+@pytest.mark.parametrize('name, crop, content, message', [
+    ('../tiny', 'uncropped', None, "--data_name '../tiny' must be a folder name inside --data_path (no path "
+                                   "separators)"),
+    ('tiny', 'resized', None, "--crop_type 'resized': expected one of uncropped, cropped"),
+    ('demo', 'uncropped', None, 'demo: folder not found: {root}/demo; the demo is generated: '
+                                'run `python data_utils.py --data_path {root} --data_name demo`'),
+    ('car', 'uncropped', None, 'car: folder not found: {root}/car\nexpected layout:\n  car/cars_annos.mat'),
+    ('nope', 'uncropped', None, "unknown dataset 'nope': {root}/nope is not a folder. Use one of car, cub, sop, "
+                                "isc, demo, or an own dataset laid out as\n  nope/<class>/<image>"),
+    ('raw', 'uncropped', None, 'data dict not found: {root}/raw/uncropped_data_dicts.pth; '
+                               'run `python data_utils.py --data_path {root} --data_name raw` first'),
+    ('tiny', 'cropped', None, 'data dict not found: {root}/tiny/cropped_data_dicts.pth; run `python data_utils.py '
+                              '--data_path {root} --data_name tiny` first (cropped lists exist only for datasets '
+                              'with bounding boxes: car, cub, demo)'),
+    ('bad', 'uncropped', [1, 2], BAD + SPLITS + 'list'),
+    ('bad', 'uncropped', {'train': {}, 'query': {}}, BAD + SPLITS + "['query', 'train']"),
+    ('bad', 'uncropped', {'train': {'a': []}, 'test': {'b': ['x.jpg']}},
+     BAD + "split 'train' is empty or not {label: [image paths]}; re-run data_utils.py"),
+    ('bad', 'uncropped', {'train': {'a': ['x.jpg']}, 'test': {'b': 'x.jpg'}}, BAD + "split 'test' is empty or not"),
+])
+def test_load_data_dicts_errors(tiny, name, crop, content, message):
+    if content is not None:
+        os.makedirs(os.path.join(tiny, name), exist_ok=True)
+        torch.save(content, data_utils.data_dict_path(tiny, name, crop))
+    with pytest.raises(UserError) as err:
+        data_utils.load_data_dicts(tiny, name, crop)
+    assert str(err.value).startswith(message.replace("{root}", tiny))
+    assert 'download' not in str(err.value)
+    if name == 'car':
+        assert str(err.value).endswith(f'then run `python data_utils.py --data_path {tiny} --data_name car`')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,16 +665,47 @@ def test_demo_deterministic_and_processed(tmp_path):
             assert 0 <= x and 0 <= y and w > 4 and h > 4 and x + w <= 48 and y + h <= 48
 
 
-def test_demo_command(tmp_path, monkeypatch):
-    # the full-size demo through the command line, drawn once and reused on a re-run
+@pytest.fixture
+def small_demo(monkeypatch):
     monkeypatch.setattr(data_utils, 'DEMO_CLASSES', 4)
     monkeypatch.setattr(data_utils, 'DEMO_PER_CLASS', 2)
+
+
+def test_demo_command(tmp_path, small_demo):
+    # the demo through the command line, drawn once and reused on a re-run
     data_utils.main(['--data_path', str(tmp_path), '--data_name', 'demo', '--seed', '1'])
     d = load(str(tmp_path), 'demo', 'uncropped')
     assert list(d['train']) == ['1', '2'] and list(d['test']) == ['3', '4']
     assert data_utils.normalization('demo') == (data_utils.IMAGENET_MEAN, data_utils.IMAGENET_STD)
     with pytest.raises(UserError, match='--split applies to own'):
         data_utils.main(['--data_path', str(tmp_path), '--data_name', 'demo', '--split', '0.3'])
+
+
+def test_demo_redraw_interrupted_heals(tmp_path, monkeypatch, small_demo):
+    root = str(tmp_path)
+    seed0 = data_utils.process_dataset(root, 'demo', seed=0)
+    drawn0 = tree_bytes(os.path.join(root, 'demo'))
+    # Ctrl-C while drawing seed 1: the seed-0 demo and its lists stay whole and in use
+    draw = data_utils._draw_demo_image
+    calls = iter(range(5))
+    monkeypatch.setattr(data_utils, '_draw_demo_image', lambda *a: draw(*a) if next(calls) < 4 else 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        data_utils.process_dataset(root, 'demo', seed=1)
+    assert tree_bytes(os.path.join(root, 'demo')) == drawn0
+    assert data_utils.load_data_dicts(root, 'demo', 'uncropped')[0] == seed0['uncropped']
+    # killed while deleting the drawing it replaced (the old code: the seed-0 marker outlived its images)
+    monkeypatch.setattr(data_utils, '_draw_demo_image', draw)
+    rmtree = shutil.rmtree
+
+    def killed_rmtree(path, *args, **kwargs):
+        rmtree(os.path.join(path, 'images'))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data_utils.shutil, 'rmtree', killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        data_utils.process_dataset(root, 'demo', seed=1)
+    monkeypatch.setattr(data_utils.shutil, 'rmtree', rmtree)
+    assert data_utils.process_dataset(root, 'demo', seed=0) == seed0
+    assert tree_bytes(os.path.join(root, 'demo')) == drawn0 and sorted(os.listdir(root)) == ['demo']
 
 
 def test_demo_bad_targets(tmp_path, monkeypatch):
