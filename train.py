@@ -5,17 +5,14 @@ database to results/, with a checkpoint each epoch so a killed run resumes where
 Single process: `python train.py ...`; several GPUs or nodes: `torchrun --nproc_per_node=N train.py ...`.
 """
 import argparse
-import glob
 import io
 import math
 import os
-import random
-import signal
-import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data_utils
@@ -23,16 +20,21 @@ import model as model_lib
 import utils
 from utils import UserError
 
-# CSV columns before the per-k recalls (percentages at full precision; epochs count from 1).
-STAT_COLUMNS = ('epoch', 'train_loss', 'train_accuracy')
-# Flags a resumed run must share with its checkpoint: they change the numbers it produces.
+# ----------------------------------------------------------------------------------------------
+# the recipe (DESIGN.md)
+# ----------------------------------------------------------------------------------------------
+LR_WITH_WEIGHTS = 1e-4  # Adam on an ImageNet backbone whose BatchNorm stays frozen
+LR_FROM_SCRATCH = 1e-3  # without weights the BatchNorm trains and needs a 10x larger rate
+WEIGHT_DECAY = 1e-5
+SMOOTHING, TEMPERATURE = 0.1, 1.0  # label smoothing and logit temperature of the loss
+MILESTONES, GAMMA = (0.6, 0.8), 0.1  # LR x 0.1 after int(0.6 E) and int(0.8 E) epochs
+
+STAT_COLUMNS = ('epoch', 'train_loss', 'train_accuracy')  # then test_recall@k per k, test_map@r
+# flags a resumed run must share with its checkpoint: they change the numbers it produces
 RESUME_KEYS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'branches', 'recalls',
                'batch_size', 'num_epochs', 'image_size', 'seed', 'pretrained', 'lr')
-
-
-# ----------------------------------------------------------------------------------------------
-# command line and validation (everything is checked before results/ is touched)
-# ----------------------------------------------------------------------------------------------
+OUTPUTS = ('statistics.csv', 'model.pth', 'data_base.pth', 'checkpoint.pth', 'curves.png')
+INTERRUPTED = 'stopped at once; the last checkpoint is intact: run the same command with --resume auto to continue'
 
 
 def parse_args(argv=None):
@@ -40,458 +42,333 @@ def parse_args(argv=None):
     add = parser.add_argument
     add('--data_path', default='/home/data', type=str, help='datasets path [default: %(default)s]')
     add('--data_name', default='car', type=str,
-        help='dataset name: car, cub, sop, isc, demo or an own folder processed by data_utils.py '
-             '[default: %(default)s]')
+        help='car, cub, sop, isc, demo or an own folder processed by data_utils.py [default: %(default)s]')
     add('--crop_type', default='uncropped', type=str, choices=data_utils.CROP_TYPES,
-        help='crop data or not, it only works for car or cub dataset [default: %(default)s]')
+        help='bounding-box crops or whole images (crops exist for datasets with boxes) [default: %(default)s]')
     add('--backbone_type', default='resnet18', type=str, choices=sorted(model_lib.BACKBONES),
         help='backbone network type [default: %(default)s]')
     add('--feature_dim', default=512, type=int, help='feature dim of each branch [default: %(default)s]')
     add('--recalls', default='1,2,4,8', type=str, help='selected recall [default: %(default)s]')
-    add('--batch_size', default=128, type=int,
-        help='train batch size, global over all processes [default: %(default)s]')
+    add('--batch_size', default=128, type=int, help='train batch size, global over all processes [default: %(default)s]')
     add('--num_epochs', default=20, type=int, help='train epoch number [default: %(default)s]')
     add('--device', default=None, type=str, help='cpu, cuda or cuda:N [default: cuda when available, else cpu]')
     add('--num_workers', default=None, type=int,
-        help='data loader workers per process [default: from the CPU count, at most 8]')
+        help='data loader workers per process without the cache [default: from the CPU count, at most 8]')
     add('--image_size', default=224, type=int,
         help='train/test image size; training crops it from a round(size*8/7) resize [default: %(default)s]')
-    add('--seed', default=0, type=int, help='random seed; on CPU a fixed seed gives identical runs '
-                                            '[default: %(default)s]')
+    add('--seed', default=0, type=int, help='random seed; on CPU a fixed seed gives identical runs [default: %(default)s]')
     add('--pretrained', default='imagenet', type=str,
         help="backbone weights: 'imagenet', 'none' (from scratch) or a weights file [default: %(default)s]")
     add('--branches', default='SMG', type=str,
         help='local-feature branches: letters of S (SPoC), M (MAC), G (GeM) [default: %(default)s]')
     add('--no_amp', action='store_true', help='train in float32 on CUDA [default: mixed precision]')
-    add('--lr', default=None, type=float, help='learning rate [default: 1e-4 with pretrained weights, '
-                                               '1e-3 from scratch]')
+    add('--lr', default=None, type=float, help='learning rate [default: 1e-4 with pretrained weights, 1e-3 from scratch]')
+    add('--cache', default='auto', choices=utils.CACHE_CHOICES,
+        help='decode the images once into GPU memory, RAM, or not at all [default: %(default)s: GPU when '
+             'they fit, else RAM, else off]')
+    add('--compile', action='store_true', help='torch.compile the model for training and feature extraction')
     add('--resume', default=None, type=str,
-        help="'auto' (continue this run's checkpoint when there is one, else start fresh) or a checkpoint "
-             "file [default: start fresh]")
+        help="'auto' (continue this run's checkpoint when there is one, else start fresh) or a checkpoint file")
+    add('--overwrite', action='store_true', help="start over, replacing a run of this name that has a checkpoint")
     add('--results_dir', default='results', type=str, help='where outputs are written [default: %(default)s]')
     add('--eval_untrained', action='store_true',
         help='also evaluate the model before the first epoch and print its R@K, a baseline (not saved)')
     return parser.parse_args(argv)
 
 
-def parse_recalls(text):
-    """'1,2,4,8' -> [1, 2, 4, 8] (sorted, duplicates dropped); anything else is a UserError."""
-    try:
-        ks = [int(part) for part in text.split(',')]
-    except ValueError:
-        ks = []
-    if not ks or any(k < 1 for k in ks):
-        raise UserError(f"--recalls '{text}': expected a comma-separated list of positive integers, e.g. 1,2,4,8")
-    return sorted(set(ks))
-
-
-def _check_split(split, name, path):
-    """A data-dict split must be {label: [paths]} with at least one image."""
-    if not isinstance(split, dict) or not split or \
-            not all(isinstance(paths, (list, tuple)) for paths in split.values()) or \
-            sum(len(paths) for paths in split.values()) == 0:
-        raise UserError(f"data dict {path}: split '{name}' is empty or not {{label: [image paths]}}; "
-                        f"re-run data_utils.py")
-    first = next(iter(p for paths in split.values() for p in paths))
-    if not os.path.exists(first):
-        raise UserError(f"data dict {path}: images of split '{name}' not found (first: {first}); the "
-                        f"dataset moved since data_utils.py ran? re-run it with the current --data_path")
-
-
-def load_data_dicts(args):
-    """Load and check {data_path}/{data_name}/{crop_type}_data_dicts.pth -> dict of splits."""
-    name = args.data_name
-    if not name or os.sep in name or name in ('.', '..'):
-        raise UserError(f"--data_name '{name}': expected a dataset name, not a path")
-    folder = os.path.join(args.data_path, name)
-    path = data_utils.data_dict_path(args.data_path, name, args.crop_type)
-    if not os.path.isdir(folder) and (name in data_utils.DATASETS or name == 'demo'):
-        raise UserError(f"dataset folder not found: {folder}; put the {name} download there (or pass the "
-                        f"--data_path that holds it) and run `python data_utils.py --data_path {args.data_path} "
-                        f"--data_name {name}` first")
-    if not os.path.isdir(folder):
-        raise UserError(f"unknown dataset '{name}': {folder} is not a folder. Expected one of "
-                        f"{', '.join(data_utils.DATASETS)}, demo or an own dataset, downloaded/made under "
-                        f"--data_path {args.data_path} and processed with `python data_utils.py "
-                        f"--data_path {args.data_path} --data_name {name}`")
-    if not os.path.isfile(path):
-        raise UserError(f'data dict not found: {path}; run `python data_utils.py --data_path {args.data_path} '
-                        f'--data_name {name}` first' + (' (cropped lists exist only for datasets with boxes)'
-                                                        if args.crop_type == 'cropped' else ''))
-    dicts = utils.safe_load(path, 'data dict')
-    if not isinstance(dicts, dict) or 'train' not in dicts or \
-            not ('test' in dicts or ('query' in dicts and 'gallery' in dicts)):
-        raise UserError(f"data dict {path}: expected splits 'train' and 'test' (or 'query' and 'gallery'), "
-                        f"found {sorted(dicts) if isinstance(dicts, dict) else type(dicts).__name__}")
-    for split in ('train', 'test', 'query', 'gallery'):
-        if split in dicts:
-            _check_split(dicts[split], split, path)
-    return dicts, path
-
-
 def resolve_config(args):
-    """Check every flag and the data dict; return (config dict, data dicts). Raises UserError."""
-    recalls = parse_recalls(args.recalls)
-    if args.feature_dim <= 0:
-        raise UserError(f'--feature_dim must be a positive integer, got {args.feature_dim}')
-    if args.batch_size < 2:  # the classifier's BatchNorm1d needs 2+ images per batch
-        raise UserError(f'--batch_size must be at least 2, got {args.batch_size}')
-    if args.num_epochs < 1:
-        raise UserError(f'--num_epochs must be a positive integer, got {args.num_epochs}')
-    if args.image_size < 16:
-        raise UserError(f'--image_size must be at least 16 (the backbone downsamples by 16), got {args.image_size}')
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError(f'--num_workers must be 0 or more, got {args.num_workers}')
+    """Check every flag and the data lists before anything is written -> (config dict, data dicts)."""
+    try:
+        recalls = sorted({int(k) for k in args.recalls.split(',')})
+    except ValueError:
+        recalls = []
+    if not recalls or recalls[0] < 1:
+        raise UserError(f"--recalls '{args.recalls}': expected a comma-separated list of positive integers, e.g. 1,2,4,8")
+    for flag, value, low, high in (('--feature_dim', args.feature_dim, 1, 8192), ('--batch_size', args.batch_size, 2, 65536),
+                                   ('--num_epochs', args.num_epochs, 1, 100000), ('--image_size', args.image_size, 16, 1024),
+                                   ('--seed', args.seed, 0, 2 ** 63 - 1), ('--num_workers', args.num_workers or 0, 0, 256)):
+        utils.check_int(flag, value, low, high)
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         raise UserError(f'--lr must be a positive number, got {args.lr}')
     branches = model_lib.parse_branches(args.branches)
-    pretrained = args.pretrained
-    if pretrained not in ('imagenet', 'none') and not os.path.isfile(pretrained):
-        raise UserError(f"--pretrained {pretrained}: expected 'imagenet', 'none' or an existing weights file")
-    on_rank0 = os.environ.get('RANK', '0') == '0'  # under torchrun only rank 0 reads the checkpoint
-    if args.resume not in (None, 'auto') and on_rank0 and not os.path.isfile(args.resume):
-        raise UserError(f"--resume {args.resume}: checkpoint not found (use 'auto' to start fresh when "
-                        f"there is none)")
+    if args.pretrained not in ('imagenet', 'none') and not os.path.isfile(args.pretrained):
+        raise UserError(f"--pretrained {args.pretrained}: expected 'imagenet', 'none' or an existing weights file")
+    if args.resume not in (None, 'auto') and os.environ.get('RANK', '0') == '0' and not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: checkpoint not found (use 'auto' to start fresh when there is none)")
+    if args.resume and args.overwrite:
+        raise UserError('--resume continues a run and --overwrite replaces it: pass one of them')
+    if os.path.exists(args.results_dir) and not os.path.isdir(args.results_dir) or not args.results_dir:
+        raise UserError(f"--results_dir '{args.results_dir}': expected a folder")
 
-    dicts, dict_path = load_data_dicts(args)
-    # R@k needs k candidates per query: the other test images, or the gallery
-    if 'gallery' in dicts:
-        candidates = sum(len(p) for p in dicts['gallery'].values())
-        what = f'the gallery of {dict_path} has {candidates} images'
-    else:
-        candidates = sum(len(p) for p in dicts['test'].values()) - 1
-        what = f'a test image of {dict_path} has only {candidates} other images'
-    if max(recalls) > candidates:
-        raise UserError(f'--recalls {args.recalls}: R@{max(recalls)} asks for {max(recalls)} neighbours but {what}')
-    num_train = sum(len(p) for p in dicts['train'].values())
-    if num_train < 2:
-        raise UserError(f'data dict {dict_path}: training needs at least 2 images, found {num_train}')
-
-    weights = pretrained != 'none'
-    config = {
+    dicts, dict_path = data_utils.load_data_dicts(args.data_path, args.data_name, args.crop_type)
+    eval_splits = ('query', 'gallery') if 'gallery' in dicts else ('test',)
+    candidates = sum(map(len, dicts[eval_splits[-1]].values())) - (len(eval_splits) == 1)  # not the query itself
+    if recalls[-1] > candidates:
+        raise UserError(f'--recalls {args.recalls}: R@{recalls[-1]} needs {recalls[-1]} candidates per query, but '
+                        f'{dict_path} offers {candidates}')
+    weights = args.pretrained != 'none'
+    return {
         'data_path': args.data_path, 'data_name': args.data_name, 'crop_type': args.crop_type,
         'backbone_type': args.backbone_type, 'feature_dim': args.feature_dim, 'branches': branches,
         'recalls': recalls, 'batch_size': args.batch_size, 'num_epochs': args.num_epochs,
-        'image_size': args.image_size, 'seed': args.seed, 'pretrained': pretrained,
-        # from scratch the backbone needs trainable BatchNorm and a 10x larger rate: with frozen BN
-        # and 1e-4 an untrained ResNet-18 stays near chance
-        'lr': args.lr if args.lr is not None else (1e-4 if weights else 1e-3),
-        'freeze_backbone_bn': weights,
-        'num_classes': len(dicts['train']),
+        'image_size': args.image_size, 'seed': args.seed, 'pretrained': args.pretrained,
+        'lr': args.lr or (LR_WITH_WEIGHTS if weights else LR_FROM_SCRATCH), 'freeze_backbone_bn': weights,
+        'num_classes': len(dicts['train']), 'eval_splits': eval_splits,
         'num_workers': utils.default_num_workers() if args.num_workers is None else args.num_workers,
-        'amp': not args.no_amp, 'resume': args.resume, 'results_dir': args.results_dir,
+        'amp': not args.no_amp, 'cache': args.cache, 'compile': args.compile, 'resume': args.resume,
+        'overwrite': args.overwrite, 'results_dir': args.results_dir, 'device': args.device,
+        'eval_untrained': args.eval_untrained,
         'name': f'{args.data_name}_{args.crop_type}_{args.backbone_type}_{args.feature_dim}',
-    }
-    return config, dicts
+    }, dicts
 
 
-def check_writable(folder):
-    """Fail now, not after an epoch of work, when results cannot be written (nothing is overwritten)."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f'--results_dir {folder}: expected a folder, found a file')
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix='.write-test-', dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise UserError(f'cannot write to results folder {folder}: {err.strerror or err} (check that it is '
-                        f'writable and the disk has space); nothing was written') from None
+class Runtime:
+    """Where and how this process computes: device, mixed precision, memory format, its rank."""
+
+    def __init__(self, device, amp):
+        self.device, self.cuda = device, device.type == 'cuda'
+        self.rank, self.world_size, self.main = utils.get_rank(), utils.get_world_size(), utils.is_main_process()
+        self.amp_dtype = None
+        if self.cuda:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            if amp:
+                self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+
+    def inputs(self, images, full_batch=True):
+        """A batch on the device in the layout the convolutions like. cuDNN autotunes full batches
+        only: a ragged last batch would pay a second search for one step."""
+        if self.cuda:
+            torch.backends.cudnn.benchmark = full_batch
+            return images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        return images
 
 
 # ----------------------------------------------------------------------------------------------
-# reproducibility: every random draw of epoch e depends only on (seed, e), never on what ran before
+# images: decoded once into a cache, or loaded by DataLoader workers each epoch
 # ----------------------------------------------------------------------------------------------
 
 
-def derive_seed(*parts):
-    """Mix integers into one 63-bit seed (SplitMix64 steps), so nearby inputs give unrelated seeds."""
-    x = 0x9E3779B97F4A7C15
-    for part in parts:
-        x = (x ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-    return x >> 1
+class Images:
+    """The training set and evaluation splits, served from a decode-once cache or by a loader.
+    Batches are uint8-exact with either source: the cache holds the same resized pixels and
+    draws each crop and flip from the same seed (seed, epoch, index)."""
 
+    def __init__(self, dicts, config, rt):
+        mean, std = data_utils.normalization(config['data_name'])
+        self.normalize, self.rt, self.seed = utils.Normalize(mean, std), rt, config['seed']
+        self.size, self.workers = config['image_size'], config['num_workers']
+        self.train = utils.ImageListDataset(dicts['train'], utils.train_transform(self.size, mean, std))
+        self.eval = {s: utils.ImageListDataset(dicts[s], utils.test_transform(self.size, mean, std))
+                     for s in config['eval_splits']}
+        self.sampler = utils.SeededSampler(self.train, config['seed'], rt.world_size, rt.rank)
+        self.batch = config['batch_size'] // rt.world_size
+        self.targets = torch.tensor(self.train.targets)
+        self.caches = self.build_caches(config['cache'], config['name'])
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+    def build_caches(self, choice, name):
+        """{split: uint8 [N, 3, side, side]} for 'train' (at the crop's resize) and the evaluation splits."""
+        sides = {'train': self.train.transform.resize_size, **{s: self.size for s in self.eval}}
+        sets = {'train': self.train, **self.eval}
+        nbytes = sum(len(sets[s]) * 3 * side ** 2 for s, side in sides.items())
+        place = utils.cache_place(choice, nbytes, self.rt.device)
+        if place is None:
+            return None
+        start = time.time()
+        caches = {s: utils.build_cache(sets[s].images, side, place, self.rt.device, f'{name}-{s}', self.rt.main)
+                  for s, side in sides.items()}
+        if self.rt.main:
+            where = self.rt.device if place == 'gpu' else 'RAM, shared by the processes of each node' \
+                if self.rt.world_size > 1 else 'RAM'
+            print(f'Cache: {nbytes / 2 ** 30:.2f} GiB of decoded images ({", ".join(f"{s} {len(c)}x{side}x{side}" for (s, c), side in zip(caches.items(), sides.values()))}) '
+                  f'in {where}, decoded in {time.time() - start:.1f}s', flush=True)
+        return caches
 
-
-def rng_state():
-    """RNG states of Python, NumPy and torch (CPU and CUDA) as tensors and lists (weights_only-loadable)."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        'python': [version, list(internal), gauss],
-        'numpy': [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        'torch': torch.get_rng_state(),
-        # only when CUDA is in use: asking would otherwise start a CUDA context for a CPU run
-        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-    }
-
-
-def set_rng_state(state):
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'])
-    if torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-class SeededSampler(torch.utils.data.Sampler):
-    """Shuffles like DistributedSampler (order from seed + epoch; this rank's share) and hands each
-    index out with its own seed, so an image's crop and flip in an epoch are the same whatever
-    the worker count, the process that loads it, or the RNG history."""
-
-    def __init__(self, dataset, seed, num_replicas=1, rank=0):
-        self.sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def epoch_batches(self, epoch):
+        """This process's [(index, seed)] batches of an epoch. The last one is kept, as the original
+        kept it, unless it holds a single image (BatchNorm needs two)."""
         self.sampler.set_epoch(epoch)
+        items = list(self.sampler)
+        batches = [items[k:k + self.batch] for k in range(0, len(items), self.batch)]
+        return batches[:-1] if len(batches[-1]) == 1 else batches
 
-    def __iter__(self):
-        for index in self.sampler:
-            yield index, derive_seed(self.seed, self.epoch, index)
+    def train_batches(self, epoch):
+        """Yields (images [B, 3, s, s] float on the device, targets [B] on the device)."""
+        batches = self.epoch_batches(epoch)
+        if self.caches is None:
+            yield from self._loaded(DataLoader(self.train, batch_sampler=batches, **self._loader_kwargs()))
+            return
+        resize = self.train.transform.resize_size
+        for batch in batches:
+            indices = [index for index, _ in batch]
+            draws = [utils.crop_flip_draws(resize, self.size, torch.Generator().manual_seed(seed)) for _, seed in batch]
+            images = utils.crop_flip_batch(self.caches['train'], indices, draws, self.size)
+            yield self.normalize(self.rt.inputs(images, len(batch) == self.batch)), \
+                self.targets[indices].to(self.rt.device, non_blocking=True)
 
-    def __len__(self):
-        return len(self.sampler)
+    def eval_batches(self, split):
+        """Yields this process's shard of a split in order: images [B, 3, s, s] float on the device."""
+        dataset, shard = self.eval[split], utils.shard_range(len(self.eval[split]))
+        size = 2 * self.batch  # no gradients: twice the training batch fits
+        if self.caches is None:
+            loader = DataLoader(Subset(dataset, shard), batch_size=size, **self._loader_kwargs())
+            yield from (images for images, _ in self._loaded(loader))
+            return
+        for start in range(shard.start, shard.stop, size):
+            images = self.caches[split][start:min(start + size, shard.stop)]
+            yield self.normalize(self.rt.inputs(images, len(images) == size))
 
+    def _loader_kwargs(self):
+        # a loader per epoch, its workers ending with it: none linger at exit
+        return {'num_workers': self.workers, 'pin_memory': self.rt.cuda,
+                **({'prefetch_factor': 4} if self.workers else {})}
 
-class SeededDataset(Dataset):
-    """Wraps an ImageListDataset: item (index, seed) is transformed with torch/Python RNGs seeded by
-    `seed`; an image that cannot be read becomes a UserError naming the file."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, None)
-        if seed is not None:
-            torch.default_generator.manual_seed(seed)  # CPU generator only: safe in forked workers
-            random.seed(seed)
+    def _loaded(self, loader):
         try:
-            return self.dataset[index]
-        except UserError:
-            raise
-        except Exception as err:  # anything the decoder or transform throws, with the file named
-            raise UserError(f'cannot read image {self.dataset.images[index]}: '
-                            f'{str(err).splitlines()[0][:200] if str(err) else type(err).__name__}') from None
+            for images, targets in loader:
+                yield self.rt.inputs(images, len(images) == self.batch), targets.to(self.rt.device, non_blocking=True)
+        except UserError as err:  # raised in a loader worker: keep the message, drop the worker traceback
+            raise UserError(utils.worker_error_message(err)) from None
 
 
 # ----------------------------------------------------------------------------------------------
-# training and feature extraction
+# training and evaluation
 # ----------------------------------------------------------------------------------------------
 
 
 def make_scheduler(optimizer, num_epochs):
-    """LR x 0.1 after epochs int(0.6 E) and int(0.8 E) (stepped once per epoch; 0 and repeats dropped)."""
-    milestones = sorted({int(0.6 * num_epochs), int(0.8 * num_epochs)} - {0})
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    """LR x GAMMA after epochs int(0.6 E) and int(0.8 E), stepped once per epoch (0 and repeats dropped)."""
+    milestones = sorted({int(m * num_epochs) for m in MILESTONES} - {0})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=GAMMA)
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scaler, device, amp_dtype, epoch, num_epochs,
-                    show_bar=True, faults=None):
-    """One pass over `loader` -> {'loss': mean loss, 'accuracy': % correct} over all processes.
+def train_step(model, images, targets, criterion, optimizer, scaler, rt):
+    """One Adam step -> (loss, correct predictions) as device tensors."""
+    with rt.autocast():
+        _, logits = model(images)  # [B, num_classes]
+    loss = criterion(logits, targets)  # float32 whatever the autocast dtype
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), (logits.argmax(1) == targets).sum()
 
-    `faults` (test only, see read_faults): {'nan' | 'kill' | 'interrupt': {(epoch, step), ...}}.
-    """
-    faults = faults or {}
+
+def train_one_epoch(model, images, criterion, optimizer, scaler, rt, epoch, num_epochs):
+    """One pass over the training images -> {'loss', 'accuracy' (%), 'seconds'} over all processes."""
     model.train()  # Model keeps the backbone BatchNorm in eval mode when freeze_backbone_bn is set
-    channels_last = device.type == 'cuda'
-    loss_sum, correct, seen = 0.0, 0.0, 0
-    bar = tqdm(loader, disable=not show_bar, dynamic_ncols=True, leave=False)
-    for step, (images, targets) in enumerate(bar, start=1):
-        images = images.to(device, non_blocking=True,
-                           memory_format=torch.channels_last if channels_last else torch.preserve_format)
-        targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            _, logits = model(images)  # logits [B, num_classes]
-        loss = criterion(logits, targets)  # float32 whatever the autocast dtype
-        if (epoch, step) in faults.get('nan', ()):
-            loss = loss * float('nan')
-        # one device sync per step: the loss check and the bar need the values anyway
-        loss_value, hits = torch.stack([loss.detach(), (logits.argmax(1) == targets).sum().float()]).tolist()
+    start, first_step, loss_sum, correct, seen = time.time(), 0.0, 0.0, 0.0, 0
+    bar = tqdm(images.train_batches(epoch), total=len(images.epoch_batches(epoch)), disable=not rt.main,
+               dynamic_ncols=True, leave=False)
+    for step, (x, targets) in enumerate(bar, start=1):
+        loss, hits = train_step(model, x, targets, criterion, optimizer, scaler, rt)
+        # one device sync per step: the NaN check and the bar need the values anyway
+        loss_value, hits = torch.stack([loss, hits.float()]).tolist()
+        first_step = first_step or time.time() - start  # with --compile: compilation included
         if not math.isfinite(loss_value):
-            raise UserError(f'the loss became {loss_value} at epoch {epoch}, step {step}; training stopped. '
-                            f'The best model and database on disk are from earlier epochs and unchanged. Try '
-                            f'a lower --lr (or --no_amp), then continue from the last checkpoint with --resume auto')
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        loss_sum += loss_value * targets.shape[0]
-        correct += hits
-        seen += targets.shape[0]
-        bar.set_description(f'Train Epoch {epoch}/{num_epochs} Loss: {loss_sum / seen:.4f} '
-                            f'Acc: {100 * correct / seen:.2f}%')
-        if (epoch, step) in faults.get('kill', ()):
-            os.kill(os.getpid(), signal.SIGKILL)
-        if (epoch, step) in faults.get('interrupt', ()):
-            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+            raise UserError(f'the loss became {loss_value} at epoch {epoch}, step {step}: training diverged and '
+                            f'stopped. The best model and database on disk are from earlier epochs and unchanged. '
+                            f'Try a lower --lr (or --no_amp), then continue with --resume auto')
+        loss_sum, correct, seen = loss_sum + loss_value * len(targets), correct + hits, seen + len(targets)
+        bar.set_description(f'Train Epoch {epoch}/{num_epochs} Loss: {loss_sum / seen:.4f} Acc: {100 * correct / seen:.2f}%')
     bar.close()
-    loss_sum, correct, seen = utils.all_reduce_sum([loss_sum, correct, seen], device)
-    return {'loss': loss_sum / seen, 'accuracy': 100.0 * correct / seen}
+    loss_sum, correct, seen = utils.all_reduce_sum([loss_sum, correct, seen], rt.device)
+    return {'loss': loss_sum / seen, 'accuracy': 100.0 * correct / seen, 'seconds': time.time() - start,
+            'first_step': first_step}
 
 
 @torch.no_grad()
-def extract_features(model, loader, device, amp_dtype, dim, show_bar=True, desc='Features'):
-    """Embeddings of this process's shard, gathered from every process in order -> CPU FloatTensor [N, dim]."""
+def extract_features(model, images, rt, dim):
+    """Embeddings of every evaluation split, each process embedding its shard, gathered in order
+    -> {split: CPU float [N, dim]}."""
     model.eval()
-    channels_last = device.type == 'cuda'
-    parts = []
-    for images, _ in tqdm(loader, desc=desc, disable=not show_bar, dynamic_ncols=True, leave=False):
-        images = images.to(device, non_blocking=True,
-                           memory_format=torch.channels_last if channels_last else torch.preserve_format)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            embedding, _ = model(images)  # [B, dim], L2-normalised
-        parts.append(embedding.float())
-    features = torch.cat(parts) if parts else torch.zeros(0, dim, device=device)
-    return utils.all_gather_rows(features).cpu()
+    features = {}
+    for split in images.eval:
+        parts = []
+        for x in tqdm(images.eval_batches(split), desc=f'Extracting {split} features', disable=not rt.main,
+                      dynamic_ncols=True, leave=False):
+            with rt.autocast():
+                parts.append(model(x)[0].float())  # [B, dim], L2-normalised
+        shard = torch.cat(parts) if parts else torch.zeros(0, dim, device=rt.device)
+        features[split] = utils.all_gather_rows(shard).cpu()
+    return features
 
 
-def extract_all(model, loaders, device, amp_dtype, dim, show_bar=True):
-    """Features of every evaluation split -> {split: CPU FloatTensor [N, dim]}."""
-    try:
-        return {split: extract_features(model, loader, device, amp_dtype, dim, show_bar=show_bar,
-                                        desc=f'Extracting {split} features')
-                for split, loader in loaders.items()}
-    except UserError as err:  # raised in a loader worker: keep the message, drop the worker traceback
-        raise UserError(utils.worker_error_message(err)) from None
-
-
-def metrics_text(metrics, recalls):
-    """'R@1 62.50% R@2 74.31% | MAP@R 18.20%' (percent, two decimals, as the original printed)."""
-    return (' '.join(f'R@{k} {100 * metrics[f"R@{k}"]:.2f}%' for k in recalls)
-            + f' | MAP@R {100 * metrics["MAP@R"]:.2f}%')
-
-
-def build_datasets(dicts, image_size, mean, std):
-    """Training images get the random crop/flip, evaluation images the plain resize.
-    -> (train set, {'test': set} or {'query': set, 'gallery': set})."""
-    train_set = utils.ImageListDataset(dicts['train'], utils.train_transform(image_size, mean, std))
-    splits = ('query', 'gallery') if 'gallery' in dicts else ('test',)
-    eval_sets = {split: utils.ImageListDataset(dicts[split], utils.test_transform(image_size, mean, std))
-                 for split in splits}
-    return train_set, eval_sets
-
-
-def build_loaders(train_set, eval_sets, config, batch_size, rank, world_size, device):
-    """-> (sampler, train loader over this rank's share, {split: loader over this rank's shard})."""
-    kwargs = utils.loader_kwargs(config['num_workers'], device)
-    sampler = SeededSampler(train_set, config['seed'], world_size, rank)
-    train_loader = DataLoader(SeededDataset(train_set), batch_size=batch_size, sampler=sampler,
-                              # BatchNorm1d needs 2+ images: drop the ragged last batch when it can be
-                              drop_last=len(sampler) >= batch_size, **kwargs)
-    # evaluation: contiguous shards, so the gathered features come back in dataset order
-    eval_loaders = {split: DataLoader(torch.utils.data.Subset(SeededDataset(dataset),
-                                                              utils.shard_range(len(dataset), rank, world_size)),
-                                      batch_size=batch_size, **kwargs)
-                    for split, dataset in eval_sets.items()}
-    return sampler, train_loader, eval_loaders
+def check_finite(model, features, epoch):
+    """A diverged model is never evaluated or saved: its embeddings or weights hold NaN or inf."""
+    if not all(torch.isfinite(f).all() for f in features.values()) or \
+            not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f'the model diverged at epoch {epoch}: its weights or embeddings are NaN or infinite; '
+                        f'training stopped. The best model and database on disk are from earlier epochs and '
+                        f'unchanged. Try a lower --lr (or --no_amp), then continue with --resume auto')
 
 
 def retrieval_metrics(features, labels, ks, device):
-    """R@k and MAP@R (fractions): test against itself, or query against gallery; on the GPU when
-    training on one (SOP's 60k x 60k comparisons take a minute on a CPU, a second on a GPU)."""
-    features = {split: f.to(device) for split, f in features.items()}
-    if 'gallery' in features:
-        return utils.evaluate(features['query'], labels[0], ks, features['gallery'], labels[1])
-    return utils.evaluate(features['test'], labels[0], ks)
+    """R@k and MAP@R (fractions): test against itself, or query against gallery, on `device`."""
+    features = [features[split].to(device) for split in labels]
+    if len(features) == 2:
+        return utils.evaluate(features[0], labels['query'], ks, features[1], labels['gallery'])
+    return utils.evaluate(features[0], labels['test'], ks)
 
 
-def label_ids(*label_lists):
-    """Label strings -> LongTensors of ids shared across the lists (same string, same id)."""
-    index = {label: k for k, label in enumerate(sorted(set().union(*label_lists)))}
-    return [torch.tensor([index[label] for label in labels], dtype=torch.long) for labels in label_lists]
+def metrics_text(metrics, recalls):
+    """'R@1 62.50% R@2 74.31% | MAP@R 18.20%' (percent, two decimals)."""
+    return ' '.join(f'R@{k} {100 * metrics[f"R@{k}"]:.2f}%' for k in recalls) + f' | MAP@R {100 * metrics["MAP@R"]:.2f}%'
 
 
 # ----------------------------------------------------------------------------------------------
-# files
+# files: one run per results name, its outputs, checkpoints written in the background
 # ----------------------------------------------------------------------------------------------
 
 
-def output_paths(results_dir, name):
-    return {kind: os.path.join(results_dir, f'{name}_{kind}')
-            for kind in ('statistics.csv', 'model.pth', 'data_base.pth', 'checkpoint.pth', 'curves.png')}
-
-
-def make_database(eval_sets, features, config, mean, std, model_file):
-    """The feature database test.py searches, with what it takes to embed new images the same way.
-    Query/gallery data: the query split is stored under test_*, as the original did."""
-    query = 'query' if 'gallery' in eval_sets else 'test'
-    database = {'test_images': eval_sets[query].images, 'test_labels': eval_sets[query].labels,
-                'test_features': features[query]}
-    if 'gallery' in eval_sets:
-        database.update(gallery_images=eval_sets['gallery'].images, gallery_labels=eval_sets['gallery'].labels,
-                        gallery_features=features['gallery'])
-    database['config'] = {
-        'backbone_type': config['backbone_type'], 'feature_dim': config['feature_dim'],
-        'branches': config['branches'], 'num_classes': config['num_classes'], 'image_size': config['image_size'],
-        'mean': list(mean), 'std': list(std), 'data_name': config['data_name'], 'crop_type': config['crop_type'],
-        'model_file': model_file}
-    return database
-
-
-def save_checkpoint(path, epoch, model, optimizer, scheduler, scaler, best, statistics, config):
-    """Everything a resume needs, written atomically (a kill leaves the previous checkpoint whole)."""
-    state = {
-        'epoch': epoch,
-        'model': {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        'optimizer': optimizer.state_dict(),
-        'scheduler': scheduler.state_dict(),
-        'scaler': scaler.state_dict(),
-        'best_recall': best['recall'], 'best_epoch': best['epoch'],
-        'statistics': statistics,
-        'rng': rng_state(),
-        'config': {key: config[key] for key in RESUME_KEYS},
-    }
-    utils.atomic_save(state, path)
-
-
-def load_checkpoint(path, config):
-    """Read a checkpoint safely and check it belongs to a run with the same settings."""
-    state = utils.safe_load(path, 'checkpoint')
-    needed = ('epoch', 'model', 'optimizer', 'scheduler', 'scaler', 'best_recall', 'best_epoch',
-              'statistics', 'rng', 'config')
-    if not isinstance(state, dict) or any(key not in state for key in needed) or \
-            not isinstance(state['config'], dict):
-        raise UserError(f'{path} is not a train.py checkpoint (missing or malformed: '
-                        f'{[k for k in needed if not isinstance(state, dict) or k not in state] or ["config"]})')
-    differ = [f'{key}: checkpoint {state["config"].get(key)!r}, now {config[key]!r}'
-              for key in RESUME_KEYS if state['config'].get(key) != config[key]]
-    if differ:
-        raise UserError(f'cannot resume from {path}: it was made with other settings ({"; ".join(differ)}); '
-                        f'use the same flags, or start fresh without --resume')
-    return state
-
-
-def restore_checkpoint(state, path, model, optimizer, scheduler, scaler):
-    """Put a checkpoint's model, optimizer, scheduler, scaler and RNG states in place
-    -> (statistics rows, best {'recall', 'epoch'}, first epoch still to run)."""
+def claim_results(config, paths):
+    """Hold this results name for the run (an OS lock, released even when the process is killed)
+    and refuse to replace a run that has a checkpoint unless asked -> the open lock file."""
+    import fcntl
+    folder = config['results_dir']
     try:
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        if state['scaler'] and scaler.is_enabled():  # empty when saved without fp16 (CPU, bf16, --no_amp)
-            scaler.load_state_dict(state['scaler'])
-        set_rng_state(state['rng'])
-        statistics, start_epoch = list(state['statistics']), int(state['epoch']) + 1
-        best = {'recall': float(state['best_recall']), 'epoch': int(state['best_epoch'])}
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as err:
-        # the settings matched, so the contents were altered or come from another version of train.py
-        raise UserError(f'cannot resume from {path}: its contents do not fit this run '
-                        f'({" ".join(str(err).split())[:200] or type(err).__name__}); start fresh without '
-                        f'--resume') from None
-    return statistics, best, start_epoch
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, f'.{config["name"]}.lock'), 'a+')
+    except OSError as err:
+        raise UserError(f'cannot write to results folder {folder}: {err.strerror or err}; nothing was written') from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        raise UserError(f'another train.py is running on {os.path.join(folder, config["name"])}_* '
+                        f'({lock.read().strip() or "process id unknown"}); wait for it or use another --results_dir') from None
+    try:
+        lock.truncate(0)
+        lock.write(f'process {os.getpid()}\n')
+        lock.flush()
+        if os.path.exists(paths['checkpoint.pth']) and not config['resume'] and not config['overwrite']:
+            state = utils.safe_load(paths['checkpoint.pth'], 'checkpoint')
+            done = f'epoch {state["epoch"]}, best R@1 {100 * state["best_recall"]:.2f}%' if isinstance(state, dict) \
+                and {'epoch', 'best_recall'} <= set(state) else 'unreadable contents'
+            raise UserError(f'{paths["checkpoint.pth"]} holds a run of this name ({done}); continue it with '
+                            f'--resume auto, or start over with --overwrite (replaces its files)')
+        if config['overwrite']:
+            for path in paths.values():
+                if os.path.isfile(path):
+                    os.remove(path)
+        utils.remove_temporaries(paths.values())  # left by a killed run: the real files are whole
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def to_cpu(obj):
+    """A CPU copy of every tensor in nested dicts/lists: training goes on changing the originals."""
+    if torch.is_tensor(obj):
+        return obj.detach().to('cpu', copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def statistics_csv(statistics, recalls):
@@ -506,22 +383,19 @@ def plot_curves(statistics, recalls, title):
     import matplotlib
     matplotlib.use('Agg')  # files only, no display
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     epochs = [row['epoch'] for row in statistics]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(epochs, [row['train_loss'] for row in statistics], marker='o')
-    axes[0].set(title='train loss', xlabel='epoch')
     axes[1].plot(epochs, [row['train_accuracy'] for row in statistics], marker='o')
-    axes[1].set(title='train accuracy (%)', xlabel='epoch')
     for k in recalls:
         axes[2].plot(epochs, [row[f'test_recall@{k}'] for row in statistics], marker='o', label=f'R@{k}')
     axes[2].plot(epochs, [row['test_map@r'] for row in statistics], marker='s', linestyle='--', label='MAP@R')
-    axes[2].set(title='test retrieval (%)', xlabel='epoch')
     axes[2].legend()
-    for ax in axes:
+    for ax, name in zip(axes, ('train loss', 'train accuracy (%)', 'test retrieval (%)')):
+        ax.set(title=name, xlabel='epoch')
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(title)
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.13, top=0.85, wspace=0.2)  # tight_layout is slow
     buffer = io.BytesIO()
@@ -530,14 +404,95 @@ def plot_curves(statistics, recalls, title):
     return buffer.getvalue()
 
 
-def remove_stale_temporaries(paths):
-    """Temporary files a killed write of these outputs left behind (the real files are intact)."""
-    for path in [tmp for target in paths.values() for tmp in glob.glob(os.path.join(
-            glob.escape(os.path.dirname(target)), '.' + glob.escape(os.path.basename(target)) + '.*.tmp'))]:
-        try:
-            os.remove(path)
-        except OSError:
-            pass
+def make_database(images, features, config):
+    """The feature database test.py searches (utils.load_database's format); the query split of a
+    query/gallery dataset is stored under test_*, as the original did."""
+    mean, std = images.normalize.mean, images.normalize.std
+    database = {}
+    for split, prefix in zip(config['eval_splits'], ('test', 'gallery')):
+        database.update({f'{prefix}_images': images.eval[split].images, f'{prefix}_labels': images.eval[split].labels,
+                         f'{prefix}_features': features[split]})
+    database['config'] = {key: config[key] for key in ('backbone_type', 'feature_dim', 'branches', 'num_classes',
+                                                       'image_size', 'data_name', 'crop_type')}
+    database['config'].update(mean=list(mean), std=list(std))
+    return database
+
+
+def epoch_files(epoch, model, optimizer, scheduler, scaler, best, statistics, config, images, features):
+    """CPU copies of what epoch `epoch` writes -> a function that writes it. Order matters for crash
+    safety: the best model and its database first (together), the checkpoint last, so a kill
+    anywhere in between repeats this epoch on resume and rewrites the same files."""
+    paths, recalls = output_paths(config), config['recalls']
+    best_files = None
+    if best['epoch'] == epoch:
+        best_files = (to_cpu(model.state_dict()), make_database(images, features, config))
+    state = to_cpu({'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                    'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
+                    'best_recall': best['recall'], 'best_epoch': best['epoch'], 'statistics': list(statistics),
+                    'rng': utils.rng_state(), 'config': {key: config[key] for key in RESUME_KEYS}})
+
+    def write():
+        if best_files is not None:
+            utils.save_model_and_database(*best_files, paths['model.pth'], paths['data_base.pth'])
+        utils.atomic_write({paths['statistics.csv']: statistics_csv(state['statistics'], recalls),
+                            paths['curves.png']: plot_curves(state['statistics'], recalls, config['name'])})
+        utils.atomic_write({paths['checkpoint.pth']: utils.torch_bytes(state)})
+    return write
+
+
+class BackgroundWriter:
+    """Runs one write job at a time in a thread, so the GPU does not wait for the disk; each job
+    waits for the previous one, and a failed job's error surfaces at the next wait."""
+
+    def __init__(self):
+        self.pool, self.job = ThreadPoolExecutor(1), None
+
+    def submit(self, write):
+        self.wait()
+        self.job = self.pool.submit(write)
+
+    def wait(self):
+        job, self.job = self.job, None
+        if job is not None:
+            job.result()
+
+    def close(self):
+        self.wait()
+        self.pool.shutdown()
+
+
+def output_paths(config):
+    return {kind: os.path.join(config['results_dir'], f'{config["name"]}_{kind}') for kind in OUTPUTS}
+
+
+def read_checkpoint(path, config):
+    """A checkpoint of a run with the same settings (read safely)."""
+    state = utils.safe_load(path, 'checkpoint')
+    if not isinstance(state, dict) or not isinstance(state.get('config'), dict):
+        raise UserError(f'{path} is not a train.py checkpoint')
+    differ = [f'{key}: checkpoint {state["config"].get(key)!r}, now {config[key]!r}'
+              for key in RESUME_KEYS if state['config'].get(key) != config[key]]
+    if differ:
+        raise UserError(f'cannot resume from {path}: it was made with other settings ({"; ".join(differ)}); '
+                        f'use the same flags, or start over with --overwrite')
+    return state
+
+
+def restore_checkpoint(state, path, model, optimizer, scheduler, scaler):
+    """Put a checkpoint's states in place -> (statistics rows, best, first epoch still to run)."""
+    try:
+        utils.load_state_dict_strict(model, state['model'], path)
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        if state['scaler'] and scaler.is_enabled():  # empty when saved without fp16 (CPU, bf16, --no_amp)
+            scaler.load_state_dict(state['scaler'])
+        utils.set_rng_state(state['rng'])
+        return list(state['statistics']), {'recall': float(state['best_recall']), 'epoch': int(state['best_epoch'])}, \
+            int(state['epoch']) + 1
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError):
+        # the settings matched, so the contents were altered or come from another version of train.py
+        raise UserError(f'cannot resume from {path}: its contents do not fit this run (altered, or written by '
+                        f'another version of train.py); start over with --overwrite') from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,151 +500,125 @@ def remove_stale_temporaries(paths):
 # ----------------------------------------------------------------------------------------------
 
 
-def print_config(config, device, world_size, amp_dtype):
-    shown = dict(config, device=str(device), world_size=world_size,
-                 amp=str(amp_dtype).replace('torch.', '') if amp_dtype else 'off')
-    width = max(len(key) for key in shown)
-    print('Config:\n' + '\n'.join(f'  {key:<{width}} {value}' for key, value in shown.items()), flush=True)
-
-
-def read_faults():
-    """Test-only fault injection from the CLF_FAULT environment variable (unset in normal use):
-    comma-separated entries
-      nan:E:S         the loss of step S of epoch E becomes NaN (the run must stop cleanly)
-      kill:E:S        SIGKILL this process right after step S of epoch E (a pre-emption)
-      interrupt:E:S   SIGINT (Ctrl-C) after step S of epoch E
-      kill-write:NAME:N, fail-write:NAME:N   see utils.FAULT_ENV: die halfway through / fail (disk
-                      full) the N-th write of an output file whose name contains NAME
-    -> {'nan' | 'kill' | 'interrupt': {(epoch, step), ...}}."""
-    return {kind: {(int(e), int(s)) for e, s in utils.faults(kind)} for kind in ('nan', 'kill', 'interrupt')}
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    config, dicts = resolve_config(args)
-    device = utils.init_distributed(args.device)
-    rank, world_size, main_process = utils.get_rank(), utils.get_world_size(), utils.is_main_process()
-    if config['batch_size'] % world_size or config['batch_size'] // world_size < 2:
-        raise UserError(f'--batch_size {config["batch_size"]} is the global batch: it must split evenly into '
-                        f'at least 2 images for each of the {world_size} processes')
-    per_process_batch = config['batch_size'] // world_size
-    amp_dtype = None
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        if config['amp']:
-            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    paths = output_paths(config['results_dir'], config['name'])
-
-    mean, std = data_utils.normalization(config['data_name'])
-    train_set, eval_sets = build_datasets(dicts, config['image_size'], mean, std)
-    if len(train_set) // world_size < 2:
-        raise UserError(f'{len(train_set)} training images cannot be split over {world_size} processes')
-
-    # model: the new layers' initial weights come from the seed
-    torch.manual_seed(config['seed'])
+def build_model(config, rt):
+    """The network on the device, and the (compiled) module that training and extraction call."""
+    torch.manual_seed(config['seed'])  # the new layers' initial weights come from the seed
     weights = {'imagenet': True, 'none': False}.get(config['pretrained'], config['pretrained'])
     model = model_lib.Model(config['backbone_type'], config['feature_dim'], config['num_classes'],
                             branches=config['branches'], pretrained=weights,
-                            freeze_backbone_bn=config['freeze_backbone_bn'])
-    dim = len(config['branches']) * config['feature_dim']
+                            freeze_backbone_bn=config['freeze_backbone_bn']).to(rt.device)
+    if rt.cuda:
+        model.to(memory_format=torch.channels_last)
+    runner = model
+    if rt.world_size > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.cuda else None)
+    return model, torch.compile(runner) if config['compile'] else runner
 
-    resume_path = config['resume']
-    if resume_path == 'auto':
-        resume_path = paths['checkpoint.pth'] if os.path.isfile(paths['checkpoint.pth']) else None
-    # rank 0 reads the checkpoint and hands it to the others: results/ may be on node 0's disk only
-    state = load_checkpoint(resume_path, config) if resume_path and main_process else None
-    state = utils.broadcast_object(state)
-    if main_process:
-        check_writable(config['results_dir'])  # last check before any file is written
-        remove_stale_temporaries(paths)
-        print_config(config, device, world_size, amp_dtype)
+
+def start(config, rt, paths):
+    """Rank 0 claims the results name, prints the config and the model's size -> the lock."""
+    lock = claim_results(config, paths) if rt.main else None
+    if rt.main:
+        shown = dict(config, device=str(rt.device), world_size=rt.world_size,
+                     amp=str(rt.amp_dtype).replace('torch.', '') if rt.amp_dtype else 'off')
+        print('Config:\n' + '\n'.join(f'  {key:<18} {value}' for key, value in shown.items()), flush=True)
         with torch.device('meta'):  # counts need shapes only: no weights copied, no real forward
             shape_model = model_lib.Model(config['backbone_type'], config['feature_dim'], config['num_classes'],
                                           branches=config['branches'])
         params, flops = model_lib.count_params_flops(shape_model, config['image_size'])
-        print(f'Params: {params / 1e6:.2f}M | FLOPs: {flops / 1e9:.2f}G '
-              f'(at {config["image_size"]}x{config["image_size"]})', flush=True)
+        print(f'Params: {params / 1e6:.2f}M | FLOPs: {flops / 1e9:.2f}G (at {config["image_size"]}px)', flush=True)
+    utils.barrier()
+    return lock
 
-    model.to(device)
-    if device.type == 'cuda':
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config['lr'], weight_decay=1e-5)
-    scheduler = make_scheduler(optimizer, config['num_epochs'])
-    scaler = torch.amp.GradScaler('cuda', enabled=amp_dtype == torch.float16)  # fp16 only; bf16 needs none
-    class_weights = utils.class_balanced_weights(train_set.targets, config['num_classes'])
-    criterion = utils.LabelSmoothingCrossEntropy(smoothing=0.1, temperature=1.0, weight=class_weights).to(device)
 
-    statistics, best, start_epoch = [], {'recall': -1.0, 'epoch': 0}, 1
-    if state is not None:
-        statistics, best, start_epoch = restore_checkpoint(state, resume_path, model, optimizer, scheduler, scaler)
-        if main_process:
-            print(f'Resuming from {resume_path}: epoch {state["epoch"]} of {config["num_epochs"]} done, '
-                  f'best R@1 {100 * best["recall"]:.2f}% (epoch {best["epoch"]})', flush=True)
-    if start_epoch > config['num_epochs'] and main_process:
-        print(f'Nothing to do: all {config["num_epochs"]} epochs are done.', flush=True)
-
-    train_model = model
-    if world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
-    sampler, train_loader, eval_loaders = build_loaders(train_set, eval_sets, config, per_process_batch,
-                                                        rank, world_size, device)
-    eval_labels = label_ids(*[dataset.labels for dataset in eval_sets.values()])
-    faults = read_faults()
-
-    if args.eval_untrained and state is None:
-        # a baseline to read the trained R@K against; nothing is saved, and every epoch reseeds
-        # its RNGs, so the run that follows is the same with or without it
-        features = extract_all(model, eval_loaders, device, amp_dtype, dim, show_bar=main_process)
-        if main_process:
-            metrics = retrieval_metrics(features, eval_labels, config['recalls'], device)
-            print(f'Before training | {metrics_text(metrics, config["recalls"])}', flush=True)
-        utils.barrier()
-
-    for epoch in range(start_epoch, config['num_epochs'] + 1):
-        seed_everything(derive_seed(config['seed'], epoch, rank))
-        sampler.set_epoch(epoch)
-        try:
-            stats = train_one_epoch(train_model, train_loader, criterion, optimizer, scaler, device, amp_dtype,
-                                    epoch, config['num_epochs'], show_bar=main_process, faults=faults)
-        except UserError as err:  # raised in a loader worker: keep the message, drop the worker traceback
-            raise UserError(utils.worker_error_message(err)) from None
-        utils.broadcast_buffers(model)  # every shard embedded by the model rank 0 saves
-        features = extract_all(model, eval_loaders, device, amp_dtype, dim, show_bar=main_process)
-        scheduler.step()
-
-        if main_process:
-            # R@1 picks the best epoch even when --recalls leaves it out
-            metrics = retrieval_metrics(features, eval_labels, sorted(set(config['recalls']) | {1}), device)
-            row = {'epoch': epoch, 'train_loss': stats['loss'], 'train_accuracy': stats['accuracy']}
-            row.update({f'test_recall@{k}': 100.0 * metrics[f'R@{k}'] for k in config['recalls']})
-            row['test_map@r'] = 100.0 * metrics['MAP@R']
-            statistics.append(row)
-            print(f'Epoch {epoch}/{config["num_epochs"]} | train loss {stats["loss"]:.4f} '
-                  f'acc {stats["accuracy"]:.2f}% | {metrics_text(metrics, config["recalls"])}', flush=True)
-
-            # order matters for crash safety: the best files first, the checkpoint last, so a kill
-            # anywhere in between repeats this epoch on resume and rewrites the same files; the
-            # model and its database are replaced together, never one without the other
-            if metrics['R@1'] > best['recall']:
-                best = {'recall': metrics['R@1'], 'epoch': epoch}
-                utils.atomic_save_group([
-                    ({k: v.detach().cpu() for k, v in model.state_dict().items()}, paths['model.pth']),
-                    (make_database(eval_sets, features, config, mean, std, os.path.basename(paths['model.pth'])),
-                     paths['data_base.pth'])])
-            utils.atomic_write_bytes(statistics_csv(statistics, config['recalls']), paths['statistics.csv'])
-            utils.atomic_write_bytes(plot_curves(statistics, config['recalls'], config['name']), paths['curves.png'])
-            save_checkpoint(paths['checkpoint.pth'], epoch, model, optimizer, scheduler, scaler, best,
-                            statistics, config)
-        utils.barrier()  # the others wait while rank 0 evaluates and writes
-
-    if main_process and statistics:
-        print(f'Best R@1 {100 * best["recall"]:.2f}% at epoch {best["epoch"]}; model {paths["model.pth"]}, '
-              f'database {paths["data_base.pth"]}, statistics {paths["statistics.csv"]}', flush=True)
+def main(argv=None):
+    config, dicts = resolve_config(parse_args(argv))  # before the process group: every process checks alike
+    rt = Runtime(utils.init_distributed(config['device']), config['amp'])
+    if config['batch_size'] % rt.world_size or config['batch_size'] // rt.world_size < 2:
+        raise UserError(f'--batch_size {config["batch_size"]} is the global batch: it must split evenly into at '
+                        f'least 2 images for each of the {rt.world_size} processes')
+    paths = output_paths(config)
+    lock = start(config, rt, paths)
+    try:
+        run(config, dicts, rt, paths)
+    except torch.OutOfMemoryError:
+        raise UserError(f'out of memory on {rt.device}: lower --batch_size (now {config["batch_size"]}) or '
+                        f'--image_size (now {config["image_size"]}), or use --cache off') from None
+    finally:
+        if lock is not None:
+            lock.close()
     utils.cleanup_distributed()
 
 
+def run(config, dicts, rt, paths):
+    model, runner = build_model(config, rt)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config['lr'], weight_decay=WEIGHT_DECAY)
+    scheduler = make_scheduler(optimizer, config['num_epochs'])
+    scaler = torch.amp.GradScaler('cuda', enabled=rt.amp_dtype == torch.float16)  # fp16 only; bf16 needs none
+    statistics, best, first_epoch = [], {'recall': -1.0, 'epoch': 0}, 1
+    resume = paths['checkpoint.pth'] if config['resume'] == 'auto' else config['resume']
+    # rank 0 reads the checkpoint and hands it to the others: results/ may be on node 0's disk only
+    state = read_checkpoint(resume, config) if rt.main and resume and os.path.isfile(resume) else None
+    state = utils.broadcast_object(state)
+    if state is not None:
+        statistics, best, first_epoch = restore_checkpoint(state, resume, model, optimizer, scheduler, scaler)
+        if rt.main:
+            print(f'Resuming from {resume}: epoch {first_epoch - 1} of {config["num_epochs"]} done, best R@1 '
+                  f'{100 * best["recall"]:.2f}% (epoch {best["epoch"]})', flush=True)
+    images = Images(dicts, config, rt)
+    criterion = utils.LabelSmoothingCrossEntropy(SMOOTHING, TEMPERATURE, utils.class_balanced_weights(
+        images.targets, config['num_classes'])).to(rt.device)
+    labels = {split: images.eval[split].labels for split in config['eval_splits']}
+    dim = len(config['branches']) * config['feature_dim']
+    batches = images.epoch_batches(first_epoch)
+    if rt.main:
+        print(f'Train set: {sum(map(len, batches)) * rt.world_size} images, {len(batches)} steps of '
+              f'{config["batch_size"]} per epoch ({len(images.train)} training images)', flush=True)
+    if config['eval_untrained'] and state is None:
+        # a baseline to read the trained R@K against; nothing is saved, and every epoch reseeds
+        # its RNGs, so the run that follows is the same with or without it
+        features = extract_features(runner, images, rt, dim)
+        if rt.main:
+            metrics = retrieval_metrics(features, labels, config['recalls'], rt.device)
+            print(f'Before training | {metrics_text(metrics, config["recalls"])}', flush=True)
+        utils.barrier()
+    writer = BackgroundWriter()
+    try:
+        for epoch in range(first_epoch, config['num_epochs'] + 1):
+            utils.seed_everything(utils.derive_seed(config['seed'], epoch, rt.rank))
+            stats = train_one_epoch(runner, images, criterion, optimizer, scaler, rt, epoch, config['num_epochs'])
+            utils.broadcast_buffers(model)  # every shard embedded by the model rank 0 saves
+            eval_start = time.time()
+            features = extract_features(runner, images, rt, dim)
+            check_finite(model, features, epoch)
+            scheduler.step()
+            if rt.main:
+                metrics = retrieval_metrics(features, labels, sorted({1, *config['recalls']}), rt.device)
+                eval_seconds, write_start = time.time() - eval_start, time.time()
+                row = {'epoch': epoch, 'train_loss': stats['loss'], 'train_accuracy': stats['accuracy']}
+                row.update({f'test_recall@{k}': 100.0 * metrics[f'R@{k}'] for k in config['recalls']})
+                statistics.append(dict(row, **{'test_map@r': 100.0 * metrics['MAP@R']}))
+                if metrics['R@1'] > best['recall']:  # strictly better: the first maximum wins
+                    best = {'recall': metrics['R@1'], 'epoch': epoch}
+                writer.submit(epoch_files(epoch, model, optimizer, scheduler, scaler, best, statistics, config,
+                                          images, features))
+                seconds = stats['seconds'] + eval_seconds + time.time() - write_start
+                print(f'Epoch {epoch}/{config["num_epochs"]} | train loss {stats["loss"]:.4f} acc '
+                      f'{stats["accuracy"]:.2f}% | {metrics_text(metrics, config["recalls"])} | {seconds:.2f}s '
+                      f'(train {stats["seconds"]:.2f}s, eval {eval_seconds:.2f}s, writes {time.time() - write_start:.2f}s)',
+                      flush=True)
+                if config['compile'] and epoch == first_epoch:
+                    print(f'Compile: {stats["first_step"]:.1f}s (the first training step, compilation included; '
+                          f'extraction compiles in its first epoch too)', flush=True)
+            utils.barrier()  # the others wait while rank 0 evaluates
+    finally:
+        writer.close()  # every submitted write is on disk before the process ends
+    if rt.main and first_epoch > config['num_epochs']:
+        print(f'Nothing to do: all {config["num_epochs"]} epochs are done.', flush=True)
+    elif rt.main:
+        print(f'Best R@1 {100 * best["recall"]:.2f}% at epoch {best["epoch"]}; model {paths["model.pth"]}, '
+              f'database {paths["data_base.pth"]}, statistics {paths["statistics.csv"]}', flush=True)
+
+
 if __name__ == '__main__':
-    utils.run_cli(main)
+    utils.run_cli(main, INTERRUPTED)

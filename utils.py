@@ -508,7 +508,14 @@ def load_image_uint8(path):
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (ImportError, RuntimeError, OSError, ValueError):
         pass  # a later torchvision without it, a file it refuses, or one the OS refuses: PIL below
-    return torch.from_numpy(np.array(load_image(path), dtype=np.uint8)).permute(2, 0, 1)
+    return as_uint8(load_image(path))
+
+
+def as_uint8(image):
+    """A PIL image or a uint8 tensor [3, H, W] -> uint8 tensor [3, H, W]."""
+    if torch.is_tensor(image):
+        return image
+    return torch.from_numpy(np.array(_to_rgb(image), dtype=np.uint8)).permute(2, 0, 1)
 
 
 def resize_uint8(x, side):
@@ -560,7 +567,7 @@ class TrainTransform:
     def __call__(self, x):
         s = self.image_size
         i, j, flip = crop_flip_draws(self.resize_size, s)
-        x = resize_uint8(x, self.resize_size)[:, i:i + s, j:j + s]  # [3, s, s] view
+        x = resize_uint8(as_uint8(x), self.resize_size)[:, i:i + s, j:j + s]  # [3, s, s] view
         return self.normalize(x.flip(-1) if flip else x)
 
 
@@ -572,17 +579,17 @@ class EvalTransform:
         self.normalize = Normalize(mean, std)
 
     def __call__(self, x):
-        return self.normalize(resize_uint8(x, self.image_size))
+        return self.normalize(resize_uint8(as_uint8(x), self.image_size))
 
 
 def train_transform(image_size, mean, std):
-    """The training transform of a uint8 [3, H, W] image (random crop of a round(8s/7) resize, flip,
+    """The training transform of a PIL image or uint8 [3, H, W] tensor (random crop of a round(8s/7) resize, flip,
     normalise) -> float [3, s, s]."""
     return TrainTransform(image_size, mean, std)
 
 
 def test_transform(image_size, mean, std):
-    """The evaluation transform of a uint8 [3, H, W] image (resize to s x s, normalise) -> float [3, s, s]."""
+    """The evaluation transform of a PIL image or uint8 [3, H, W] tensor (resize to s x s, normalise) -> float [3, s, s]."""
     return EvalTransform(image_size, mean, std)
 
 

@@ -36,9 +36,12 @@ def reference(tmp_path_factory, dataset):
     from _train_fixtures import flags
     results = tmp_path_factory.mktemp('reference')
     saved, sys.stdout = sys.stdout, io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every test runs (session fixtures start before one_thread)
     try:
         train.main(flags(dataset, results))
         text = sys.stdout.getvalue()
     finally:
         sys.stdout = saved
+        torch.set_num_threads(threads)
     return results, text

@@ -1,15 +1,19 @@
 """train.py: the loss, the LR schedule, frozen BatchNorm, an end-to-end run and bad input."""
+import hashlib
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
 import torch
 import torchvision
 
-from _train_fixtures import (EPOCHS, NAME, dataset, flags, one_thread, out, reference,  # noqa: F401
-                             run_script, tensors)
+from _train_fixtures import EPOCHS, NAME, flags, out, run_script, tensors
 import data_utils
 import model as model_lib
 import train
@@ -97,14 +101,12 @@ def test_backbone_batchnorm_frozen_with_loaded_weights(tmp_path, dataset):
     conv_before = model.backbone.conv1.weight.detach().clone()
     head_bn_before = model.classifier[0].running_mean.clone()
 
-    images = utils.ImageListDataset(dicts['train'], utils.train_transform(32, *data_utils.normalization(NAME)))
-    loader = torch.utils.data.DataLoader(images, batch_size=4)
+    rt = train.Runtime(torch.device('cpu'), amp=False)
+    images = train.Images(dicts, dict(config, cache='off'), rt)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    criterion = utils.LabelSmoothingCrossEntropy()
     scaler = torch.amp.GradScaler('cuda', enabled=False)
-    stats = train.train_one_epoch(model, loader, criterion, optimizer, scaler, torch.device('cpu'), None,
-                                  1, 1, show_bar=False)
-    assert stats['loss'] > 0 and 0 <= stats['accuracy'] <= 100
+    stats = train.train_one_epoch(model, images, utils.LabelSmoothingCrossEntropy(), optimizer, scaler, rt, 1, 1)
+    assert stats['loss'] > 0.5  # 3 classes, untrained: near ln 3
     for k, v in model.backbone.state_dict().items():
         if k in bn_before:
             assert torch.equal(v, bn_before[k]), k
@@ -155,7 +157,8 @@ def test_end_to_end_outputs_consistent(reference):
     assert config == {'backbone_type': 'resnet18', 'feature_dim': 8, 'branches': 'SMG', 'num_classes': 3,
                       'image_size': 32, 'mean': list(mean), 'std': list(std),
                       'data_name': NAME, 'crop_type': 'uncropped',
-                      'model_file': os.path.basename(out(results, 'model.pth'))}
+                      'model_file': os.path.basename(out(results, 'model.pth')),
+                      'model_sha256': hashlib.sha256(open(out(results, 'model.pth'), 'rb').read()).hexdigest()}
 
     # the model file is that epoch's model: it re-embeds the test images into the stored features
     state = tensors(os.path.join(results, config['model_file']))
@@ -216,19 +219,21 @@ def test_eval_untrained_baseline_leaves_the_run_unchanged(dataset, reference, tm
 
 @pytest.mark.parametrize('extra, message', [
     (['--data_name', 'nosuch'], "unknown dataset 'nosuch'"),
-    (['--crop_type', 'cropped'], 'data dict not found'),
+    (['--crop_type', 'cropped'], 'cropped_data_dicts.pth'),
     (['--recalls', '1,x'], 'comma-separated list of positive integers'),
     (['--recalls', '0,1'], 'comma-separated list of positive integers'),
-    (['--recalls', ''], 'comma-separated list of positive integers'),
-    (['--recalls', '1,12'], 'R@12 asks for 12 neighbours but a test image'),
-    (['--feature_dim', '0'], '--feature_dim must be a positive integer'),
-    (['--feature_dim', '-4'], '--feature_dim must be a positive integer'),
+    (['--recalls', '1,12'], 'R@12 needs 12 candidates per query, but'),
+    (['--feature_dim', '0'], '--feature_dim must be between 1 and 8192, got 0'),
+    (['--feature_dim', '3000000'], '--feature_dim must be between 1 and 8192, got 3000000'),
     (['--branches', 'SX'], "invalid branch set 'SX'"),
     (['--pretrained', 'missing_weights.pth'], '--pretrained missing_weights.pth'),
     (['--resume', 'missing_checkpoint.pth'], '--resume missing_checkpoint.pth: checkpoint not found'),
-    (['--batch_size', '1'], '--batch_size must be at least 2, got 1'),
-    (['--num_epochs', '0'], '--num_epochs must be a positive integer, got 0'),
-    (['--image_size', '0'], '--image_size must be at least 16'),
+    (['--resume', 'auto', '--overwrite'], 'pass one of them'),
+    (['--batch_size', '1'], '--batch_size must be between 2 and 65536, got 1'),
+    (['--num_epochs', '0'], '--num_epochs must be between 1 and 100000, got 0'),
+    (['--image_size', '8'], '--image_size must be between 16 and 1024, got 8'),
+    (['--image_size', '5000'], '--image_size must be between 16 and 1024, got 5000'),
+    (['--seed', '99999999999999999999999'], '--seed must be between 0 and 9223372036854775807'),
     (['--device', 'tpu'], "--device 'tpu'"),
 ])
 def test_bad_input_clear_message_results_untouched(dataset, tmp_path, extra, message):
@@ -247,13 +252,13 @@ def test_missing_data_dict_names_file(tmp_path):
     with pytest.raises(UserError) as err:
         train.main(flags(tmp_path, tmp_path / 'results'))
     assert os.path.join(str(tmp_path), NAME, 'uncropped_data_dicts.pth') in str(err.value)
-    assert 'data_utils.py' in str(err.value) and not (tmp_path / 'results').exists()
+    assert 'python data_utils.py' in str(err.value) and not (tmp_path / 'results').exists()
 
 
 def test_results_dir_that_is_a_file(dataset, tmp_path):
     results = tmp_path / 'results'
     results.write_bytes(b'not a folder')
-    with pytest.raises(UserError, match=f'--results_dir {results}: expected a folder, found a file'):
+    with pytest.raises(UserError, match=f"--results_dir '{results}': expected a folder"):
         train.main(flags(dataset, results))
     assert results.read_bytes() == b'not a folder'
 
@@ -283,7 +288,7 @@ def test_query_gallery_dataset(dataset, tmp_path):
                data_path / 'shop' / 'uncropped_data_dicts.pth')
     results = tmp_path / 'results'
     args = flags(data_path, results, '--data_name', 'shop', epochs=1)
-    with pytest.raises(UserError, match='R@7 asks for 7 neighbours but the gallery of .* has 6 images'):
+    with pytest.raises(UserError, match='R@7 needs 7 candidates per query, but .* offers 6'):
         train.main(args + ['--recalls', '1,7'])
     train.main(args)
 
@@ -297,3 +302,100 @@ def test_query_gallery_dataset(dataset, tmp_path):
     metrics = utils.evaluate(database['test_features'], q, [1, 2], database['gallery_features'], g)
     stats = pd.read_csv(os.path.join(results, 'shop_uncropped_resnet18_8_statistics.csv'))
     assert stats['test_recall@1'][0] == 100 * metrics['R@1'] and stats['test_map@r'][0] == 100 * metrics['MAP@R']
+
+
+# ----------------------------------------------------------------------------------------------
+# images: the decode-once cache, the last batch
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cached_batches_equal_loaded_batches(dataset, tmp_path):
+    """The same pixels, crops and flips from the cache as from full decodes by the loader."""
+    config, dicts = train.resolve_config(train.parse_args(flags(dataset, tmp_path)))
+    rt = train.Runtime(torch.device('cpu'), amp=False)
+    cached, loaded = (train.Images(dicts, dict(config, cache=c), rt) for c in ('ram', 'off'))
+    assert cached.caches['train'].shape == (12, 3, 37, 37) and loaded.caches is None  # round(32 * 8 / 7)
+    for epoch in (1, 2):
+        pairs = list(zip(cached.train_batches(epoch), loaded.train_batches(epoch)))
+        assert len(pairs) == 3
+        for (a, ta), (b, tb) in pairs:
+            assert a.shape == (4, 3, 32, 32) and torch.equal(a, b) and torch.equal(ta, tb)
+    a, b = torch.cat(list(cached.eval_batches('test'))), torch.cat(list(loaded.eval_batches('test')))
+    assert a.shape == (12, 3, 32, 32) and torch.equal(a, b)
+    # epochs differ: the crops are drawn from (seed, epoch, image)
+    assert not torch.equal(next(cached.train_batches(1))[0], next(cached.train_batches(2))[0])
+
+
+@pytest.mark.parametrize('batch, sizes', [(5, [5, 5, 2]), (11, [11]), (4, [4, 4, 4])])
+def test_last_batch_kept_unless_single(dataset, tmp_path, batch, sizes):
+    config, dicts = train.resolve_config(train.parse_args(flags(dataset, tmp_path, '--batch_size', str(batch))))
+    images = train.Images(dicts, dict(config, cache='off'), train.Runtime(torch.device('cpu'), amp=False))
+    assert [len(b) for b in images.epoch_batches(1)] == sizes  # 12 images; 11 + 1 drops the single one
+
+
+def test_train_set_line(reference):
+    assert 'Train set: 12 images, 3 steps of 4 per epoch (12 training images)' in reference[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# one run per results name; a finished run is not replaced without a word
+# ----------------------------------------------------------------------------------------------
+
+
+def test_second_run_on_the_same_name_stops_at_once(dataset, tmp_path):
+    import fcntl
+    results = tmp_path / 'results'
+    results.mkdir()
+    with open(results / '.tiny_uncropped_resnet18_8.lock', 'a+') as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running train.py holds it
+        (results / '.tiny_uncropped_resnet18_8_checkpoint.pth.abc.tmp').write_bytes(b'in flight')
+        with pytest.raises(UserError, match='another train.py is running on .*tiny_uncropped_resnet18_8'):
+            train.main(flags(dataset, results))
+        assert (results / '.tiny_uncropped_resnet18_8_checkpoint.pth.abc.tmp').exists()  # not its to remove
+
+
+def test_existing_run_needs_resume_or_overwrite(dataset, reference, tmp_path, capsys):
+    results = shutil.copytree(reference[0], tmp_path / 'copy')
+    before = {p: (results / p).read_bytes() for p in os.listdir(results)}
+    best = pd.read_csv(out(results, 'statistics.csv'))['test_recall@1'].max()
+    with pytest.raises(UserError) as err:
+        train.main(flags(dataset, results))
+    assert f'holds a run of this name (epoch {EPOCHS}, best R@1 {best:.2f}%)' in str(err.value)
+    assert '--resume auto' in str(err.value) and '--overwrite' in str(err.value)
+    assert {p: (results / p).read_bytes() for p in os.listdir(results)} == before
+    train.main(flags(dataset, results, '--overwrite', epochs=1))
+    assert tensors(out(results, 'checkpoint.pth'))['epoch'] == 1
+    assert len(pd.read_csv(out(results, 'statistics.csv'))) == 1
+
+
+def test_diverged_embeddings_stop_the_run_best_files_kept(dataset, tmp_path, monkeypatch):
+    results = tmp_path / 'results'
+    extract = train.extract_features
+    calls = []
+
+    def diverging(model, images, rt, dim):  # the second epoch's embeddings are NaN
+        features = extract(model, images, rt, dim)
+        calls.append(1)
+        return {k: v * float('nan') for k, v in features.items()} if len(calls) == 2 else features
+
+    monkeypatch.setattr(train, 'extract_features', diverging)
+    with pytest.raises(UserError, match='the model diverged at epoch 2'):
+        train.main(flags(dataset, results))
+    state = tensors(out(results, 'checkpoint.pth'))
+    assert state['epoch'] == 1 and state['best_epoch'] == 1
+    database = tensors(out(results, 'data_base.pth'))
+    assert torch.isfinite(database['test_features']).all()
+
+
+def test_prompt_exit_with_loader_workers(dataset, tmp_path):
+    """Loader workers end with their epoch: nothing is left to wait for after the last line."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    process = subprocess.Popen([sys.executable, 'train.py', *flags(dataset, tmp_path, '--cache', 'off', workers=2)],
+                               cwd=train.__file__.rsplit(os.sep, 1)[0], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    last = None
+    for line in process.stdout:
+        last = (line, time.time())
+    process.wait(timeout=60)
+    assert process.returncode == 0 and last[0].startswith('Best R@1')
+    assert time.time() - last[1] < 5
