@@ -1,8 +1,9 @@
 """Decoded + transformed training images per second on one worker (one process, one thread):
 the original's pipeline (PIL decode, torchvision Resize -> RandomCrop -> flip -> ToTensor ->
-Normalize) against the project's (JPEG draft decoding, uint8 resize, one fused normalisation),
-on generated JPEGs of the datasets' typical sizes. Also checks that both give the same output
-shape and per-channel mean/std within 1 %.
+Normalize) against the project's (utils.load_image_uint8 full decode, utils.train_transform: uint8
+resize, one fused normalisation), on generated JPEGs of the datasets' typical sizes. Both decode
+every pixel (no JPEG draft mode). Also checks that both give the same output shape and per-channel
+mean/std within 1 %.
 
     python benchmarks/input_speed.py                                      # 500x375 and 800x600, 224 px
     python benchmarks/input_speed.py --num_images 8 --image_size 64 --repeats 1   # quick run
@@ -20,6 +21,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import utils  # noqa: E402
+from benchmarks.original import train_transform as original_train_transform  # noqa: E402
 
 # ImageNet statistics: the value only matters for un-normalising before comparing statistics
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -61,21 +63,20 @@ class OriginalPipeline:
     """The original's __getitem__: Image.open(path).convert('RGB') then the torchvision transform."""
 
     def __init__(self, image_size):
-        self.transform = utils.original_train_transform(image_size, MEAN, STD)
+        self.transform = original_train_transform(image_size, MEAN, STD)
 
     def __call__(self, path):
         return self.transform(Image.open(path).convert('RGB'))
 
 
 class ProjectPipeline:
-    """The project's __getitem__ (utils.ImageListDataset with utils.train_transform)."""
+    """The project's path -> tensor: a full decode to uint8 [3, H, W], then utils.train_transform."""
 
-    def __init__(self, image_size, paths):
-        self.dataset = utils.ImageListDataset({'x': paths}, utils.train_transform(image_size, MEAN, STD))
-        self.index = {p: k for k, p in enumerate(paths)}
+    def __init__(self, image_size):
+        self.transform = utils.train_transform(image_size, MEAN, STD)
 
     def __call__(self, path):
-        return self.dataset[self.index[path]][0]
+        return self.transform(utils.load_image_uint8(path))
 
 
 def images_per_second(pipeline, paths, repeats):
@@ -134,7 +135,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix='clf_input_speed_') as folder:
         for width, height in sizes:
             paths, file_bytes = make_jpegs(folder, width, height, args.num_images, args.seed)
-            original, project = OriginalPipeline(args.image_size), ProjectPipeline(args.image_size, paths)
+            original, project = OriginalPipeline(args.image_size), ProjectPipeline(args.image_size)
             for path in paths[:4]:  # warm up caches and lazy imports
                 original(path), project(path)
             # alternate the two pipelines so a burst of load on the machine hits both alike

@@ -2,7 +2,8 @@
 under the original's settings (fp32, deterministic cuDNN, no cuDNN benchmark) and under the
 project's defaults (mixed precision, channels-last, cuDNN benchmark; torch.compile with
 --compile), with peak GPU memory and a comparison of the two loss curves on the same task from
-the same initial weights.
+the same initial weights. Both settings train with the project's loss (class-balanced
+label-smoothing cross-entropy, utils.LabelSmoothingCrossEntropy).
 
     python benchmarks/train_speed.py                               # GPU: 128 x 224 px, 200 steps
     python benchmarks/train_speed.py --device cpu --batch_size 4 --image_size 64 --steps 3 --backbones resnet18
@@ -72,6 +73,9 @@ def run(backbone, initial_state, images, labels, setting, device, args):
     memory_format = torch.channels_last if setting['channels_last'] else torch.contiguous_format
     net = net.to(device, memory_format=memory_format).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=1e-5)
+    # the project's loss: class-balanced label smoothing, weights from the labels of the fixed batches
+    weights = utils.class_balanced_weights(labels.flatten(), args.num_classes)
+    criterion = utils.LabelSmoothingCrossEntropy(smoothing=0.1, temperature=1.0, weight=weights).to(device)
     amp_dtype = setting['amp_dtype']
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step_fn_model = torch.compile(net) if setting['compile'] else net
@@ -96,7 +100,7 @@ def run(backbone, initial_state, images, labels, setting, device, args):
         x, y = images[step % len(images)], labels[step % len(labels)]  # [B, 3, s, s], [B]
         with torch.autocast(device.type, dtype=amp_dtype or torch.float16, enabled=amp_dtype is not None):
             _, logits = step_fn_model(x)  # [B, num_classes]
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
+            loss = criterion(logits, y)  # computed in float32 whatever the autocast dtype
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -137,7 +141,7 @@ def compare_curves(loss_o, loss_p, window):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: cuda when available)')
     parser.add_argument('--backbones', default='resnet18,resnet50,seresnet50')
     parser.add_argument('--batch_size', type=int, default=128)
     parser.add_argument('--image_size', type=int, default=224)
@@ -168,12 +172,7 @@ def main():
     if min(args.batch_size, args.image_size, args.steps, args.data_batches, args.smooth, args.num_classes) < 1:
         raise utils.UserError('--batch_size, --image_size, --steps, --data_batches, --smooth and '
                               '--num_classes must be >= 1')
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise utils.UserError(f'--device {args.device!r} is not a device (e.g. cpu, cuda, cuda:1)') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise utils.UserError('--device cuda asked for, but no CUDA GPU is available; use --device cpu')
+    device = utils.resolve_device(args.device)
     if args.threads > 0 or device.type == 'cpu':
         torch.set_num_threads(max(1, args.threads))
     original, project = settings_for(device, args.amp, args.channels_last, args.compile)
