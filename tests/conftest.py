@@ -45,3 +45,20 @@ def reference(tmp_path_factory, dataset):
         sys.stdout = saved
         torch.set_num_threads(threads)
     return results, text
+
+
+@pytest.fixture
+def inject(monkeypatch):
+    """inject('nan:2:1,fail-write:checkpoint:2') applies faults in this process as
+    tests/fault_launcher.py does for a subprocess; undone after the test."""
+    import fault_launcher
+    import train
+    import utils
+
+    def apply(text):
+        for module, name in ((utils, 'write_temporary'), (train, 'train_one_epoch'), (train, 'train_step')):
+            monkeypatch.setattr(module, name, getattr(module, name))  # restored at teardown
+        faults = fault_launcher.parse(text)
+        fault_launcher.patch_writes(utils, faults)
+        fault_launcher.patch_steps(train, faults)
+    return apply
