@@ -6,9 +6,9 @@ import sys
 import pandas as pd
 import torch
 
-from _train_fixtures import (EPOCHS, REPO, dataset, flags, free_port, one_thread, out,  # noqa: F401
-                             reference, run_script, tensors)
+from _train_fixtures import EPOCHS, REPO, RUN_NAME, flags, free_port, out, run_script, tensors
 import model as model_lib
+import train
 import utils
 
 
@@ -62,23 +62,20 @@ def test_torchrun_two_cpu_processes_with_kill_and_resume(dataset, reference, tmp
     # both processes are killed during epoch 2; the relaunch with --resume auto finishes the run
     killed = run_script(flags(dataset, results), fault='kill:2:1', timeout=420, launcher=torchrun())
     assert killed.returncode != 0
-    assert tensors(out(results, 'checkpoint.pth'))['epoch'] == 1
+    # epoch 1's files are written in the background: none yet, or whole
+    assert not os.path.exists(out(results, 'checkpoint.pth')) or tensors(out(results, 'checkpoint.pth'))['epoch'] == 1
+    assert 'Cache: ' in killed.stdout and 'in RAM, shared by the processes of each node' in killed.stdout
+    assert not [f for f in os.listdir('/dev/shm') if f.startswith('clf-cache-')]  # mapped, then unlinked
     assert killed.stdout.count('Config:') == 1 and 'world_size         2' in killed.stdout
     assert killed.stdout.count(f'Epoch 1/{EPOCHS} |') == 1  # rank 0 alone prints
     result = run_script(flags(dataset, results, '--resume', 'auto'), timeout=420, launcher=torchrun())
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count('Resuming from') == 1 and result.stdout.count(f'Epoch 2/{EPOCHS} |') == 1
-    assert f'Epoch 1/{EPOCHS} |' not in result.stdout
-    assert sorted(os.listdir(results)) == sorted(os.path.basename(out(results, kind)) for kind in
-                                                 ('statistics.csv', 'model.pth', 'data_base.pth',
-                                                  'checkpoint.pth', 'curves.png'))
+    assert result.stdout.count(f'Epoch 2/{EPOCHS} |') == 1
+    assert sorted(os.listdir(results)) == sorted([f'.{RUN_NAME}.lock'] + [f'{RUN_NAME}_{kind}' for kind in train.OUTPUTS])
     stats = pd.read_csv(out(results, 'statistics.csv'))
     assert stats['epoch'].tolist() == list(range(1, EPOCHS + 1))
     first = [line for line in killed.stdout.splitlines() if f'Epoch 1/{EPOCHS} |' in line][0]
     assert f'train loss {stats["train_loss"][0]:.4f} acc {stats["train_accuracy"][0]:.2f}%' in first
-    for column in ('train_accuracy', 'test_recall@1', 'test_recall@2', 'test_map@r'):
-        assert stats[column].between(0, 100).all()
-    assert stats['train_loss'].gt(0).all()
 
     # features gathered from the two shards in order: the saved model re-embeds each image into its row
     database = tensors(out(results, 'data_base.pth'))
@@ -96,3 +93,9 @@ def test_torchrun_two_cpu_processes_with_kill_and_resume(dataset, reference, tmp
     best = stats['test_recall@1'].idxmax()
     assert 100 * metrics['R@1'] == stats['test_recall@1'][best]
     assert tensors(out(results, 'checkpoint.pth'))['epoch'] == EPOCHS
+
+
+def test_torchrun_user_error_printed_once(dataset, tmp_path):
+    result = run_script(flags(dataset, tmp_path, '--recalls', '1,x'), timeout=300, launcher=torchrun())
+    assert result.returncode != 0
+    assert result.stderr.count("error: --recalls '1,x'") == 1  # one process speaks for both
