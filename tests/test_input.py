@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import utils  # noqa: E402
+import utils
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+import original as original_pipeline  # noqa: E402  (the original's torchvision pipelines)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ONE_LEVEL = 1 / 255 / min(STD)  # one uint8 step after normalisation
@@ -54,7 +55,7 @@ def test_transforms_shape_dtype_and_values():
 
 def test_same_crops_and_pixels_as_original_for_a_seed():
     img = Image.fromarray(textured(150, 110, 1))
-    fast, original = utils.train_transform(64, MEAN, STD), utils.original_train_transform(64, MEAN, STD)
+    fast, original = utils.train_transform(64, MEAN, STD), original_pipeline.train_transform(64, MEAN, STD)
     for seed in range(8):
         torch.manual_seed(seed)
         a = original(img)
@@ -64,7 +65,7 @@ def test_same_crops_and_pixels_as_original_for_a_seed():
         assert (a - b).abs().max().item() <= ONE_LEVEL + 1e-5
         assert torch.rand(1).item() == _rng_after(seed, original, img)  # both consumed the same draws
     assert (utils.test_transform(64, MEAN, STD)(img)
-            - utils.original_test_transform(64, MEAN, STD)(img)).abs().max().item() <= ONE_LEVEL + 1e-5
+            - original_pipeline.test_transform(64, MEAN, STD)(img)).abs().max().item() <= ONE_LEVEL + 1e-5
 
 
 def _rng_after(seed, transform, img):
@@ -73,21 +74,16 @@ def _rng_after(seed, transform, img):
     return torch.rand(1).item()
 
 
-def test_statistics_match_original_with_draft_decoding(jpegs):
-    """Per-channel mean and std of the outputs within 1 % of the original's (JPEG draft decoding
-    at half scale for the 300x200 images, since 150x100 still covers the 73x73 resize)."""
-    with Image.open(jpegs[0]) as im:
-        im.draft('RGB', (73, 73))
-        assert im.size == (150, 100)
+def test_statistics_match_original(jpegs):
+    """Per-channel mean and std of the outputs within 1 % of the original's on full JPEG decodes."""
     dataset = utils.ImageListDataset({'a': jpegs}, utils.train_transform(64, MEAN, STD))
-    original = utils.original_train_transform(64, MEAN, STD)
+    original = original_pipeline.train_transform(64, MEAN, STD)
     outs_o, outs_p = [], []
     for seed in range(3):
         for k, path in enumerate(jpegs):
             torch.manual_seed(seed)
             outs_o.append(original(Image.open(path).convert('RGB')))
-            torch.manual_seed(seed)
-            outs_p.append(dataset[k][0])
+            outs_p.append(dataset[(k, seed)][0])
     std, mean = torch.tensor(STD)[:, None], torch.tensor(MEAN)[:, None]
     o = torch.stack(outs_o).transpose(0, 1).flatten(1) * std + mean  # [3, N] pixels in [0, 1]
     p = torch.stack(outs_p).transpose(0, 1).flatten(1) * std + mean
@@ -102,10 +98,6 @@ def test_uint8_loading_paths_agree_with_pil(jpegs, tmp_path):
         want = torch.from_numpy(np.array(utils.load_image(path))).permute(2, 0, 1)
         assert x.dtype == torch.uint8 and x.shape == want.shape
         assert (x.int() - want.int()).abs().max() <= 1 and (x != want).float().mean() < 0.01
-    # draft decoding only when it can halve the image and stay >= the asked size
-    assert utils.load_image_uint8(jpegs[0], (73, 73)).shape == (3, 100, 150)   # 300x200 -> 150x100
-    assert utils.load_image_uint8(jpegs[0], (151, 51)).shape == (3, 200, 300)  # 150 < 151: full size
-    assert utils.load_image_uint8(jpegs[2], (73, 73)).shape == (3, 120, 160)   # 120 // 73 = 1: full size
     # CMYK JPEG and PNG take the PIL path and agree with load_image
     rgb = textured(40, 30, 3)
     Image.fromarray(rgb).convert('CMYK').save(tmp_path / 'cmyk.jpg', quality=95)
@@ -172,11 +164,11 @@ def test_damaged_and_missing_files_raise_user_error_naming_them(tmp_path, jpegs)
     for path in (truncated, text):
         with pytest.raises(utils.UserError, match='cannot decode image') as err:
             utils.load_image(str(path))
-        assert str(path) in str(err.value) and 'changed after preprocessing' in str(err.value)
+        assert str(path) in str(err.value) and '(damaged, or not an image)' in str(err.value)
     with pytest.raises(utils.UserError, match='not found') as err:
         utils.load_image(str(tmp_path / 'gone.jpg'))
     assert str(tmp_path / 'gone.jpg') in str(err.value)
-    with pytest.raises(utils.UserError, match='cannot read image .*: Is a directory'):
+    with pytest.raises(utils.UserError, match=f'{tmp_path} is a folder, not an image file'):
         utils.load_image(str(tmp_path))  # an OS error is reported as such, not as a damaged file
 
     # inside a DataLoader worker: the error reaches the main process still naming the file
@@ -205,7 +197,7 @@ def test_dataset_order_and_targets():
     assert len(dataset) == 6
 
 
-def test_default_num_workers_and_loader_settings(monkeypatch):
+def test_default_num_workers(monkeypatch):
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
     assert utils.default_num_workers() == 8
@@ -213,6 +205,21 @@ def test_default_num_workers_and_loader_settings(monkeypatch):
     assert utils.default_num_workers() == 4
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '16')
     assert utils.default_num_workers() == 0
-    assert utils.loader_kwargs(0, 'cpu') == {'num_workers': 0, 'pin_memory': False}
-    cuda = utils.loader_kwargs(3, 'cuda')
-    assert cuda['pin_memory'] and cuda['persistent_workers'] and cuda['num_workers'] == 3
+
+
+def test_cache_place_and_crops(jpegs, monkeypatch):
+    cpu = torch.device('cpu')
+    monkeypatch.setattr(utils, 'available_ram', lambda: 1000)
+    assert utils.cache_place('auto', 400, cpu) == 'ram' and utils.cache_place('auto', 401, cpu) is None
+    assert utils.cache_place('off', 10, cpu) is None and utils.cache_place('ram', 10, cpu) == 'ram'
+    with pytest.raises(utils.UserError, match='--cache gpu: the decoded images take'):
+        utils.cache_place('gpu', 10, cpu)  # no GPU memory on the CPU
+    # decoded once at the resize: crops of the cache are TrainTransform's crops, pixel for pixel
+    cache = utils.build_cache(jpegs, 37, 'ram', cpu, 'test', show_bar=False)
+    assert cache.shape == (4, 3, 37, 37) and cache.dtype == torch.uint8
+    transform = utils.train_transform(32, MEAN, STD)
+    draws = [utils.crop_flip_draws(37, 32, torch.Generator().manual_seed(seed)) for seed in range(4)]
+    crops = utils.crop_flip_batch(cache, [0, 1, 2, 3], draws, 32)
+    for k, path in enumerate(jpegs):
+        torch.manual_seed(k)
+        assert torch.equal(transform.normalize(crops[k]), transform(utils.load_image_uint8(path)))
