@@ -1,5 +1,7 @@
 """Retrieval metrics: evaluate() and recall() against hand-worked cases and a brute-force reference."""
 
+import math
+
 import pytest
 import torch
 
@@ -179,3 +181,40 @@ def test_cuda_matches_cpu():
     x = torch.randint(-2, 3, (300, 6), generator=generator).float()
     labels = torch.randint(0, 40, (300,), generator=generator)
     assert_same(evaluate(x.cuda(), labels, [1, 5, 50]), evaluate(x, labels, [1, 5, 50]))
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_non_finite_features_are_an_error(bad):
+    # every comparison with NaN is false: counted as hits, a diverged model would score R@1 100 %
+    with pytest.raises(ValueError, match='NaN or infinite'):
+        evaluate(torch.full((6, 4), bad), [0, 0, 1, 1, 2, 2], [1])
+    x = torch.randn(6, 4)
+    x[3, 1] = bad
+    with pytest.raises(ValueError, match='NaN or infinite'):
+        evaluate(torch.randn(2, 4), [0, 1], [1], x, [0, 0, 1, 1, 2, 2])
+
+
+@pytest.mark.parametrize('mode', ['self', 'gallery'])
+def test_identical_vectors_score_identically(mode, monkeypatch):
+    """BLAS may give two identical gallery vectors similarities 1 ulp apart by their place in the
+    matrix; simulated here by nudging every odd column up by 1 ulp. The copy of another class must
+    still not beat the identical copy of the query's class (the tie rule)."""
+    products = utils._similarities
+
+    def nudged(queries, gallery):
+        sims = products(queries, gallery)
+        sims[:, 1::2] = torch.nextafter(sims[:, 1::2], torch.tensor(math.inf))
+        return sims
+
+    monkeypatch.setattr(utils, '_similarities', nudged)
+    generator = torch.Generator().manual_seed(0)
+    g = torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=1)
+    # gallery: [g0 class 0, g0 class 1, g1 class 1, g1 class 2, ...]: the other-class copy sits at odd places
+    gallery = g.repeat_interleave(2, 0)
+    labels = [k // 2 + k % 2 for k in range(16)]
+    if mode == 'gallery':
+        assert evaluate(g, list(range(8)), [1], gallery, labels)['R@1'] == 1.0
+    else:  # every even item has its same-class twin in the next pair: odd items miss, even ones hit
+        pairs = torch.cat([gallery, gallery[::2]])  # a same-class copy of each even item
+        result = evaluate(pairs, labels + labels[::2], [1])
+        assert result['R@1'] == pytest.approx(16 / 24)
