@@ -9,7 +9,6 @@ import io
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -360,17 +359,6 @@ def claim_results(config, paths):
     return lock
 
 
-def to_cpu(obj):
-    """A CPU copy of every tensor in nested dicts/lists: training goes on changing the originals."""
-    if torch.is_tensor(obj):
-        return obj.detach().to('cpu', copy=True)
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
 def statistics_csv(statistics, recalls):
     """Rows -> CSV bytes (pandas; floats at full precision)."""
     import pandas as pd
@@ -425,8 +413,8 @@ def epoch_files(epoch, model, optimizer, scheduler, scaler, best, statistics, co
     paths, recalls = output_paths(config), config['recalls']
     best_files = None
     if best['epoch'] == epoch:
-        best_files = (to_cpu(model.state_dict()), make_database(images, features, config))
-    state = to_cpu({'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+        best_files = (utils.to_cpu(model.state_dict()), make_database(images, features, config))
+    state = utils.to_cpu({'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                     'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
                     'best_recall': best['recall'], 'best_epoch': best['epoch'], 'statistics': list(statistics),
                     'rng': utils.rng_state(), 'config': {key: config[key] for key in RESUME_KEYS}})
@@ -438,27 +426,6 @@ def epoch_files(epoch, model, optimizer, scheduler, scaler, best, statistics, co
                             paths['curves.png']: plot_curves(state['statistics'], recalls, config['name'])})
         utils.atomic_write({paths['checkpoint.pth']: utils.torch_bytes(state)})
     return write
-
-
-class BackgroundWriter:
-    """Runs one write job at a time in a thread, so the GPU does not wait for the disk; each job
-    waits for the previous one, and a failed job's error surfaces at the next wait."""
-
-    def __init__(self):
-        self.pool, self.job = ThreadPoolExecutor(1), None
-
-    def submit(self, write):
-        self.wait()
-        self.job = self.pool.submit(write)
-
-    def wait(self):
-        job, self.job = self.job, None
-        if job is not None:
-            job.result()
-
-    def close(self):
-        self.wait()
-        self.pool.shutdown()
 
 
 def output_paths(config):
@@ -582,7 +549,7 @@ def run(config, dicts, rt, paths):
             metrics = retrieval_metrics(features, labels, config['recalls'], rt.device)
             print(f'Before training | {metrics_text(metrics, config["recalls"])}', flush=True)
         utils.barrier()
-    writer = BackgroundWriter()
+    writer = utils.BackgroundWriter()
     try:
         for epoch in range(first_epoch, config['num_epochs'] + 1):
             utils.seed_everything(utils.derive_seed(config['seed'], epoch, rt.rank))

@@ -1,5 +1,6 @@
 """Shared pieces of CLF: errors and safe files, distributed helpers, image lists and transforms,
 the training loss and the retrieval metrics."""
+import concurrent.futures
 import glob
 import hashlib
 import io
@@ -112,6 +113,38 @@ def torch_bytes(obj):
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+def to_cpu(obj):
+    """A CPU copy of every tensor in nested dicts/lists: training goes on changing the originals."""
+    if torch.is_tensor(obj):
+        return obj.detach().to('cpu', copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Runs one write job at a time in a thread, so the GPU does not wait for the disk; each job
+    waits for the previous one, and a failed job's error surfaces at the next wait."""
+
+    def __init__(self):
+        self.pool, self.job = concurrent.futures.ThreadPoolExecutor(1), None
+
+    def submit(self, write):
+        self.wait()
+        self.job = self.pool.submit(write)
+
+    def wait(self):
+        job, self.job = self.job, None
+        if job is not None:
+            job.result()
+
+    def close(self):
+        self.wait()
+        self.pool.shutdown()
 
 
 def remove_temporaries(paths):
