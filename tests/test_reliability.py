@@ -266,3 +266,19 @@ def test_group_write_all_or_nothing(tmp_path, inject):
     finally:
         os.umask(umask)
     assert oct(os.stat(model).st_mode & 0o777) == oct(0o640)
+
+
+def test_bare_pickle_refused_in_one_line(tmp_path, recwarn):
+    import pickle
+    path = tmp_path / 'raw.pth'
+    path.write_bytes(pickle.dumps({'epoch': 1}, protocol=4))
+    with pytest.raises(UserError) as err:
+        utils.safe_load(path, 'checkpoint')
+    assert str(err.value) == (f'refusing to load {path}: it is a bare Python pickle, not a tensor file written '
+                              f'by torch.save (nothing from it was run)')
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]  # torch never saw it
+
+
+def test_empty_results_dir_is_a_clear_error(dataset):
+    with pytest.raises(UserError, match="--results_dir '': expected a folder"):
+        train.main(flags(dataset, ''))
