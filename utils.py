@@ -730,7 +730,6 @@ def cache_place(choice, nbytes, device):
 def _decode_into(out, paths, side, desc, show_bar):
     """Decode and resize every image into out[k] (uint8 [N, 3, side, side]) with a thread per core
     (the decoders and torch's resize release the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
 
     def one(k):
@@ -740,7 +739,7 @@ def _decode_into(out, paths, side, desc, show_bar):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over images, not inside each resize
     try:
-        with ThreadPoolExecutor(threads) as pool:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             list(tqdm(pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit='img',
                       disable=not show_bar, leave=False))
     finally:
