@@ -45,8 +45,7 @@ def data_dict_path(data_path, data_name, crop_type):
     return os.path.join(data_path, data_name, f'{crop_type}_data_dicts.pth')
 
 
-# One image of a dataset: source file, file name in {crop_type}/, label string, split, and the
-# bounding box (x1, y1, x2, y2) in pixels or None.
+# One image: source file, file name in {crop_type}/, label string, split, box (x1, y1, x2, y2) in pixels or None.
 Item = namedtuple('Item', 'src name label split box')
 
 
@@ -57,8 +56,9 @@ def _listing(paths, what):
     return f'{len(paths)} {what}:\n  {shown}{more}'
 
 
-def _first_existing(*paths):
-    return next((p for p in paths if os.path.exists(p)), None)
+def _existing_or_first(*paths):
+    """The first of paths that exists, else the first one (for the error message)."""
+    return next((p for p in paths if os.path.exists(p)), paths[0])
 
 
 def _require(path, dataset, layout, what='annotation file'):
@@ -69,21 +69,17 @@ def _require(path, dataset, layout, what='annotation file'):
 
 def _read_rows(path, dataset, fields, skip=0):
     """Whitespace-separated rows of a text annotation file, each with len(fields) columns."""
-    rows = []
     try:
         with open(path, encoding='utf-8') as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f'{dataset}: cannot read {path} as a text file ({err})') from None
-    for number, line in enumerate(lines, 1):
-        if number <= skip or not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) != len(fields):
+    rows = [(number, line) for number, line in enumerate(lines, 1) if number > skip and line.strip()]
+    for number, line in rows:
+        if len(line.split()) != len(fields):
             raise UserError(f'{dataset}: {path} line {number}: expected {len(fields)} columns '
                             f'({" ".join(fields)}), got: {line.strip()[:120]!r}')
-        rows.append(parts)
-    return rows
+    return [line.split() for _, line in rows]
 
 
 def _read_mat_annotations(path, dataset, fields):
@@ -103,15 +99,19 @@ def _read_mat_annotations(path, dataset, fields):
     return [{f: record[f] for f in fields} for record in annotations]
 
 
-# ----------------------------------------------------------------------------------------------
-# readers: one per benchmark, each returns (items, layout text for error messages)
-# ----------------------------------------------------------------------------------------------
+# ---- readers: one per benchmark, each returns (items, layout text for error messages) ----
 
 CAR_LAYOUT = '''  car/cars_annos.mat, car/car_ims/*.jpg                      (original release)
   or
   car/cars_train/*.jpg, car/cars_test/*.jpg,
   car/devkit/cars_train_annos.mat, car/cars_test_annos_withlabels.mat  (devkit / Kaggle release;
   car/cars_train/cars_train/, car/car_devkit/devkit/ and "cars_test_annos_withlabels (1).mat" also accepted)'''
+CUB_LAYOUT = '''  cub/images.txt, cub/image_class_labels.txt, cub/bounding_boxes.txt, cub/images/<class>/*.jpg
+  (the archive's CUB_200_2011/ folder may also sit inside cub/)'''
+SOP_LAYOUT = '''  sop/Ebay_train.txt, sop/Ebay_test.txt, sop/<category>_final/*.JPG
+  (the archive's Stanford_Online_Products/ folder may also sit inside sop/)'''
+ISC_LAYOUT = '''  isc/Eval/list_eval_partition.txt, isc/Img/img/<GENDER>/<category>/<item_id>/*.jpg
+  (img/ directly inside isc/ is accepted too)'''
 CAR_FIELDS = ('bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'class')
 
 
@@ -127,38 +127,30 @@ def _car_item(r, path, src, name=None):
 
 def read_car(root):
     """CARS196 in the original layout (cars_annos.mat + car_ims/) or the devkit/Kaggle one."""
-    original = [os.path.join(root, 'cars_annos.mat'), os.path.join(root, 'car_ims')]
-    if any(os.path.exists(p) for p in original):
-        _require(original[1], 'car', CAR_LAYOUT, 'image folder')
-        records = _read_mat_annotations(_require(original[0], 'car', CAR_LAYOUT), 'car',
-                                        ('relative_im_path',) + CAR_FIELDS)
-        return [_car_item(r, original[0], os.path.join(root, str(r['relative_im_path']))) for r in records], CAR_LAYOUT
-    markers = [os.path.join(root, p) for p in ('cars_train', 'cars_test', 'devkit', 'car_devkit',
-                                               'cars_test_annos_withlabels.mat')]
-    if not any(os.path.exists(p) for p in markers):
+    annos, images = os.path.join(root, 'cars_annos.mat'), os.path.join(root, 'car_ims')
+    if os.path.exists(annos) or os.path.exists(images):
+        _require(images, 'car', CAR_LAYOUT, 'image folder')
+        records = _read_mat_annotations(_require(annos, 'car', CAR_LAYOUT), 'car', ('relative_im_path',) + CAR_FIELDS)
+        return [_car_item(r, annos, os.path.join(root, str(r['relative_im_path']))) for r in records], CAR_LAYOUT
+    markers = ('cars_train', 'cars_test', 'devkit', 'car_devkit', 'cars_test_annos_withlabels.mat')
+    if not any(os.path.exists(os.path.join(root, p)) for p in markers):
         raise UserError(f'car: no CARS196 files found in {root}\nexpected layout:\n{CAR_LAYOUT}')
     # Kaggle's copies keep car_devkit.tgz's own folder (car_devkit/devkit/) and may rename the
     # test labels "cars_test_annos_withlabels (1).mat"
-    devkit = _first_existing(os.path.join(root, 'devkit'), os.path.join(root, 'car_devkit', 'devkit')) \
-        or os.path.join(root, 'devkit')
+    devkit = _existing_or_first(os.path.join(root, 'devkit'), os.path.join(root, 'car_devkit', 'devkit'))
     test_annos = [os.path.join(folder, name) for folder in (root, devkit)
                   for name in ('cars_test_annos_withlabels.mat', 'cars_test_annos_withlabels (1).mat')]
     items = []
-    for part, annos in (('cars_train', [os.path.join(devkit, 'cars_train_annos.mat')]),
-                        ('cars_test', test_annos)):
+    for part, annos in (('cars_train', [os.path.join(devkit, 'cars_train_annos.mat')]), ('cars_test', test_annos)):
         folder = _require(os.path.join(root, part), 'car', CAR_LAYOUT, 'image folder')
         # Kaggle's copies nest the images one level deeper: cars_train/cars_train/*.jpg
         if os.path.isdir(os.path.join(folder, part)):
             folder = os.path.join(folder, part)
-        annos = _require(_first_existing(*annos) or annos[0], 'car', CAR_LAYOUT)
+        annos = _require(_existing_or_first(*annos), 'car', CAR_LAYOUT)
         # both folders number their files 00001.jpg, ...: the folder name keeps them apart
         items += [_car_item(r, annos, os.path.join(folder, str(r['fname'])), f'{part}_{r["fname"]}')
                   for r in _read_mat_annotations(annos, 'car', ('fname',) + CAR_FIELDS)]
     return items, CAR_LAYOUT
-
-
-CUB_LAYOUT = '''  cub/images.txt, cub/image_class_labels.txt, cub/bounding_boxes.txt, cub/images/<class>/*.jpg
-  (the archive's CUB_200_2011/ folder may also sit inside cub/)'''
 
 
 def read_cub(root, num_train_classes=100, name='cub', layout=CUB_LAYOUT):
@@ -189,10 +181,6 @@ def read_cub(root, num_train_classes=100, name='cub', layout=CUB_LAYOUT):
     return items, layout
 
 
-SOP_LAYOUT = '''  sop/Ebay_train.txt, sop/Ebay_test.txt, sop/<category>_final/*.JPG
-  (the archive's Stanford_Online_Products/ folder may also sit inside sop/)'''
-
-
 def read_sop(root):
     """Stanford Online Products: the split files give train and test (disjoint products)."""
     nested = os.path.join(root, 'Stanford_Online_Products')
@@ -205,10 +193,6 @@ def read_sop(root):
                                               skip=1):
             items.append(Item(os.path.join(root, rel), os.path.basename(rel), class_id, split, None))
     return items, SOP_LAYOUT
-
-
-ISC_LAYOUT = '''  isc/Eval/list_eval_partition.txt, isc/Img/img/<GENDER>/<category>/<item_id>/*.jpg
-  (img/ directly inside isc/ is accepted too)'''
 
 
 def read_isc(root):
@@ -227,10 +211,8 @@ def read_isc(root):
 
 
 DATASETS = {'car': read_car, 'cub': read_cub, 'sop': read_sop, 'isc': read_isc}
-SPLITS = {'car': ('train', 'test'), 'cub': ('train', 'test'), 'sop': ('train', 'test'),
-          'isc': ('train', 'query', 'gallery')}
+SPLITS = {'isc': ('train', 'query', 'gallery')}  # the others: train and test
 LAYOUTS = {'car': CAR_LAYOUT, 'cub': CUB_LAYOUT, 'sop': SOP_LAYOUT, 'isc': ISC_LAYOUT}
-RESERVED = set(CROP_TYPES)  # sub-folders written by this script, never read as classes
 
 
 def own_layout(name):
@@ -250,7 +232,7 @@ def read_own(root, name, split=0.5):
     classes = {}
     for entry in sorted(os.listdir(root)):
         folder = os.path.join(root, entry)
-        if entry in RESERVED or entry.startswith('.') or not os.path.isdir(folder):
+        if entry in CROP_TYPES or entry.startswith('.') or not os.path.isdir(folder):  # crop folders: ours
             continue
         files = sorted(f for f in os.listdir(folder) if not f.startswith('.')
                        and f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
@@ -265,14 +247,11 @@ def read_own(root, name, split=0.5):
     return items, layout
 
 
-# ----------------------------------------------------------------------------------------------
-# the shared pipeline: check every name and source, place files, write the lists
-# ----------------------------------------------------------------------------------------------
+# ---- the shared pipeline: check every name and source, place files, write the lists ----
 
 
 def _check_image(item):
-    """None if the image decodes completely, else a reason. Draft mode keeps JPEG checks fast
-    (the whole compressed stream is still read, so truncation is caught)."""
+    """None if the image decodes completely, else a reason (draft mode: fast, yet reads all of a JPEG)."""
     if not os.path.isfile(item.src):
         return 'missing'
     try:
@@ -298,8 +277,7 @@ def _same_file(a, b):
 
 
 def _check_names(items, root, name):
-    """Output names must be distinct per source and short enough for the file system (with room
-    for the temporary name a write uses) -> items without repeated annotation lines."""
+    """Output names must be distinct per source and fit the file system -> items without repeated lines."""
     by_name = {}
     for item in items:
         by_name.setdefault(item.name, set()).add(item.src)
@@ -329,27 +307,8 @@ def _check_sources(sources, name, layout):
         raise UserError(f'{name}: ' + '\n'.join(parts) + f'\nnothing was written; expected layout:\n{layout}')
 
 
-def _remove_temporaries(folder):
-    """Delete the hidden .tmp files that killed writes left in a folder this script owns."""
-    for entry in os.listdir(folder):
-        if entry.startswith('.') and entry.endswith('.tmp'):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, entry))
-
-
-def _place_original(src, dst):
-    """Hard link src at dst; where links are not allowed, an atomic copy."""
-    if os.path.exists(dst):
-        return  # already checked to be the same file
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or links not supported
-        atomic_write({dst: read_bytes(src, 'image')})
-
-
 def _write_crop(folder, item):
-    """Write the bounding-box crop of an image, encoded once as high-quality JPEG (PNG for .png
-    names) -> None, or the path when another crop is already there."""
+    """Write an image's box crop (JPEG q95; PNG for .png names) -> None, or the path if another crop is there."""
     crop = load_image(item.src).crop(item.box)  # any mode -> RGB as training sees it
     buffer = io.BytesIO()
     if item.name.lower().endswith('.png'):
@@ -375,9 +334,8 @@ def _pmap(fn, items, desc):
 
 def _place_all(sources, out, name):
     """Originals byte for byte (hard links where possible) in uncropped/, crops in cropped/."""
-    conflicts = [os.path.join(out['uncropped'], i.name) for i in sources
-                 if os.path.lexists(os.path.join(out['uncropped'], i.name))
-                 and not _same_file(i.src, os.path.join(out['uncropped'], i.name))]
+    originals = {os.path.join(out['uncropped'], i.name): i.src for i in sources}  # {destination: source}
+    conflicts = [dst for dst, src in originals.items() if os.path.lexists(dst) and not _same_file(src, dst)]
     if conflicts:  # another image under the same name: a conflict, never an overwrite
         raise UserError(f'{name}: ' + _listing(conflicts, 'file(s) already exist and differ from the image '
                                                'that would be placed there') +
@@ -387,9 +345,15 @@ def _place_all(sources, out, name):
             os.makedirs(folder, exist_ok=True)
         except OSError as err:
             raise UserError(f'{name}: cannot create {folder}: {err.strerror or err}') from None
-        _remove_temporaries(folder)
-    for item in tqdm(sources, desc=f'{name}: linking originals', unit='img', leave=False):
-        _place_original(item.src, os.path.join(out['uncropped'], item.name))
+        # killed writes left .{name}.XXXXXXXX.tmp: one listing finds those of our names (100,000s of images)
+        leftovers = {e[1:1 - TEMPORARY_EXTRA] for e in os.listdir(folder) if e.startswith('.') and e.endswith('.tmp')}
+        remove_temporaries([os.path.join(folder, i.name) for i in sources if i.name in leftovers])
+    for dst, src in tqdm(originals.items(), desc=f'{name}: linking originals', unit='img', leave=False):
+        if not os.path.exists(dst):  # one that exists was checked to be the same file
+            try:
+                os.link(src, dst)
+            except OSError:  # another filesystem, or links not supported: an atomic copy
+                atomic_write({dst: read_bytes(src, 'image')})
     if 'cropped' in out:
         conflicts = [d for d in _pmap(partial(_write_crop, out['cropped']), sources, f'{name}: writing crops') if d]
         if conflicts:
@@ -397,25 +361,20 @@ def _place_all(sources, out, name):
                             f'\nremove {out["cropped"]} and run again')
 
 
-def build_lists(items, data_path, name, crop_type, splits):
-    """{split: {label: [paths]}} with splits in order, labels and paths in annotation order."""
-    dicts = {split: {} for split in splits}
-    for item in items:
-        dicts[item.split].setdefault(item.label, []).append(os.path.join(data_path, name, crop_type, item.name))
-    return dicts
-
-
 def process_items(items, data_path, name, layout, splits=('train', 'test')):
-    """Check all names and source images, place them under {name}/uncropped (and crops under
-    {name}/cropped when items have boxes), then write the .pth lists atomically, together: an
-    interrupted run leaves the previous lists (or none). Returns {crop_type: dicts}."""
+    """Check all names and sources, place them in {name}/uncropped (and crops in {name}/cropped when all have
+    boxes), then write the .pth lists atomically, together (else the previous ones stay) -> {crop_type: dicts}."""
     items = _check_names(items, os.path.join(data_path, name), name)
     sources = list({i.src: i for i in items}.values())
     _check_sources(sources, name, layout)
     crop_types = CROP_TYPES if all(i.box is not None for i in items) else ('uncropped',)
     remove_temporaries([data_dict_path(data_path, name, c) for c in CROP_TYPES])
     _place_all(sources, {c: os.path.join(data_path, name, c) for c in crop_types}, name)
-    result = {crop: build_lists(items, data_path, name, crop, splits) for crop in crop_types}
+    # {crop_type: {split: {label: [paths]}}}: splits in order, labels and paths in annotation order
+    result = {crop: {split: {} for split in splits} for crop in crop_types}
+    for item in items:
+        for crop, dicts in result.items():
+            dicts[item.split].setdefault(item.label, []).append(os.path.join(data_path, name, crop, item.name))
     atomic_write({data_dict_path(data_path, name, crop): torch_bytes(d) for crop, d in result.items()})
     for crop, dicts in result.items():
         summary = ', '.join(f'{s} {len(d)} classes / {sum(map(len, d.values()))} images' for s, d in dicts.items())
@@ -423,13 +382,9 @@ def process_items(items, data_path, name, layout, splits=('train', 'test')):
     return result
 
 
-# ----------------------------------------------------------------------------------------------
-# datasets by name: processing one, and reading its lists back (train.py)
-# ----------------------------------------------------------------------------------------------
+# ---- datasets by name: processing one, and reading its lists back (train.py) ----
 
-
-def _command(data_path, name):
-    return f'`python data_utils.py --data_path {data_path} --data_name {name}`'
+COMMAND = '`python data_utils.py --data_path {} --data_name {}`'  # what makes a dataset's lists
 
 
 def _check_options(names, split=None, seed=0):
@@ -450,8 +405,8 @@ def _folder_error(data_path, name, then_run=False):
     """The message for a missing dataset folder; then_run adds the command that makes the lists."""
     root = os.path.join(data_path, name)
     if name == 'demo':  # generated, never downloaded
-        return f'demo: folder not found: {root}; the demo is generated: run {_command(data_path, name)}'
-    then = f'\nthen run {_command(data_path, name)}' if then_run else ''
+        return f'demo: folder not found: {root}; the demo is generated: run {COMMAND.format(data_path, name)}'
+    then = f'\nthen run {COMMAND.format(data_path, name)}' if then_run else ''
     if name in LAYOUTS:
         return f'{name}: folder not found: {root}\nexpected layout:\n{LAYOUTS[name]}{then}'
     return (f'unknown dataset {name!r}: {root} is not a folder. Use one of {", ".join(DATASETS)}, demo, '
@@ -464,35 +419,23 @@ def process_dataset(data_path, name, split=None, seed=0):
     root = os.path.join(data_path, name)
     if name == 'demo':
         try:
-            make_demo(root, seed=seed)
+            make_demo(root, seed, DEMO_CLASSES, DEMO_PER_CLASS)  # the sizes as they are now (tests shrink them)
         except OSError as err:  # disk full, no permission: the next run starts the drawing afresh
             raise UserError(f'demo: cannot write the demo images to {root}: {err.strerror or err} '
                             f'(check free disk space and that {data_path} is writable)') from None
         items, layout = read_cub(root, num_train_classes=DEMO_CLASSES // 2, name='demo',
                                  layout=CUB_LAYOUT.replace('cub/', 'demo/'))
-        return process_items(items, data_path, name, layout)
-    if not os.path.isdir(root):
+    elif not os.path.isdir(root):
         raise UserError(_folder_error(data_path, name))
-    if name in DATASETS:
+    elif name in DATASETS:
         items, layout = DATASETS[name](root)
-        return process_items(items, data_path, name, layout, SPLITS[name])
-    items, layout = read_own(root, name, 0.5 if split is None else split)
-    return process_items(items, data_path, name, layout)
-
-
-def _first_image(split, name, path):
-    """The first image path of a split, which must be {label: [image paths]} with at least one."""
-    well_formed = isinstance(split, dict) and all(isinstance(paths, (list, tuple)) and
-                                                  all(isinstance(p, str) for p in paths) for paths in split.values())
-    if not well_formed or not any(split.values()):
-        raise UserError(f"data dict {path}: split '{name}' is empty or not {{label: [image paths]}}; "
-                        f"re-run data_utils.py")
-    return next(p for paths in split.values() for p in paths)
+    else:
+        items, layout = read_own(root, name, 0.5 if split is None else split)
+    return process_items(items, data_path, name, layout, SPLITS.get(name, ('train', 'test')))
 
 
 def load_data_dicts(data_path, data_name, crop_type):
-    """Read and check the lists this script wrote -> (dicts, path); each problem is one UserError
-    that says what to run."""
+    """Read and check the lists this script wrote -> (dicts, path); each problem is a UserError saying what to run."""
     _check_options([data_name])
     if crop_type not in CROP_TYPES:
         raise UserError(f'--crop_type {crop_type!r}: expected one of {", ".join(CROP_TYPES)}')
@@ -500,7 +443,7 @@ def load_data_dicts(data_path, data_name, crop_type):
         raise UserError(_folder_error(data_path, data_name, then_run=True))
     path = data_dict_path(data_path, data_name, crop_type)
     if not os.path.isfile(path):
-        raise UserError(f'data dict not found: {path}; run {_command(data_path, data_name)} first' +
+        raise UserError(f'data dict not found: {path}; run {COMMAND.format(data_path, data_name)} first' +
                         (' (cropped lists exist only for datasets with bounding boxes: car, cub, demo)'
                          if crop_type == 'cropped' else ''))
     dicts = safe_load(path, 'data dict')
@@ -508,17 +451,23 @@ def load_data_dicts(data_path, data_name, crop_type):
             not ('test' in dicts or ('query' in dicts and 'gallery' in dicts)):
         raise UserError(f"data dict {path}: expected splits 'train' and 'test' (or 'query' and 'gallery'), "
                         f"found {sorted(map(str, dicts)) if isinstance(dicts, dict) else type(dicts).__name__}")
-    firsts = {s: _first_image(dicts[s], s, path) for s in ('train', 'test', 'query', 'gallery') if s in dicts}
-    for split, first in firsts.items():
+    splits = [s for s in ('train', 'test', 'query', 'gallery') if s in dicts]
+    for split in splits:  # each {label: [image paths]} with at least one path
+        lists = dicts[split]
+        well_formed = isinstance(lists, dict) and all(
+            isinstance(paths, (list, tuple)) and all(isinstance(p, str) for p in paths) for paths in lists.values())
+        if not well_formed or not any(lists.values()):
+            raise UserError(f"data dict {path}: split '{split}' is empty or not {{label: [image paths]}}; "
+                            f"re-run data_utils.py")
+    for split in splits:  # all checked first: a malformed split is the clearer error
+        first = next(p for paths in dicts[split].values() for p in paths)
         if not os.path.exists(first):
             raise UserError(f"data dict {path}: images of split '{split}' not found (first: {first}); the "
                             f"dataset moved since data_utils.py ran? re-run it with the current --data_path")
     return dicts, path
 
 
-# ----------------------------------------------------------------------------------------------
-# demo: a generated shapes dataset in CUB's layout
-# ----------------------------------------------------------------------------------------------
+# ---- demo: a generated shapes dataset in CUB's layout ----
 
 DEMO_CLASSES, DEMO_PER_CLASS, DEMO_SIZE = 48, 24, 112
 POLYGONS = ('square', 'triangle', 'diamond', 'hexagon', 'star', 'cross')
@@ -533,14 +482,12 @@ def _polygon(shape, cx, cy, r, angle):
     if shape == 'cross':  # plus sign: 12 corners at two radii
         pts = [(-0.33, -1), (0.33, -1), (0.33, -0.33), (1, -0.33), (1, 0.33), (0.33, 0.33), (0.33, 1),
                (-0.33, 1), (-0.33, 0.33), (-1, 0.33), (-1, -0.33), (-0.33, -0.33)]
-    else:
+    else:  # corners on the unit circle; a star's odd ones further in, a diamond narrowed in x
         offset = math.pi / 4 if shape == 'square' else -math.pi / 2
-        pts = []
-        for k in range(corners):
-            rad = 0.45 if shape == 'star' and k % 2 else 1.0
-            a = offset + 2 * math.pi * k / corners
-            scale_x = 0.65 if shape == 'diamond' else 1.0
-            pts.append((rad * math.cos(a) * scale_x, rad * math.sin(a)))
+        scale_x = 0.65 if shape == 'diamond' else 1.0
+        radii = [0.45 if shape == 'star' and k % 2 else 1.0 for k in range(corners)]
+        angles = [offset + 2 * math.pi * k / corners for k in range(corners)]
+        pts = [(rad * math.cos(a) * scale_x, rad * math.sin(a)) for rad, a in zip(radii, angles)]
     c, s = math.cos(angle), math.sin(angle)
     return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
 
@@ -548,11 +495,11 @@ def _polygon(shape, cx, cy, r, angle):
 def _texture(kind, size, colour_a, colour_b, period):
     """An RGB texture of (size, size) pixels; period in pixels."""
     yy, xx = np.mgrid[0:size, 0:size]
-    mask = {'solid': lambda: np.zeros((size, size), bool), 'hstripes': lambda: (yy // period) % 2 == 1,
-            'vstripes': lambda: (xx // period) % 2 == 1,
-            'checker': lambda: ((xx // period) + (yy // period)) % 2 == 1,
-            'dots': lambda: ((xx % (2 * period) - period) ** 2 + (yy % (2 * period) - period) ** 2)
-            < (period * 0.6) ** 2}[kind]()
+    if kind == 'dots':  # a disc in every (2 period)^2 square
+        mask = (xx % (2 * period) - period) ** 2 + (yy % (2 * period) - period) ** 2 < (period * 0.6) ** 2
+    else:  # colour_b on the odd bands of period pixels
+        mask = {'solid': 0 * xx, 'hstripes': yy // period, 'vstripes': xx // period,
+                'checker': xx // period + yy // period}[kind] % 2 == 1
     img = np.where(mask[..., None], np.array(colour_b, np.uint8), np.array(colour_a, np.uint8))
     return Image.fromarray(img.astype(np.uint8), 'RGB')
 
@@ -571,8 +518,7 @@ def _demo_class(rng):
 
 
 def _draw_demo_image(parts, rng, size):
-    """One picture of an object: random background, clutter, position, scale, rotation.
-    Returns the image and the object's box (x1, y1, x2, y2)."""
+    """One picture of an object: random background, clutter, position, scale, rotation -> (image, object box)."""
     # background: a random two-colour gradient plus noise, then a few small clutter shapes
     c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
     t = np.linspace(0, 1, size)[None, :, None] if rng.random() < 0.5 else np.linspace(0, 1, size)[:, None, None]
@@ -588,7 +534,7 @@ def _draw_demo_image(parts, rng, size):
     angle = rng.uniform(-0.5, 0.5)
     extent = radius * 1.6
     cx, cy = rng.uniform(extent, size - extent), rng.uniform(extent, size - extent)
-    x1, y1, x2, y2 = size, size, 0, 0
+    outline = Image.new('L', (size, size), 0)  # all parts' masks: its bounding box is the object's box
     for part in parts:
         dx, dy = part['dx'] * radius, part['dy'] * radius
         px = cx + dx * math.cos(angle) - dy * math.sin(angle)
@@ -607,12 +553,10 @@ def _draw_demo_image(parts, rng, size):
         else:
             mdraw.polygon(_polygon(part['shape'], px, py, r, angle), fill=255)
         img.paste(texture, (0, 0), mask)
-        bx = mask.getbbox()
-        if bx:
-            x1, y1, x2, y2 = min(x1, bx[0]), min(y1, bx[1]), max(x2, bx[2]), max(y2, bx[3])
+        outline.paste(255, mask=mask)
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
-    return img, (x1, y1, x2, y2)
+    return img, outline.getbbox() or (size, size, 0, 0)
 
 
 def _draw_demo(folder, seed, num_classes, per_class, size, signature):
@@ -638,12 +582,8 @@ def _draw_demo(folder, seed, num_classes, per_class, size, signature):
             f.writelines(lines)
 
 
-def make_demo(root, seed=0, num_classes=None, per_class=None, size=None):
-    """Draw the demo dataset into root in CUB-200-2011's layout (images.txt, image_class_labels.txt,
-    bounding_boxes.txt, classes.txt, images/<class>/*.jpg). Same seed and sizes -> same bytes."""
-    num_classes = DEMO_CLASSES if num_classes is None else num_classes
-    per_class = DEMO_PER_CLASS if per_class is None else per_class
-    size = DEMO_SIZE if size is None else size
+def make_demo(root, seed=0, num_classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS, size=DEMO_SIZE):
+    """Draw the demo dataset into root in CUB-200-2011's layout; the same seed and sizes give the same bytes."""
     signature = f'seed {seed} classes {num_classes} per_class {per_class} size {size}\n'
     marker = os.path.join(root, DEMO_MARKER)
     partial, old = root.rstrip(os.sep) + '.partial', root.rstrip(os.sep) + '.old'
@@ -667,9 +607,7 @@ def make_demo(root, seed=0, num_classes=None, per_class=None, size=None):
     return root
 
 
-# ----------------------------------------------------------------------------------------------
-# command line
-# ----------------------------------------------------------------------------------------------
+# ---- command line ----
 
 
 def parse_args(argv=None):
@@ -695,15 +633,13 @@ def main(argv=None):
             raise UserError(f'--data_path {args.data_path}: cannot create the folder ({err.strerror})') from None
     if not os.path.isdir(args.data_path):
         raise UserError(f'--data_path {args.data_path} is not a folder')
-    names = args.data_name
-    if names is None:
-        names = [n for n in DATASETS if os.path.isdir(os.path.join(args.data_path, n))]
-        absent = [n for n in DATASETS if n not in names]
-        if absent:
-            print(f'skipping {", ".join(absent)}: no such folder in {args.data_path}', flush=True)
-        if not names:
-            raise UserError(f'no dataset folder ({", ".join(DATASETS)}) in {args.data_path}; '
-                            f'use --data_name demo for a generated one')
+    names = args.data_name or [n for n in DATASETS if os.path.isdir(os.path.join(args.data_path, n))]
+    absent = [n for n in DATASETS if n not in names]
+    if args.data_name is None and absent:
+        print(f'skipping {", ".join(absent)}: no such folder in {args.data_path}', flush=True)
+    if not names:  # only without --data_name, which takes one name or more
+        raise UserError(f'no dataset folder ({", ".join(DATASETS)}) in {args.data_path}; '
+                        f'use --data_name demo for a generated one')
     failed = []
     for name in names:
         try:

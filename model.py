@@ -2,8 +2,7 @@
 ways (SPoC, MAC, GeM), each projected and L2-normalised, then concatenated into one retrieval
 embedding; a BatchNorm + Linear classifier on the same vector drives training.
 
-`python model.py` prints the Params | FLOPs table of the three backbones on the four datasets.
-"""
+`python model.py` prints the Params | FLOPs table of the three backbones on the four datasets."""
 import os
 import socket
 import warnings
@@ -16,23 +15,19 @@ import torchvision
 
 from utils import UserError, load_state_dict_strict, run_cli, safe_load
 
-# ----------------------------------------------------------------------------------------------
-# backbones: stem + layer1..layer4, no avgpool/fc; stage 3 (layer3) keeps its input resolution
-# ----------------------------------------------------------------------------------------------
+# ---- backbones: stem + layer1..layer4, no avgpool/fc; stage 3 (layer3) keeps its input resolution ----
 
 
 def _torchvision_resnet(arch):
-    """torchvision's ResNet-18/50 trunk with the same parameter names as torchvision (conv1, bn1,
-    layer1..layer4), so its ImageNet state dict loads as it is once `fc.*` is dropped."""
+    """torchvision's ResNet-18/50 trunk under torchvision's parameter names: its ImageNet weights load as they are."""
     net = getattr(torchvision.models, arch)(weights=None)
     # the first block of layer3 downsamples in its strided conv and in its shortcut: undo both, so
     # a 224 input gives a 14x14 stage-4 map instead of 7x7 (finer local features, 4x the cost)
     block = net.layer3[0]
     (block.conv2 if hasattr(block, 'conv3') else block.conv1).stride = (1, 1)
     block.downsample[0].stride = (1, 1)
-    return nn.Sequential(OrderedDict(
-        (name, getattr(net, name))
-        for name in ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4')))
+    names = ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4')
+    return nn.Sequential(OrderedDict((name, getattr(net, name)) for name in names))
 
 
 class SEModule(nn.Module):
@@ -40,16 +35,13 @@ class SEModule(nn.Module):
 
     def __init__(self, channels, reduction=16):
         super().__init__()
-        # a pooling module rather than x.mean(): thop counts it (h*w + 1 per output), and so does
-        # the published FLOPs figure (+0.01G)
+        # a pooling module rather than x.mean(): thop counts it (h*w + 1 per output), as the published FLOPs do (+0.01G)
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Conv2d(channels, channels // reduction, kernel_size=1)
         self.fc2 = nn.Conv2d(channels // reduction, channels, kernel_size=1)
 
     def forward(self, x):
-        # x [B, C, h, w] -> gate [B, C, 1, 1]
-        gate = self.avg_pool(x)
-        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(gate))))
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(self.avg_pool(x)))))  # x [B, C, h, w] -> gate [B, C, 1, 1]
         return x * gate
 
 
@@ -84,10 +76,8 @@ class SEBottleneck(nn.Module):
 def _seresnet50():
     """SE-ResNet-50 trunk laid out like the public `se_resnet50-ce0d4300.pth` (see SE_NAME_MAP)."""
     def stage(inplanes, planes, blocks, stride):
-        layers = [SEBottleneck(inplanes, planes, stride)]
-        layers += [SEBottleneck(planes * 4, planes) for _ in range(blocks - 1)]
-        return nn.Sequential(*layers)
-
+        return nn.Sequential(SEBottleneck(inplanes, planes, stride),
+                             *(SEBottleneck(planes * 4, planes) for _ in range(blocks - 1)))
     return nn.Sequential(OrderedDict([
         ('conv1', nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)),  # [B, 64, 112, 112]
         ('bn1', nn.BatchNorm2d(64)),
@@ -98,38 +88,26 @@ def _seresnet50():
         ('layer1', stage(64, 64, 3, stride=1)),      # [B, 256, 57, 57]
         ('layer2', stage(256, 128, 4, stride=2)),    # [B, 512, 29, 29]
         ('layer3', stage(512, 256, 6, stride=1)),    # [B, 1024, 29, 29]  (stride 1: see above)
-        ('layer4', stage(1024, 512, 3, stride=2)),   # [B, 2048, 15, 15]
-    ]))
+        ('layer4', stage(1024, 512, 3, stride=2))]))  # [B, 2048, 15, 15]
 
 
-# name -> (builder, channels of the stage-4 map)
-BACKBONES = {
-    'resnet18': (lambda: _torchvision_resnet('resnet18'), 512),
-    'resnet50': (lambda: _torchvision_resnet('resnet50'), 2048),
-    'seresnet50': (_seresnet50, 2048),
-}
+BACKBONES = {'resnet18': (lambda: _torchvision_resnet('resnet18'), 512),  # name -> (builder, stage-4 channels)
+             'resnet50': (lambda: _torchvision_resnet('resnet50'), 2048),
+             'seresnet50': (_seresnet50, 2048)}
 
-# ----------------------------------------------------------------------------------------------
-# ImageNet weights
-# ----------------------------------------------------------------------------------------------
-
+# ---- ImageNet weights: resnet18/50 come through torchvision's weights API (and its cache) ----
+TORCHVISION_WEIGHTS = {'resnet18': torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+                       'resnet50': torchvision.models.ResNet50_Weights.IMAGENET1K_V1}
 # where pretrained=True finds each backbone's weights: (file name, URL)
-IMAGENET_WEIGHTS = {
-    'resnet18': (os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url),
-                 torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url),
-    'resnet50': (os.path.basename(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url),
-                 torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url),
-    'seresnet50': ('se_resnet50-ce0d4300.pth',
-                   'https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-cadene/'
-                   'se_resnet50-ce0d4300.pth'),
-}
+IMAGENET_WEIGHTS = {**{arch: (os.path.basename(w.url), w.url) for arch, w in TORCHVISION_WEIGHTS.items()},
+                    'seresnet50': ('se_resnet50-ce0d4300.pth', 'https://github.com/rwightman/pytorch-image-models/'
+                                   'releases/download/v0.1-cadene/se_resnet50-ce0d4300.pth')}
 CLASSIFIER_PREFIXES = ('fc.', 'last_linear.')  # ImageNet heads, never used here
 # se_resnet50-ce0d4300.pth (and timm's legacy_seresnet50) name prefix -> ours
 SE_NAME_MAP = {'layer0.conv1.': 'conv1.', 'layer0.bn1.': 'bn1.'}
 
 
-def checkpoints_dir():
-    """The torch hub checkpoints folder, where torchvision caches downloaded weights."""
+def checkpoints_dir():  # the torch hub checkpoints folder, where torchvision caches downloaded weights
     return os.path.join(torch.hub.get_dir(), 'checkpoints')
 
 
@@ -143,20 +121,18 @@ def download_imagenet_weights(backbone_type, timeout=30):
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
     try:
-        if backbone_type in ('resnet18', 'resnet50'):  # torchvision's weights API and its cache
-            weights = getattr(torchvision.models, f'ResNet{backbone_type[6:]}_Weights').IMAGENET1K_V1
-            return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        if backbone_type in TORCHVISION_WEIGHTS:
+            return TORCHVISION_WEIGHTS[backbone_type].get_state_dict(progress=True, check_hash=True, weights_only=True)
         return torch.hub.load_state_dict_from_url(url, model_dir=checkpoints_dir(), file_name=file_name,
                                                   map_location='cpu', weights_only=True)
     except Exception as err:  # no network, proxy refused, HTTP error, bad hash: all need the same fix
         reason = str(getattr(err, 'reason', None) or err).strip()
         reason = reason.splitlines()[0][:200] if reason else type(err).__name__
-        raise UserError(
-            f'cannot download the ImageNet weights of {backbone_type} ({reason}). The file {file_name} '
-            f'is needed: download it from {url} on a machine with internet access and put it in '
-            f'{checkpoints_dir()}{os.sep} (the torch hub checkpoints folder), or pass its path with '
-            f'--pretrained PATH; to train from scratch without ImageNet weights, pass --pretrained none.'
-        ) from None
+        raise UserError(f'cannot download the ImageNet weights of {backbone_type} ({reason}). The file {file_name} '
+                        f'is needed: download it from {url} on a machine with internet access and put it in '
+                        f'{checkpoints_dir()}{os.sep} (the torch hub checkpoints folder), or pass its path with '
+                        f'--pretrained PATH; to train from scratch without ImageNet weights, pass '
+                        f'--pretrained none.') from None
     finally:
         socket.setdefaulttimeout(previous_timeout)
 
@@ -176,19 +152,27 @@ def adapt_state_dict(state_dict, backbone_type):
     return adapted
 
 
-def load_backbone_weights(backbone, state_dict, backbone_type, source):
-    """Copy every backbone tensor from an ImageNet `state_dict` (renamed, classifier dropped); any
-    missing, unexpected or mis-shaped tensor is a UserError naming `source` and the tensors."""
-    what = f'ImageNet weights of a {backbone_type}'
-    if not isinstance(state_dict, dict):
-        raise UserError(f'{source} does not hold {what}: found a {type(state_dict).__name__}')
-    load_state_dict_strict(backbone, adapt_state_dict(state_dict, backbone_type), source, what)
+def build_backbone(backbone_type, pretrained):
+    """The backbone with the ImageNet weights `pretrained` names: True (the hub cache, downloaded if needed), a
+    path, or False; any missing, unexpected or mis-shaped tensor is a UserError naming them."""
+    # read the weights first, so that a missing file fails before anything is built
+    state_dict = None
+    if pretrained is True:
+        state_dict = download_imagenet_weights(backbone_type)
+        source = os.path.join(checkpoints_dir(), IMAGENET_WEIGHTS[backbone_type][0])
+    elif pretrained not in (False, None):
+        source = os.fspath(pretrained)
+        state_dict = safe_load(source, f'ImageNet weights for {backbone_type}')
+    backbone = BACKBONES[backbone_type][0]()
+    if state_dict is not None:
+        what = f'ImageNet weights of a {backbone_type}'
+        if not isinstance(state_dict, dict):
+            raise UserError(f'{source} does not hold {what}: found a {type(state_dict).__name__}')
+        load_state_dict_strict(backbone, adapt_state_dict(state_dict, backbone_type), source, what)
+    return backbone
 
 
-# ----------------------------------------------------------------------------------------------
-# the multi-local-feature head
-# ----------------------------------------------------------------------------------------------
-# Each branch reduces the stage-4 grid [B, C, h, w] to one vector [B, C].
+# ---- the multi-local-feature head: each branch reduces the stage-4 grid [B, C, h, w] to one vector [B, C] ----
 
 
 def spoc(x):
@@ -224,13 +208,8 @@ def parse_branches(s):
 
 
 class Model(nn.Module):
-    """Backbone -> one (pool -> Linear -> L2) branch per letter of `branches` -> concatenation.
-
-    forward(x [B, 3, H, W]) -> (embedding [B, n*feature_dim], L2-normalised; logits [B, num_classes]).
-    `pretrained`: False, True (ImageNet weights from the torch hub cache, downloaded if needed) or
-    the path of an ImageNet state-dict file. With `freeze_backbone_bn`, train() leaves the
-    backbone's BatchNorm layers in eval mode so their running statistics stay as loaded.
-    """
+    """Backbone -> one (pool -> Linear -> L2) branch per letter of `branches` -> concatenation -> L2, and logits.
+    `pretrained`: see build_backbone; `freeze_backbone_bn`: train() keeps the backbone's BatchNorm in eval mode."""
 
     def __init__(self, backbone_type, feature_dim, num_classes, branches='SMG', pretrained=False,
                  freeze_backbone_bn=False):
@@ -240,33 +219,14 @@ class Model(nn.Module):
         for name, value in (('feature_dim', feature_dim), ('num_classes', num_classes)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UserError(f'{name} must be a positive integer, got {value!r}')
-        self.backbone_type, self.feature_dim, self.num_classes = backbone_type, feature_dim, num_classes
         self.branches = parse_branches(branches)
         self.freeze_backbone_bn = freeze_backbone_bn
-
-        # read the weights first, so that a missing file fails before anything is built
-        state_dict = None
-        if pretrained is True:
-            state_dict = download_imagenet_weights(backbone_type)
-            source = os.path.join(checkpoints_dir(), IMAGENET_WEIGHTS[backbone_type][0])
-        elif pretrained not in (False, None):
-            source = os.fspath(pretrained)
-            state_dict = safe_load(source, f'ImageNet weights for {backbone_type}')
-
-        build, channels = BACKBONES[backbone_type]
-        self.backbone = build()
-        if state_dict is not None:
-            load_backbone_weights(self.backbone, state_dict, backbone_type, source)
+        self.backbone = build_backbone(backbone_type, pretrained)
+        channels = BACKBONES[backbone_type][1]
         # one projection per branch: [B, C] -> [B, feature_dim]
         self.projections = nn.ModuleList(nn.Linear(channels, feature_dim, bias=False) for _ in self.branches)
         width = len(self.branches) * feature_dim
         self.classifier = nn.Sequential(nn.BatchNorm1d(width), nn.Linear(width, num_classes, bias=False))
-
-    @property
-    def config(self):
-        """What it takes to rebuild this model (plain types, for saving next to the weights)."""
-        return dict(backbone_type=self.backbone_type, feature_dim=self.feature_dim,
-                    num_classes=self.num_classes, branches=self.branches)
 
     def train(self, mode=True):
         """Set train/eval mode; with freeze_backbone_bn the backbone's BatchNorm stays in eval mode."""
@@ -282,6 +242,7 @@ class Model(nn.Module):
         return self.backbone(x)
 
     def forward(self, x):
+        """x [B, 3, H, W] -> (embedding [B, n*feature_dim], L2-normalised; logits [B, num_classes])."""
         grid = self.features(x)  # [B, C, h, w]
         parts = [F.normalize(proj(BRANCHES[b](grid)), dim=-1)  # n x [B, feature_dim], unit norm
                  for b, proj in zip(self.branches, self.projections)]
@@ -290,19 +251,7 @@ class Model(nn.Module):
         return F.normalize(concat, dim=-1), logits
 
 
-# ----------------------------------------------------------------------------------------------
-# Params and FLOPs, counted as thop did in 2020 (when the published table was made)
-# ----------------------------------------------------------------------------------------------
-
-
-def _count_linear_2020(m, x, y):
-    # in multiplications + (in - 1) additions per output element; today's thop counts only `in`
-    m.total_ops += torch.DoubleTensor([(2 * m.in_features - 1) * y.numel()])
-
-
-def _count_bn_2020(m, x, y):
-    # 2 operations per element (scale and shift); today's thop counts 4 for an affine BatchNorm
-    m.total_ops += torch.DoubleTensor([2 * x[0].numel()])
+# ---- Params and FLOPs, counted as thop did in 2020 (when the published table was made) ----
 
 
 def count_params_flops(model, image_size=224):
@@ -311,27 +260,25 @@ def count_params_flops(model, image_size=224):
         warnings.simplefilter('ignore', DeprecationWarning)
         from thop import profile  # only this function needs thop
 
-    device = next(model.parameters()).device
-    x = torch.zeros(1, 3, image_size, image_size, device=device)
-    custom = {nn.Linear: _count_linear_2020, nn.BatchNorm1d: _count_bn_2020, nn.BatchNorm2d: _count_bn_2020,
-              nn.SyncBatchNorm: _count_bn_2020}
+    def linear_2020(m, x, y):  # in multiplications + (in - 1) additions per output; today's thop counts only `in`
+        m.total_ops += torch.DoubleTensor([(2 * m.in_features - 1) * y.numel()])
+
+    def bn_2020(m, x, y):  # 2 operations per element (scale and shift); today's thop: 4 when affine
+        m.total_ops += torch.DoubleTensor([2 * x[0].numel()])
+
+    custom = {nn.Linear: linear_2020, **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm), bn_2020)}
+    x = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
     flops, _ = profile(model, inputs=(x,), custom_ops=custom, verbose=False)  # restores train/eval
-    params = sum(p.numel() for p in model.parameters())
-    return params, int(flops)
+    return sum(p.numel() for p in model.parameters()), int(flops)
 
 
 DATASET_CLASSES = {'CARS196': 98, 'CUB200': 100, 'SOP': 11318, 'In-shop': 3997}  # training classes
 TABLE_NAMES = {'resnet18': 'ResNet18', 'resnet50': 'ResNet50', 'seresnet50': 'SEResNet50'}
 
 
-def format_cell(params, flops):
-    return f'{params / 1e6:.2f}M \\| {flops / 1e9:.2f}G'
-
-
 def params_flops_table(feature_dim=512, image_size=224):
     """The Params | FLOPs table as markdown lines (rows: backbones, columns: datasets)."""
-    lines = ['| Backbone | ' + ' | '.join(DATASET_CLASSES) + ' |',
-             '| --- |' + ' --- |' * len(DATASET_CLASSES)]
+    lines = ['| Backbone | ' + ' | '.join(DATASET_CLASSES) + ' |', '| --- |' + ' --- |' * len(DATASET_CLASSES)]
     for backbone_type in BACKBONES:
         cells = []
         for num_classes in DATASET_CLASSES.values():
@@ -339,7 +286,8 @@ def params_flops_table(feature_dim=512, image_size=224):
             # initialised and no arithmetic is done, so the whole table takes seconds
             with torch.device('meta'):
                 model = Model(backbone_type, feature_dim, num_classes)
-            cells.append(format_cell(*count_params_flops(model, image_size)))
+            params, flops = count_params_flops(model, image_size)
+            cells.append(f'{params / 1e6:.2f}M \\| {flops / 1e9:.2f}G')
         lines.append(f'| {TABLE_NAMES[backbone_type]} | ' + ' | '.join(cells) + ' |')
     return lines
 

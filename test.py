@@ -26,8 +26,7 @@ INNER = TILE - 2 * BORDER  # side of the picture inside the frame
 GREEN, RED, WHITE = (0, 255, 0), (255, 0, 0), (255, 255, 255)
 PAD, CAPTION = 8, 44  # row picture: gap around tiles, room for two caption lines under each tile
 ROW_MAX = 11  # tiles per line of the row picture (query + 10); a longer top-K wraps onto more lines
-# Inside every folder test.py writes: only a folder holding it is ever replaced, never the user's files.
-MARKER = '.written_by_test_py'
+MARKER = '.written_by_test_py'  # inside every folder test.py writes: only a folder holding it is ever replaced
 MARKER_TEXT = b'CLF test.py results; the next run for the same query name replaces this folder whole\n'
 DATABASE_NAME = re.compile(r'(.+)_(uncropped|cropped)_(.+)_(\d+)_data_base\.pth')  # as train.py names it
 
@@ -47,12 +46,10 @@ def parse_args(argv=None):
 
 
 def resolve_database_path(name, results_dir):
-    """A bare file name is looked up in results_dir (as the original did), then in the current folder;
-    anything with a folder in it is a path. A missing database says which training run writes it."""
-    path = name
-    if os.path.dirname(name) == '':
-        in_results = os.path.join(results_dir, name)
-        path = in_results if os.path.lexists(in_results) or not os.path.lexists(name) else name
+    """A bare file name is looked up in results_dir (as the original did), then in the current folder; anything
+    with a folder in it is a path. A missing database says which training run writes it."""
+    in_results, bare = os.path.join(results_dir, name), os.path.dirname(name) == ''
+    path = in_results if bare and (os.path.lexists(in_results) or not os.path.lexists(name)) else name
     if os.path.lexists(path):  # a pipe or device goes on, to be refused as not a regular file
         return path
     parts = DATABASE_NAME.fullmatch(os.path.basename(path))
@@ -76,10 +73,8 @@ def load_query(path):
 def load_model(db, db_path):
     """The model the database records, with the weights of its model file (SHA-checked), strictly."""
     state, model_path = utils.read_model_state(db, db_path)
-    config = db['config']
     try:
-        model = Model(config['backbone_type'], config['feature_dim'], config['num_classes'], config['branches'],
-                      pretrained=False)
+        model = Model(*(db['config'][k] for k in ('backbone_type', 'feature_dim', 'num_classes', 'branches')))
     except UserError as err:
         raise UserError(f'{db_path} records model settings that cannot be built: {err}') from None
     utils.load_state_dict_strict(model, state, model_path)
@@ -88,9 +83,8 @@ def load_model(db, db_path):
 
 @torch.no_grad()
 def embed_image(model, path, config, device):
-    """Retrieval embedding [n*feature_dim] of an image file, decoded and preprocessed as train.py did the
-    database's test images."""
-    transform = utils.test_transform(config['image_size'], tuple(config['mean']), tuple(config['std']))
+    """Retrieval embedding [n*feature_dim] of an image file, preprocessed as train.py did the database's images."""
+    transform = utils.EvalTransform(config['image_size'], tuple(config['mean']), tuple(config['std']))
     x = transform(utils.load_image_uint8(path)).unsqueeze(0).to(device)  # [1, 3, s, s]
     return model.to(device)(x)[0][0].float().cpu()
 
@@ -107,14 +101,12 @@ def find_image(path, images):
 
 
 def locate_query(db, query_path, isc):
-    """Where the query is in the database: (split searched, index to exclude, stored feature, label);
-    feature and label are None for an image the database does not hold."""
+    """Where the query is in the database: (split searched, index to exclude, stored feature or None, label or None)."""
     split = 'gallery' if isc else 'test'
-    index = find_image(query_path, db['test_images'])
-    if index is not None:  # isc: a query-split image searches the whole gallery; else the others
-        return split, None if isc else index, db['test_features'][index], db['test_labels'][index]
-    if isc and (index := find_image(query_path, db['gallery_images'])) is not None:
-        return split, index, db['gallery_features'][index], db['gallery_labels'][index]
+    for part in ('test', 'gallery') if isc else ('test',):
+        index = find_image(query_path, db[f'{part}_images'])
+        if index is not None:  # isc: a query-split image searches the whole gallery; else the others of its split
+            return split, index if part == split else None, db[f'{part}_features'][index], db[f'{part}_labels'][index]
     return split, None, None, None
 
 
@@ -129,14 +121,6 @@ def rank_gallery(query_feature, gallery_features, exclude=None):
     return candidates[order], scores[order]
 
 
-def tile(image, color=WHITE):
-    """The TILE x TILE picture of an image: shrunk to sit inside a BORDER-wide frame of `color`, so the
-    frame surrounds the picture instead of covering its edge."""
-    canvas = Image.new('RGB', (TILE, TILE), color)
-    canvas.paste(image.resize((INNER, INNER), resample=Image.BILINEAR), (BORDER, BORDER))
-    return canvas
-
-
 def _fit(draw, text, font):
     """`text`, cut and ended with '...' where it would not fit under one tile."""
     cut = text
@@ -146,21 +130,6 @@ def _fit(draw, text, font):
     return cut
 
 
-def row_picture(tiles, captions):
-    """Tiles in a row (ROW_MAX per line) with two caption lines under each: captions [(line1, line2, colour)]."""
-    cols, lines = min(len(tiles), ROW_MAX), -(-len(tiles) // ROW_MAX)
-    line_height = TILE + CAPTION + PAD
-    canvas = Image.new('RGB', (cols * TILE + (cols + 1) * PAD, lines * line_height + PAD), 'white')
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=15)
-    for i, (picture, (line1, line2, color)) in enumerate(zip(tiles, captions)):
-        x, y = PAD + (i % ROW_MAX) * (TILE + PAD), PAD + (i // ROW_MAX) * line_height
-        canvas.paste(picture, (x, y))
-        draw.text((x, y + TILE + 4), _fit(draw, line1, font), fill=color, font=font)
-        draw.text((x, y + TILE + 4 + CAPTION // 2), _fit(draw, line2, font), fill=color, font=font)
-    return canvas
-
-
 def encode(image, fmt):
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **({'quality': 95} if fmt == 'JPEG' else {}))
@@ -168,23 +137,33 @@ def encode(image, fmt):
 
 
 def render(query_image, query_label, hits):
-    """Encoded pictures {file name: bytes} for the query and its hits [(rank, score, label, image)]."""
-    tiles = [tile(query_image)]
-    files = {'query_img.jpg': encode(tiles[0], 'JPEG')}
-    captions = [('query', 'label unknown' if query_label is None else f'label {query_label}', 'black')]
-    for rank, score, label, image in hits:
-        match = None if query_label is None else label == query_label  # None: no label, a white frame
-        tiles.append(tile(image, WHITE if match is None else GREEN if match else RED))
-        files[f'retrieval_img_{rank}_{score:.4f}.jpg'] = encode(tiles[-1], 'JPEG')
-        text = 'black' if match is None else (0, 128, 0) if match else (192, 0, 0)
-        captions.append((f'#{rank}  {score:.4f}', f'label {label}', text))
-    files['retrieval.png'] = encode(row_picture(tiles, captions), 'PNG')
+    """Encoded pictures {file name: bytes}: the query and its hits [(rank, score, label, image, path)], each framed,
+    and retrieval.png with all of them in a row (ROW_MAX per line), two caption lines under each."""
+    known = query_label is not None
+    # (file name, image, same label as the query: None where no label is known, caption lines)
+    entries = [('query_img.jpg', query_image, None, 'query', f'label {query_label}' if known else 'label unknown')]
+    entries += [(f'retrieval_img_{rank}_{score:.4f}.jpg', image, label == query_label if known else None,
+                 f'#{rank}  {score:.4f}', f'label {label}') for rank, score, label, image, _ in hits]
+    cols, lines = min(len(entries), ROW_MAX), -(-len(entries) // ROW_MAX)
+    row = Image.new('RGB', (cols * TILE + (cols + 1) * PAD, lines * (TILE + CAPTION + PAD) + PAD), 'white')
+    draw, font = ImageDraw.Draw(row), ImageFont.load_default(size=15)
+    files = {}
+    for i, (name, image, match, line1, line2) in enumerate(entries):
+        # the picture shrunk inside the frame, so that the frame surrounds it instead of covering its edge
+        tile = Image.new('RGB', (TILE, TILE), WHITE if match is None else GREEN if match else RED)
+        tile.paste(image.resize((INNER, INNER), resample=Image.BILINEAR), (BORDER, BORDER))
+        files[name] = encode(tile, 'JPEG')
+        x, y = PAD + (i % ROW_MAX) * (TILE + PAD), PAD + (i // ROW_MAX) * (TILE + CAPTION + PAD)
+        row.paste(tile, (x, y))
+        color = 'black' if match is None else (0, 128, 0) if match else (192, 0, 0)
+        draw.text((x, y + TILE + 4), _fit(draw, line1, font), fill=color, font=font)
+        draw.text((x, y + TILE + 4 + CAPTION // 2), _fit(draw, line2, font), fill=color, font=font)
+    files['retrieval.png'] = encode(row, 'PNG')
     return files
 
 
 def check_replaceable(target):
-    """Only a folder test.py wrote (a real folder with MARKER inside) may be replaced; anything else
-    at that path belongs to someone else."""
+    """Only a folder test.py wrote (a real folder with MARKER inside) may be replaced, never someone else's."""
     if os.path.lexists(target) and (os.path.islink(target) or not os.path.isfile(os.path.join(target, MARKER))):
         raise UserError(f'{target} exists and was not written by test.py (it holds no {MARKER}); nothing was '
                         f'removed: move it away, rename the query image or pass another --results_dir')
@@ -194,30 +173,26 @@ def write_result_folder(results_dir, stem, files):
     """Write every file into a fresh hidden folder, then swap it in for results/{stem}: never a half set."""
     target = os.path.join(results_dir, stem)
     tmp = os.path.join(results_dir, f'.{stem}.{secrets.token_hex(4)}.tmp')
-    old = None
+    old = tmp[:-len('.tmp')] + '.old.tmp'  # the previous results, kept until the new set is in place
     try:
         os.makedirs(results_dir, exist_ok=True)
         os.mkdir(tmp)
         utils.atomic_write({os.path.join(tmp, name): data for name, data in {**files, MARKER: MARKER_TEXT}.items()})
         check_replaceable(target)  # again, just before the swap: the path may have changed meanwhile
-        if os.path.lexists(target):  # keep the previous results until the new set is complete
-            old = tmp[:-len('.tmp')] + '.old.tmp'
+        if os.path.lexists(target):
             os.rename(target, old)
         try:
             os.rename(tmp, target)
         except OSError:
-            if old is not None:
+            if os.path.isdir(old):  # put the previous results back
                 os.rename(old, target)
-                old = None
             raise
-        tmp = None
     except OSError as err:
         raise UserError(f'cannot write the results to {target}: {err.strerror or err}; previous results, if any, '
                         f'are unchanged (check free disk space and that {results_dir} is writable)') from None
     finally:
-        for leftover in (tmp, old):  # only our own hidden folders: the fresh set, or the replaced one
-            if leftover is not None and os.path.isdir(leftover):
-                shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in (tmp, old):  # only our own hidden folders (if there): the fresh set, or the replaced one
+            shutil.rmtree(leftover, ignore_errors=True)
     return target
 
 
@@ -233,7 +208,6 @@ def main(argv=None):
     stem = os.path.splitext(os.path.basename(query_path))[0]
     check_replaceable(os.path.join(args.results_dir, stem))  # fail before the work, not after
     model, model_path = load_model(db, db_path)  # always: a database must agree with its model
-
     split, exclude, query_feature, query_label = locate_query(db, query_path, isc)
     if query_feature is None:  # query by your own photo: embed it as the database images were
         query_feature = embed_image(model, query_path, db['config'], device)
@@ -243,19 +217,16 @@ def main(argv=None):
         raise UserError(f'--retrieval_num {args.retrieval_num} asks for more images than {db_path} can return '
                         f'({searchable} {split} images{" besides the query" if exclude is not None else ""})')
     indices, scores = rank_gallery(query_feature, features, exclude)
-
+    top = zip(indices[:args.retrieval_num].tolist(), scores[:args.retrieval_num].tolist())
     hits = []  # every picture is read and encoded before anything is written
-    for rank, (i, score) in enumerate(zip(indices[:args.retrieval_num].tolist(),
-                                          scores[:args.retrieval_num].tolist()), start=1):
+    for rank, (i, score) in enumerate(top, start=1):
         if not os.path.isfile(images[i]):
             raise UserError(f'database image not found: {images[i]} (listed in {db_path}; was the dataset moved?)')
         picture = utils.load_image(images[i]).resize((INNER, INNER), resample=Image.BILINEAR)  # bounded memory
         hits.append((rank, score, labels[i], picture, images[i]))
-    files = render(query_image, query_label, [h[:4] for h in hits])
-    target = write_result_folder(args.results_dir, stem, files)
-
-    source = f'label {query_label}, feature from {db_path}' if query_label is not None else \
-        f'not in the database: embedded with {model_path}'
+    target = write_result_folder(args.results_dir, stem, render(query_image, query_label, hits))
+    source = (f'label {query_label}, feature from {db_path}' if query_label is not None
+              else f'not in the database: embedded with {model_path}')
     print(f'query {query_path} ({source}); top {args.retrieval_num} of {searchable} {split} images:')
     for rank, score, label, _, path in hits:
         print(f'{rank:>4}  {score:.4f}  {label:<12} {path}')

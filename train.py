@@ -5,7 +5,6 @@ database to results/, with a checkpoint each epoch so a killed run resumes where
 Single process: `python train.py ...`; several GPUs or nodes: `torchrun --nproc_per_node=N train.py ...`.
 """
 import argparse
-import io
 import math
 import os
 import time
@@ -19,9 +18,7 @@ import model as model_lib
 import utils
 from utils import UserError
 
-# ----------------------------------------------------------------------------------------------
-# the recipe (DESIGN.md)
-# ----------------------------------------------------------------------------------------------
+# ---- the recipe (DESIGN.md) ----
 LR_WITH_WEIGHTS = 1e-4  # Adam on an ImageNet backbone whose BatchNorm stays frozen
 LR_FROM_SCRATCH = 1e-3  # without weights the BatchNorm trains and needs a 10x larger rate
 WEIGHT_DECAY = 1e-5
@@ -106,48 +103,16 @@ def resolve_config(args):
         raise UserError(f'--recalls {args.recalls}: R@{recalls[-1]} needs {recalls[-1]} candidates per query, but '
                         f'{dict_path} offers {candidates}')
     weights = args.pretrained != 'none'
-    return {
-        'data_path': args.data_path, 'data_name': args.data_name, 'crop_type': args.crop_type,
-        'backbone_type': args.backbone_type, 'feature_dim': args.feature_dim, 'branches': branches,
-        'recalls': recalls, 'batch_size': args.batch_size, 'num_epochs': args.num_epochs,
-        'image_size': args.image_size, 'seed': args.seed, 'pretrained': args.pretrained,
-        'lr': args.lr or (LR_WITH_WEIGHTS if weights else LR_FROM_SCRATCH), 'freeze_backbone_bn': weights,
-        'num_classes': len(dicts['train']), 'eval_splits': eval_splits,
-        'num_workers': utils.default_num_workers() if args.num_workers is None else args.num_workers,
-        'amp': not args.no_amp, 'cache': args.cache, 'compile': args.compile, 'resume': args.resume,
-        'overwrite': args.overwrite, 'results_dir': args.results_dir, 'device': args.device,
-        'eval_untrained': args.eval_untrained,
-        'name': f'{args.data_name}_{args.crop_type}_{args.backbone_type}_{args.feature_dim}',
-    }, dicts
+    config = dict(vars(args), recalls=recalls, branches=branches, freeze_backbone_bn=weights,
+                  lr=args.lr or (LR_WITH_WEIGHTS if weights else LR_FROM_SCRATCH), amp=not args.no_amp,
+                  num_classes=len(dicts['train']), eval_splits=eval_splits,
+                  num_workers=utils.default_num_workers() if args.num_workers is None else args.num_workers,
+                  name=f'{args.data_name}_{args.crop_type}_{args.backbone_type}_{args.feature_dim}')
+    del config['no_amp']
+    return config, dicts
 
 
-class Runtime:
-    """Where and how this process computes: device, mixed precision, memory format, its rank."""
-
-    def __init__(self, device, amp):
-        self.device, self.cuda = device, device.type == 'cuda'
-        self.rank, self.world_size, self.main = utils.get_rank(), utils.get_world_size(), utils.is_main_process()
-        self.amp_dtype = None
-        if self.cuda:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-            if amp:
-                self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
-
-    def inputs(self, images, full_batch=True):
-        """A batch on the device in the layout the convolutions like. cuDNN autotunes full batches
-        only: a ragged last batch would pay a second search for one step."""
-        if self.cuda:
-            torch.backends.cudnn.benchmark = full_batch
-            return images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
-        return images
-
-
-# ----------------------------------------------------------------------------------------------
-# images: decoded once into a cache, or loaded by DataLoader workers each epoch
-# ----------------------------------------------------------------------------------------------
+# ---- images: decoded once into a cache, or loaded by DataLoader workers each epoch ----
 
 
 class Images:
@@ -159,8 +124,8 @@ class Images:
         mean, std = data_utils.normalization(config['data_name'])
         self.normalize, self.rt, self.seed = utils.Normalize(mean, std), rt, config['seed']
         self.size, self.workers = config['image_size'], config['num_workers']
-        self.train = utils.ImageListDataset(dicts['train'], utils.train_transform(self.size, mean, std))
-        self.eval = {s: utils.ImageListDataset(dicts[s], utils.test_transform(self.size, mean, std))
+        self.train = utils.ImageListDataset(dicts['train'], utils.TrainTransform(self.size, mean, std))
+        self.eval = {s: utils.ImageListDataset(dicts[s], utils.EvalTransform(self.size, mean, std))
                      for s in config['eval_splits']}
         self.sampler = utils.SeededSampler(self.train, config['seed'], rt.world_size, rt.rank)
         self.batch = config['batch_size'] // rt.world_size
@@ -181,8 +146,9 @@ class Images:
         if self.rt.main:
             where = self.rt.device if place == 'gpu' else 'RAM, shared by the processes of each node' \
                 if self.rt.world_size > 1 else 'RAM'
-            print(f'Cache: {nbytes / 2 ** 30:.2f} GiB of decoded images ({", ".join(f"{s} {len(c)}x{side}x{side}" for (s, c), side in zip(caches.items(), sides.values()))}) '
-                  f'in {where}, decoded in {time.time() - start:.1f}s', flush=True)
+            shapes = ', '.join(f'{s} {len(sets[s])}x{side}x{side}' for s, side in sides.items())
+            print(f'Cache: {nbytes / 2 ** 30:.2f} GiB of decoded images ({shapes}) in {where}, decoded in '
+                  f'{time.time() - start:.1f}s', flush=True)
         return caches
 
     def epoch_batches(self, epoch):
@@ -199,13 +165,10 @@ class Images:
         if self.caches is None:
             yield from self._loaded(DataLoader(self.train, batch_sampler=batches, **self._loader_kwargs()))
             return
-        resize = self.train.transform.resize_size
         for batch in batches:
-            indices = [index for index, _ in batch]
-            draws = [utils.crop_flip_draws(resize, self.size, torch.Generator().manual_seed(seed)) for _, seed in batch]
-            images = utils.crop_flip_batch(self.caches['train'], indices, draws, self.size)
+            images = utils.crop_flip_batch(self.caches['train'], batch, self.size)
             yield self.normalize(self.rt.inputs(images, len(batch) == self.batch)), \
-                self.targets[indices].to(self.rt.device, non_blocking=True)
+                self.targets[[index for index, _ in batch]].to(self.rt.device, non_blocking=True)
 
     def eval_batches(self, split):
         """Yields this process's shard of a split in order: images [B, 3, s, s] float on the device."""
@@ -232,9 +195,7 @@ class Images:
             raise UserError(utils.worker_error_message(err)) from None
 
 
-# ----------------------------------------------------------------------------------------------
-# training and evaluation
-# ----------------------------------------------------------------------------------------------
+# ---- training and evaluation ----
 
 
 def make_scheduler(optimizer, num_epochs):
@@ -317,9 +278,7 @@ def metrics_text(metrics, recalls):
     return ' '.join(f'R@{k} {100 * metrics[f"R@{k}"]:.2f}%' for k in recalls) + f' | MAP@R {100 * metrics["MAP@R"]:.2f}%'
 
 
-# ----------------------------------------------------------------------------------------------
-# files: one run per results name, its outputs, checkpoints written in the background
-# ----------------------------------------------------------------------------------------------
+# ---- files: one run per results name, its outputs, checkpoints written in the background ----
 
 
 def claim_results(config, paths):
@@ -366,32 +325,6 @@ def statistics_csv(statistics, recalls):
     return pd.DataFrame(statistics, columns=columns).to_csv(index=False).encode()
 
 
-def plot_curves(statistics, recalls, title):
-    """Loss, accuracy, R@K and MAP@R per epoch -> PNG bytes."""
-    import matplotlib
-    matplotlib.use('Agg')  # files only, no display
-    import matplotlib.pyplot as plt
-
-    epochs = [row['epoch'] for row in statistics]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(epochs, [row['train_loss'] for row in statistics], marker='o')
-    axes[1].plot(epochs, [row['train_accuracy'] for row in statistics], marker='o')
-    for k in recalls:
-        axes[2].plot(epochs, [row[f'test_recall@{k}'] for row in statistics], marker='o', label=f'R@{k}')
-    axes[2].plot(epochs, [row['test_map@r'] for row in statistics], marker='s', linestyle='--', label='MAP@R')
-    axes[2].legend()
-    for ax, name in zip(axes, ('train loss', 'train accuracy (%)', 'test retrieval (%)')):
-        ax.set(title=name, xlabel='epoch')
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.suptitle(title)
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.13, top=0.85, wspace=0.2)  # tight_layout is slow
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format='png', dpi=100, metadata={'Software': None})
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def make_database(images, features, config):
     """The feature database test.py searches (utils.load_database's format); the query split of a
     query/gallery dataset is stored under test_*, as the original did."""
@@ -406,24 +339,25 @@ def make_database(images, features, config):
     return database
 
 
-def epoch_files(epoch, model, optimizer, scheduler, scaler, best, statistics, config, images, features):
-    """CPU copies of what epoch `epoch` writes -> a function that writes it. Order matters for crash
+def epoch_files(epoch, trained, best, statistics, config, images, features):
+    """CPU copies of what epoch `epoch` writes (trained: model, optimizer, scheduler, scaler) -> a
+    function that writes them. Order matters for crash
     safety: the best model and its database first (together), the checkpoint last, so a kill
     anywhere in between repeats this epoch on resume and rewrites the same files."""
-    paths, recalls = output_paths(config), config['recalls']
+    (model, optimizer, scheduler, scaler), paths, recalls = trained, output_paths(config), config['recalls']
     best_files = None
     if best['epoch'] == epoch:
         best_files = (utils.to_cpu(model.state_dict()), make_database(images, features, config))
     state = utils.to_cpu({'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                    'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
-                    'best_recall': best['recall'], 'best_epoch': best['epoch'], 'statistics': list(statistics),
-                    'rng': utils.rng_state(), 'config': {key: config[key] for key in RESUME_KEYS}})
+                          'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
+                          'best_recall': best['recall'], 'best_epoch': best['epoch'], 'statistics': list(statistics),
+                          'config': {key: config[key] for key in RESUME_KEYS}})
 
     def write():
         if best_files is not None:
             utils.save_model_and_database(*best_files, paths['model.pth'], paths['data_base.pth'])
         utils.atomic_write({paths['statistics.csv']: statistics_csv(state['statistics'], recalls),
-                            paths['curves.png']: plot_curves(state['statistics'], recalls, config['name'])})
+                            paths['curves.png']: utils.plot_curves(state['statistics'], recalls, config['name'])})
         utils.atomic_write({paths['checkpoint.pth']: utils.torch_bytes(state)})
     return write
 
@@ -432,9 +366,14 @@ def output_paths(config):
     return {kind: os.path.join(config['results_dir'], f'{config["name"]}_{kind}') for kind in OUTPUTS}
 
 
-def read_checkpoint(path, config):
-    """A checkpoint of a run with the same settings (read safely)."""
-    state = utils.safe_load(path, 'checkpoint')
+def resume(config, rt, paths, model, optimizer, scheduler, scaler):
+    """Continue from the checkpoint when asked and there is one -> (statistics rows, best, first epoch to run)."""
+    path = paths['checkpoint.pth'] if config['resume'] == 'auto' else config['resume']
+    # rank 0 reads the checkpoint and hands it to the others: results/ may be on node 0's disk only
+    state = utils.safe_load(path, 'checkpoint') if rt.main and path and os.path.isfile(path) else None
+    state = utils.broadcast_object(state)
+    if state is None:
+        return [], {'recall': -1.0, 'epoch': 0}, 1
     if not isinstance(state, dict) or not isinstance(state.get('config'), dict):
         raise UserError(f'{path} is not a train.py checkpoint')
     differ = [f'{key}: checkpoint {state["config"].get(key)!r}, now {config[key]!r}'
@@ -442,29 +381,25 @@ def read_checkpoint(path, config):
     if differ:
         raise UserError(f'cannot resume from {path}: it was made with other settings ({"; ".join(differ)}); '
                         f'use the same flags, or start over with --overwrite')
-    return state
-
-
-def restore_checkpoint(state, path, model, optimizer, scheduler, scaler):
-    """Put a checkpoint's states in place -> (statistics rows, best, first epoch still to run)."""
     try:
         utils.load_state_dict_strict(model, state['model'], path)
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
         if state['scaler'] and scaler.is_enabled():  # empty when saved without fp16 (CPU, bf16, --no_amp)
             scaler.load_state_dict(state['scaler'])
-        utils.set_rng_state(state['rng'])
-        return list(state['statistics']), {'recall': float(state['best_recall']), 'epoch': int(state['best_epoch'])}, \
-            int(state['epoch']) + 1
+        best = {'recall': float(state['best_recall']), 'epoch': int(state['best_epoch'])}
+        statistics, first_epoch = list(state['statistics']), int(state['epoch']) + 1
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError):
         # the settings matched, so the contents were altered or come from another version of train.py
         raise UserError(f'cannot resume from {path}: its contents do not fit this run (altered, or written by '
                         f'another version of train.py); start over with --overwrite') from None
+    if rt.main:
+        print(f'Resuming from {path}: epoch {first_epoch - 1} of {config["num_epochs"]} done, best R@1 '
+              f'{100 * best["recall"]:.2f}% (epoch {best["epoch"]})', flush=True)
+    return statistics, best, first_epoch
 
 
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
+# ---- main ----
 
 
 def build_model(config, rt):
@@ -500,7 +435,7 @@ def start(config, rt, paths):
 
 def main(argv=None):
     config, dicts = resolve_config(parse_args(argv))  # before the process group: every process checks alike
-    rt = Runtime(utils.init_distributed(config['device']), config['amp'])
+    rt = utils.Runtime(utils.init_distributed(config['device']), config['amp'])
     if config['batch_size'] % rt.world_size or config['batch_size'] // rt.world_size < 2:
         raise UserError(f'--batch_size {config["batch_size"]} is the global batch: it must split evenly into at '
                         f'least 2 images for each of the {rt.world_size} processes')
@@ -522,33 +457,23 @@ def run(config, dicts, rt, paths):
     optimizer = torch.optim.Adam(model.parameters(), lr=config['lr'], weight_decay=WEIGHT_DECAY)
     scheduler = make_scheduler(optimizer, config['num_epochs'])
     scaler = torch.amp.GradScaler('cuda', enabled=rt.amp_dtype == torch.float16)  # fp16 only; bf16 needs none
-    statistics, best, first_epoch = [], {'recall': -1.0, 'epoch': 0}, 1
-    resume = paths['checkpoint.pth'] if config['resume'] == 'auto' else config['resume']
-    # rank 0 reads the checkpoint and hands it to the others: results/ may be on node 0's disk only
-    state = read_checkpoint(resume, config) if rt.main and resume and os.path.isfile(resume) else None
-    state = utils.broadcast_object(state)
-    if state is not None:
-        statistics, best, first_epoch = restore_checkpoint(state, resume, model, optimizer, scheduler, scaler)
-        if rt.main:
-            print(f'Resuming from {resume}: epoch {first_epoch - 1} of {config["num_epochs"]} done, best R@1 '
-                  f'{100 * best["recall"]:.2f}% (epoch {best["epoch"]})', flush=True)
+    statistics, best, first_epoch = resume(config, rt, paths, model, optimizer, scheduler, scaler)
     images = Images(dicts, config, rt)
     criterion = utils.LabelSmoothingCrossEntropy(SMOOTHING, TEMPERATURE, utils.class_balanced_weights(
         images.targets, config['num_classes'])).to(rt.device)
     labels = {split: images.eval[split].labels for split in config['eval_splits']}
-    dim = len(config['branches']) * config['feature_dim']
+    dim, recalls = len(config['branches']) * config['feature_dim'], config['recalls']
     batches = images.epoch_batches(first_epoch)
     if rt.main:
         print(f'Train set: {sum(map(len, batches)) * rt.world_size} images, {len(batches)} steps of '
               f'{config["batch_size"]} per epoch ({len(images.train)} training images)', flush=True)
-    if config['eval_untrained'] and state is None:
+    if config['eval_untrained'] and first_epoch == 1:
         # a baseline to read the trained R@K against; nothing is saved, and every epoch reseeds
         # its RNGs, so the run that follows is the same with or without it
         features = extract_features(runner, images, rt, dim)
         if rt.main:
-            metrics = retrieval_metrics(features, labels, config['recalls'], rt.device)
-            print(f'Before training | {metrics_text(metrics, config["recalls"])}', flush=True)
-        utils.barrier()
+            print(f'Before training | {metrics_text(retrieval_metrics(features, labels, recalls, rt.device), recalls)}',
+                  flush=True)
     writer = utils.BackgroundWriter()
     try:
         for epoch in range(first_epoch, config['num_epochs'] + 1):
@@ -560,19 +485,19 @@ def run(config, dicts, rt, paths):
             check_finite(model, features, epoch)
             scheduler.step()
             if rt.main:
-                metrics = retrieval_metrics(features, labels, sorted({1, *config['recalls']}), rt.device)
+                metrics = retrieval_metrics(features, labels, sorted({1, *recalls}), rt.device)
                 eval_seconds, write_start = time.time() - eval_start, time.time()
-                row = {'epoch': epoch, 'train_loss': stats['loss'], 'train_accuracy': stats['accuracy']}
-                row.update({f'test_recall@{k}': 100.0 * metrics[f'R@{k}'] for k in config['recalls']})
-                statistics.append(dict(row, **{'test_map@r': 100.0 * metrics['MAP@R']}))
+                statistics.append({'epoch': epoch, 'train_loss': stats['loss'], 'train_accuracy': stats['accuracy'],
+                                   **{f'test_recall@{k}': 100.0 * metrics[f'R@{k}'] for k in recalls},
+                                   'test_map@r': 100.0 * metrics['MAP@R']})
                 if metrics['R@1'] > best['recall']:  # strictly better: the first maximum wins
                     best = {'recall': metrics['R@1'], 'epoch': epoch}
-                writer.submit(epoch_files(epoch, model, optimizer, scheduler, scaler, best, statistics, config,
+                writer.submit(epoch_files(epoch, (model, optimizer, scheduler, scaler), best, statistics, config,
                                           images, features))
                 seconds = stats['seconds'] + eval_seconds + time.time() - write_start
                 print(f'Epoch {epoch}/{config["num_epochs"]} | train loss {stats["loss"]:.4f} acc '
-                      f'{stats["accuracy"]:.2f}% | {metrics_text(metrics, config["recalls"])} | {seconds:.2f}s '
-                      f'(train {stats["seconds"]:.2f}s, eval {eval_seconds:.2f}s, writes {time.time() - write_start:.2f}s)',
+                      f'{stats["accuracy"]:.2f}% | {metrics_text(metrics, recalls)} | {seconds:.2f}s (train '
+                      f'{stats["seconds"]:.2f}s, eval {eval_seconds:.2f}s, writes {time.time() - write_start:.2f}s)',
                       flush=True)
                 if config['compile'] and epoch == first_epoch:
                     print(f'Compile: {stats["first_step"]:.1f}s (the first training step, compilation included; '
@@ -580,10 +505,9 @@ def run(config, dicts, rt, paths):
             utils.barrier()  # the others wait while rank 0 evaluates
     finally:
         writer.close()  # every submitted write is on disk before the process ends
-    if rt.main and first_epoch > config['num_epochs']:
-        print(f'Nothing to do: all {config["num_epochs"]} epochs are done.', flush=True)
-    elif rt.main:
-        print(f'Best R@1 {100 * best["recall"]:.2f}% at epoch {best["epoch"]}; model {paths["model.pth"]}, '
+    if rt.main:
+        print(f'Nothing to do: all {config["num_epochs"]} epochs are done.' if first_epoch > config['num_epochs'] else
+              f'Best R@1 {100 * best["recall"]:.2f}% at epoch {best["epoch"]}; model {paths["model.pth"]}, '
               f'database {paths["data_base.pth"]}, statistics {paths["statistics.csv"]}', flush=True)
 
 

@@ -1,6 +1,7 @@
-"""Shared pieces of CLF: errors and safe files, distributed helpers, image lists and transforms,
-the training loss and the retrieval metrics."""
+"""Shared pieces of CLF: errors and safe files, the feature database, seeding and distributed helpers,
+image lists, transforms and the decode-once cache, the training loss, curves and the retrieval metrics."""
 import concurrent.futures
+import datetime
 import glob
 import hashlib
 import io
@@ -13,12 +14,11 @@ import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 
-# ----------------------------------------------------------------------------------------------
-# errors and files
-# ----------------------------------------------------------------------------------------------
+# ---- errors and files ----
 
 
 class UserError(Exception):
@@ -221,9 +221,7 @@ def load_state_dict_strict(module, state, source, what='weights of this model'):
     module.load_state_dict(state, strict=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# the feature database train.py writes and test.py searches
-# ----------------------------------------------------------------------------------------------
+# ---- the feature database train.py writes and test.py searches ----
 # {'test_images': [paths], 'test_labels': [str], 'test_features': [N, D] float, (query/gallery
 #  data: the query split under test_*, and gallery_images, gallery_labels, gallery_features),
 #  'config': {DATABASE_CONFIG}}. model_sha256 ties it to the model file written with it.
@@ -296,9 +294,8 @@ def read_model_state(db, db_path):
     return load_bytes(data, model_path, 'model file'), model_path
 
 
-# ----------------------------------------------------------------------------------------------
-# reproducibility: every random draw of epoch e depends only on (seed, e), never on what ran before
-# ----------------------------------------------------------------------------------------------
+# ---- reproducibility: every random draw of epoch e depends only on (seed, e), never on what ran before ----
+# so a checkpoint needs no RNG state: each epoch reseeds everything from (seed, epoch, rank)
 
 
 def derive_seed(*parts):
@@ -313,99 +310,59 @@ def derive_seed(*parts):
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # CPU and every CUDA device
 
 
-def rng_state():
-    """RNG states of Python, NumPy and torch (CPU and CUDA) as tensors and lists (weights_only-loadable)."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        'python': [version, list(internal), gauss],
-        'numpy': [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        'torch': torch.get_rng_state(),
-        # only when CUDA is in use: asking would otherwise start a CUDA context for a CPU run
-        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-    }
-
-
-def set_rng_state(state):
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'])
-    if torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-# ----------------------------------------------------------------------------------------------
-# distributed
-# ----------------------------------------------------------------------------------------------
-# One process per device under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK); without it every
-# helper below is a no-op, so the same code runs on CPU, one GPU and many.
+# ---- distributed: one process per device under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK) ----
+# Without torchrun every helper below is a no-op, so the same code runs on CPU, one GPU and many.
 
 
 def resolve_device(device_arg=None):
     """The --device flag as a torch.device (default CUDA when available); a bad name is a UserError."""
-    if device_arg is None:
-        device_arg = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device_arg = device_arg or ('cuda' if torch.cuda.is_available() else 'cpu')
     try:
         device = torch.device(device_arg)
     except (RuntimeError, ValueError):
-        raise UserError(f"unknown --device '{device_arg}': expected cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise UserError(f"unknown --device '{device_arg}': expected cpu, cuda or cuda:N")
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UserError(f"--device {device_arg}: CUDA is not available on this machine; use --device cpu")
-    if device.type not in ('cpu', 'cuda'):
-        raise UserError(f"unsupported --device '{device_arg}': expected cpu, cuda or cuda:N")
     if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f'--device {device_arg}: only {torch.cuda.device_count()} CUDA device(s) here')
     return device
 
 
 def init_distributed(device_arg=None):
-    """Pick the device (`device_arg`, default CUDA when available) and join torchrun's process group.
-
-    Returns the torch.device this process works on: `cuda:LOCAL_RANK` under torchrun with CUDA.
-    """
-    import datetime
-    import torch.distributed as dist
-
+    """The device this process works on, joining torchrun's process group when there is one
+    (then `cuda:LOCAL_RANK` on GPUs, NCCL; gloo on CPU)."""
     device = resolve_device(device_arg)
-    if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or 'RANK' not in os.environ:
-        if device.type == 'cuda' and device.index is not None:
-            # make it the current device: bf16 support, pinned memory and RNG calls then refer to it,
-            # and no CUDA context is opened on GPU 0 as well
-            torch.cuda.set_device(device)
-        return device
-    if not dist.is_initialized():
-        if device.type == 'cuda':
-            local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-            if local_rank >= torch.cuda.device_count():
-                raise UserError(f'LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA '
-                                f'device(s): --nproc_per_node must not exceed the GPUs per node')
-            device = torch.device('cuda', local_rank)
-            torch.cuda.set_device(device)
+    torchrun = int(os.environ.get('WORLD_SIZE', '1')) > 1 and 'RANK' in os.environ
+    if torchrun and device.type == 'cuda':
+        local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f'LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA '
+                            f'device(s): --nproc_per_node must not exceed the GPUs per node')
+        device = torch.device('cuda', local_rank)
+    if device.type == 'cuda' and device.index is not None:
+        # the current device: bf16 support, pinned memory and RNG calls refer to it, and no
+        # CUDA context is opened on GPU 0 as well
+        torch.cuda.set_device(device)
+    if torchrun and not dist.is_initialized():
         # rank 0 evaluates and writes files while the others wait: allow a long quiet spell
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                timeout=datetime.timedelta(minutes=60))
-    elif device.type == 'cuda':
-        device = torch.device('cuda', torch.cuda.current_device())
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=datetime.timedelta(minutes=60))
     return device
 
 
 def is_distributed():
-    import torch.distributed as dist
     return dist.is_available() and dist.is_initialized()
 
 
 def get_rank():
-    import torch.distributed as dist
     return dist.get_rank() if is_distributed() else 0
 
 
 def get_world_size():
-    import torch.distributed as dist
     return dist.get_world_size() if is_distributed() else 1
 
 
@@ -415,13 +372,11 @@ def is_main_process():
 
 
 def barrier():
-    import torch.distributed as dist
     if is_distributed():
         dist.barrier()
 
 
 def cleanup_distributed():
-    import torch.distributed as dist
     if is_distributed():
         dist.destroy_process_group()
 
@@ -429,34 +384,27 @@ def cleanup_distributed():
 def shard_range(n, rank=None, world_size=None):
     """Contiguous block of range(n) for `rank`; blocks in rank order concatenate back to range(n)."""
     rank = get_rank() if rank is None else rank
-    world_size = get_world_size() if world_size is None else world_size
-    per = -(-n // world_size)  # ceil
+    per = -(-n // (get_world_size() if world_size is None else world_size))  # ceil
     return range(min(rank * per, n), min((rank + 1) * per, n))
 
 
 def all_gather_rows(tensor):
-    """Concatenate every rank's [n_r, ...] tensor along dim 0 in rank order (n_r may differ).
-
-    all_gather needs equal shapes, so each shard is padded to the largest n_r and trimmed after.
-    """
-    import torch.distributed as dist
+    """Every rank's [n_r, ...] tensor concatenated along dim 0 in rank order (n_r may differ):
+    all_gather needs equal shapes, so each shard is padded to the largest n_r and trimmed after."""
     if not is_distributed():
         return tensor
-    world_size = get_world_size()
-    n = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(n) for _ in range(world_size)]
-    dist.all_gather(sizes, n)
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(tensor)], device=tensor.device))
     sizes = [int(s) for s in sizes]
     padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
-    padded[:tensor.shape[0]] = tensor
-    parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded.contiguous())
+    padded[:len(tensor)] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
 def broadcast_object(obj, src=0):
     """Rank `src`'s picklable `obj` on every rank (e.g. a checkpoint only rank 0 can read)."""
-    import torch.distributed as dist
     if not is_distributed():
         return obj
     holder = [obj if get_rank() == src else None]
@@ -468,7 +416,6 @@ def broadcast_buffers(module, src=0):
     """Copy rank `src`'s buffers (BatchNorm running statistics) to every rank. DDP does this only at
     the start of the next training forward, so without it each rank would evaluate its shard with
     its own statistics, not those of the model rank 0 saves."""
-    import torch.distributed as dist
     if is_distributed():
         for buffer in module.buffers():
             dist.broadcast(buffer, src)
@@ -476,7 +423,6 @@ def broadcast_buffers(module, src=0):
 
 def all_reduce_sum(values, device):
     """Sum a list of floats over all ranks (float64, so counts stay exact)."""
-    import torch.distributed as dist
     if not is_distributed():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -484,9 +430,31 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
-# ----------------------------------------------------------------------------------------------
-# images and transforms
-# ----------------------------------------------------------------------------------------------
+class Runtime:
+    """Where and how this process computes: device, mixed precision, memory format, its rank."""
+
+    def __init__(self, device, amp):
+        self.device, self.cuda = device, device.type == 'cuda'
+        self.rank, self.world_size, self.main = get_rank(), get_world_size(), is_main_process()
+        self.amp_dtype = None
+        if self.cuda:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            if amp:
+                self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+
+    def inputs(self, images, full_batch=True):
+        """A batch on the device in the layout the convolutions like. cuDNN autotunes full batches
+        only: a ragged last batch would pay a second search for one step."""
+        if self.cuda:
+            torch.backends.cudnn.benchmark = full_batch
+            return images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        return images
+
+
+# ---- images and transforms ----
 
 
 def load_image(path):
@@ -590,8 +558,9 @@ def crop_flip_draws(resize_side, side, generator=None):
 
 
 class TrainTransform:
-    """Resize((r, r)) -> RandomCrop(s) -> RandomHorizontalFlip -> ToTensor -> Normalize, r = round(8s/7),
-    on uint8 with one fused normalisation; draws from torch's default generator (crop_flip_draws)."""
+    """The training transform of a PIL image or uint8 [3, H, W] -> float [3, s, s]: Resize((r, r)) ->
+    RandomCrop(s) -> RandomHorizontalFlip -> ToTensor -> Normalize, r = round(8s/7), on uint8 with one
+    fused normalisation; draws from torch's default generator (crop_flip_draws)."""
 
     def __init__(self, image_size, mean, std):
         self.image_size, self.resize_size = int(image_size), int(round(image_size * 8 / 7))
@@ -605,7 +574,8 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize((s, s)) -> ToTensor -> Normalize, on uint8 with one fused normalisation."""
+    """The evaluation transform of a PIL image or uint8 [3, H, W] -> float [3, s, s]: Resize((s, s)) ->
+    ToTensor -> Normalize, on uint8 with one fused normalisation."""
 
     def __init__(self, image_size, mean, std):
         self.image_size, self.resize_size = int(image_size), int(image_size)
@@ -613,17 +583,6 @@ class EvalTransform:
 
     def __call__(self, x):
         return self.normalize(resize_uint8(as_uint8(x), self.image_size))
-
-
-def train_transform(image_size, mean, std):
-    """The training transform of a PIL image or uint8 [3, H, W] tensor (random crop of a round(8s/7) resize, flip,
-    normalise) -> float [3, s, s]."""
-    return TrainTransform(image_size, mean, std)
-
-
-def test_transform(image_size, mean, std):
-    """The evaluation transform of a PIL image or uint8 [3, H, W] tensor (resize to s x s, normalise) -> float [3, s, s]."""
-    return EvalTransform(image_size, mean, std)
 
 
 class ImageListDataset(torch.utils.data.Dataset):
@@ -689,9 +648,7 @@ def worker_error_message(err):
     return text.splitlines()[-1].split('UserError: ', 1)[-1] if 'DataLoader worker' in text else text
 
 
-# ----------------------------------------------------------------------------------------------
-# decode-once image cache
-# ----------------------------------------------------------------------------------------------
+# ---- decode-once image cache ----
 # Decoding and resizing a JPEG costs far more than a training step's share of the GPU; the
 # recipe's inputs are fixed-size resizes of fixed files, so they are decoded once, at full
 # resolution, and kept as one uint8 tensor [N, 3, side, side]: on the GPU when it fits in
@@ -754,7 +711,6 @@ def build_cache(paths, side, place, device, key, show_bar=True):
         host = torch.empty(shape, dtype=torch.uint8)
         _decode_into(host, paths, side, f'Decoding {len(paths)} images once', show_bar)
     else:
-        import torch.distributed as dist
         shm = os.path.join('/dev/shm', f'clf-cache-{key}-{os.environ.get("TORCHELASTIC_RUN_ID", "run")}.u8')
         local_main = int(os.environ.get('LOCAL_RANK', '0')) == 0
         try:
@@ -771,36 +727,26 @@ def build_cache(paths, side, place, device, key, show_bar=True):
     return host.to(device) if place == 'gpu' else host
 
 
-def crop_flip_batch(cache, indices, draws, side):
-    """Training crops of cached images, as TrainTransform cuts them: cache uint8 [N, 3, r, r],
-    indices [B], draws [(i, j, flip)] * B -> uint8 [B, 3, side, side] on the cache's device."""
-    if cache.is_cuda:  # one gather kernel: rows and columns of every crop, reversed where flipped
-        device = cache.device
-        i, j, flip = torch.tensor(draws, device=device).unbind(1)                    # [B] each
-        steps = torch.arange(side, device=device)
-        rows, cols = i[:, None] + steps, j[:, None] + steps                           # [B, s]
-        cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)
-        index = torch.as_tensor(indices, device=device)
-        return cache[index[:, None, None, None], torch.arange(3, device=device)[None, :, None, None],
-                     rows[:, None, :, None], cols[:, None, None, :]]
-    out = torch.empty((len(indices), 3, side, side), dtype=torch.uint8)
-    for k, (index, (i, j, flip)) in enumerate(zip(indices, draws)):
-        crop = cache[index, :, i:i + side, j:j + side]
-        out[k] = crop.flip(-1) if flip else crop
-    return out
+def crop_flip_batch(cache, batch, side):
+    """Training crops of cached images, cut as TrainTransform cuts them from the same seeds: cache uint8
+    [N, 3, r, r], batch [(index, seed)] * B -> uint8 [B, 3, side, side], one gather on the cache's device."""
+    device = cache.device
+    draws = [crop_flip_draws(cache.shape[-1], side, torch.Generator().manual_seed(seed)) for _, seed in batch]
+    i, j, flip = torch.tensor(draws, device=device).unbind(1)                        # [B] each
+    steps = torch.arange(side, device=device)
+    rows, cols = i[:, None] + steps, j[:, None] + steps                               # [B, s]
+    cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)                      # reversed where flipped
+    index = torch.tensor([index for index, _ in batch], device=device)
+    return cache[index[:, None, None, None], torch.arange(3, device=device)[None, :, None, None],
+                 rows[:, None, :, None], cols[:, None, None, :]]
 
 
-# ----------------------------------------------------------------------------------------------
-# loss
-# ----------------------------------------------------------------------------------------------
+# ---- loss ----
 
 
 def class_balanced_weights(targets, num_classes):
-    """Per-class weights w_c ∝ N / n_c, scaled so they sum to `num_classes` -> FloatTensor[num_classes].
-
-    Rare classes weigh more, so every class contributes about equally to the loss. A class with no
-    sample gets weight 0 (it never appears as a target).
-    """
+    """Per-class weights w_c ∝ N / n_c summing to `num_classes` -> float [num_classes]: every class
+    weighs about equally in the loss; a class with no sample gets 0 (it is never a target)."""
     targets = torch.as_tensor(targets, dtype=torch.long)
     counts = torch.bincount(targets, minlength=num_classes)[:num_classes].double()
     weights = torch.where(counts > 0, targets.numel() / counts.clamp(min=1), torch.zeros_like(counts))
@@ -808,17 +754,12 @@ def class_balanced_weights(targets, num_classes):
 
 
 class LabelSmoothingCrossEntropy(torch.nn.Module):
-    """Cross-entropy against a smoothed target: (1 - smoothing) on the true class + smoothing spread
-    uniformly over all classes; logits divided by `temperature` first.
-
-    With `weight` (FloatTensor[num_classes]) each sample's loss is multiplied by the weight of its
-    class; the result is the mean over the batch of these weighted per-sample losses.
-    """
+    """Cross-entropy of logits / temperature against a smoothed target ((1 - smoothing) on the true
+    class, smoothing spread over all); each sample's loss times its class `weight`, then the batch mean."""
 
     def __init__(self, smoothing=0.1, temperature=1.0, weight=None):
         super().__init__()
-        self.smoothing = smoothing
-        self.temperature = temperature
+        self.smoothing, self.temperature = smoothing, temperature
         self.register_buffer('weight', None if weight is None else torch.as_tensor(weight, dtype=torch.float))
 
     def forward(self, logits, target):
@@ -832,9 +773,36 @@ class LabelSmoothingCrossEntropy(torch.nn.Module):
         return loss.mean()
 
 
-# ----------------------------------------------------------------------------------------------
-# retrieval metrics
-# ----------------------------------------------------------------------------------------------
+# ---- training curves ----
+
+
+def plot_curves(statistics, recalls, title):
+    """Loss, accuracy, R@K and MAP@R per epoch -> PNG bytes."""
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display
+    import matplotlib.pyplot as plt
+
+    epochs = [row['epoch'] for row in statistics]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(epochs, [row['train_loss'] for row in statistics], marker='o')
+    axes[1].plot(epochs, [row['train_accuracy'] for row in statistics], marker='o')
+    for k in recalls:
+        axes[2].plot(epochs, [row[f'test_recall@{k}'] for row in statistics], marker='o', label=f'R@{k}')
+    axes[2].plot(epochs, [row['test_map@r'] for row in statistics], marker='s', linestyle='--', label='MAP@R')
+    axes[2].legend()
+    for ax, name in zip(axes, ('train loss', 'train accuracy (%)', 'test retrieval (%)')):
+        ax.set(title=name, xlabel='epoch')
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.13, top=0.85, wspace=0.2)  # tight_layout is slow
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=100, metadata={'Software': None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# ---- retrieval metrics ----
 
 
 def _label_ids(query_labels, gallery_labels):

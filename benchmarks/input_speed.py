@@ -1,6 +1,6 @@
 """Decoded + transformed training images per second on one worker (one process, one thread):
 the original's pipeline (PIL decode, torchvision Resize -> RandomCrop -> flip -> ToTensor ->
-Normalize) against the project's (utils.load_image_uint8 full decode, utils.train_transform: uint8
+Normalize) against the project's (utils.load_image_uint8 full decode, utils.TrainTransform: uint8
 resize, one fused normalisation), on generated JPEGs of the datasets' typical sizes. Both decode
 every pixel (no JPEG draft mode). Also checks that both give the same output shape and per-channel
 mean/std within 1 %.
@@ -70,10 +70,10 @@ class OriginalPipeline:
 
 
 class ProjectPipeline:
-    """The project's path -> tensor: a full decode to uint8 [3, H, W], then utils.train_transform."""
+    """The project's path -> tensor: a full decode to uint8 [3, H, W], then utils.TrainTransform."""
 
     def __init__(self, image_size):
-        self.transform = utils.train_transform(image_size, MEAN, STD)
+        self.transform = utils.TrainTransform(image_size, MEAN, STD)
 
     def __call__(self, path):
         return self.transform(utils.load_image_uint8(path))

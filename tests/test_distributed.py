@@ -84,7 +84,7 @@ def test_torchrun_two_cpu_processes_with_kill_and_resume(dataset, reference, tmp
     model = model_lib.Model('resnet18', 8, 3)
     model.load_state_dict(tensors(out(results, 'model.pth')))
     model.eval()
-    transform = utils.test_transform(32, database['config']['mean'], database['config']['std'])
+    transform = utils.EvalTransform(32, database['config']['mean'], database['config']['std'])
     with torch.no_grad():
         again, _ = model(torch.stack([transform(utils.load_image(p)) for p in database['test_images']]))
     assert torch.allclose(again, database['test_features'], atol=1e-5)

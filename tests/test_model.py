@@ -163,7 +163,7 @@ def test_head_composition():
     assert embedding.shape == (2, 16)
 
 
-def test_branch_sets_and_config():
+def test_branch_sets():
     for s in ('SMG', 'GMS', 'M', 'GS'):
         assert M.parse_branches(s) == s
     for s, why in (('', 'empty'), ('SS', 'repeated letter(s) S'), ('SX', 'unknown letter(s) X'),
@@ -173,9 +173,8 @@ def test_branch_sets_and_config():
     with pytest.raises(UserError, match='repeated'):
         M.Model('resnet18', 8, 3, branches='SMGS')
     model = M.Model('resnet18', 8, 3, branches='MG')
-    assert model.config == {'backbone_type': 'resnet18', 'feature_dim': 8, 'num_classes': 3, 'branches': 'MG'}
-    assert len(model.projections) == 2 and model.classifier[0].num_features == 16
-    rebuilt = M.Model(**model.config)
+    assert model.branches == 'MG' and len(model.projections) == 2 and model.classifier[0].num_features == 16
+    rebuilt = M.Model(backbone_type='resnet18', feature_dim=8, num_classes=3, branches='MG')
     rebuilt.load_state_dict(model.state_dict())  # same structure, strict
 
 

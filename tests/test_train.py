@@ -2,8 +2,8 @@
 import hashlib
 import math
 import os
+import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision
 
-from _train_fixtures import EPOCHS, NAME, flags, out, run_script, tensors
+from _train_fixtures import EPOCHS, NAME, assert_same_tensors, flags, out, run_script, tensors
 import data_utils
 import model as model_lib
 import train
@@ -101,7 +101,7 @@ def test_backbone_batchnorm_frozen_with_loaded_weights(tmp_path, dataset):
     conv_before = model.backbone.conv1.weight.detach().clone()
     head_bn_before = model.classifier[0].running_mean.clone()
 
-    rt = train.Runtime(torch.device('cpu'), amp=False)
+    rt = utils.Runtime(torch.device('cpu'), amp=False)
     images = train.Images(dicts, dict(config, cache='off'), rt)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler('cuda', enabled=False)
@@ -165,7 +165,7 @@ def test_end_to_end_outputs_consistent(reference):
     model = model_lib.Model('resnet18', 8, 3, branches='SMG')
     model.load_state_dict(state)
     model.eval()
-    transform = utils.test_transform(32, config['mean'], config['std'])
+    transform = utils.EvalTransform(32, config['mean'], config['std'])
     with torch.no_grad():
         batch = torch.stack([transform(utils.load_image(p)) for p in database['test_images']])
         again, _ = model(batch)
@@ -199,7 +199,7 @@ def test_eval_untrained_baseline_leaves_the_run_unchanged(dataset, reference, tm
     config = database['config']
     torch.manual_seed(0)
     model = model_lib.Model('resnet18', 8, 3, branches='SMG').eval()
-    transform = utils.test_transform(32, config['mean'], config['std'])
+    transform = utils.EvalTransform(32, config['mean'], config['std'])
     with torch.no_grad():
         features, _ = model(torch.stack([transform(utils.load_image(p)) for p in database['test_images']]))
     ids = {label: k for k, label in enumerate(sorted(set(database['test_labels'])))}
@@ -312,7 +312,7 @@ def test_query_gallery_dataset(dataset, tmp_path):
 def test_cached_batches_equal_loaded_batches(dataset, tmp_path):
     """The same pixels, crops and flips from the cache as from full decodes by the loader."""
     config, dicts = train.resolve_config(train.parse_args(flags(dataset, tmp_path)))
-    rt = train.Runtime(torch.device('cpu'), amp=False)
+    rt = utils.Runtime(torch.device('cpu'), amp=False)
     cached, loaded = (train.Images(dicts, dict(config, cache=c), rt) for c in ('ram', 'off'))
     assert cached.caches['train'].shape == (12, 3, 37, 37) and loaded.caches is None  # round(32 * 8 / 7)
     for epoch in (1, 2):
@@ -329,7 +329,7 @@ def test_cached_batches_equal_loaded_batches(dataset, tmp_path):
 @pytest.mark.parametrize('batch, sizes', [(5, [5, 5, 2]), (11, [11]), (4, [4, 4, 4])])
 def test_last_batch_kept_unless_single(dataset, tmp_path, batch, sizes):
     config, dicts = train.resolve_config(train.parse_args(flags(dataset, tmp_path, '--batch_size', str(batch))))
-    images = train.Images(dicts, dict(config, cache='off'), train.Runtime(torch.device('cpu'), amp=False))
+    images = train.Images(dicts, dict(config, cache='off'), utils.Runtime(torch.device('cpu'), amp=False))
     assert [len(b) for b in images.epoch_batches(1)] == sizes  # 12 images; 11 + 1 drops the single one
 
 
@@ -399,3 +399,27 @@ def test_prompt_exit_with_loader_workers(dataset, tmp_path):
     process.wait(timeout=60)
     assert process.returncode == 0 and last[0].startswith('Best R@1')
     assert time.time() - last[1] < 5
+
+
+def test_compile_trains_the_same_numbers_and_saves_plain_keys(dataset, reference, tmp_path, monkeypatch, capsys):
+    # dynamo captures the graphs as --compile does; a counting backend runs them eagerly (inductor's
+    # C++ build takes minutes on 2 cores), so the numbers must equal the uncompiled run's exactly
+    graphs, compile_ = [], torch.compile
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(torch, 'compile', lambda module, **kwargs: compile_(module, backend=backend, **kwargs))
+    torch._dynamo.reset()
+    try:
+        train.main(flags(dataset, tmp_path, '--compile'))
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) >= 2  # a training graph and an extraction (eval mode) graph at least
+    assert len(re.findall(r'^Compile: \d+\.\ds \(the first training step', capsys.readouterr().out, re.M)) == 1
+    with open(out(tmp_path, 'statistics.csv'), 'rb') as a, open(out(reference[0], 'statistics.csv'), 'rb') as b:
+        assert a.read() == b.read()
+    checkpoint, model = tensors(out(tmp_path, 'checkpoint.pth')), tensors(out(tmp_path, 'model.pth'))
+    assert_same_tensors(model, tensors(out(reference[0], 'model.pth')))  # no '_orig_mod.' prefix either
+    assert checkpoint['model'].keys() == model.keys()
