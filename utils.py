@@ -729,14 +729,24 @@ def build_cache(paths, side, place, device, key, show_bar=True):
 
 def crop_flip_batch(cache, batch, side):
     """Training crops of cached images, cut as TrainTransform cuts them from the same seeds: cache uint8
-    [N, 3, r, r], batch [(index, seed)] * B -> uint8 [B, 3, side, side], one gather on the cache's device."""
-    device = cache.device
+    [N, 3, r, r], batch [(index, seed)] * B -> uint8 [B, 3, side, side] on the cache's device."""
     draws = [crop_flip_draws(cache.shape[-1], side, torch.Generator().manual_seed(seed)) for _, seed in batch]
+    if cache.is_cuda:
+        return gather_crops(cache, [k for k, _ in batch], draws, side)
+    # on a CPU slices and copies are faster: 128 crops of 224 px in 0.01 s, the gather 0.05 s (2 cores)
+    crops = [cache[k, :, i:i + side, j:j + side] for (k, _), (i, j, _) in zip(batch, draws)]
+    return torch.stack([crop.flip(-1) if flip else crop for crop, (_, _, flip) in zip(crops, draws)])
+
+
+def gather_crops(cache, indices, draws, side):
+    """The crops of crop_flip_batch in one gather kernel (a GPU launches one kernel, not B copies):
+    the rows and columns of every crop, the columns reversed where flipped."""
+    device = cache.device
     i, j, flip = torch.tensor(draws, device=device).unbind(1)                        # [B] each
     steps = torch.arange(side, device=device)
     rows, cols = i[:, None] + steps, j[:, None] + steps                               # [B, s]
-    cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)                      # reversed where flipped
-    index = torch.tensor([index for index, _ in batch], device=device)
+    cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)
+    index = torch.tensor(indices, device=device)
     return cache[index[:, None, None, None], torch.arange(3, device=device)[None, :, None, None],
                  rows[:, None, :, None], cols[:, None, None, :]]
 

@@ -219,6 +219,9 @@ def test_cache_place_and_crops(jpegs, monkeypatch):
     assert cache.shape == (4, 3, 37, 37) and cache.dtype == torch.uint8
     transform = utils.TrainTransform(32, MEAN, STD)
     crops = utils.crop_flip_batch(cache, [(k, 100 + k) for k in range(4)], 32)
+    draws = [utils.crop_flip_draws(37, 32, torch.Generator().manual_seed(100 + k)) for k in range(4)]
+    assert any(flip for _, _, flip in draws) and not all(flip for _, _, flip in draws)
+    assert torch.equal(utils.gather_crops(cache, range(4), draws, 32), crops)  # the GPU's way, run on the CPU
     for k, path in enumerate(jpegs):
         torch.manual_seed(100 + k)
         assert torch.equal(transform.normalize(crops[k]), transform(utils.load_image_uint8(path)))
