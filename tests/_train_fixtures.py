@@ -14,7 +14,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import data_utils  # noqa: E402
-import train  # noqa: E402
 
 NAME = 'tiny'
 RUN_NAME = 'tiny_uncropped_resnet18_8'  # {data_name}_{crop_type}_{backbone_type}_{feature_dim}
