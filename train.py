@@ -122,7 +122,7 @@ class Images:
 
     def __init__(self, dicts, config, rt):
         mean, std = data_utils.normalization(config['data_name'])
-        self.normalize, self.rt, self.seed = utils.Normalize(mean, std), rt, config['seed']
+        self.normalize, self.rt = utils.Normalize(mean, std), rt
         self.size, self.workers = config['image_size'], config['num_workers']
         self.train = utils.ImageListDataset(dicts['train'], utils.TrainTransform(self.size, mean, std))
         self.eval = {s: utils.ImageListDataset(dicts[s], utils.EvalTransform(self.size, mean, std))
@@ -159,9 +159,8 @@ class Images:
         batches = [items[k:k + self.batch] for k in range(0, len(items), self.batch)]
         return batches[:-1] if len(batches[-1]) == 1 else batches
 
-    def train_batches(self, epoch):
-        """Yields (images [B, 3, s, s] float on the device, targets [B] on the device)."""
-        batches = self.epoch_batches(epoch)
+    def train_batches(self, batches):
+        """Yields (images [B, 3, s, s] float on the device, targets [B] on the device) of epoch_batches."""
         if self.caches is None:
             yield from self._loaded(DataLoader(self.train, batch_sampler=batches, **self._loader_kwargs()))
             return
@@ -220,7 +219,8 @@ def train_one_epoch(model, images, criterion, optimizer, scaler, rt, epoch, num_
     """One pass over the training images -> {'loss', 'accuracy' (%), 'seconds'} over all processes."""
     model.train()  # Model keeps the backbone BatchNorm in eval mode when freeze_backbone_bn is set
     start, first_step, loss_sum, correct, seen = time.time(), 0.0, 0.0, 0.0, 0
-    bar = tqdm(images.train_batches(epoch), total=len(images.epoch_batches(epoch)), disable=not rt.main,
+    batches = images.epoch_batches(epoch)
+    bar = tqdm(images.train_batches(batches), total=len(batches), disable=not rt.main,
                dynamic_ncols=True, leave=False)
     for step, (x, targets) in enumerate(bar, start=1):
         loss, hits = train_step(model, x, targets, criterion, optimizer, scaler, rt)

@@ -316,14 +316,16 @@ def test_cached_batches_equal_loaded_batches(dataset, tmp_path):
     cached, loaded = (train.Images(dicts, dict(config, cache=c), rt) for c in ('ram', 'off'))
     assert cached.caches['train'].shape == (12, 3, 37, 37) and loaded.caches is None  # round(32 * 8 / 7)
     for epoch in (1, 2):
-        pairs = list(zip(cached.train_batches(epoch), loaded.train_batches(epoch)))
+        pairs = list(zip(cached.train_batches(cached.epoch_batches(epoch)),
+                         loaded.train_batches(loaded.epoch_batches(epoch))))
         assert len(pairs) == 3
         for (a, ta), (b, tb) in pairs:
             assert a.shape == (4, 3, 32, 32) and torch.equal(a, b) and torch.equal(ta, tb)
     a, b = torch.cat(list(cached.eval_batches('test'))), torch.cat(list(loaded.eval_batches('test')))
     assert a.shape == (12, 3, 32, 32) and torch.equal(a, b)
     # epochs differ: the crops are drawn from (seed, epoch, image)
-    assert not torch.equal(next(cached.train_batches(1))[0], next(cached.train_batches(2))[0])
+    assert not torch.equal(next(cached.train_batches(cached.epoch_batches(1)))[0],
+                           next(cached.train_batches(cached.epoch_batches(2)))[0])
 
 
 @pytest.mark.parametrize('batch, sizes', [(5, [5, 5, 2]), (11, [11]), (4, [4, 4, 4])])
