@@ -4,6 +4,7 @@ embedding; a BatchNorm + Linear classifier on the same vector drives training.
 
 `python model.py` prints the Params | FLOPs table of the three backbones on the four datasets."""
 import os
+import re
 import socket
 import warnings
 from collections import OrderedDict
@@ -103,34 +104,28 @@ IMAGENET_WEIGHTS = {**{arch: (os.path.basename(w.url), w.url) for arch, w in TOR
                     'seresnet50': ('se_resnet50-ce0d4300.pth', 'https://github.com/rwightman/pytorch-image-models/'
                                    'releases/download/v0.1-cadene/se_resnet50-ce0d4300.pth')}
 CLASSIFIER_PREFIXES = ('fc.', 'last_linear.')  # ImageNet heads, never used here
-# se_resnet50-ce0d4300.pth (and timm's legacy_seresnet50) name prefix -> ours
-SE_NAME_MAP = {'layer0.conv1.': 'conv1.', 'layer0.bn1.': 'bn1.'}
-
-
-def checkpoints_dir():  # the torch hub checkpoints folder, where torchvision caches downloaded weights
-    return os.path.join(torch.hub.get_dir(), 'checkpoints')
 
 
 def download_imagenet_weights(backbone_type, timeout=30):
     """State dict of the ImageNet weights, from the torch hub cache or downloaded into it."""
     file_name, url = IMAGENET_WEIGHTS[backbone_type]
-    path = os.path.join(checkpoints_dir(), file_name)
-    if os.path.isfile(path):
-        return safe_load(path, f'ImageNet weights for {backbone_type}')
+    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')  # where torchvision caches what it downloads
+    if os.path.isfile(os.path.join(folder, file_name)):
+        return safe_load(os.path.join(folder, file_name), f'ImageNet weights for {backbone_type}')
     # torch.hub opens the URL without a timeout: a firewall that drops packets would hang for minutes
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
     try:
         if backbone_type in TORCHVISION_WEIGHTS:
             return TORCHVISION_WEIGHTS[backbone_type].get_state_dict(progress=True, check_hash=True, weights_only=True)
-        return torch.hub.load_state_dict_from_url(url, model_dir=checkpoints_dir(), file_name=file_name,
-                                                  map_location='cpu', weights_only=True)
+        return torch.hub.load_state_dict_from_url(url, model_dir=folder, file_name=file_name, map_location='cpu',
+                                                  weights_only=True)
     except Exception as err:  # no network, proxy refused, HTTP error, bad hash: all need the same fix
         reason = str(getattr(err, 'reason', None) or err).strip()
         reason = reason.splitlines()[0][:200] if reason else type(err).__name__
         raise UserError(f'cannot download the ImageNet weights of {backbone_type} ({reason}). The file {file_name} '
                         f'is needed: download it from {url} on a machine with internet access and put it in '
-                        f'{checkpoints_dir()}{os.sep} (the torch hub checkpoints folder), or pass its path with '
+                        f'{folder}{os.sep} (the torch hub checkpoints folder), or pass its path with '
                         f'--pretrained PATH; to train from scratch without ImageNet weights, pass '
                         f'--pretrained none.') from None
     finally:
@@ -139,33 +134,24 @@ def download_imagenet_weights(backbone_type, timeout=30):
 
 def adapt_state_dict(state_dict, backbone_type):
     """Rename an ImageNet state dict onto our backbone's names and drop its classifier."""
-    adapted = {}
-    for name, tensor in state_dict.items():
-        if name.startswith(CLASSIFIER_PREFIXES):
-            continue
-        if backbone_type == 'seresnet50':
-            for theirs, ours in SE_NAME_MAP.items():
-                if name.startswith(theirs):
-                    name = ours + name[len(theirs):]
-            name = name.replace('.se_module.', '.se.')
-        adapted[name] = tensor
-    return adapted
+    if backbone_type == 'seresnet50':  # se_resnet50-ce0d4300.pth (and timm's legacy_seresnet50) names
+        state_dict = {re.sub(r'^layer0\.', '', k).replace('.se_module.', '.se.'): v for k, v in state_dict.items()}
+    return {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_PREFIXES)}
 
 
 def build_backbone(backbone_type, pretrained):
     """The backbone with the ImageNet weights `pretrained` names: True (the hub cache, downloaded if needed), a
     path, or False; any missing, unexpected or mis-shaped tensor is a UserError naming them."""
+    what = f'ImageNet weights of a {backbone_type}'
     # read the weights first, so that a missing file fails before anything is built
-    state_dict = None
     if pretrained is True:
         state_dict = download_imagenet_weights(backbone_type)
-        source = os.path.join(checkpoints_dir(), IMAGENET_WEIGHTS[backbone_type][0])
-    elif pretrained not in (False, None):
+        source = os.path.join(torch.hub.get_dir(), 'checkpoints', IMAGENET_WEIGHTS[backbone_type][0])
+    elif pretrained:
         source = os.fspath(pretrained)
         state_dict = safe_load(source, f'ImageNet weights for {backbone_type}')
     backbone = BACKBONES[backbone_type][0]()
-    if state_dict is not None:
-        what = f'ImageNet weights of a {backbone_type}'
+    if pretrained:
         if not isinstance(state_dict, dict):
             raise UserError(f'{source} does not hold {what}: found a {type(state_dict).__name__}')
         load_state_dict_strict(backbone, adapt_state_dict(state_dict, backbone_type), source, what)

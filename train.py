@@ -79,11 +79,11 @@ def resolve_config(args):
     except ValueError:
         recalls = []
     if not recalls or recalls[0] < 1:
-        raise UserError(f"--recalls '{args.recalls}': expected a comma-separated list of positive integers, e.g. 1,2,4,8")
-    for flag, value, low, high in (('--feature_dim', args.feature_dim, 1, 8192), ('--batch_size', args.batch_size, 2, 65536),
-                                   ('--num_epochs', args.num_epochs, 1, 100000), ('--image_size', args.image_size, 16, 1024),
-                                   ('--seed', args.seed, 0, 2 ** 63 - 1), ('--num_workers', args.num_workers or 0, 0, 256)):
-        utils.check_int(flag, value, low, high)
+        raise UserError(f"--recalls '{args.recalls}': expected a comma-separated list of positive integers, "
+                        f"e.g. 1,2,4,8")
+    for flag, low, high in (('feature_dim', 1, 8192), ('batch_size', 2, 65536), ('num_epochs', 1, 100000),
+                            ('image_size', 16, 1024), ('seed', 0, 2 ** 63 - 1), ('num_workers', 0, 256)):
+        utils.check_int(f'--{flag}', getattr(args, flag) or 0, low, high)
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         raise UserError(f'--lr must be a positive number, got {args.lr}')
     branches = model_lib.parse_branches(args.branches)
@@ -123,7 +123,9 @@ class Images:
     def __init__(self, dicts, config, rt):
         mean, std = data_utils.normalization(config['data_name'])
         self.normalize, self.rt = utils.Normalize(mean, std), rt
-        self.size, self.workers = config['image_size'], config['num_workers']
+        self.size, workers = config['image_size'], config['num_workers']
+        # a loader per epoch, its workers ending with it: none linger at exit
+        self.loader_kwargs = dict(num_workers=workers, pin_memory=rt.cuda, prefetch_factor=4 if workers else None)
         self.train = utils.ImageListDataset(dicts['train'], utils.TrainTransform(self.size, mean, std))
         self.eval = {s: utils.ImageListDataset(dicts[s], utils.EvalTransform(self.size, mean, std))
                      for s in config['eval_splits']}
@@ -162,7 +164,7 @@ class Images:
     def train_batches(self, batches):
         """Yields (images [B, 3, s, s] float on the device, targets [B] on the device) of epoch_batches."""
         if self.caches is None:
-            yield from self._loaded(DataLoader(self.train, batch_sampler=batches, **self._loader_kwargs()))
+            yield from self._loaded(DataLoader(self.train, batch_sampler=batches, **self.loader_kwargs))
             return
         for batch in batches:
             images = utils.crop_flip_batch(self.caches['train'], batch, self.size)
@@ -174,17 +176,12 @@ class Images:
         dataset, shard = self.eval[split], utils.shard_range(len(self.eval[split]))
         size = 2 * self.batch  # no gradients: twice the training batch fits
         if self.caches is None:
-            loader = DataLoader(Subset(dataset, shard), batch_size=size, **self._loader_kwargs())
+            loader = DataLoader(Subset(dataset, shard), batch_size=size, **self.loader_kwargs)
             yield from (images for images, _ in self._loaded(loader))
             return
         for start in range(shard.start, shard.stop, size):
             images = self.caches[split][start:min(start + size, shard.stop)]
             yield self.normalize(self.rt.inputs(images, len(images) == size))
-
-    def _loader_kwargs(self):
-        # a loader per epoch, its workers ending with it: none linger at exit
-        return {'num_workers': self.workers, 'pin_memory': self.rt.cuda,
-                **({'prefetch_factor': 4} if self.workers else {})}
 
     def _loaded(self, loader):
         try:
