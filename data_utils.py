@@ -80,29 +80,12 @@ def _read_rows(path, dataset, fields, skip=0):
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f'{dataset}: cannot read {path} as a text file ({err})') from None
-    rows = [(number, line) for number, line in enumerate(lines, 1) if number > skip and line.strip()]
-    for number, line in rows:
-        if len(line.split()) != len(fields):
+    rows = [(number, line.split()) for number, line in enumerate(lines, 1) if number > skip and line.strip()]
+    for number, row in rows:
+        if len(row) != len(fields):
             raise UserError(f'{dataset}: {path} line {number}: expected {len(fields)} columns '
-                            f'({" ".join(fields)}), got: {line.strip()[:120]!r}')
-    return [line.split() for _, line in rows]
-
-
-def _read_mat_annotations(path, dataset, fields):
-    """Records of the struct array 'annotations' in a CARS196 .mat file, as dicts of plain values."""
-    from scipy.io import loadmat  # scipy only needed for CARS196
-    try:
-        mat = loadmat(path, squeeze_me=True)
-    except Exception as err:  # scipy raises several types for damaged files
-        raise UserError(f'{dataset}: cannot read {path} as a MATLAB file ({err})') from None
-    annotations = mat.get('annotations')
-    missing = [f for f in fields if annotations is None or annotations.dtype.names is None
-               or f not in annotations.dtype.names]
-    if missing:
-        raise UserError(f'{dataset}: {path} has no struct "annotations" with fields {", ".join(fields)} '
-                        f'(missing: {", ".join(missing)})')
-    annotations = np.atleast_1d(annotations)  # squeeze_me turns a single record into a 0-d array
-    return [{f: record[f] for f in fields} for record in annotations]
+                            f'({" ".join(fields)}), got: {lines[number - 1].strip()[:120]!r}')
+    return [row for _, row in rows]
 
 
 # ---- readers: one per benchmark (see DATASETS below) and one for own class folders -> [Item] ----
@@ -110,14 +93,28 @@ def _read_mat_annotations(path, dataset, fields):
 CAR_FIELDS = ('bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'class')
 
 
-def _car_item(r, path, src, name=None):
-    """One CARS196 annotation record of file `path` as an Item: classes 1-98 train, 99-196 test."""
+def _read_car_annotations(path, file_field):
+    """The struct array 'annotations' of a CARS196 .mat file -> [(file, label, split, box)]; classes 1-98 train."""
+    from scipy.io import loadmat  # scipy only needed for CARS196
     try:
-        label, box = int(r['class']), tuple(int(r[f]) for f in CAR_FIELDS[:4])
-    except (TypeError, ValueError, OverflowError):  # OverflowError: int() of an inf
-        raise UserError(f'car: {path}: expected numbers in the fields {", ".join(CAR_FIELDS)}, got '
-                        f'{ {f: r[f] for f in CAR_FIELDS} }') from None
-    return Item(src, name or os.path.basename(src), str(label), 'train' if label <= 98 else 'test', box)
+        annotations = loadmat(path, squeeze_me=True).get('annotations')
+    except Exception as err:  # scipy raises several types for damaged files
+        raise UserError(f'car: cannot read {path} as a MATLAB file ({err})') from None
+    fields = (file_field,) + CAR_FIELDS
+    missing = [f for f in fields if annotations is None or annotations.dtype.names is None
+               or f not in annotations.dtype.names]
+    if missing:
+        raise UserError(f'car: {path} has no struct "annotations" with fields {", ".join(fields)} '
+                        f'(missing: {", ".join(missing)})')
+    records = []
+    for r in np.atleast_1d(annotations):  # squeeze_me turns a single record into a 0-d array
+        try:
+            label, box = int(r['class']), tuple(int(r[f]) for f in CAR_FIELDS[:4])
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int() of an inf
+            raise UserError(f'car: {path}: expected numbers in the fields {", ".join(CAR_FIELDS)}, got '
+                            f'{ {f: r[f] for f in CAR_FIELDS} }') from None
+        records.append((str(r[file_field]), str(label), 'train' if label <= 98 else 'test', box))
+    return records
 
 
 def read_car(root):
@@ -125,8 +122,8 @@ def read_car(root):
     annos, images = os.path.join(root, 'cars_annos.mat'), os.path.join(root, 'car_ims')
     if os.path.exists(annos) or os.path.exists(images):
         _require('car', images, what='image folder')
-        records = _read_mat_annotations(_require('car', annos), 'car', ('relative_im_path',) + CAR_FIELDS)
-        return [_car_item(r, annos, os.path.join(root, str(r['relative_im_path']))) for r in records]
+        return [Item(os.path.join(root, file), os.path.basename(file), *rest)
+                for file, *rest in _read_car_annotations(_require('car', annos), 'relative_im_path')]
     markers = ('cars_train', 'cars_test', 'devkit', 'car_devkit', 'cars_test_annos_withlabels.mat')
     if not any(os.path.exists(os.path.join(root, p)) for p in markers):
         raise UserError(f'car: no CARS196 files found in {root}\nexpected layout:\n{_layout("car")}')
@@ -142,10 +139,9 @@ def read_car(root):
         # Kaggle's copies nest the images one level deeper: cars_train/cars_train/*.jpg
         if os.path.isdir(os.path.join(folder, part)):
             folder = os.path.join(folder, part)
-        annos = _require('car', *annos)
         # both folders number their files 00001.jpg, ...: the folder name keeps them apart
-        items += [_car_item(r, annos, os.path.join(folder, str(r['fname'])), f'{part}_{r["fname"]}')
-                  for r in _read_mat_annotations(annos, 'car', ('fname',) + CAR_FIELDS)]
+        items += [Item(os.path.join(folder, file), f'{part}_{file}', *rest)
+                  for file, *rest in _read_car_annotations(_require('car', *annos), 'fname')]
     return items
 
 
@@ -154,26 +150,24 @@ def read_cub(root, num_train_classes=100, name='cub'):
     nested = os.path.join(root, 'CUB_200_2011')
     if not os.path.exists(os.path.join(root, 'images.txt')) and os.path.isdir(nested):
         root = nested
-    files = {f: _require(name, os.path.join(root, f))
-             for f in ('images.txt', 'image_class_labels.txt', 'bounding_boxes.txt')}
-    paths = _read_rows(files['images.txt'], name, ('image_id', 'path'))
-    labels = dict(_read_rows(files['image_class_labels.txt'], name, ('image_id', 'class_id')))
-    boxes = {r[0]: r[1:] for r in _read_rows(files['bounding_boxes.txt'], name, ('image_id', 'x', 'y', 'w', 'h'))}
+    images, labels_file, boxes_file = (_require(name, os.path.join(root, f))
+                                       for f in ('images.txt', 'image_class_labels.txt', 'bounding_boxes.txt'))
+    paths = _read_rows(images, name, ('image_id', 'path'))
+    labels = dict(_read_rows(labels_file, name, ('image_id', 'class_id')))
+    boxes = {r[0]: r[1:] for r in _read_rows(boxes_file, name, ('image_id', 'x', 'y', 'w', 'h'))}
     items = []
     for image_id, rel in paths:
-        for table, file in ((labels, 'image_class_labels.txt'), (boxes, 'bounding_boxes.txt')):
+        for table, file in ((labels, labels_file), (boxes, boxes_file)):
             if image_id not in table:
-                raise UserError(f'{name}: image id {image_id} ({rel}) has no line in {files[file]}')
+                raise UserError(f'{name}: image id {image_id} ({rel}) has no line in {file}')
         try:
             x, y, w, h = (int(float(v)) for v in boxes[image_id])
-            label = str(int(labels[image_id]))
+            label = int(labels[image_id])
         except (ValueError, OverflowError):  # OverflowError: int() of an inf
-            raise UserError(f'{name}: image id {image_id}: expected an integer class id in '
-                            f'{files["image_class_labels.txt"]} and numbers x y w h in '
-                            f'{files["bounding_boxes.txt"]}') from None
-        split = 'train' if int(label) <= num_train_classes else 'test'
-        items.append(Item(os.path.join(root, 'images', rel), os.path.basename(rel), label, split,
-                          (x, y, x + w, y + h)))
+            raise UserError(f'{name}: image id {image_id}: expected an integer class id in {labels_file} and '
+                            f'numbers x y w h in {boxes_file}') from None
+        items.append(Item(os.path.join(root, 'images', rel), os.path.basename(rel), str(label),
+                          'train' if label <= num_train_classes else 'test', (x, y, x + w, y + h)))
     return items
 
 
@@ -185,8 +179,7 @@ def read_sop(root):
     items = []
     for split in ('train', 'test'):
         file = _require('sop', os.path.join(root, f'Ebay_{split}.txt'))
-        for _, class_id, _, rel in _read_rows(file, 'sop', ('image_id', 'class_id', 'super_class_id', 'path'),
-                                              skip=1):
+        for _, class_id, _, rel in _read_rows(file, 'sop', ('image_id', 'class_id', 'super_class_id', 'path'), 1):
             items.append(Item(os.path.join(root, rel), os.path.basename(rel), class_id, split, None))
     return items
 
@@ -199,10 +192,8 @@ def read_isc(root):
     items = []
     for rel, item_id, status in _read_rows(file, 'isc', ('image_name', 'item_id', 'evaluation_status'), skip=2):
         if status not in ('train', 'query', 'gallery'):
-            raise UserError(f'isc: {file}: evaluation_status of {rel} is {status!r}, '
-                            f'expected train, query or gallery')
-        items.append(Item(os.path.join(image_root, rel), f'{item_id}_{os.path.basename(rel)}', item_id,
-                          status, None))
+            raise UserError(f'isc: {file}: evaluation_status of {rel} is {status!r}, expected train, query or gallery')
+        items.append(Item(os.path.join(image_root, rel), f'{item_id}_{os.path.basename(rel)}', item_id, status, None))
     return items
 
 
@@ -330,11 +321,10 @@ def _place_all(sources, out, name):
     originals = {os.path.join(out['uncropped'], i.name): i.src for i in sources}  # {destination: source}
     conflicts = []  # another image under the same name: a conflict, never an overwrite
     for dst, src in originals.items():
-        try:  # a hard link, or a copy with the same bytes, is the same image
-            same = not os.path.lexists(dst) or os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False)
-        except OSError:
-            same = False
-        conflicts += [] if same else [dst]
+        with contextlib.suppress(OSError):  # a hard link, or a copy with the same bytes, is the same image
+            if not os.path.lexists(dst) or os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False):
+                continue
+        conflicts.append(dst)
     if conflicts:
         raise UserError(f'{name}: ' + _listing(conflicts, 'file(s) already exist and differ from the image '
                                                'that would be placed there') +
@@ -380,8 +370,6 @@ def process_items(items, data_path, name, splits=('train', 'test')):
 
 
 # ---- datasets by name: processing one, and reading its lists back (train.py) ----
-
-COMMAND = '`python data_utils.py --data_path {} --data_name {}`'  # what makes a dataset's lists
 
 
 def _check_options(names, split=None, seed=0):
@@ -431,11 +419,12 @@ def load_data_dicts(data_path, data_name, crop_type):
     _check_options([data_name])
     if crop_type not in CROP_TYPES:
         raise UserError(f'--crop_type {crop_type!r}: expected one of {", ".join(CROP_TYPES)}')
-    root, path, command = (os.path.join(data_path, data_name), data_dict_path(data_path, data_name, crop_type),
-                           COMMAND.format(data_path, data_name))
+    root = os.path.join(data_path, data_name)
+    command = f'`python data_utils.py --data_path {data_path} --data_name {data_name}`'  # makes the lists
     if not os.path.isdir(root):
         raise UserError(f'demo: folder not found: {root}; the demo is generated: run {command}' if data_name == 'demo'
                         else f'{_folder_error(root, data_name)}\nthen run {command}')
+    path = data_dict_path(data_path, data_name, crop_type)
     if not os.path.isfile(path):
         raise UserError(f'data dict not found: {path}; run {command} first' +
                         (' (cropped lists exist only for datasets with bounding boxes: car, cub, demo)'
