@@ -295,8 +295,9 @@ def _check_items(items, root, name):
 
 def _write_crop(folder, item):
     """Write an image's box crop (JPEG q95; PNG for .png names) -> None, or the path if another crop is there."""
-    crop, buffer, dst = load_image(item.src).crop(item.box), io.BytesIO(), os.path.join(folder, item.name)
-    if item.name.lower().endswith('.png'):  # load_image: any mode -> RGB as training sees it
+    crop = load_image(item.src).crop(item.box)  # any mode -> RGB as training sees it
+    buffer, dst = io.BytesIO(), os.path.join(folder, item.name)
+    if item.name.lower().endswith('.png'):
         crop.save(buffer, 'PNG')
     else:
         crop.save(buffer, 'JPEG', quality=95, subsampling=0)
@@ -566,9 +567,8 @@ def make_demo(root, seed=0, num_classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS, 
         if os.path.isdir(leftover):
             shutil.rmtree(leftover)
     if os.path.isfile(marker):
-        with open(marker) as f:
-            if f.read() == signature:
-                return root  # already drawn with these settings
+        if read_bytes(marker, 'demo marker') == signature.encode():
+            return root  # already drawn with these settings
     elif os.path.lexists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise UserError(f'demo: {root} exists and was not made by this script; '
                         f'choose another --data_path or remove that folder')
