@@ -50,21 +50,27 @@ Item = namedtuple('Item', 'src name label split box')
 
 
 def _listing(paths, what):
-    """'N <what>: a, b, ... (and K more)' with at most MAX_LISTED names."""
+    """'N <what>:' and at most MAX_LISTED of the paths, one a line."""
     shown = '\n  '.join(str(p) for p in paths[:MAX_LISTED])
     more = f'\n  ... and {len(paths) - MAX_LISTED} more' if len(paths) > MAX_LISTED else ''
     return f'{len(paths)} {what}:\n  {shown}{more}'
 
 
-def _existing_or_first(*paths):
-    """The first of paths that exists, else the first one (for the error message)."""
-    return next((p for p in paths if os.path.exists(p)), paths[0])
+def _layout(name):
+    """The folder layout a dataset needs, as error messages show it."""
+    if name == 'demo':
+        return DATASETS['cub'].layout.replace('cub/', 'demo/')
+    if name in DATASETS:
+        return DATASETS[name].layout
+    return f'  {name}/<class>/<image>  (one sub-folder per class; images {", ".join(IMAGE_EXTENSIONS)})'
 
 
-def _require(path, dataset, layout, what='annotation file'):
-    if not os.path.exists(path):
-        raise UserError(f'{dataset}: {what} not found: {path}\nexpected layout:\n{layout}')
-    return path
+def _require(dataset, *paths, what='annotation file'):
+    """The first of paths that exists, else a UserError naming the first one."""
+    found = next((p for p in paths if os.path.exists(p)), None)
+    if found is None:
+        raise UserError(f'{dataset}: {what} not found: {paths[0]}\nexpected layout:\n{_layout(dataset)}')
+    return found
 
 
 def _read_rows(path, dataset, fields, skip=0):
@@ -74,111 +80,95 @@ def _read_rows(path, dataset, fields, skip=0):
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f'{dataset}: cannot read {path} as a text file ({err})') from None
-    rows = [(number, line) for number, line in enumerate(lines, 1) if number > skip and line.strip()]
-    for number, line in rows:
-        if len(line.split()) != len(fields):
+    rows = [(number, line.split()) for number, line in enumerate(lines, 1) if number > skip and line.strip()]
+    for number, row in rows:
+        if len(row) != len(fields):
             raise UserError(f'{dataset}: {path} line {number}: expected {len(fields)} columns '
-                            f'({" ".join(fields)}), got: {line.strip()[:120]!r}')
-    return [line.split() for _, line in rows]
+                            f'({" ".join(fields)}), got: {lines[number - 1].strip()[:120]!r}')
+    return [row for _, row in rows]
 
 
-def _read_mat_annotations(path, dataset, fields):
-    """Records of the struct array 'annotations' in a CARS196 .mat file, as dicts of plain values."""
-    from scipy.io import loadmat  # scipy only needed for CARS196
-    try:
-        mat = loadmat(path, squeeze_me=True)
-    except Exception as err:  # scipy raises several types for damaged files
-        raise UserError(f'{dataset}: cannot read {path} as a MATLAB file ({err})') from None
-    annotations = mat.get('annotations')
-    missing = [f for f in fields if annotations is None or annotations.dtype.names is None
-               or f not in annotations.dtype.names]
-    if missing:
-        raise UserError(f'{dataset}: {path} has no struct "annotations" with fields {", ".join(fields)} '
-                        f'(missing: {", ".join(missing)})')
-    annotations = np.atleast_1d(annotations)  # squeeze_me turns a single record into a 0-d array
-    return [{f: record[f] for f in fields} for record in annotations]
+# ---- readers: one per benchmark (see DATASETS below) and one for own class folders -> [Item] ----
 
-
-# ---- readers: one per benchmark, each returns (items, layout text for error messages) ----
-
-CAR_LAYOUT = '''  car/cars_annos.mat, car/car_ims/*.jpg                      (original release)
-  or
-  car/cars_train/*.jpg, car/cars_test/*.jpg,
-  car/devkit/cars_train_annos.mat, car/cars_test_annos_withlabels.mat  (devkit / Kaggle release;
-  car/cars_train/cars_train/, car/car_devkit/devkit/ and "cars_test_annos_withlabels (1).mat" also accepted)'''
-CUB_LAYOUT = '''  cub/images.txt, cub/image_class_labels.txt, cub/bounding_boxes.txt, cub/images/<class>/*.jpg
-  (the archive's CUB_200_2011/ folder may also sit inside cub/)'''
-SOP_LAYOUT = '''  sop/Ebay_train.txt, sop/Ebay_test.txt, sop/<category>_final/*.JPG
-  (the archive's Stanford_Online_Products/ folder may also sit inside sop/)'''
-ISC_LAYOUT = '''  isc/Eval/list_eval_partition.txt, isc/Img/img/<GENDER>/<category>/<item_id>/*.jpg
-  (img/ directly inside isc/ is accepted too)'''
 CAR_FIELDS = ('bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'class')
 
 
-def _car_item(r, path, src, name=None):
-    """One CARS196 annotation record of file `path` as an Item: classes 1-98 train, 99-196 test."""
+def _read_car_annotations(path, file_field):
+    """The struct array 'annotations' of a CARS196 .mat file -> [(file, label, split, box)]; classes 1-98 train."""
+    from scipy.io import loadmat  # scipy only needed for CARS196
     try:
-        label, box = int(r['class']), tuple(int(r[f]) for f in CAR_FIELDS[:4])
-    except (TypeError, ValueError, OverflowError):  # OverflowError: int() of an inf
-        raise UserError(f'car: {path}: expected numbers in the fields {", ".join(CAR_FIELDS)}, got '
-                        f'{ {f: r[f] for f in CAR_FIELDS} }') from None
-    return Item(src, name or os.path.basename(src), str(label), 'train' if label <= 98 else 'test', box)
+        annotations = loadmat(path, squeeze_me=True).get('annotations')
+    except Exception as err:  # scipy raises several types for damaged files
+        raise UserError(f'car: cannot read {path} as a MATLAB file ({err})') from None
+    fields = (file_field,) + CAR_FIELDS
+    missing = [f for f in fields if annotations is None or annotations.dtype.names is None
+               or f not in annotations.dtype.names]
+    if missing:
+        raise UserError(f'car: {path} has no struct "annotations" with fields {", ".join(fields)} '
+                        f'(missing: {", ".join(missing)})')
+    records = []
+    for r in np.atleast_1d(annotations):  # squeeze_me turns a single record into a 0-d array
+        try:
+            label, box = int(r['class']), tuple(int(r[f]) for f in CAR_FIELDS[:4])
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int() of an inf
+            raise UserError(f'car: {path}: expected numbers in the fields {", ".join(CAR_FIELDS)}, got '
+                            f'{ {f: r[f] for f in CAR_FIELDS} }') from None
+        records.append((str(r[file_field]), str(label), 'train' if label <= 98 else 'test', box))
+    return records
 
 
 def read_car(root):
     """CARS196 in the original layout (cars_annos.mat + car_ims/) or the devkit/Kaggle one."""
     annos, images = os.path.join(root, 'cars_annos.mat'), os.path.join(root, 'car_ims')
     if os.path.exists(annos) or os.path.exists(images):
-        _require(images, 'car', CAR_LAYOUT, 'image folder')
-        records = _read_mat_annotations(_require(annos, 'car', CAR_LAYOUT), 'car', ('relative_im_path',) + CAR_FIELDS)
-        return [_car_item(r, annos, os.path.join(root, str(r['relative_im_path']))) for r in records], CAR_LAYOUT
+        _require('car', images, what='image folder')
+        return [Item(os.path.join(root, file), os.path.basename(file), *rest)
+                for file, *rest in _read_car_annotations(_require('car', annos), 'relative_im_path')]
     markers = ('cars_train', 'cars_test', 'devkit', 'car_devkit', 'cars_test_annos_withlabels.mat')
     if not any(os.path.exists(os.path.join(root, p)) for p in markers):
-        raise UserError(f'car: no CARS196 files found in {root}\nexpected layout:\n{CAR_LAYOUT}')
+        raise UserError(f'car: no CARS196 files found in {root}\nexpected layout:\n{_layout("car")}')
     # Kaggle's copies keep car_devkit.tgz's own folder (car_devkit/devkit/) and may rename the
     # test labels "cars_test_annos_withlabels (1).mat"
-    devkit = _existing_or_first(os.path.join(root, 'devkit'), os.path.join(root, 'car_devkit', 'devkit'))
+    devkits = [os.path.join(root, 'devkit'), os.path.join(root, 'car_devkit', 'devkit')]
+    devkit = next((d for d in devkits if os.path.exists(d)), devkits[0])
     test_annos = [os.path.join(folder, name) for folder in (root, devkit)
                   for name in ('cars_test_annos_withlabels.mat', 'cars_test_annos_withlabels (1).mat')]
     items = []
     for part, annos in (('cars_train', [os.path.join(devkit, 'cars_train_annos.mat')]), ('cars_test', test_annos)):
-        folder = _require(os.path.join(root, part), 'car', CAR_LAYOUT, 'image folder')
+        folder = _require('car', os.path.join(root, part), what='image folder')
         # Kaggle's copies nest the images one level deeper: cars_train/cars_train/*.jpg
         if os.path.isdir(os.path.join(folder, part)):
             folder = os.path.join(folder, part)
-        annos = _require(_existing_or_first(*annos), 'car', CAR_LAYOUT)
         # both folders number their files 00001.jpg, ...: the folder name keeps them apart
-        items += [_car_item(r, annos, os.path.join(folder, str(r['fname'])), f'{part}_{r["fname"]}')
-                  for r in _read_mat_annotations(annos, 'car', ('fname',) + CAR_FIELDS)]
-    return items, CAR_LAYOUT
+        items += [Item(os.path.join(folder, file), f'{part}_{file}', *rest)
+                  for file, *rest in _read_car_annotations(_require('car', *annos), 'fname')]
+    return items
 
 
-def read_cub(root, num_train_classes=100, name='cub', layout=CUB_LAYOUT):
+def read_cub(root, num_train_classes=100, name='cub'):
     """CUB-200-2011: classes 1..num_train_classes train, the rest test; boxes x y w h (floats)."""
     nested = os.path.join(root, 'CUB_200_2011')
     if not os.path.exists(os.path.join(root, 'images.txt')) and os.path.isdir(nested):
         root = nested
-    files = {f: _require(os.path.join(root, f), name, layout)
-             for f in ('images.txt', 'image_class_labels.txt', 'bounding_boxes.txt')}
-    paths = _read_rows(files['images.txt'], name, ('image_id', 'path'))
-    labels = dict(_read_rows(files['image_class_labels.txt'], name, ('image_id', 'class_id')))
-    boxes = {r[0]: r[1:] for r in _read_rows(files['bounding_boxes.txt'], name, ('image_id', 'x', 'y', 'w', 'h'))}
+    images, labels_file, boxes_file = (_require(name, os.path.join(root, f))
+                                       for f in ('images.txt', 'image_class_labels.txt', 'bounding_boxes.txt'))
+    paths = _read_rows(images, name, ('image_id', 'path'))
+    labels = dict(_read_rows(labels_file, name, ('image_id', 'class_id')))
+    boxes = {r[0]: r[1:] for r in _read_rows(boxes_file, name, ('image_id', 'x', 'y', 'w', 'h'))}
     items = []
     for image_id, rel in paths:
-        for table, file in ((labels, 'image_class_labels.txt'), (boxes, 'bounding_boxes.txt')):
+        for table, file in ((labels, labels_file), (boxes, boxes_file)):
             if image_id not in table:
-                raise UserError(f'{name}: image id {image_id} ({rel}) has no line in {files[file]}')
+                raise UserError(f'{name}: image id {image_id} ({rel}) has no line in {file}')
         try:
             x, y, w, h = (int(float(v)) for v in boxes[image_id])
-            label = str(int(labels[image_id]))
+            label = int(labels[image_id])
         except (ValueError, OverflowError):  # OverflowError: int() of an inf
-            raise UserError(f'{name}: image id {image_id}: expected an integer class id in '
-                            f'{files["image_class_labels.txt"]} and numbers x y w h in '
-                            f'{files["bounding_boxes.txt"]}') from None
-        split = 'train' if int(label) <= num_train_classes else 'test'
-        items.append(Item(os.path.join(root, 'images', rel), os.path.basename(rel), label, split,
-                          (x, y, x + w, y + h)))
-    return items, layout
+            raise UserError(f'{name}: image id {image_id}: expected an integer class id in {labels_file} and '
+                            f'numbers x y w h in {boxes_file}') from None
+        items.append(Item(os.path.join(root, 'images', rel), os.path.basename(rel), str(label),
+                          'train' if label <= num_train_classes else 'test', (x, y, x + w, y + h)))
+    return items
 
 
 def read_sop(root):
@@ -188,35 +178,23 @@ def read_sop(root):
         root = nested
     items = []
     for split in ('train', 'test'):
-        file = _require(os.path.join(root, f'Ebay_{split}.txt'), 'sop', SOP_LAYOUT)
-        for _, class_id, _, rel in _read_rows(file, 'sop', ('image_id', 'class_id', 'super_class_id', 'path'),
-                                              skip=1):
+        file = _require('sop', os.path.join(root, f'Ebay_{split}.txt'))
+        for _, class_id, _, rel in _read_rows(file, 'sop', ('image_id', 'class_id', 'super_class_id', 'path'), 1):
             items.append(Item(os.path.join(root, rel), os.path.basename(rel), class_id, split, None))
-    return items, SOP_LAYOUT
+    return items
 
 
 def read_isc(root):
     """In-shop Clothes: train / query / gallery from list_eval_partition.txt; labels are item ids."""
-    file = _require(os.path.join(root, 'Eval', 'list_eval_partition.txt'), 'isc', ISC_LAYOUT)
+    file = _require('isc', os.path.join(root, 'Eval', 'list_eval_partition.txt'))
     # the list's paths start with img/; they live under Img/ in the official download
     image_root = os.path.join(root, 'Img') if os.path.isdir(os.path.join(root, 'Img')) else root
     items = []
     for rel, item_id, status in _read_rows(file, 'isc', ('image_name', 'item_id', 'evaluation_status'), skip=2):
         if status not in ('train', 'query', 'gallery'):
-            raise UserError(f'isc: {file}: evaluation_status of {rel} is {status!r}, '
-                            f'expected train, query or gallery')
-        items.append(Item(os.path.join(image_root, rel), f'{item_id}_{os.path.basename(rel)}', item_id,
-                          status, None))
-    return items, ISC_LAYOUT
-
-
-DATASETS = {'car': read_car, 'cub': read_cub, 'sop': read_sop, 'isc': read_isc}
-SPLITS = {'isc': ('train', 'query', 'gallery')}  # the others: train and test
-LAYOUTS = {'car': CAR_LAYOUT, 'cub': CUB_LAYOUT, 'sop': SOP_LAYOUT, 'isc': ISC_LAYOUT}
-
-
-def own_layout(name):
-    return f'  {name}/<class>/<image>  (one sub-folder per class; images {", ".join(IMAGE_EXTENSIONS)})'
+            raise UserError(f'isc: {file}: evaluation_status of {rel} is {status!r}, expected train, query or gallery')
+        items.append(Item(os.path.join(image_root, rel), f'{item_id}_{os.path.basename(rel)}', item_id, status, None))
+    return items
 
 
 def split_classes(classes, split=0.5):
@@ -228,7 +206,6 @@ def split_classes(classes, split=0.5):
 
 def read_own(root, name, split=0.5):
     """A user's folder DIR/NAME/<class>/<image>; files become {class}_{basename}."""
-    layout = own_layout(name)
     classes = {}
     for entry in sorted(os.listdir(root)):
         folder = os.path.join(root, entry)
@@ -240,11 +217,31 @@ def read_own(root, name, split=0.5):
             classes[entry] = files
     if len(classes) < 2:
         raise UserError(f'{name}: found {len(classes)} class folder(s) with images in {root}; at least 2 '
-                        f'are needed (one train, one test class)\nexpected layout:\n{layout}')
+                        f'are needed (one train, one test class)\nexpected layout:\n{_layout(name)}')
     train = set(split_classes(classes, split)[0])
-    items = [Item(os.path.join(root, c, f), f'{c}_{f}', c, 'train' if c in train else 'test', None)
-             for c in sorted(classes) for f in classes[c]]
-    return items, layout
+    return [Item(os.path.join(root, c, f), f'{c}_{f}', c, 'train' if c in train else 'test', None)
+            for c in sorted(classes) for f in classes[c]]
+
+
+# The benchmarks by folder name: reader, splits in list order, and the layout error messages show.
+Benchmark = namedtuple('Benchmark', 'read splits layout')
+DATASETS = {
+    'car': Benchmark(read_car, ('train', 'test'), '''\
+  car/cars_annos.mat, car/car_ims/*.jpg                      (original release)
+  or
+  car/cars_train/*.jpg, car/cars_test/*.jpg,
+  car/devkit/cars_train_annos.mat, car/cars_test_annos_withlabels.mat  (devkit / Kaggle release;
+  car/cars_train/cars_train/, car/car_devkit/devkit/ and "cars_test_annos_withlabels (1).mat" also accepted)'''),
+    'cub': Benchmark(read_cub, ('train', 'test'), '''\
+  cub/images.txt, cub/image_class_labels.txt, cub/bounding_boxes.txt, cub/images/<class>/*.jpg
+  (the archive's CUB_200_2011/ folder may also sit inside cub/)'''),
+    'sop': Benchmark(read_sop, ('train', 'test'), '''\
+  sop/Ebay_train.txt, sop/Ebay_test.txt, sop/<category>_final/*.JPG
+  (the archive's Stanford_Online_Products/ folder may also sit inside sop/)'''),
+    'isc': Benchmark(read_isc, ('train', 'query', 'gallery'), '''\
+  isc/Eval/list_eval_partition.txt, isc/Img/img/<GENDER>/<category>/<item_id>/*.jpg
+  (img/ directly inside isc/ is accepted too)'''),
+}
 
 
 # ---- the shared pipeline: check every name and source, place files, write the lists ----
@@ -261,23 +258,14 @@ def _check_image(item):
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         # the whole first line, never cut mid-word ('... could be decompression bomb DOS attack.')
         return f'unreadable ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})'
-    if item.box is not None:
-        x1, y1, x2, y2 = item.box
-        if x2 <= x1 or y2 <= y1:
-            return f'empty bounding box {item.box}'
+    if item.box is not None and (item.box[2] <= item.box[0] or item.box[3] <= item.box[1]):
+        return f'empty bounding box {item.box}'
     return None
 
 
-def _same_file(a, b):
-    """True when b is a as a hard link or a byte-identical copy."""
-    try:
-        return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
-    except OSError:
-        return False
-
-
-def _check_names(items, root, name):
-    """Output names must be distinct per source and fit the file system -> items without repeated lines."""
+def _check_items(items, root, name):
+    """Every check before a write: distinct output names that fit the file system, sources that decode
+    -> (items without repeated lines, one item per source)."""
     by_name = {}
     for item in items:
         by_name.setdefault(item.name, set()).add(item.src)
@@ -293,33 +281,30 @@ def _check_names(items, root, name):
                                                f'allows ({name_max} bytes, {TEMPORARY_EXTRA} of them kept for '
                                                f'the temporary name of a write)') +
                         '\nnothing was written; shorten those class folder or image names')
-    return list({(i.src, i.name, i.split): i for i in items}.values())
-
-
-def _check_sources(sources, name, layout):
-    """Every source image exists and decodes: all problems found in one pass, before any write."""
-    reasons = _pmap(_check_image, sources, f'{name}: checking images')
+    items = list({(i.src, i.name, i.split): i for i in items}.values())
+    sources = list({i.src: i for i in items}.values())
+    reasons = _pmap(_check_image, sources, f'{name}: checking images')  # all problems found in one pass
     missing = [i.src for i, r in zip(sources, reasons) if r == 'missing']
     bad = [f'{i.src}: {r}' for i, r in zip(sources, reasons) if r not in (None, 'missing')]
     parts = ([_listing(missing, 'image file(s) listed by the annotations are missing')] if missing else []) + \
         ([_listing(bad, 'image file(s) are unreadable, truncated or have an empty box')] if bad else [])
     if parts:
-        raise UserError(f'{name}: ' + '\n'.join(parts) + f'\nnothing was written; expected layout:\n{layout}')
+        raise UserError(f'{name}: ' + '\n'.join(parts) + f'\nnothing was written; expected layout:\n{_layout(name)}')
+    return items, sources
 
 
 def _write_crop(folder, item):
     """Write an image's box crop (JPEG q95; PNG for .png names) -> None, or the path if another crop is there."""
     crop = load_image(item.src).crop(item.box)  # any mode -> RGB as training sees it
-    buffer = io.BytesIO()
+    buffer, dst = io.BytesIO(), os.path.join(folder, item.name)
     if item.name.lower().endswith('.png'):
         crop.save(buffer, 'PNG')
     else:
         crop.save(buffer, 'JPEG', quality=95, subsampling=0)
-    dst = os.path.join(folder, item.name)
-    if os.path.exists(dst):
-        with open(dst, 'rb') as f:
-            return None if f.read() == buffer.getvalue() else dst
-    atomic_write({dst: buffer.getvalue()})
+    if not os.path.exists(dst):
+        atomic_write({dst: buffer.getvalue()})
+    elif read_bytes(dst, 'crop') != buffer.getvalue():
+        return dst
     return None
 
 
@@ -335,8 +320,13 @@ def _pmap(fn, items, desc):
 def _place_all(sources, out, name):
     """Originals byte for byte (hard links where possible) in uncropped/, crops in cropped/."""
     originals = {os.path.join(out['uncropped'], i.name): i.src for i in sources}  # {destination: source}
-    conflicts = [dst for dst, src in originals.items() if os.path.lexists(dst) and not _same_file(src, dst)]
-    if conflicts:  # another image under the same name: a conflict, never an overwrite
+    conflicts = []  # another image under the same name: a conflict, never an overwrite
+    for dst, src in originals.items():
+        with contextlib.suppress(OSError):  # a hard link, or a copy with the same bytes, is the same image
+            if not os.path.lexists(dst) or os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False):
+                continue
+        conflicts.append(dst)
+    if conflicts:
         raise UserError(f'{name}: ' + _listing(conflicts, 'file(s) already exist and differ from the image '
                                                'that would be placed there') +
                         f'\nremove {out["uncropped"]} (it holds only links or copies of the originals) and run again')
@@ -361,12 +351,10 @@ def _place_all(sources, out, name):
                             f'\nremove {out["cropped"]} and run again')
 
 
-def process_items(items, data_path, name, layout, splits=('train', 'test')):
+def process_items(items, data_path, name, splits=('train', 'test')):
     """Check all names and sources, place them in {name}/uncropped (and crops in {name}/cropped when all have
     boxes), then write the .pth lists atomically, together (else the previous ones stay) -> {crop_type: dicts}."""
-    items = _check_names(items, os.path.join(data_path, name), name)
-    sources = list({i.src: i for i in items}.values())
-    _check_sources(sources, name, layout)
+    items, sources = _check_items(items, os.path.join(data_path, name), name)
     crop_types = CROP_TYPES if all(i.box is not None for i in items) else ('uncropped',)
     remove_temporaries([data_dict_path(data_path, name, c) for c in CROP_TYPES])
     _place_all(sources, {c: os.path.join(data_path, name, c) for c in crop_types}, name)
@@ -384,8 +372,6 @@ def process_items(items, data_path, name, layout, splits=('train', 'test')):
 
 # ---- datasets by name: processing one, and reading its lists back (train.py) ----
 
-COMMAND = '`python data_utils.py --data_path {} --data_name {}`'  # what makes a dataset's lists
-
 
 def _check_options(names, split=None, seed=0):
     """Dataset names and flags, checked before any dataset is touched."""
@@ -401,37 +387,32 @@ def _check_options(names, split=None, seed=0):
         raise UserError(f'--split must be between 0 and 1 (share of classes used for training), got {split}')
 
 
-def _folder_error(data_path, name, then_run=False):
-    """The message for a missing dataset folder; then_run adds the command that makes the lists."""
-    root = os.path.join(data_path, name)
-    if name == 'demo':  # generated, never downloaded
-        return f'demo: folder not found: {root}; the demo is generated: run {COMMAND.format(data_path, name)}'
-    then = f'\nthen run {COMMAND.format(data_path, name)}' if then_run else ''
-    if name in LAYOUTS:
-        return f'{name}: folder not found: {root}\nexpected layout:\n{LAYOUTS[name]}{then}'
+def _folder_error(root, name):
+    """The message for a missing dataset folder (not the demo's: it is generated)."""
+    if name in DATASETS:
+        return f'{name}: folder not found: {root}\nexpected layout:\n{_layout(name)}'
     return (f'unknown dataset {name!r}: {root} is not a folder. Use one of {", ".join(DATASETS)}, demo, '
-            f'or an own dataset laid out as\n{own_layout(name)}{then}')
+            f'or an own dataset laid out as\n{_layout(name)}')
 
 
 def process_dataset(data_path, name, split=None, seed=0):
     """Process one dataset by name: a benchmark, 'demo', or an own class-folder dataset."""
     _check_options([name], split, seed)
-    root = os.path.join(data_path, name)
+    root, splits = os.path.join(data_path, name), ('train', 'test')
     if name == 'demo':
         try:
             make_demo(root, seed, DEMO_CLASSES, DEMO_PER_CLASS)  # the sizes as they are now (tests shrink them)
         except OSError as err:  # disk full, no permission: the next run starts the drawing afresh
             raise UserError(f'demo: cannot write the demo images to {root}: {err.strerror or err} '
                             f'(check free disk space and that {data_path} is writable)') from None
-        items, layout = read_cub(root, num_train_classes=DEMO_CLASSES // 2, name='demo',
-                                 layout=CUB_LAYOUT.replace('cub/', 'demo/'))
+        items = read_cub(root, num_train_classes=DEMO_CLASSES // 2, name='demo')
     elif not os.path.isdir(root):
-        raise UserError(_folder_error(data_path, name))
+        raise UserError(_folder_error(root, name))
     elif name in DATASETS:
-        items, layout = DATASETS[name](root)
+        items, splits = DATASETS[name].read(root), DATASETS[name].splits
     else:
-        items, layout = read_own(root, name, 0.5 if split is None else split)
-    return process_items(items, data_path, name, layout, SPLITS.get(name, ('train', 'test')))
+        items = read_own(root, name, 0.5 if split is None else split)
+    return process_items(items, data_path, name, splits)
 
 
 def load_data_dicts(data_path, data_name, crop_type):
@@ -439,11 +420,14 @@ def load_data_dicts(data_path, data_name, crop_type):
     _check_options([data_name])
     if crop_type not in CROP_TYPES:
         raise UserError(f'--crop_type {crop_type!r}: expected one of {", ".join(CROP_TYPES)}')
-    if not os.path.isdir(os.path.join(data_path, data_name)):
-        raise UserError(_folder_error(data_path, data_name, then_run=True))
+    root = os.path.join(data_path, data_name)
+    command = f'`python data_utils.py --data_path {data_path} --data_name {data_name}`'  # makes the lists
+    if not os.path.isdir(root):
+        raise UserError(f'demo: folder not found: {root}; the demo is generated: run {command}' if data_name == 'demo'
+                        else f'{_folder_error(root, data_name)}\nthen run {command}')
     path = data_dict_path(data_path, data_name, crop_type)
     if not os.path.isfile(path):
-        raise UserError(f'data dict not found: {path}; run {COMMAND.format(data_path, data_name)} first' +
+        raise UserError(f'data dict not found: {path}; run {command} first' +
                         (' (cropped lists exist only for datasets with bounding boxes: car, cub, demo)'
                          if crop_type == 'cropped' else ''))
     dicts = safe_load(path, 'data dict')
@@ -451,16 +435,16 @@ def load_data_dicts(data_path, data_name, crop_type):
             not ('test' in dicts or ('query' in dicts and 'gallery' in dicts)):
         raise UserError(f"data dict {path}: expected splits 'train' and 'test' (or 'query' and 'gallery'), "
                         f"found {sorted(map(str, dicts)) if isinstance(dicts, dict) else type(dicts).__name__}")
-    splits = [s for s in ('train', 'test', 'query', 'gallery') if s in dicts]
-    for split in splits:  # each {label: [image paths]} with at least one path
-        lists = dicts[split]
+    firsts = {}  # every split's form checked first: the clearer error
+    for split in (s for s in ('train', 'test', 'query', 'gallery') if s in dicts):
+        lists = dicts[split]  # {label: [image paths]} with at least one path
         well_formed = isinstance(lists, dict) and all(
             isinstance(paths, (list, tuple)) and all(isinstance(p, str) for p in paths) for paths in lists.values())
         if not well_formed or not any(lists.values()):
             raise UserError(f"data dict {path}: split '{split}' is empty or not {{label: [image paths]}}; "
                             f"re-run data_utils.py")
-    for split in splits:  # all checked first: a malformed split is the clearer error
-        first = next(p for paths in dicts[split].values() for p in paths)
+        firsts[split] = next(p for paths in lists.values() for p in paths)
+    for split, first in firsts.items():
         if not os.path.exists(first):
             raise UserError(f"data dict {path}: images of split '{split}' not found (first: {first}); the "
                             f"dataset moved since data_utils.py ran? re-run it with the current --data_path")
@@ -478,42 +462,39 @@ DEMO_MARKER = 'demo_seed.txt'
 
 def _polygon(shape, cx, cy, r, angle):
     """Outline points of a shape of radius r centred at (cx, cy), rotated by angle (radians)."""
-    corners = {'square': 4, 'triangle': 3, 'diamond': 4, 'hexagon': 6, 'star': 10, 'cross': 12}[shape]
     if shape == 'cross':  # plus sign: 12 corners at two radii
         pts = [(-0.33, -1), (0.33, -1), (0.33, -0.33), (1, -0.33), (1, 0.33), (0.33, 0.33), (0.33, 1),
                (-0.33, 1), (-0.33, 0.33), (-1, 0.33), (-1, -0.33), (-0.33, -0.33)]
     else:  # corners on the unit circle; a star's odd ones further in, a diamond narrowed in x
-        offset = math.pi / 4 if shape == 'square' else -math.pi / 2
-        scale_x = 0.65 if shape == 'diamond' else 1.0
-        radii = [0.45 if shape == 'star' and k % 2 else 1.0 for k in range(corners)]
-        angles = [offset + 2 * math.pi * k / corners for k in range(corners)]
+        n = {'square': 4, 'triangle': 3, 'diamond': 4, 'hexagon': 6, 'star': 10}[shape]
+        offset, scale_x = math.pi / 4 if shape == 'square' else -math.pi / 2, 0.65 if shape == 'diamond' else 1.0
+        radii = [0.45 if shape == 'star' and k % 2 else 1.0 for k in range(n)]
+        angles = [offset + 2 * math.pi * k / n for k in range(n)]
         pts = [(rad * math.cos(a) * scale_x, rad * math.sin(a)) for rad, a in zip(radii, angles)]
     c, s = math.cos(angle), math.sin(angle)
     return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
 
 
 def _texture(kind, size, colour_a, colour_b, period):
-    """An RGB texture of (size, size) pixels; period in pixels."""
+    """An RGB texture of (size, size) pixels: colour_b on the odd bands (or dots) of period pixels."""
     yy, xx = np.mgrid[0:size, 0:size]
     if kind == 'dots':  # a disc in every (2 period)^2 square
         mask = (xx % (2 * period) - period) ** 2 + (yy % (2 * period) - period) ** 2 < (period * 0.6) ** 2
-    else:  # colour_b on the odd bands of period pixels
+    else:
         mask = {'solid': 0 * xx, 'hstripes': yy // period, 'vstripes': xx // period,
                 'checker': xx // period + yy // period}[kind] % 2 == 1
     img = np.where(mask[..., None], np.array(colour_b, np.uint8), np.array(colour_a, np.uint8))
-    return Image.fromarray(img.astype(np.uint8), 'RGB')
+    return Image.fromarray(img, 'RGB')
 
 
 def _demo_class(rng):
-    """A class = 2-3 parts, each a shape with its own colours, texture, offset and relative size."""
+    """A class = 2-3 parts, each (shape, texture, two colours, offset dx dy and radius relative to the first)."""
     parts = []
     for k in range(rng.integers(2, 4)):
-        parts.append(dict(shape=SHAPES[rng.integers(len(SHAPES))], texture=TEXTURES[rng.integers(len(TEXTURES))],
-                          colour_a=tuple(int(v) for v in rng.integers(0, 256, 3)),
-                          colour_b=tuple(int(v) for v in rng.integers(0, 256, 3)),
-                          dx=0.0 if k == 0 else float(rng.uniform(-0.6, 0.6)),
-                          dy=0.0 if k == 0 else float(rng.uniform(-0.6, 0.6)),
-                          r=1.0 if k == 0 else float(rng.uniform(0.35, 0.7))))
+        shape, texture = SHAPES[rng.integers(len(SHAPES))], TEXTURES[rng.integers(len(TEXTURES))]
+        colours = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(2)]
+        place = (0.0, 0.0, 1.0) if k == 0 else (rng.uniform(-0.6, 0.6), rng.uniform(-0.6, 0.6), rng.uniform(0.35, 0.7))
+        parts.append((shape, texture, colours, *place))
     return parts
 
 
@@ -530,29 +511,24 @@ def _draw_demo_image(parts, rng, size):
         draw.polygon(_polygon(POLYGONS[rng.integers(len(POLYGONS))], x, y, r, rng.uniform(0, 6.3)),
                      fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
     # the object: part offsets are in units of the main radius, turned with the whole object
-    radius = size * rng.uniform(0.16, 0.27)
-    angle = rng.uniform(-0.5, 0.5)
+    radius, angle = size * rng.uniform(0.16, 0.27), rng.uniform(-0.5, 0.5)
     extent = radius * 1.6
     cx, cy = rng.uniform(extent, size - extent), rng.uniform(extent, size - extent)
     outline = Image.new('L', (size, size), 0)  # all parts' masks: its bounding box is the object's box
-    for part in parts:
-        dx, dy = part['dx'] * radius, part['dy'] * radius
+    for shape, texture, colours, dx, dy, r in parts:
+        dx, dy, r = dx * radius, dy * radius, r * radius
         px = cx + dx * math.cos(angle) - dy * math.sin(angle)
         py = cy + dx * math.sin(angle) + dy * math.cos(angle)
-        r = part['r'] * radius
         jitter = rng.integers(-20, 21, 3)  # lighting: the same colour never renders exactly alike
-        colour_a = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(part['colour_a'], jitter))
-        colour_b = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(part['colour_b'], jitter))
-        texture = _texture(part['texture'], size, colour_a, colour_b, max(2, int(r / 3)))
+        colour_a, colour_b = (tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(colour, jitter)) for colour in colours)
         mask = Image.new('L', (size, size), 0)
-        mdraw = ImageDraw.Draw(mask)
-        if part['shape'] in ('circle', 'ring'):
-            mdraw.ellipse((px - r, py - r, px + r, py + r), fill=255)
-            if part['shape'] == 'ring':
-                mdraw.ellipse((px - r * 0.5, py - r * 0.5, px + r * 0.5, py + r * 0.5), fill=0)
+        if shape in ('circle', 'ring'):
+            ImageDraw.Draw(mask).ellipse((px - r, py - r, px + r, py + r), fill=255)
+            if shape == 'ring':
+                ImageDraw.Draw(mask).ellipse((px - r * 0.5, py - r * 0.5, px + r * 0.5, py + r * 0.5), fill=0)
         else:
-            mdraw.polygon(_polygon(part['shape'], px, py, r, angle), fill=255)
-        img.paste(texture, (0, 0), mask)
+            ImageDraw.Draw(mask).polygon(_polygon(shape, px, py, r, angle), fill=255)
+        img.paste(_texture(texture, size, colour_a, colour_b, max(2, int(r / 3))), (0, 0), mask)
         outline.paste(255, mask=mask)
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
@@ -586,23 +562,22 @@ def make_demo(root, seed=0, num_classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS, 
     """Draw the demo dataset into root in CUB-200-2011's layout; the same seed and sizes give the same bytes."""
     signature = f'seed {seed} classes {num_classes} per_class {per_class} size {size}\n'
     marker = os.path.join(root, DEMO_MARKER)
-    partial, old = root.rstrip(os.sep) + '.partial', root.rstrip(os.sep) + '.old'
-    for leftover in (partial, old):  # what an interrupted drawing or swap left
+    drawing, old = root.rstrip(os.sep) + '.partial', root.rstrip(os.sep) + '.old'
+    for leftover in (drawing, old):  # what an interrupted drawing or swap left
         if os.path.isdir(leftover):
             shutil.rmtree(leftover)
     if os.path.isfile(marker):
-        with open(marker) as f:
-            if f.read() == signature:
-                return root  # already drawn with these settings
+        if read_bytes(marker, 'demo marker') == signature.encode():
+            return root  # already drawn with these settings
     elif os.path.lexists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise UserError(f'demo: {root} exists and was not made by this script; '
                         f'choose another --data_path or remove that folder')
     # drawn in a side folder, then whole folders are swapped: until the last rename the old
     # drawing (with its marker and lists) is complete, after it the new one is
-    _draw_demo(partial, seed, num_classes, per_class, size, signature)
+    _draw_demo(drawing, seed, num_classes, per_class, size, signature)
     if os.path.isdir(root):
         os.replace(root, old)
-    os.replace(partial, root)
+    os.replace(drawing, root)
     shutil.rmtree(old, ignore_errors=True)
     return root
 
@@ -610,7 +585,7 @@ def make_demo(root, seed=0, num_classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS, 
 # ---- command line ----
 
 
-def parse_args(argv=None):
+def main(argv=None):
     parser = argparse.ArgumentParser(description='Preprocess retrieval datasets into image lists '
                                                  '({data_path}/{name}/{crop_type}_data_dicts.pth)')
     parser.add_argument('--data_path', default='/home/data', type=str, help='folder holding the datasets')
@@ -620,11 +595,7 @@ def parse_args(argv=None):
     parser.add_argument('--split', type=float, default=None,
                         help='own folders: share of the sorted class names used for training (default 0.5)')
     parser.add_argument('--seed', type=int, default=0, help='demo: random seed of the drawing (0 .. 2**32-1)')
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     _check_options(args.data_name or list(DATASETS), args.split, args.seed)
     if args.data_name == ['demo']:  # the demo is drawn here, so its folder may not exist yet
         try:
@@ -634,9 +605,9 @@ def main(argv=None):
     if not os.path.isdir(args.data_path):
         raise UserError(f'--data_path {args.data_path} is not a folder')
     names = args.data_name or [n for n in DATASETS if os.path.isdir(os.path.join(args.data_path, n))]
-    absent = [n for n in DATASETS if n not in names]
-    if args.data_name is None and absent:
-        print(f'skipping {", ".join(absent)}: no such folder in {args.data_path}', flush=True)
+    if args.data_name is None and len(names) < len(DATASETS):
+        print(f'skipping {", ".join(n for n in DATASETS if n not in names)}: no such folder in {args.data_path}',
+              flush=True)
     if not names:  # only without --data_name, which takes one name or more
         raise UserError(f'no dataset folder ({", ".join(DATASETS)}) in {args.data_path}; '
                         f'use --data_name demo for a generated one')

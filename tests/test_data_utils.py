@@ -651,8 +651,8 @@ def test_demo_deterministic_and_processed(tmp_path):
     ta, tb, tc = tree_bytes(a), tree_bytes(b), tree_bytes(c)
     assert len(ta) == 6 * 3 + 5 and ta == tb and ta != tc
     # CUB's layout: the real CUB reader and pipeline process it
-    items, layout = data_utils.read_cub(a, num_train_classes=3, name='demo')
-    result = data_utils.process_items(items, str(tmp_path / 'a'), 'demo', layout)
+    items = data_utils.read_cub(a, num_train_classes=3, name='demo')
+    result = data_utils.process_items(items, str(tmp_path / 'a'), 'demo')
     d = load(str(tmp_path / 'a'), 'demo', 'uncropped')
     assert d == result['uncropped']
     assert list(d['train']) == ['1', '2', '3'] and list(d['test']) == ['4', '5', '6']
