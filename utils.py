@@ -1,6 +1,7 @@
 """Shared pieces of CLF: errors and safe files, the feature database, seeding and distributed helpers,
 image lists, transforms and the decode-once cache, the training loss, curves and the retrieval metrics."""
 import concurrent.futures
+import contextlib
 import datetime
 import glob
 import hashlib
@@ -9,7 +10,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import warnings
 
 import numpy as np
@@ -26,14 +26,14 @@ class UserError(Exception):
 
 
 def run_cli(main, interrupted='stopped at once; files already written are intact'):
-    """Run a script's main(); a UserError becomes one 'error: ...' line on stderr and exit status 1,
-    Ctrl-C one 'interrupted: ...' line and status 130. Under torchrun one process speaks: the
-    others stay quiet about errors found before the process group started (every process finds
-    those) and prefix later ones with their rank."""
+    """Run a script's main(): a UserError is one 'error: ...' line on stderr and exit status 1, Ctrl-C
+    one 'interrupted: ...' line and status 130."""
     rank = int(os.environ.get('RANK', '0'))
     try:
         return main()
     except UserError as err:
+        # under torchrun every process finds the errors of before the process group: rank 0 speaks
+        # for them; later ones are prefixed with the rank that found them
         if rank == 0 or is_distributed():
             print(f'{f"[rank {rank}] " if rank else ""}error: {err}', file=sys.stderr, flush=True)
         sys.exit(1)
@@ -50,28 +50,17 @@ def check_int(name, value, low, high):
     return value
 
 
-def file_mode():
-    """Permissions a plain open() gives a new file (mkstemp's are 0600). The umask is read from
-    /proc, never set: setting it, even briefly, changes it for every thread of the process."""
-    try:
-        with open('/proc/self/status') as f:
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
-    except (OSError, StopIteration, ValueError):  # not Linux: the only portable way sets and restores it
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
 def write_temporary(data, path):
     """Write bytes to a new hidden temporary file beside `path`, synced to disk -> its name."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{name}.{os.urandom(8).hex()}.tmp')
+    # O_EXCL: a new file of its own; mode 0o666 less the umask, as a plain open() gives (mkstemp's: 0600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
     except BaseException:
         os.remove(tmp)
         raise
@@ -79,10 +68,9 @@ def write_temporary(data, path):
 
 
 def atomic_write(files):
-    """Write {path: bytes} so that readers see either the old files or all the new ones, never a
-    part: every temporary file is written and synced first, then all are renamed in one quick pass
-    (a model and its database are replaced together). A failure is a UserError; nothing changed."""
-    pending, path = [], None  # [(temporary file, path)]
+    """Write {path: bytes} so that readers see the old files or all the new ones (a model and its
+    database are replaced together), never a part; a failure is a UserError and changes nothing."""
+    pending, path = [], None  # [(temporary file, path)]: all written and synced before the first rename
     try:
         for path, data in files.items():
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -91,14 +79,13 @@ def atomic_write(files):
             os.replace(*pending[0])
             pending.pop(0)
         for folder in {os.path.dirname(os.path.abspath(p)) for p in files}:
-            try:  # make the renames durable; not every filesystem allows fsync on a folder
+            # make the renames durable; not every filesystem allows fsync on a folder
+            with contextlib.suppress(OSError):
                 dir_fd = os.open(folder, os.O_RDONLY)
                 try:
                     os.fsync(dir_fd)
                 finally:
                     os.close(dir_fd)
-            except OSError:
-                pass
     except OSError as err:
         raise UserError(f'cannot write {path}: {err.strerror or err}; the previous file, if any, is '
                         f'unchanged (check free disk space and that the folder is writable)') from None
@@ -152,10 +139,8 @@ def remove_temporaries(paths):
     for path in paths:
         folder, name = os.path.split(os.path.abspath(path))
         for tmp in glob.glob(os.path.join(glob.escape(folder), '.' + glob.escape(name) + '.*.tmp')):
-            try:
+            with contextlib.suppress(OSError):
                 os.remove(tmp)
-            except OSError:
-                pass
 
 
 def read_bytes(path, what='file'):
@@ -173,9 +158,9 @@ def read_bytes(path, what='file'):
 
 
 def load_bytes(data, path, what='file'):
-    """torch.load of a file's bytes with weights_only=True: tensors and plain containers, never code.
-    The format is checked first: a torch zip file (b'PK'), or torch's pre-1.6 format (pickle
-    protocol 2 then a long-int magic number); a bare pickle is refused without being opened."""
+    """torch.load of a file's bytes with weights_only=True (tensors and plain containers, never code);
+    a bare pickle is refused without being opened."""
+    # a torch zip file, or torch's pre-1.6 format: pickle protocol 2, then a long-int magic number
     if data[:4] not in (b'PK\x03\x04', b'\x80\x02\x8a\x0a'):
         if data[:1] == b'\x80':  # a pickle protocol marker
             raise UserError(f'refusing to load {path}: it is a bare Python pickle, not a tensor file written '
@@ -187,11 +172,8 @@ def load_bytes(data, path, what='file'):
             return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
     except Exception:  # a damaged file can fail anywhere inside the unpickler (KeyError, ...)
         unsafe = []
-        if data[:2] == b'PK':
-            try:  # the globals it would need beyond tensors and plain containers
-                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
-            except Exception:  # noqa: BLE001 - a damaged zip: reported below
-                pass
+        with contextlib.suppress(Exception):  # the globals it would need (zip files only; damaged: none)
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
         if unsafe:
             raise UserError(f'refusing to load {path}: it is not a plain {what} (it holds objects other than '
                             f'tensors and plain containers, which could run code on load; nothing from it was '
