@@ -187,8 +187,8 @@ def safe_load(path, what='file'):
 
 
 def load_state_dict_strict(module, state, source, what='weights of this model'):
-    """Load `state` into `module` strictly; missing, unexpected or mis-shaped tensors are a
-    UserError saying that `source` does not hold `what`, listing up to 8 of each kind."""
+    """Load `state` into `module` strictly; else a UserError saying that `source` does not hold `what`,
+    listing up to 8 missing, unexpected and mis-shaped tensors each."""
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f'{source} does not hold {what}: expected a state dict (parameter name -> tensor)')
     expected = module.state_dict()
@@ -220,54 +220,52 @@ def save_model_and_database(state_dict, database, model_path, database_path):
     atomic_write({model_path: model_bytes, database_path: torch_bytes(dict(database, config=config))})
 
 
-def _database_error(path, problem):
-    return UserError(f'{path} is not a usable CLF feature database: {problem} (expected the '
-                     f'..._data_base.pth that train.py writes)')
-
-
 def load_database(path):
     """Read and check a feature database -> (database, query/gallery or not). Labels become str."""
+    def error(problem):
+        return UserError(f'{path} is not a usable CLF feature database: {problem} (expected the '
+                         f'..._data_base.pth that train.py writes)')
+
     db = safe_load(path, 'feature database')
     if not isinstance(db, dict):
-        raise _database_error(path, f'it holds a {type(db).__name__}, not a dict')
+        raise error(f'it holds a {type(db).__name__}, not a dict')
     isc = any(k.startswith('gallery_') for k in db)
     splits = ('test', 'gallery') if isc else ('test',)
     missing = [f'{s}_{k}' for s in splits for k in ('images', 'labels', 'features') if f'{s}_{k}' not in db]
     config = db.get('config')
     missing += ['config'] if not isinstance(config, dict) else [k for k in DATABASE_CONFIG if k not in config]
     if missing:
-        raise _database_error(path, f'missing {", ".join(missing)}')
+        raise error(f'missing {", ".join(missing)}')
     for key in ('feature_dim', 'num_classes', 'image_size'):
         if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] <= 0:
-            raise _database_error(path, f'config {key} must be a positive integer, got {config[key]!r}')
+            raise error(f'config {key} must be a positive integer, got {config[key]!r}')
     for key in ('mean', 'std'):
         values = list(config[key]) if isinstance(config[key], (list, tuple)) else []
         if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values) \
                 or (key == 'std' and min(values) <= 0):
-            raise _database_error(path, f'config {key} must be three numbers (std positive), got {config[key]!r}')
+            raise error(f'config {key} must be three numbers (std positive), got {config[key]!r}')
     dim = len(str(config['branches'])) * config['feature_dim']  # one feature_dim block per branch
     for split in splits:
         images, labels, features = (db[f'{split}_{k}'] for k in ('images', 'labels', 'features'))
         if not isinstance(images, (list, tuple)) or not all(isinstance(p, str) for p in images) or \
                 not isinstance(labels, (list, tuple)) or not all(isinstance(v, (str, int)) for v in labels):
-            raise _database_error(path, f'{split}_images and {split}_labels must be lists of paths and labels')
+            raise error(f'{split}_images and {split}_labels must be lists of paths and labels')
         if not torch.is_tensor(features) or not features.is_floating_point() or features.dim() != 2 \
                 or features.shape[1] != dim:
-            raise _database_error(path, f'{split}_features must be a float tensor [N, {dim}] (branches '
-                                        f'{config["branches"]} x feature_dim {config["feature_dim"]})')
+            raise error(f'{split}_features must be a float tensor [N, {dim}] (branches {config["branches"]} '
+                        f'x feature_dim {config["feature_dim"]})')
         if not len(images) == len(labels) == len(features) or not images:
-            raise _database_error(path, f'{split}_images, _labels and _features must have the same non-zero '
-                                        f'length, got {len(images)}, {len(labels)} and {len(features)}')
+            raise error(f'{split}_images, _labels and _features must have the same non-zero length, got '
+                        f'{len(images)}, {len(labels)} and {len(features)}')
         if not torch.isfinite(features).all() or not (features.norm(dim=1) > 0).all():
-            raise _database_error(path, f'{split}_features hold NaN, infinite or all-zero vectors (from a '
-                                        f'diverged model?)')
+            raise error(f'{split}_features hold NaN, infinite or all-zero vectors (from a diverged model?)')
         db[f'{split}_labels'] = [str(v) for v in labels]
     return db, isc
 
 
 def read_model_state(db, db_path):
-    """The state dict of the model file a database was written with (beside the database), checked
-    against the SHA-256 the database recorded -> (state dict, model file path)."""
+    """The state dict of the model file beside a database, checked against the SHA-256 the database
+    recorded -> (state dict, model file path)."""
     model_path = os.path.join(os.path.dirname(db_path), os.path.basename(str(db['config']['model_file'])))
     data = read_bytes(model_path, 'model file')
     if hashlib.sha256(data).hexdigest() != db['config']['model_sha256']:
@@ -293,6 +291,14 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)  # CPU and every CUDA device
+
+
+def epoch_order(size, seed, epoch, world_size=1, rank=0):
+    """This rank's [(index, seed)] of an epoch, shuffled as DistributedSampler shuffles (seed + epoch); each
+    image's own seed fixes its crop and flip whatever the worker count, the process that loads it, or the cache."""
+    sampler = torch.utils.data.DistributedSampler(range(size), num_replicas=world_size, rank=rank, seed=seed)
+    sampler.set_epoch(epoch)
+    return [(index, derive_seed(seed, epoch, index)) for index in sampler]
 
 
 # ---- distributed: one process per device under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK) ----
@@ -327,30 +333,14 @@ def init_distributed(device_arg=None):
                             f'device(s): --nproc_per_node must not exceed the GPUs per node')
         device = torch.device('cuda', local_rank)
     if device.type == 'cuda' and device.index is not None:
-        # the current device: bf16 support, pinned memory and RNG calls refer to it, and no
-        # CUDA context is opened on GPU 0 as well
-        torch.cuda.set_device(device)
-    if torchrun and not dist.is_initialized():
-        # rank 0 evaluates and writes files while the others wait: allow a long quiet spell
+        torch.cuda.set_device(device)  # bf16 support, pinned memory and RNG refer to it; no context on GPU 0
+    if torchrun and not dist.is_initialized():  # rank 0 evaluates and writes while the others wait: 60 min
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=datetime.timedelta(minutes=60))
     return device
 
 
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
-
-
-def get_rank():
-    return dist.get_rank() if is_distributed() else 0
-
-
-def get_world_size():
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main_process():
-    """True on rank 0 (or without torchrun): the process that prints progress and writes files."""
-    return get_rank() == 0
 
 
 def barrier():
@@ -363,19 +353,18 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-def shard_range(n, rank=None, world_size=None):
+def shard_range(n, rank, world_size):
     """Contiguous block of range(n) for `rank`; blocks in rank order concatenate back to range(n)."""
-    rank = get_rank() if rank is None else rank
-    per = -(-n // (get_world_size() if world_size is None else world_size))  # ceil
+    per = -(-n // world_size)  # ceil
     return range(min(rank * per, n), min((rank + 1) * per, n))
 
 
 def all_gather_rows(tensor):
-    """Every rank's [n_r, ...] tensor concatenated along dim 0 in rank order (n_r may differ):
-    all_gather needs equal shapes, so each shard is padded to the largest n_r and trimmed after."""
+    """Every rank's [n_r, ...] tensor concatenated along dim 0 in rank order (n_r may differ)."""
     if not is_distributed():
         return tensor
-    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(get_world_size())]
+    # all_gather needs equal shapes: each shard is padded to the largest n_r, then trimmed
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([len(tensor)], device=tensor.device))
     sizes = [int(s) for s in sizes]
     padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
@@ -389,15 +378,14 @@ def broadcast_object(obj, src=0):
     """Rank `src`'s picklable `obj` on every rank (e.g. a checkpoint only rank 0 can read)."""
     if not is_distributed():
         return obj
-    holder = [obj if get_rank() == src else None]
+    holder = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(holder, src)
     return holder[0]
 
 
 def broadcast_buffers(module, src=0):
-    """Copy rank `src`'s buffers (BatchNorm running statistics) to every rank. DDP does this only at
-    the start of the next training forward, so without it each rank would evaluate its shard with
-    its own statistics, not those of the model rank 0 saves."""
+    """Copy rank `src`'s buffers (BatchNorm statistics) to every rank. DDP does so only at the next training
+    forward: each rank would evaluate its shard with its own statistics, not those rank 0 saves."""
     if is_distributed():
         for buffer in module.buffers():
             dist.broadcast(buffer, src)
@@ -417,7 +405,8 @@ class Runtime:
 
     def __init__(self, device, amp):
         self.device, self.cuda = device, device.type == 'cuda'
-        self.rank, self.world_size, self.main = get_rank(), get_world_size(), is_main_process()
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+        self.main = self.rank == 0  # the process that prints progress and writes files
         self.amp_dtype = None
         if self.cuda:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -425,13 +414,13 @@ class Runtime:
                 self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+        enabled = self.amp_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled)
 
     def inputs(self, images, full_batch=True):
-        """A batch on the device in the layout the convolutions like. cuDNN autotunes full batches
-        only: a ragged last batch would pay a second search for one step."""
+        """A batch on the device in the layout the convolutions like."""
         if self.cuda:
-            torch.backends.cudnn.benchmark = full_batch
+            torch.backends.cudnn.benchmark = full_batch  # a ragged last batch would pay a second search
             return images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
         return images
 
@@ -458,30 +447,23 @@ def load_image(path):
 
 
 def _to_rgb(img):
-    """Any PIL mode -> RGB. Transparent pixels are composited on white (the background of
-    product photos), so RGBA, LA and palette images with transparency agree with their look."""
-    if img.mode == 'RGB':
-        return img
     if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F'):
         # 16-bit / 32-bit greys: rescale to 8 bits instead of clipping everything above 255 to white
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith('I;16') or a.max() > 255 else 255.0
         img = Image.fromarray(np.clip(a * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), 'L')
-    if img.mode == 'P' and 'transparency' in img.info:
-        img = img.convert('RGBA')
-    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
-        rgba = img.convert('RGBA')
-        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert('RGB')
-    return img.convert('RGB')  # L, 1, CMYK (PIL undoes Adobe's inverted CMYK JPEGs), YCbCr, LAB, P
+    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (img.mode == 'P' and 'transparency' in img.info):
+        # transparent pixels on white, the background of product photos
+        white = Image.new('RGBA', img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert('RGBA')).convert('RGB')
+    # L, 1, CMYK (PIL undoes Adobe's inverted CMYK JPEGs), YCbCr, LAB, P
+    return img if img.mode == 'RGB' else img.convert('RGB')
 
 
 def load_image_uint8(path):
-    """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels). Plain
-    JPEGs go through torchvision's libjpeg-turbo (whole file at once, ~25 % faster than PIL, same
-    pixels); anything else, and any file it refuses, through PIL, which names the error."""
+    """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels)."""
     path = os.fspath(path)
-    try:
+    try:  # plain JPEGs: torchvision's libjpeg-turbo, whole file at once, ~25 % faster than PIL, same pixels
         with open(path, 'rb') as f:
             data = f.read()
         if data[:3] == b'\xff\xd8\xff' and b'Adobe' not in data[:4096]:  # JPEG, not an Adobe CMYK one
@@ -490,7 +472,7 @@ def load_image_uint8(path):
                 from torchvision.io import ImageReadMode, decode_jpeg
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (ImportError, RuntimeError, OSError, ValueError):
-        pass  # a later torchvision without it, a file it refuses, or one the OS refuses: PIL below
+        pass  # a later torchvision without it, a file it refuses, or one the OS refuses: PIL names the error
     return as_uint8(load_image(path))
 
 
@@ -519,20 +501,17 @@ class Normalize:
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f'mean and std need 3 values each, std > 0; got {mean}, {std}')
-        mean64 = torch.tensor(self.mean, dtype=torch.float64).view(3, 1, 1)
-        std64 = torch.tensor(self.std, dtype=torch.float64).view(3, 1, 1)
-        self.scale = (1.0 / (255.0 * std64)).float()  # [3, 1, 1]
-        self.shift = (-mean64 / std64).float()        # [3, 1, 1]
+        mean64, std64 = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in (self.mean, self.std))
+        self.scale, self.shift = (1.0 / (255.0 * std64)).float(), (-mean64 / std64).float()  # [3, 1, 1] each
 
     def __call__(self, x):
-        shift, scale = self.shift.to(x.device), self.scale.to(x.device)
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # contiguous whatever x's layout
-        return torch.addcmul(shift, x, scale, out=out)  # shift + x * scale
+        return torch.addcmul(self.shift.to(x.device), x, self.scale.to(x.device), out=out)  # shift + x * scale
 
 
 def crop_flip_draws(resize_side, side, generator=None):
-    """The random crop offsets and flip of one training image, drawn in torchvision's order
-    (RandomCrop's i, j, then RandomHorizontalFlip) -> (i, j, flip)."""
+    """One training image's random crop offsets and flip, drawn in torchvision's order (RandomCrop's
+    i, j, then RandomHorizontalFlip) -> (i, j, flip)."""
     room = resize_side - side + 1
     i = int(torch.randint(0, room, (1,), generator=generator)) if room > 1 else 0
     j = int(torch.randint(0, room, (1,), generator=generator)) if room > 1 else 0
@@ -540,9 +519,8 @@ def crop_flip_draws(resize_side, side, generator=None):
 
 
 class TrainTransform:
-    """The training transform of a PIL image or uint8 [3, H, W] -> float [3, s, s]: Resize((r, r)) ->
-    RandomCrop(s) -> RandomHorizontalFlip -> ToTensor -> Normalize, r = round(8s/7), on uint8 with one
-    fused normalisation; draws from torch's default generator (crop_flip_draws)."""
+    """PIL image or uint8 [3, H, W] -> float [3, s, s]: Resize((r, r)), r = round(8s/7), RandomCrop(s),
+    RandomHorizontalFlip, ToTensor, Normalize, on uint8; draws from torch's default generator."""
 
     def __init__(self, image_size, mean, std):
         self.image_size, self.resize_size = int(image_size), int(round(image_size * 8 / 7))
@@ -556,12 +534,10 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """The evaluation transform of a PIL image or uint8 [3, H, W] -> float [3, s, s]: Resize((s, s)) ->
-    ToTensor -> Normalize, on uint8 with one fused normalisation."""
+    """PIL image or uint8 [3, H, W] -> float [3, s, s]: Resize((s, s)), ToTensor, Normalize, on uint8."""
 
     def __init__(self, image_size, mean, std):
-        self.image_size, self.resize_size = int(image_size), int(image_size)
-        self.normalize = Normalize(mean, std)
+        self.image_size, self.normalize = int(image_size), Normalize(mean, std)
 
     def __call__(self, x):
         return self.normalize(resize_uint8(as_uint8(x), self.image_size))
@@ -569,7 +545,7 @@ class EvalTransform:
 
 class ImageListDataset(torch.utils.data.Dataset):
     """Images of a data-dict split {label: [paths]}; targets index the sorted labels. Item `index`
-    or (index, seed): the seed fixes the transform's random draws (see SeededSampler)."""
+    or (index, seed): the seed fixes the transform's random draws (see epoch_order)."""
 
     def __init__(self, data_dict_split, transform):
         self.classes = sorted(data_dict_split)
@@ -590,53 +566,30 @@ class ImageListDataset(torch.utils.data.Dataset):
         return self.transform(load_image_uint8(self.images[index])), self.targets[index]
 
 
-class SeededSampler(torch.utils.data.Sampler):
-    """Shuffles like DistributedSampler (order from seed + epoch; this rank's share) and hands each
-    index out with its own seed derive_seed(seed, epoch, index), so an image's crop and flip in an
-    epoch are the same whatever the worker count, the process that loads it, or the cache."""
-
-    def __init__(self, dataset, seed, num_replicas=1, rank=0):
-        self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
-                                                           shuffle=True, seed=seed)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        for index in self.sampler:
-            yield index, derive_seed(self.seed, self.epoch, index)
-
-    def __len__(self):
-        return len(self.sampler)
+def _cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def default_num_workers():
-    """Loader workers per process: the CPUs this process may use, shared among the processes
-    torchrun started on this node, at most 8 (more rarely helps and costs memory)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    per_process = cpus // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
+    """Loader workers per process: this process's CPUs shared among torchrun's processes on this node,
+    at most 8 (more rarely helps and costs memory)."""
+    per_process = _cpus() // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
     return 0 if per_process <= 1 else min(8, per_process)
 
 
 def worker_error_message(err):
-    """The one-line message of a UserError raised inside a DataLoader worker (the loader re-raises it
-    in the main process with the worker's traceback glued in front)."""
+    """The one-line message of a UserError raised in a DataLoader worker (re-raised in the main process
+    with the worker's traceback glued in front)."""
     text = str(err).strip()
     return text.splitlines()[-1].split('UserError: ', 1)[-1] if 'DataLoader worker' in text else text
 
 
 # ---- decode-once image cache ----
-# Decoding and resizing a JPEG costs far more than a training step's share of the GPU; the
-# recipe's inputs are fixed-size resizes of fixed files, so they are decoded once, at full
-# resolution, and kept as one uint8 tensor [N, 3, side, side]: on the GPU when it fits in
-# CACHE_GPU_SHARE of the free GPU memory, else in host memory when it fits in CACHE_RAM_SHARE of
-# the available RAM. Under torchrun one process per node decodes into shared memory (/dev/shm)
-# and the others map the same pages.
+# Decoding and resizing a JPEG costs far more than a training step's share of the GPU, and the inputs are
+# fixed-size resizes of fixed files: they are decoded once into one uint8 tensor [N, 3, side, side], on
+# the GPU when it fits in CACHE_GPU_SHARE of its free memory, else in host memory when it fits in
+# CACHE_RAM_SHARE of the available RAM. Under torchrun one process per node decodes into /dev/shm and the
+# others map the same pages.
 CACHE_GPU_SHARE, CACHE_RAM_SHARE = 0.4, 0.4
 CACHE_CHOICES = ('auto', 'gpu', 'ram', 'off')
 
@@ -666,21 +619,20 @@ def cache_place(choice, nbytes, device):
     return None if choice == 'off' else choice
 
 
-def _decode_into(out, paths, side, desc, show_bar):
-    """Decode and resize every image into out[k] (uint8 [N, 3, side, side]) with a thread per core
-    (the decoders and torch's resize release the GIL)."""
+def _decode_into(out, paths, side, show_bar):
+    """Decode and resize every image into out[k] (uint8 [N, 3, side, side]), a thread per core (the
+    decoders and torch's resize release the GIL)."""
     from tqdm import tqdm
 
     def one(k):
         out[k] = resize_uint8(load_image_uint8(paths[k]), side)
 
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over images, not inside each resize
     try:
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            list(tqdm(pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit='img',
-                      disable=not show_bar, leave=False))
+        with concurrent.futures.ThreadPoolExecutor(_cpus()) as pool:
+            list(tqdm(pool.map(one, range(len(paths))), total=len(paths), unit='img', disable=not show_bar,
+                      desc=f'Decoding {len(paths)} images once', leave=False))
     finally:
         torch.set_num_threads(previous)
 
@@ -691,14 +643,14 @@ def build_cache(paths, side, place, device, key, show_bar=True):
     shape = (len(paths), 3, side, side)
     if not is_distributed():
         host = torch.empty(shape, dtype=torch.uint8)
-        _decode_into(host, paths, side, f'Decoding {len(paths)} images once', show_bar)
+        _decode_into(host, paths, side, show_bar)
     else:
         shm = os.path.join('/dev/shm', f'clf-cache-{key}-{os.environ.get("TORCHELASTIC_RUN_ID", "run")}.u8')
         local_main = int(os.environ.get('LOCAL_RANK', '0')) == 0
         try:
             if local_main:
                 host = torch.from_file(shm, shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)
-                _decode_into(host, paths, side, f'Decoding {len(paths)} images once', show_bar)
+                _decode_into(host, paths, side, show_bar)
             dist.barrier()  # decoded: the node's other processes map the same pages
             if not local_main:
                 host = torch.from_file(shm, shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)
@@ -721,13 +673,12 @@ def crop_flip_batch(cache, batch, side):
 
 
 def gather_crops(cache, indices, draws, side):
-    """The crops of crop_flip_batch in one gather kernel (a GPU launches one kernel, not B copies):
-    the rows and columns of every crop, the columns reversed where flipped."""
+    """crop_flip_batch's crops in one gather kernel (a GPU then launches one kernel, not B copies)."""
     device = cache.device
     i, j, flip = torch.tensor(draws, device=device).unbind(1)                        # [B] each
     steps = torch.arange(side, device=device)
     rows, cols = i[:, None] + steps, j[:, None] + steps                               # [B, s]
-    cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)
+    cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)                      # reversed where flipped
     index = torch.tensor(indices, device=device)
     return cache[index[:, None, None, None], torch.arange(3, device=device)[None, :, None, None],
                  rows[:, None, :, None], cols[:, None, None, :]]
