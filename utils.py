@@ -749,7 +749,7 @@ def plot_curves(statistics, recalls, title):
 
 
 def _label_ids(query_labels, gallery_labels):
-    """Map labels (list of str/int, or a tensor) to int ids shared by queries and gallery: [Nq], [Ng]."""
+    """Labels (lists of str/int, or tensors) -> int ids shared by queries and gallery: [Nq], [Ng], count."""
     query, gallery = (v.tolist() if torch.is_tensor(v) else list(v) for v in (query_labels, gallery_labels))
     ids = {label: i for i, label in enumerate(dict.fromkeys(query + gallery))}
     return (torch.tensor([ids[label] for label in query], dtype=torch.long),
@@ -757,9 +757,9 @@ def _label_ids(query_labels, gallery_labels):
 
 
 def _duplicates(features):
-    """(rows, first) of rows that repeat an earlier row exactly, or None when all differ. BLAS can
-    give two identical vectors similarities 1 ulp apart by their place in the matrix; copying the
-    first one's column over the others makes identical vectors score identically."""
+    """(rows, first) of rows that repeat an earlier row exactly, or None when all differ."""
+    # BLAS can give two identical vectors similarities 1 ulp apart by their place in the matrix; copying
+    # the first one's column over the others makes identical vectors score identically
     bits = features.contiguous().view(torch.int32 if features.dtype == torch.float32 else torch.int64).long()
     weights = torch.randint(-2 ** 62, 2 ** 62, (features.shape[1],), generator=torch.Generator().manual_seed(0))
     key = (bits * weights.to(bits.device)).sum(1)  # a hash of the exact bits (wraps around; only equality counts)
@@ -772,49 +772,34 @@ def _duplicates(features):
 
 
 def _similarities(queries, gallery):
-    """Similarities of a query chunk with gallery items, [c, Ng]. On CPU NumPy's BLAS does the product:
-    measured 1.5x faster than torch.mm for [1024, 1536] x [1536, 60502] float32 on 2 cores."""
+    """[c, D] x [Ng, D] -> [c, Ng]. On CPU NumPy's BLAS: measured 1.5x faster than torch.mm for
+    [1024, 1536] x [1536, 60502] float32 on 2 cores."""
     if queries.is_cuda:
         return queries @ gallery.T
     return torch.from_numpy(np.dot(queries.numpy(), gallery.numpy().T))
 
 
 def _count_greater(sims, thresholds):
-    """Per row, how many entries of sims [c, W] are strictly greater than thresholds [c]
-    (NumPy on CPU: measured ~9x faster than torch's sum of a bool mask)."""
+    """Per row, entries of sims [c, W] strictly above thresholds [c] (NumPy on CPU: ~9x faster than torch)."""
     if sims.is_cuda:
         return (sims > thresholds[:, None]).sum(1)
     return torch.from_numpy(np.count_nonzero(sims.numpy() > thresholds.numpy()[:, None], axis=1))
 
 
 def _budget(device):
-    """Bytes one chunk of work may use: a fixed 256 MiB on CPU, a quarter of the free memory on CUDA."""
-    if device.type == 'cuda':
-        return torch.cuda.mem_get_info(device)[0] // 4
-    return 256 * 2 ** 20
+    """Bytes one chunk of work may use: 256 MiB on CPU, a quarter of the free memory on CUDA."""
+    return torch.cuda.mem_get_info(device)[0] // 4 if device.type == 'cuda' else 256 * 2 ** 20
 
 
-def _query_chunk(num_gallery, max_class, device):
-    """Queries per chunk against a gallery: a similarity row (4 B) and a mask (1 B) per gallery item,
-    about 64 B per class member."""
-    return max(1, min(_budget(device) // (5 * num_gallery + 64 * max_class + 64), 4096))
-
-
-def _strip_rows(num, device):
-    """Rows per similarity strip of the symmetric self-evaluation: per item a similarity (4 B), a mask
-    (1 B), and room for a transposed copy in the dense path (4 B)."""
-    return max(1, min(_budget(device) // (10 * num), 4096))
-
-
-def _merge_top(top, values):
-    """Best `w` of each row of top [c, w] (descending) and values [c, t]: [c, w] descending."""
-    return torch.cat([top, values], 1).topk(top.shape[1], dim=1).values
+def _chunk_rows(row_bytes, device):
+    """Rows of `row_bytes` each that one chunk holds within _budget, 1 to 4096."""
+    return max(1, min(_budget(device) // row_bytes, 4096))
 
 
 def _precision_sums(same, top, r):
-    """Sum over the R best positions of precision@i at same-class items i: [c] float64.
-    same [c, w]: same-class similarities, descending; top [c, t]: best other-class similarities,
-    descending, t >= R; r [c]: R. The m-th same-class item sits at position m + #{others > it}."""
+    """Sum over the R best positions of precision@i at same-class items i -> [c] float64."""
+    # same [c, w]: same-class similarities, descending; top [c, t]: best other-class ones, descending,
+    # t >= R; r [c]: R. The m-th same-class item sits at position m + #{others > it}.
     width = same.shape[1]
     ahead = top.shape[1] - torch.searchsorted(top.flip(1).contiguous(), same.contiguous(), right=True)
     m = torch.arange(1, width + 1, device=same.device, dtype=torch.float64)
@@ -824,16 +809,15 @@ def _precision_sums(same, top, r):
 
 
 def _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes, self_mode, duplicates=None):
-    """Queries against a gallery (or against each other, self excluded), one query chunk at a time.
-    `duplicates`: see _duplicates. Returns first_hit [Nq] (other-class items strictly more similar
-    than the best same-class one),
-    r [Nq] (same-class items in the gallery) and precision_sum [Nq] (see _precision_sums)."""
+    """Queries against a gallery (or each other, self excluded), a chunk of queries at a time -> first_hit
+    [Nq] (other-class items above the best same-class one), r [Nq] (same-class items), precision_sum [Nq]."""
     device, num_query = queries.device, len(queries)
     # gallery members of every class: order[starts[k] : starts[k] + counts[k]]
     order = torch.argsort(gallery_ids, stable=True)
     counts = torch.bincount(gallery_ids, minlength=num_classes)
     starts = torch.cumsum(counts, 0) - counts
-    chunk = _query_chunk(len(gallery), int(counts.max()), device)
+    # per query a similarity (4 B) and a mask (1 B) per gallery item, about 64 B per class member
+    chunk = _chunk_rows(5 * len(gallery) + 64 * int(counts.max()) + 64, device)
     first_hit = torch.empty(num_query, dtype=torch.long)
     num_relevant = torch.empty(num_query, dtype=torch.long)
     precision_sum = torch.zeros(num_query, dtype=torch.float64)
@@ -867,8 +851,8 @@ def _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes, self_m
 
 
 def _cells_above(sims, thresholds, cap):
-    """Cells of sims [q, W] (may be a transposed view) strictly above their row's threshold [q], as
-    (row, column) index tensors grouped by row; None when there are more than `cap` of them."""
+    """Cells of sims [q, W] (maybe a transposed view) strictly above their row's threshold [q], as (row,
+    column) index tensors grouped by row; None when there are more than `cap`."""
     if sims.is_cuda:
         mask = sims > thresholds[:, None]
         return None if int(mask.sum()) > cap else mask.nonzero(as_tuple=True)
@@ -909,28 +893,27 @@ class _SelfStats:
         found = _cells_above(sims, torch.minimum(best, low), cap=max(top.numel(), sims.numel() // 32))
         if found is None:
             self.first_hit[queries] += _count_greater(sims, best).to(best.device)
-            self.top[queries] = _merge_top(top, sims.topk(min(width, sims.shape[1]), dim=1).values)
-            return
-        row, col = (v.to(sims.device) for v in found)
-        values = sims[row, col]
-        self.first_hit[queries] += torch.bincount(row[values > best[row]], minlength=len(top))
-        keep = values > low[row]
-        row, values = row[keep], values[keep]
-        if len(row) == 0:
-            return
-        # rows are grouped: place each row's candidates side by side, then keep the best `width`
-        counts = torch.bincount(row, minlength=len(top))
-        rank = torch.arange(len(row), device=row.device) - (torch.cumsum(counts, 0) - counts)[row]
-        fresh = torch.full((len(top), max(width, int(counts.max()))), -math.inf, device=top.device,
-                           dtype=top.dtype)
-        fresh[row, rank] = values
-        self.top[queries] = _merge_top(top, fresh)
+            fresh = sims.topk(min(width, sims.shape[1]), dim=1).values
+        else:
+            row, col = (v.to(sims.device) for v in found)
+            values = sims[row, col]
+            self.first_hit[queries] += torch.bincount(row[values > best[row]], minlength=len(top))
+            keep = values > low[row]
+            row, values = row[keep], values[keep]
+            if len(row) == 0:
+                return
+            # rows are grouped: place each row's candidates side by side
+            counts = torch.bincount(row, minlength=len(top))
+            rank = torch.arange(len(row), device=row.device) - (torch.cumsum(counts, 0) - counts)[row]
+            fresh = torch.full((len(top), int(counts.max())), -math.inf, device=top.device, dtype=top.dtype)
+            fresh[row, rank] = values
+        self.top[queries] = torch.cat([top, fresh], 1).topk(width, dim=1).values  # the best `width`
 
 
 def _self_stats(features, ids, num_classes):
-    """Every item against all others, using symmetry: in class-sorted order each block of similarities
-    is computed once and serves its rows and (transposed) its columns, halving the matrix products.
-    Same returns as _gallery_stats (in class-sorted order)."""
+    """Every item against all others, using symmetry -> _gallery_stats' returns in class-sorted order."""
+    # in class-sorted order each block of similarities is computed once and serves its rows and
+    # (transposed) its columns, halving the matrix products
     device, num = features.device, len(features)
     perm = torch.argsort(ids, stable=True)
     ids = ids[perm].to(device)
@@ -938,8 +921,9 @@ def _self_stats(features, ids, num_classes):
     counts = torch.bincount(ids, minlength=num_classes)
     width = max(int(counts.max()) - 1, 1)                             # most same-class items of a query
     class_ends = torch.cumsum(counts[counts > 0], 0)
-    # chunk boundaries fall between classes, so every same-class pair lies in a diagonal block
-    chunk = _strip_rows(num, device)
+    # strips of rows, per item a similarity (4 B), a mask (1 B) and a transposed copy in the dense path
+    # (4 B); their boundaries fall between classes, so every same-class pair lies in a diagonal block
+    chunk = _chunk_rows(10 * num, device)
     targets = torch.tensor(list(range(chunk, num, chunk)), dtype=torch.long, device=device)
     bounds = [0] + torch.unique(class_ends[torch.searchsorted(class_ends, targets)]).tolist()
     if bounds[-1] != num:
@@ -968,15 +952,12 @@ def _self_stats(features, ids, num_classes):
 
 @torch.no_grad()
 def evaluate(query_features, query_labels, ks, gallery_features=None, gallery_labels=None):
-    """Exact R@k for each k in ks and MAP@R, as fractions: {'R@1': ..., 'MAP@R': ...}.
-
-    Without a gallery each query is ranked against all other queries (itself excluded by index).
-    An item of another class ranks ahead of a same-class item only if strictly more similar.
-    R@k: share of all queries with a same-class item in their top k (none in the gallery: a miss).
-    MAP@R (Musgrave et al., 2020): mean over queries with R >= 1 same-class gallery items of
-    (1/R) * sum_{i<=R} precision@i * [item i is same-class]; 0 when no query has one.
-    Works in chunks, never holding a queries x gallery matrix.
-    """
+    """Exact R@k for each k in ks and MAP@R, as fractions: {'R@1': ..., 'MAP@R': ...}; without a gallery
+    each query is ranked against all other queries. Works in chunks, never holding a queries x gallery matrix."""
+    # An item of another class ranks ahead of a same-class item only if strictly more similar.
+    # R@k: share of all queries with a same-class item in their top k (none in the gallery: a miss).
+    # MAP@R (Musgrave et al., 2020): mean over queries with R >= 1 same-class gallery items of
+    # (1/R) * sum_{i<=R} precision@i * [item i is same-class]; 0 when no query has one.
     ks = list(ks)
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f'ks must be a non-empty list of positive integers, got {ks}')
