@@ -31,9 +31,7 @@ def run_cli(main, interrupted='stopped at once; files already written are intact
     rank = int(os.environ.get('RANK', '0'))
     try:
         return main()
-    except UserError as err:
-        # under torchrun every process finds the errors of before the process group: rank 0 speaks
-        # for them; later ones are prefixed with the rank that found them
+    except UserError as err:  # every process finds those of before the process group: rank 0 tells them
         if rank == 0 or is_distributed():
             print(f'{f"[rank {rank}] " if rank else ""}error: {err}', file=sys.stderr, flush=True)
         sys.exit(1)
@@ -114,8 +112,8 @@ def to_cpu(obj):
 
 
 class BackgroundWriter:
-    """Runs one write job at a time in a thread, so the GPU does not wait for the disk; each job
-    waits for the previous one, and a failed job's error surfaces at the next wait."""
+    """Runs write jobs one at a time in a thread, so the GPU need not wait for the disk; a failed job's
+    error surfaces at the next wait."""
 
     def __init__(self):
         self.pool, self.job = concurrent.futures.ThreadPoolExecutor(1), None
@@ -212,8 +210,8 @@ DATABASE_CONFIG = ('backbone_type', 'feature_dim', 'branches', 'num_classes', 'i
 
 
 def save_model_and_database(state_dict, database, model_path, database_path):
-    """Write a model's state dict and its feature database together (atomic_write), the database
-    recording the model file's name and SHA-256."""
+    """Write a state dict and its feature database together (atomic_write), the database recording the
+    model file's name and SHA-256."""
     model_bytes = torch_bytes(state_dict)
     config = dict(database['config'], model_file=os.path.basename(model_path),
                   model_sha256=hashlib.sha256(model_bytes).hexdigest())
@@ -322,8 +320,7 @@ def resolve_device(device_arg=None):
 
 
 def init_distributed(device_arg=None):
-    """The device this process works on, joining torchrun's process group when there is one
-    (then `cuda:LOCAL_RANK` on GPUs, NCCL; gloo on CPU)."""
+    """This process's device, joining torchrun's process group if any (cuda:LOCAL_RANK and NCCL, or gloo)."""
     device = resolve_device(device_arg)
     torchrun = int(os.environ.get('WORLD_SIZE', '1')) > 1 and 'RANK' in os.environ
     if torchrun and device.type == 'cuda':
@@ -484,8 +481,7 @@ def as_uint8(image):
 
 
 def resize_uint8(x, side):
-    """[..., 3, H, W] uint8 -> [..., 3, side, side] uint8, bilinear with antialiasing (PIL's
-    BILINEAR to +-1 grey level), computed in torch on the uint8 pixels."""
+    """uint8 [..., 3, H, W] -> [..., 3, side, side]: bilinear, antialiased (PIL's BILINEAR to +-1 grey level)."""
     if tuple(x.shape[-2:]) == (side, side):
         return x
     batch = x if x.dim() == 4 else x[None]
@@ -571,10 +567,9 @@ def _cpus():
 
 
 def default_num_workers():
-    """Loader workers per process: this process's CPUs shared among torchrun's processes on this node,
-    at most 8 (more rarely helps and costs memory)."""
+    """Loader workers per process: its CPUs shared among torchrun's processes on this node, at most 8."""
     per_process = _cpus() // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
-    return 0 if per_process <= 1 else min(8, per_process)
+    return 0 if per_process <= 1 else min(8, per_process)  # more rarely helps and costs memory
 
 
 def worker_error_message(err):
@@ -585,11 +580,10 @@ def worker_error_message(err):
 
 
 # ---- decode-once image cache ----
-# Decoding and resizing a JPEG costs far more than a training step's share of the GPU, and the inputs are
-# fixed-size resizes of fixed files: they are decoded once into one uint8 tensor [N, 3, side, side], on
-# the GPU when it fits in CACHE_GPU_SHARE of its free memory, else in host memory when it fits in
-# CACHE_RAM_SHARE of the available RAM. Under torchrun one process per node decodes into /dev/shm and the
-# others map the same pages.
+# Decoding a JPEG costs far more than a training step's share of the GPU, and the inputs are fixed-size
+# resizes of fixed files: they are decoded once into uint8 [N, 3, side, side], on the GPU within
+# CACHE_GPU_SHARE of its free memory, else in RAM within CACHE_RAM_SHARE of the available memory.
+# Under torchrun one process per node decodes into /dev/shm and the others map the same pages.
 CACHE_GPU_SHARE, CACHE_RAM_SHARE = 0.4, 0.4
 CACHE_CHOICES = ('auto', 'gpu', 'ram', 'off')
 
@@ -620,8 +614,7 @@ def cache_place(choice, nbytes, device):
 
 
 def _decode_into(out, paths, side, show_bar):
-    """Decode and resize every image into out[k] (uint8 [N, 3, side, side]), a thread per core (the
-    decoders and torch's resize release the GIL)."""
+    """Decode and resize image k into out[k], a thread per core (decoders and resize release the GIL)."""
     from tqdm import tqdm
 
     def one(k):
@@ -721,12 +714,11 @@ class LabelSmoothingCrossEntropy(torch.nn.Module):
 
 def plot_curves(statistics, recalls, title):
     """Loss, accuracy, R@K and MAP@R per epoch -> PNG bytes."""
-    import matplotlib
-    matplotlib.use('Agg')  # files only, no display
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no display, no global backend
 
     epochs = [row['epoch'] for row in statistics]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     axes[0].plot(epochs, [row['train_loss'] for row in statistics], marker='o')
     axes[1].plot(epochs, [row['train_accuracy'] for row in statistics], marker='o')
     for k in recalls:
@@ -741,7 +733,6 @@ def plot_curves(statistics, recalls, title):
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.13, top=0.85, wspace=0.2)  # tight_layout is slow
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png', dpi=100, metadata={'Software': None})
-    plt.close(fig)
     return buffer.getvalue()
 
 
