@@ -165,8 +165,7 @@ def load_bytes(data, path, what='file'):
                             f'by torch.save (nothing from it was run)')
         raise UserError(f'cannot read {what} {path}: not a PyTorch file (damaged, truncated or another format)')
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
+        with warnings.catch_warnings(action='ignore'):
             return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
     except Exception:  # a damaged file can fail anywhere inside the unpickler (KeyError, ...)
         unsafe = []
@@ -262,8 +261,7 @@ def load_database(path):
 
 
 def read_model_state(db, db_path):
-    """The state dict of the model file beside a database, checked against the SHA-256 the database
-    recorded -> (state dict, model file path)."""
+    """The state dict of the model file beside a database, checked against its recorded SHA-256 -> (state, path)."""
     model_path = os.path.join(os.path.dirname(db_path), os.path.basename(str(db['config']['model_file'])))
     data = read_bytes(model_path, 'model file')
     if hashlib.sha256(data).hexdigest() != db['config']['model_sha256']:
@@ -464,8 +462,8 @@ def load_image_uint8(path):
         with open(path, 'rb') as f:
             data = f.read()
         if data[:3] == b'\xff\xd8\xff' and b'Adobe' not in data[:4096]:  # JPEG, not an Adobe CMYK one
-            with warnings.catch_warnings():  # torchvision 0.29 announces its decoders move to torchcodec
-                warnings.simplefilter('ignore', DeprecationWarning)
+            # torchvision 0.29 announces its decoders move to torchcodec
+            with warnings.catch_warnings(action='ignore', category=DeprecationWarning):
                 from torchvision.io import ImageReadMode, decode_jpeg
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (ImportError, RuntimeError, OSError, ValueError):
