@@ -77,11 +77,10 @@ def atomic_write(files):
             os.replace(*pending[0])
             pending.pop(0)
         for folder in {os.path.dirname(os.path.abspath(p)) for p in files}:
-            # make the renames durable; not every filesystem allows fsync on a folder
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # not every filesystem allows fsync on a folder
                 dir_fd = os.open(folder, os.O_RDONLY)
                 try:
-                    os.fsync(dir_fd)
+                    os.fsync(dir_fd)  # the renames made durable
                 finally:
                     os.close(dir_fd)
     except OSError as err:
@@ -462,8 +461,7 @@ def load_image_uint8(path):
         with open(path, 'rb') as f:
             data = f.read()
         if data[:3] == b'\xff\xd8\xff' and b'Adobe' not in data[:4096]:  # JPEG, not an Adobe CMYK one
-            # torchvision 0.29 announces its decoders move to torchcodec
-            with warnings.catch_warnings(action='ignore', category=DeprecationWarning):
+            with warnings.catch_warnings(action='ignore', category=DeprecationWarning):  # 0.29: "torchcodec"
                 from torchvision.io import ImageReadMode, decode_jpeg
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (ImportError, RuntimeError, OSError, ValueError):
