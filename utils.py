@@ -481,8 +481,7 @@ def resize_uint8(x, side):
     if tuple(x.shape[-2:]) == (side, side):
         return x
     batch = x if x.dim() == 4 else x[None]
-    out = torch.nn.functional.interpolate(batch, size=(side, side), mode='bilinear', antialias=True,
-                                          align_corners=False)
+    out = torch.nn.functional.interpolate(batch, size=(side, side), mode='bilinear', antialias=True)
     return out if x.dim() == 4 else out[0]
 
 
