@@ -129,7 +129,7 @@ class Images:
         self.train = utils.ImageListDataset(dicts['train'], utils.TrainTransform(self.size, mean, std))
         self.eval = {s: utils.ImageListDataset(dicts[s], utils.EvalTransform(self.size, mean, std))
                      for s in config['eval_splits']}
-        self.sampler = utils.SeededSampler(self.train, config['seed'], rt.world_size, rt.rank)
+        self.seed = config['seed']
         self.batch = config['batch_size'] // rt.world_size
         self.targets = torch.tensor(self.train.targets)
         self.caches = self.build_caches(config['cache'], config['name'])
@@ -156,8 +156,7 @@ class Images:
     def epoch_batches(self, epoch):
         """This process's [(index, seed)] batches of an epoch. The last one is kept, as the original
         kept it, unless it holds a single image (BatchNorm needs two)."""
-        self.sampler.set_epoch(epoch)
-        items = list(self.sampler)
+        items = utils.epoch_order(len(self.train), self.seed, epoch, self.rt.world_size, self.rt.rank)
         batches = [items[k:k + self.batch] for k in range(0, len(items), self.batch)]
         return batches[:-1] if len(batches[-1]) == 1 else batches
 
@@ -173,7 +172,7 @@ class Images:
 
     def eval_batches(self, split):
         """Yields this process's shard of a split in order: images [B, 3, s, s] float on the device."""
-        dataset, shard = self.eval[split], utils.shard_range(len(self.eval[split]))
+        dataset, shard = self.eval[split], utils.shard_range(len(self.eval[split]), self.rt.rank, self.rt.world_size)
         size = 2 * self.batch  # no gradients: twice the training batch fits
         if self.caches is None:
             loader = DataLoader(Subset(dataset, shard), batch_size=size, **self.loader_kwargs)

@@ -1,6 +1,7 @@
 """Shared pieces of CLF: errors and safe files, the feature database, seeding and distributed helpers,
 image lists, transforms and the decode-once cache, the training loss, curves and the retrieval metrics."""
 import concurrent.futures
+import contextlib
 import datetime
 import glob
 import hashlib
@@ -9,7 +10,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import warnings
 
 import numpy as np
@@ -26,14 +26,12 @@ class UserError(Exception):
 
 
 def run_cli(main, interrupted='stopped at once; files already written are intact'):
-    """Run a script's main(); a UserError becomes one 'error: ...' line on stderr and exit status 1,
-    Ctrl-C one 'interrupted: ...' line and status 130. Under torchrun one process speaks: the
-    others stay quiet about errors found before the process group started (every process finds
-    those) and prefix later ones with their rank."""
+    """Run a script's main(): a UserError is one 'error: ...' line on stderr and exit status 1, Ctrl-C
+    one 'interrupted: ...' line and status 130."""
     rank = int(os.environ.get('RANK', '0'))
     try:
         return main()
-    except UserError as err:
+    except UserError as err:  # every process finds those of before the process group: rank 0 tells them
         if rank == 0 or is_distributed():
             print(f'{f"[rank {rank}] " if rank else ""}error: {err}', file=sys.stderr, flush=True)
         sys.exit(1)
@@ -50,28 +48,17 @@ def check_int(name, value, low, high):
     return value
 
 
-def file_mode():
-    """Permissions a plain open() gives a new file (mkstemp's are 0600). The umask is read from
-    /proc, never set: setting it, even briefly, changes it for every thread of the process."""
-    try:
-        with open('/proc/self/status') as f:
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
-    except (OSError, StopIteration, ValueError):  # not Linux: the only portable way sets and restores it
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
 def write_temporary(data, path):
     """Write bytes to a new hidden temporary file beside `path`, synced to disk -> its name."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{name}.{os.urandom(8).hex()}.tmp')
+    # O_EXCL: a new file of its own; mode 0o666 less the umask, as a plain open() gives (mkstemp's: 0600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
     except BaseException:
         os.remove(tmp)
         raise
@@ -79,10 +66,9 @@ def write_temporary(data, path):
 
 
 def atomic_write(files):
-    """Write {path: bytes} so that readers see either the old files or all the new ones, never a
-    part: every temporary file is written and synced first, then all are renamed in one quick pass
-    (a model and its database are replaced together). A failure is a UserError; nothing changed."""
-    pending, path = [], None  # [(temporary file, path)]
+    """Write {path: bytes} so that readers see the old files or all the new ones (a model and its
+    database are replaced together), never a part; a failure is a UserError and changes nothing."""
+    pending, path = [], None  # [(temporary file, path)]: all written and synced before the first rename
     try:
         for path, data in files.items():
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -91,14 +77,12 @@ def atomic_write(files):
             os.replace(*pending[0])
             pending.pop(0)
         for folder in {os.path.dirname(os.path.abspath(p)) for p in files}:
-            try:  # make the renames durable; not every filesystem allows fsync on a folder
+            with contextlib.suppress(OSError):  # not every filesystem allows fsync on a folder
                 dir_fd = os.open(folder, os.O_RDONLY)
                 try:
-                    os.fsync(dir_fd)
+                    os.fsync(dir_fd)  # the renames made durable
                 finally:
                     os.close(dir_fd)
-            except OSError:
-                pass
     except OSError as err:
         raise UserError(f'cannot write {path}: {err.strerror or err}; the previous file, if any, is '
                         f'unchanged (check free disk space and that the folder is writable)') from None
@@ -127,8 +111,8 @@ def to_cpu(obj):
 
 
 class BackgroundWriter:
-    """Runs one write job at a time in a thread, so the GPU does not wait for the disk; each job
-    waits for the previous one, and a failed job's error surfaces at the next wait."""
+    """Runs write jobs one at a time in a thread, so the GPU need not wait for the disk; a failed job's
+    error surfaces at the next wait."""
 
     def __init__(self):
         self.pool, self.job = concurrent.futures.ThreadPoolExecutor(1), None
@@ -152,10 +136,8 @@ def remove_temporaries(paths):
     for path in paths:
         folder, name = os.path.split(os.path.abspath(path))
         for tmp in glob.glob(os.path.join(glob.escape(folder), '.' + glob.escape(name) + '.*.tmp')):
-            try:
+            with contextlib.suppress(OSError):
                 os.remove(tmp)
-            except OSError:
-                pass
 
 
 def read_bytes(path, what='file'):
@@ -173,25 +155,21 @@ def read_bytes(path, what='file'):
 
 
 def load_bytes(data, path, what='file'):
-    """torch.load of a file's bytes with weights_only=True: tensors and plain containers, never code.
-    The format is checked first: a torch zip file (b'PK'), or torch's pre-1.6 format (pickle
-    protocol 2 then a long-int magic number); a bare pickle is refused without being opened."""
+    """torch.load of a file's bytes with weights_only=True (tensors and plain containers, never code);
+    a bare pickle is refused without being opened."""
+    # a torch zip file, or torch's pre-1.6 format: pickle protocol 2, then a long-int magic number
     if data[:4] not in (b'PK\x03\x04', b'\x80\x02\x8a\x0a'):
         if data[:1] == b'\x80':  # a pickle protocol marker
             raise UserError(f'refusing to load {path}: it is a bare Python pickle, not a tensor file written '
                             f'by torch.save (nothing from it was run)')
         raise UserError(f'cannot read {what} {path}: not a PyTorch file (damaged, truncated or another format)')
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
+        with warnings.catch_warnings(action='ignore'):
             return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
     except Exception:  # a damaged file can fail anywhere inside the unpickler (KeyError, ...)
         unsafe = []
-        if data[:2] == b'PK':
-            try:  # the globals it would need beyond tensors and plain containers
-                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
-            except Exception:  # noqa: BLE001 - a damaged zip: reported below
-                pass
+        with contextlib.suppress(Exception):  # the globals it would need (zip files only; damaged: none)
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
         if unsafe:
             raise UserError(f'refusing to load {path}: it is not a plain {what} (it holds objects other than '
                             f'tensors and plain containers, which could run code on load; nothing from it was '
@@ -205,8 +183,8 @@ def safe_load(path, what='file'):
 
 
 def load_state_dict_strict(module, state, source, what='weights of this model'):
-    """Load `state` into `module` strictly; missing, unexpected or mis-shaped tensors are a
-    UserError saying that `source` does not hold `what`, listing up to 8 of each kind."""
+    """Load `state` into `module` strictly; else a UserError saying that `source` does not hold `what`,
+    listing up to 8 missing, unexpected and mis-shaped tensors each."""
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f'{source} does not hold {what}: expected a state dict (parameter name -> tensor)')
     expected = module.state_dict()
@@ -230,62 +208,59 @@ DATABASE_CONFIG = ('backbone_type', 'feature_dim', 'branches', 'num_classes', 'i
 
 
 def save_model_and_database(state_dict, database, model_path, database_path):
-    """Write a model's state dict and its feature database together (atomic_write), the database
-    recording the model file's name and SHA-256."""
+    """Write a state dict and its feature database together (atomic_write), the database recording the
+    model file's name and SHA-256."""
     model_bytes = torch_bytes(state_dict)
     config = dict(database['config'], model_file=os.path.basename(model_path),
                   model_sha256=hashlib.sha256(model_bytes).hexdigest())
     atomic_write({model_path: model_bytes, database_path: torch_bytes(dict(database, config=config))})
 
 
-def _database_error(path, problem):
-    return UserError(f'{path} is not a usable CLF feature database: {problem} (expected the '
-                     f'..._data_base.pth that train.py writes)')
-
-
 def load_database(path):
     """Read and check a feature database -> (database, query/gallery or not). Labels become str."""
+    def error(problem):
+        return UserError(f'{path} is not a usable CLF feature database: {problem} (expected the '
+                         f'..._data_base.pth that train.py writes)')
+
     db = safe_load(path, 'feature database')
     if not isinstance(db, dict):
-        raise _database_error(path, f'it holds a {type(db).__name__}, not a dict')
+        raise error(f'it holds a {type(db).__name__}, not a dict')
     isc = any(k.startswith('gallery_') for k in db)
     splits = ('test', 'gallery') if isc else ('test',)
     missing = [f'{s}_{k}' for s in splits for k in ('images', 'labels', 'features') if f'{s}_{k}' not in db]
     config = db.get('config')
     missing += ['config'] if not isinstance(config, dict) else [k for k in DATABASE_CONFIG if k not in config]
     if missing:
-        raise _database_error(path, f'missing {", ".join(missing)}')
+        raise error(f'missing {", ".join(missing)}')
     for key in ('feature_dim', 'num_classes', 'image_size'):
         if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] <= 0:
-            raise _database_error(path, f'config {key} must be a positive integer, got {config[key]!r}')
+            raise error(f'config {key} must be a positive integer, got {config[key]!r}')
     for key in ('mean', 'std'):
         values = list(config[key]) if isinstance(config[key], (list, tuple)) else []
         if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values) \
                 or (key == 'std' and min(values) <= 0):
-            raise _database_error(path, f'config {key} must be three numbers (std positive), got {config[key]!r}')
+            raise error(f'config {key} must be three numbers (std positive), got {config[key]!r}')
     dim = len(str(config['branches'])) * config['feature_dim']  # one feature_dim block per branch
     for split in splits:
         images, labels, features = (db[f'{split}_{k}'] for k in ('images', 'labels', 'features'))
         if not isinstance(images, (list, tuple)) or not all(isinstance(p, str) for p in images) or \
                 not isinstance(labels, (list, tuple)) or not all(isinstance(v, (str, int)) for v in labels):
-            raise _database_error(path, f'{split}_images and {split}_labels must be lists of paths and labels')
+            raise error(f'{split}_images and {split}_labels must be lists of paths and labels')
         if not torch.is_tensor(features) or not features.is_floating_point() or features.dim() != 2 \
                 or features.shape[1] != dim:
-            raise _database_error(path, f'{split}_features must be a float tensor [N, {dim}] (branches '
-                                        f'{config["branches"]} x feature_dim {config["feature_dim"]})')
+            raise error(f'{split}_features must be a float tensor [N, {dim}] (branches {config["branches"]} '
+                        f'x feature_dim {config["feature_dim"]})')
         if not len(images) == len(labels) == len(features) or not images:
-            raise _database_error(path, f'{split}_images, _labels and _features must have the same non-zero '
-                                        f'length, got {len(images)}, {len(labels)} and {len(features)}')
+            raise error(f'{split}_images, _labels and _features must have the same non-zero length, got '
+                        f'{len(images)}, {len(labels)} and {len(features)}')
         if not torch.isfinite(features).all() or not (features.norm(dim=1) > 0).all():
-            raise _database_error(path, f'{split}_features hold NaN, infinite or all-zero vectors (from a '
-                                        f'diverged model?)')
+            raise error(f'{split}_features hold NaN, infinite or all-zero vectors (from a diverged model?)')
         db[f'{split}_labels'] = [str(v) for v in labels]
     return db, isc
 
 
 def read_model_state(db, db_path):
-    """The state dict of the model file a database was written with (beside the database), checked
-    against the SHA-256 the database recorded -> (state dict, model file path)."""
+    """The state dict of the model file beside a database, checked against its recorded SHA-256 -> (state, path)."""
     model_path = os.path.join(os.path.dirname(db_path), os.path.basename(str(db['config']['model_file'])))
     data = read_bytes(model_path, 'model file')
     if hashlib.sha256(data).hexdigest() != db['config']['model_sha256']:
@@ -313,6 +288,14 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # CPU and every CUDA device
 
 
+def epoch_order(size, seed, epoch, world_size=1, rank=0):
+    """This rank's [(index, seed)] of an epoch, shuffled as DistributedSampler shuffles (seed + epoch); each
+    image's own seed fixes its crop and flip whatever the worker count, the process that loads it, or the cache."""
+    sampler = torch.utils.data.DistributedSampler(range(size), num_replicas=world_size, rank=rank, seed=seed)
+    sampler.set_epoch(epoch)
+    return [(index, derive_seed(seed, epoch, index)) for index in sampler]
+
+
 # ---- distributed: one process per device under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK) ----
 # Without torchrun every helper below is a no-op, so the same code runs on CPU, one GPU and many.
 
@@ -334,8 +317,7 @@ def resolve_device(device_arg=None):
 
 
 def init_distributed(device_arg=None):
-    """The device this process works on, joining torchrun's process group when there is one
-    (then `cuda:LOCAL_RANK` on GPUs, NCCL; gloo on CPU)."""
+    """This process's device, joining torchrun's process group if any (cuda:LOCAL_RANK and NCCL, or gloo)."""
     device = resolve_device(device_arg)
     torchrun = int(os.environ.get('WORLD_SIZE', '1')) > 1 and 'RANK' in os.environ
     if torchrun and device.type == 'cuda':
@@ -345,30 +327,14 @@ def init_distributed(device_arg=None):
                             f'device(s): --nproc_per_node must not exceed the GPUs per node')
         device = torch.device('cuda', local_rank)
     if device.type == 'cuda' and device.index is not None:
-        # the current device: bf16 support, pinned memory and RNG calls refer to it, and no
-        # CUDA context is opened on GPU 0 as well
-        torch.cuda.set_device(device)
-    if torchrun and not dist.is_initialized():
-        # rank 0 evaluates and writes files while the others wait: allow a long quiet spell
+        torch.cuda.set_device(device)  # bf16 support, pinned memory and RNG refer to it; no context on GPU 0
+    if torchrun and not dist.is_initialized():  # rank 0 evaluates and writes while the others wait: 60 min
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=datetime.timedelta(minutes=60))
     return device
 
 
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
-
-
-def get_rank():
-    return dist.get_rank() if is_distributed() else 0
-
-
-def get_world_size():
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main_process():
-    """True on rank 0 (or without torchrun): the process that prints progress and writes files."""
-    return get_rank() == 0
 
 
 def barrier():
@@ -381,19 +347,18 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-def shard_range(n, rank=None, world_size=None):
+def shard_range(n, rank, world_size):
     """Contiguous block of range(n) for `rank`; blocks in rank order concatenate back to range(n)."""
-    rank = get_rank() if rank is None else rank
-    per = -(-n // (get_world_size() if world_size is None else world_size))  # ceil
+    per = -(-n // world_size)  # ceil
     return range(min(rank * per, n), min((rank + 1) * per, n))
 
 
 def all_gather_rows(tensor):
-    """Every rank's [n_r, ...] tensor concatenated along dim 0 in rank order (n_r may differ):
-    all_gather needs equal shapes, so each shard is padded to the largest n_r and trimmed after."""
+    """Every rank's [n_r, ...] tensor concatenated along dim 0 in rank order (n_r may differ)."""
     if not is_distributed():
         return tensor
-    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(get_world_size())]
+    # all_gather needs equal shapes: each shard is padded to the largest n_r, then trimmed
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([len(tensor)], device=tensor.device))
     sizes = [int(s) for s in sizes]
     padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
@@ -407,15 +372,14 @@ def broadcast_object(obj, src=0):
     """Rank `src`'s picklable `obj` on every rank (e.g. a checkpoint only rank 0 can read)."""
     if not is_distributed():
         return obj
-    holder = [obj if get_rank() == src else None]
+    holder = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(holder, src)
     return holder[0]
 
 
 def broadcast_buffers(module, src=0):
-    """Copy rank `src`'s buffers (BatchNorm running statistics) to every rank. DDP does this only at
-    the start of the next training forward, so without it each rank would evaluate its shard with
-    its own statistics, not those of the model rank 0 saves."""
+    """Copy rank `src`'s buffers (BatchNorm statistics) to every rank. DDP does so only at the next training
+    forward: each rank would evaluate its shard with its own statistics, not those rank 0 saves."""
     if is_distributed():
         for buffer in module.buffers():
             dist.broadcast(buffer, src)
@@ -435,7 +399,8 @@ class Runtime:
 
     def __init__(self, device, amp):
         self.device, self.cuda = device, device.type == 'cuda'
-        self.rank, self.world_size, self.main = get_rank(), get_world_size(), is_main_process()
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+        self.main = self.rank == 0  # the process that prints progress and writes files
         self.amp_dtype = None
         if self.cuda:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -443,13 +408,13 @@ class Runtime:
                 self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+        enabled = self.amp_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled)
 
     def inputs(self, images, full_batch=True):
-        """A batch on the device in the layout the convolutions like. cuDNN autotunes full batches
-        only: a ragged last batch would pay a second search for one step."""
+        """A batch on the device in the layout the convolutions like."""
         if self.cuda:
-            torch.backends.cudnn.benchmark = full_batch
+            torch.backends.cudnn.benchmark = full_batch  # a ragged last batch would pay a second search
             return images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
         return images
 
@@ -476,39 +441,31 @@ def load_image(path):
 
 
 def _to_rgb(img):
-    """Any PIL mode -> RGB. Transparent pixels are composited on white (the background of
-    product photos), so RGBA, LA and palette images with transparency agree with their look."""
-    if img.mode == 'RGB':
-        return img
     if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F'):
         # 16-bit / 32-bit greys: rescale to 8 bits instead of clipping everything above 255 to white
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith('I;16') or a.max() > 255 else 255.0
         img = Image.fromarray(np.clip(a * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), 'L')
-    if img.mode == 'P' and 'transparency' in img.info:
-        img = img.convert('RGBA')
-    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
-        rgba = img.convert('RGBA')
-        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert('RGB')
-    return img.convert('RGB')  # L, 1, CMYK (PIL undoes Adobe's inverted CMYK JPEGs), YCbCr, LAB, P
+    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (img.mode == 'P' and 'transparency' in img.info):
+        # transparent pixels on white, the background of product photos
+        white = Image.new('RGBA', img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert('RGBA')).convert('RGB')
+    # L, 1, CMYK (PIL undoes Adobe's inverted CMYK JPEGs), YCbCr, LAB, P
+    return img if img.mode == 'RGB' else img.convert('RGB')
 
 
 def load_image_uint8(path):
-    """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels). Plain
-    JPEGs go through torchvision's libjpeg-turbo (whole file at once, ~25 % faster than PIL, same
-    pixels); anything else, and any file it refuses, through PIL, which names the error."""
+    """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels)."""
     path = os.fspath(path)
-    try:
+    try:  # plain JPEGs: torchvision's libjpeg-turbo, whole file at once, ~25 % faster than PIL, same pixels
         with open(path, 'rb') as f:
             data = f.read()
         if data[:3] == b'\xff\xd8\xff' and b'Adobe' not in data[:4096]:  # JPEG, not an Adobe CMYK one
-            with warnings.catch_warnings():  # torchvision 0.29 announces its decoders move to torchcodec
-                warnings.simplefilter('ignore', DeprecationWarning)
+            with warnings.catch_warnings(action='ignore', category=DeprecationWarning):  # 0.29: "torchcodec"
                 from torchvision.io import ImageReadMode, decode_jpeg
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (ImportError, RuntimeError, OSError, ValueError):
-        pass  # a later torchvision without it, a file it refuses, or one the OS refuses: PIL below
+        pass  # a later torchvision without it, a file it refuses, or one the OS refuses: PIL names the error
     return as_uint8(load_image(path))
 
 
@@ -520,13 +477,11 @@ def as_uint8(image):
 
 
 def resize_uint8(x, side):
-    """[..., 3, H, W] uint8 -> [..., 3, side, side] uint8, bilinear with antialiasing (PIL's
-    BILINEAR to +-1 grey level), computed in torch on the uint8 pixels."""
+    """uint8 [..., 3, H, W] -> [..., 3, side, side]: bilinear, antialiased (PIL's BILINEAR to +-1 grey level)."""
     if tuple(x.shape[-2:]) == (side, side):
         return x
     batch = x if x.dim() == 4 else x[None]
-    out = torch.nn.functional.interpolate(batch, size=(side, side), mode='bilinear', antialias=True,
-                                          align_corners=False)
+    out = torch.nn.functional.interpolate(batch, size=(side, side), mode='bilinear', antialias=True)
     return out if x.dim() == 4 else out[0]
 
 
@@ -537,20 +492,17 @@ class Normalize:
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f'mean and std need 3 values each, std > 0; got {mean}, {std}')
-        mean64 = torch.tensor(self.mean, dtype=torch.float64).view(3, 1, 1)
-        std64 = torch.tensor(self.std, dtype=torch.float64).view(3, 1, 1)
-        self.scale = (1.0 / (255.0 * std64)).float()  # [3, 1, 1]
-        self.shift = (-mean64 / std64).float()        # [3, 1, 1]
+        mean64, std64 = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in (self.mean, self.std))
+        self.scale, self.shift = (1.0 / (255.0 * std64)).float(), (-mean64 / std64).float()  # [3, 1, 1] each
 
     def __call__(self, x):
-        shift, scale = self.shift.to(x.device), self.scale.to(x.device)
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # contiguous whatever x's layout
-        return torch.addcmul(shift, x, scale, out=out)  # shift + x * scale
+        return torch.addcmul(self.shift.to(x.device), x, self.scale.to(x.device), out=out)  # shift + x * scale
 
 
 def crop_flip_draws(resize_side, side, generator=None):
-    """The random crop offsets and flip of one training image, drawn in torchvision's order
-    (RandomCrop's i, j, then RandomHorizontalFlip) -> (i, j, flip)."""
+    """One training image's random crop offsets and flip, drawn in torchvision's order (RandomCrop's
+    i, j, then RandomHorizontalFlip) -> (i, j, flip)."""
     room = resize_side - side + 1
     i = int(torch.randint(0, room, (1,), generator=generator)) if room > 1 else 0
     j = int(torch.randint(0, room, (1,), generator=generator)) if room > 1 else 0
@@ -558,9 +510,8 @@ def crop_flip_draws(resize_side, side, generator=None):
 
 
 class TrainTransform:
-    """The training transform of a PIL image or uint8 [3, H, W] -> float [3, s, s]: Resize((r, r)) ->
-    RandomCrop(s) -> RandomHorizontalFlip -> ToTensor -> Normalize, r = round(8s/7), on uint8 with one
-    fused normalisation; draws from torch's default generator (crop_flip_draws)."""
+    """PIL image or uint8 [3, H, W] -> float [3, s, s]: Resize((r, r)), r = round(8s/7), RandomCrop(s),
+    RandomHorizontalFlip, ToTensor, Normalize, on uint8; draws from torch's default generator."""
 
     def __init__(self, image_size, mean, std):
         self.image_size, self.resize_size = int(image_size), int(round(image_size * 8 / 7))
@@ -574,12 +525,10 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """The evaluation transform of a PIL image or uint8 [3, H, W] -> float [3, s, s]: Resize((s, s)) ->
-    ToTensor -> Normalize, on uint8 with one fused normalisation."""
+    """PIL image or uint8 [3, H, W] -> float [3, s, s]: Resize((s, s)), ToTensor, Normalize, on uint8."""
 
     def __init__(self, image_size, mean, std):
-        self.image_size, self.resize_size = int(image_size), int(image_size)
-        self.normalize = Normalize(mean, std)
+        self.image_size, self.normalize = int(image_size), Normalize(mean, std)
 
     def __call__(self, x):
         return self.normalize(resize_uint8(as_uint8(x), self.image_size))
@@ -587,7 +536,7 @@ class EvalTransform:
 
 class ImageListDataset(torch.utils.data.Dataset):
     """Images of a data-dict split {label: [paths]}; targets index the sorted labels. Item `index`
-    or (index, seed): the seed fixes the transform's random draws (see SeededSampler)."""
+    or (index, seed): the seed fixes the transform's random draws (see epoch_order)."""
 
     def __init__(self, data_dict_split, transform):
         self.classes = sorted(data_dict_split)
@@ -608,53 +557,28 @@ class ImageListDataset(torch.utils.data.Dataset):
         return self.transform(load_image_uint8(self.images[index])), self.targets[index]
 
 
-class SeededSampler(torch.utils.data.Sampler):
-    """Shuffles like DistributedSampler (order from seed + epoch; this rank's share) and hands each
-    index out with its own seed derive_seed(seed, epoch, index), so an image's crop and flip in an
-    epoch are the same whatever the worker count, the process that loads it, or the cache."""
-
-    def __init__(self, dataset, seed, num_replicas=1, rank=0):
-        self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
-                                                           shuffle=True, seed=seed)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        for index in self.sampler:
-            yield index, derive_seed(self.seed, self.epoch, index)
-
-    def __len__(self):
-        return len(self.sampler)
+def _cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def default_num_workers():
-    """Loader workers per process: the CPUs this process may use, shared among the processes
-    torchrun started on this node, at most 8 (more rarely helps and costs memory)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    per_process = cpus // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
-    return 0 if per_process <= 1 else min(8, per_process)
+    """Loader workers per process: its CPUs shared among torchrun's processes on this node, at most 8."""
+    per_process = _cpus() // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
+    return 0 if per_process <= 1 else min(8, per_process)  # more rarely helps and costs memory
 
 
 def worker_error_message(err):
-    """The one-line message of a UserError raised inside a DataLoader worker (the loader re-raises it
-    in the main process with the worker's traceback glued in front)."""
+    """The one-line message of a UserError raised in a DataLoader worker (re-raised in the main process
+    with the worker's traceback glued in front)."""
     text = str(err).strip()
     return text.splitlines()[-1].split('UserError: ', 1)[-1] if 'DataLoader worker' in text else text
 
 
 # ---- decode-once image cache ----
-# Decoding and resizing a JPEG costs far more than a training step's share of the GPU; the
-# recipe's inputs are fixed-size resizes of fixed files, so they are decoded once, at full
-# resolution, and kept as one uint8 tensor [N, 3, side, side]: on the GPU when it fits in
-# CACHE_GPU_SHARE of the free GPU memory, else in host memory when it fits in CACHE_RAM_SHARE of
-# the available RAM. Under torchrun one process per node decodes into shared memory (/dev/shm)
-# and the others map the same pages.
+# Decoding a JPEG costs far more than a training step's share of the GPU, and the inputs are fixed-size
+# resizes of fixed files: they are decoded once into uint8 [N, 3, side, side], on the GPU within
+# CACHE_GPU_SHARE of its free memory, else in RAM within CACHE_RAM_SHARE of the available memory.
+# Under torchrun one process per node decodes into /dev/shm and the others map the same pages.
 CACHE_GPU_SHARE, CACHE_RAM_SHARE = 0.4, 0.4
 CACHE_CHOICES = ('auto', 'gpu', 'ram', 'off')
 
@@ -684,21 +608,19 @@ def cache_place(choice, nbytes, device):
     return None if choice == 'off' else choice
 
 
-def _decode_into(out, paths, side, desc, show_bar):
-    """Decode and resize every image into out[k] (uint8 [N, 3, side, side]) with a thread per core
-    (the decoders and torch's resize release the GIL)."""
+def _decode_into(out, paths, side, show_bar):
+    """Decode and resize image k into out[k], a thread per core (decoders and resize release the GIL)."""
     from tqdm import tqdm
 
     def one(k):
         out[k] = resize_uint8(load_image_uint8(paths[k]), side)
 
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over images, not inside each resize
     try:
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            list(tqdm(pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit='img',
-                      disable=not show_bar, leave=False))
+        with concurrent.futures.ThreadPoolExecutor(_cpus()) as pool:
+            list(tqdm(pool.map(one, range(len(paths))), total=len(paths), unit='img', disable=not show_bar,
+                      desc=f'Decoding {len(paths)} images once', leave=False))
     finally:
         torch.set_num_threads(previous)
 
@@ -709,14 +631,14 @@ def build_cache(paths, side, place, device, key, show_bar=True):
     shape = (len(paths), 3, side, side)
     if not is_distributed():
         host = torch.empty(shape, dtype=torch.uint8)
-        _decode_into(host, paths, side, f'Decoding {len(paths)} images once', show_bar)
+        _decode_into(host, paths, side, show_bar)
     else:
         shm = os.path.join('/dev/shm', f'clf-cache-{key}-{os.environ.get("TORCHELASTIC_RUN_ID", "run")}.u8')
         local_main = int(os.environ.get('LOCAL_RANK', '0')) == 0
         try:
             if local_main:
                 host = torch.from_file(shm, shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)
-                _decode_into(host, paths, side, f'Decoding {len(paths)} images once', show_bar)
+                _decode_into(host, paths, side, show_bar)
             dist.barrier()  # decoded: the node's other processes map the same pages
             if not local_main:
                 host = torch.from_file(shm, shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)
@@ -739,13 +661,12 @@ def crop_flip_batch(cache, batch, side):
 
 
 def gather_crops(cache, indices, draws, side):
-    """The crops of crop_flip_batch in one gather kernel (a GPU launches one kernel, not B copies):
-    the rows and columns of every crop, the columns reversed where flipped."""
+    """crop_flip_batch's crops in one gather kernel (a GPU then launches one kernel, not B copies)."""
     device = cache.device
     i, j, flip = torch.tensor(draws, device=device).unbind(1)                        # [B] each
     steps = torch.arange(side, device=device)
     rows, cols = i[:, None] + steps, j[:, None] + steps                               # [B, s]
-    cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)
+    cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)                      # reversed where flipped
     index = torch.tensor(indices, device=device)
     return cache[index[:, None, None, None], torch.arange(3, device=device)[None, :, None, None],
                  rows[:, None, :, None], cols[:, None, None, :]]
@@ -788,12 +709,11 @@ class LabelSmoothingCrossEntropy(torch.nn.Module):
 
 def plot_curves(statistics, recalls, title):
     """Loss, accuracy, R@K and MAP@R per epoch -> PNG bytes."""
-    import matplotlib
-    matplotlib.use('Agg')  # files only, no display
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no display, no global backend
 
     epochs = [row['epoch'] for row in statistics]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     axes[0].plot(epochs, [row['train_loss'] for row in statistics], marker='o')
     axes[1].plot(epochs, [row['train_accuracy'] for row in statistics], marker='o')
     for k in recalls:
@@ -808,7 +728,6 @@ def plot_curves(statistics, recalls, title):
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.13, top=0.85, wspace=0.2)  # tight_layout is slow
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png', dpi=100, metadata={'Software': None})
-    plt.close(fig)
     return buffer.getvalue()
 
 
@@ -816,7 +735,7 @@ def plot_curves(statistics, recalls, title):
 
 
 def _label_ids(query_labels, gallery_labels):
-    """Map labels (list of str/int, or a tensor) to int ids shared by queries and gallery: [Nq], [Ng]."""
+    """Labels (lists of str/int, or tensors) -> int ids shared by queries and gallery: [Nq], [Ng], count."""
     query, gallery = (v.tolist() if torch.is_tensor(v) else list(v) for v in (query_labels, gallery_labels))
     ids = {label: i for i, label in enumerate(dict.fromkeys(query + gallery))}
     return (torch.tensor([ids[label] for label in query], dtype=torch.long),
@@ -824,9 +743,9 @@ def _label_ids(query_labels, gallery_labels):
 
 
 def _duplicates(features):
-    """(rows, first) of rows that repeat an earlier row exactly, or None when all differ. BLAS can
-    give two identical vectors similarities 1 ulp apart by their place in the matrix; copying the
-    first one's column over the others makes identical vectors score identically."""
+    """(rows, first) of rows that repeat an earlier row exactly, or None when all differ."""
+    # BLAS can give two identical vectors similarities 1 ulp apart by their place in the matrix; copying
+    # the first one's column over the others makes identical vectors score identically
     bits = features.contiguous().view(torch.int32 if features.dtype == torch.float32 else torch.int64).long()
     weights = torch.randint(-2 ** 62, 2 ** 62, (features.shape[1],), generator=torch.Generator().manual_seed(0))
     key = (bits * weights.to(bits.device)).sum(1)  # a hash of the exact bits (wraps around; only equality counts)
@@ -839,49 +758,34 @@ def _duplicates(features):
 
 
 def _similarities(queries, gallery):
-    """Similarities of a query chunk with gallery items, [c, Ng]. On CPU NumPy's BLAS does the product:
-    measured 1.5x faster than torch.mm for [1024, 1536] x [1536, 60502] float32 on 2 cores."""
+    """[c, D] x [Ng, D] -> [c, Ng]. On CPU NumPy's BLAS: measured 1.5x faster than torch.mm for
+    [1024, 1536] x [1536, 60502] float32 on 2 cores."""
     if queries.is_cuda:
         return queries @ gallery.T
     return torch.from_numpy(np.dot(queries.numpy(), gallery.numpy().T))
 
 
 def _count_greater(sims, thresholds):
-    """Per row, how many entries of sims [c, W] are strictly greater than thresholds [c]
-    (NumPy on CPU: measured ~9x faster than torch's sum of a bool mask)."""
+    """Per row, entries of sims [c, W] strictly above thresholds [c] (NumPy on CPU: ~9x faster than torch)."""
     if sims.is_cuda:
         return (sims > thresholds[:, None]).sum(1)
     return torch.from_numpy(np.count_nonzero(sims.numpy() > thresholds.numpy()[:, None], axis=1))
 
 
 def _budget(device):
-    """Bytes one chunk of work may use: a fixed 256 MiB on CPU, a quarter of the free memory on CUDA."""
-    if device.type == 'cuda':
-        return torch.cuda.mem_get_info(device)[0] // 4
-    return 256 * 2 ** 20
+    """Bytes one chunk of work may use: 256 MiB on CPU, a quarter of the free memory on CUDA."""
+    return torch.cuda.mem_get_info(device)[0] // 4 if device.type == 'cuda' else 256 * 2 ** 20
 
 
-def _query_chunk(num_gallery, max_class, device):
-    """Queries per chunk against a gallery: a similarity row (4 B) and a mask (1 B) per gallery item,
-    about 64 B per class member."""
-    return max(1, min(_budget(device) // (5 * num_gallery + 64 * max_class + 64), 4096))
-
-
-def _strip_rows(num, device):
-    """Rows per similarity strip of the symmetric self-evaluation: per item a similarity (4 B), a mask
-    (1 B), and room for a transposed copy in the dense path (4 B)."""
-    return max(1, min(_budget(device) // (10 * num), 4096))
-
-
-def _merge_top(top, values):
-    """Best `w` of each row of top [c, w] (descending) and values [c, t]: [c, w] descending."""
-    return torch.cat([top, values], 1).topk(top.shape[1], dim=1).values
+def _chunk_rows(row_bytes, device):
+    """Rows of `row_bytes` each that one chunk holds within _budget, 1 to 4096."""
+    return max(1, min(_budget(device) // row_bytes, 4096))
 
 
 def _precision_sums(same, top, r):
-    """Sum over the R best positions of precision@i at same-class items i: [c] float64.
-    same [c, w]: same-class similarities, descending; top [c, t]: best other-class similarities,
-    descending, t >= R; r [c]: R. The m-th same-class item sits at position m + #{others > it}."""
+    """Sum over the R best positions of precision@i at same-class items i -> [c] float64."""
+    # same [c, w]: same-class similarities, descending; top [c, t]: best other-class ones, descending,
+    # t >= R; r [c]: R. The m-th same-class item sits at position m + #{others > it}.
     width = same.shape[1]
     ahead = top.shape[1] - torch.searchsorted(top.flip(1).contiguous(), same.contiguous(), right=True)
     m = torch.arange(1, width + 1, device=same.device, dtype=torch.float64)
@@ -891,16 +795,15 @@ def _precision_sums(same, top, r):
 
 
 def _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes, self_mode, duplicates=None):
-    """Queries against a gallery (or against each other, self excluded), one query chunk at a time.
-    `duplicates`: see _duplicates. Returns first_hit [Nq] (other-class items strictly more similar
-    than the best same-class one),
-    r [Nq] (same-class items in the gallery) and precision_sum [Nq] (see _precision_sums)."""
+    """Queries against a gallery (or each other, self excluded), a chunk of queries at a time -> first_hit
+    [Nq] (other-class items above the best same-class one), r [Nq] (same-class items), precision_sum [Nq]."""
     device, num_query = queries.device, len(queries)
     # gallery members of every class: order[starts[k] : starts[k] + counts[k]]
     order = torch.argsort(gallery_ids, stable=True)
     counts = torch.bincount(gallery_ids, minlength=num_classes)
     starts = torch.cumsum(counts, 0) - counts
-    chunk = _query_chunk(len(gallery), int(counts.max()), device)
+    # per query a similarity (4 B) and a mask (1 B) per gallery item, about 64 B per class member
+    chunk = _chunk_rows(5 * len(gallery) + 64 * int(counts.max()) + 64, device)
     first_hit = torch.empty(num_query, dtype=torch.long)
     num_relevant = torch.empty(num_query, dtype=torch.long)
     precision_sum = torch.zeros(num_query, dtype=torch.float64)
@@ -934,8 +837,8 @@ def _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes, self_m
 
 
 def _cells_above(sims, thresholds, cap):
-    """Cells of sims [q, W] (may be a transposed view) strictly above their row's threshold [q], as
-    (row, column) index tensors grouped by row; None when there are more than `cap` of them."""
+    """Cells of sims [q, W] (maybe a transposed view) strictly above their row's threshold [q], as (row,
+    column) index tensors grouped by row; None when there are more than `cap`."""
     if sims.is_cuda:
         mask = sims > thresholds[:, None]
         return None if int(mask.sum()) > cap else mask.nonzero(as_tuple=True)
@@ -976,28 +879,27 @@ class _SelfStats:
         found = _cells_above(sims, torch.minimum(best, low), cap=max(top.numel(), sims.numel() // 32))
         if found is None:
             self.first_hit[queries] += _count_greater(sims, best).to(best.device)
-            self.top[queries] = _merge_top(top, sims.topk(min(width, sims.shape[1]), dim=1).values)
-            return
-        row, col = (v.to(sims.device) for v in found)
-        values = sims[row, col]
-        self.first_hit[queries] += torch.bincount(row[values > best[row]], minlength=len(top))
-        keep = values > low[row]
-        row, values = row[keep], values[keep]
-        if len(row) == 0:
-            return
-        # rows are grouped: place each row's candidates side by side, then keep the best `width`
-        counts = torch.bincount(row, minlength=len(top))
-        rank = torch.arange(len(row), device=row.device) - (torch.cumsum(counts, 0) - counts)[row]
-        fresh = torch.full((len(top), max(width, int(counts.max()))), -math.inf, device=top.device,
-                           dtype=top.dtype)
-        fresh[row, rank] = values
-        self.top[queries] = _merge_top(top, fresh)
+            fresh = sims.topk(min(width, sims.shape[1]), dim=1).values
+        else:
+            row, col = (v.to(sims.device) for v in found)
+            values = sims[row, col]
+            self.first_hit[queries] += torch.bincount(row[values > best[row]], minlength=len(top))
+            keep = values > low[row]
+            row, values = row[keep], values[keep]
+            if len(row) == 0:
+                return
+            # rows are grouped: place each row's candidates side by side
+            counts = torch.bincount(row, minlength=len(top))
+            rank = torch.arange(len(row), device=row.device) - (torch.cumsum(counts, 0) - counts)[row]
+            fresh = torch.full((len(top), int(counts.max())), -math.inf, device=top.device, dtype=top.dtype)
+            fresh[row, rank] = values
+        self.top[queries] = torch.cat([top, fresh], 1).topk(width, dim=1).values  # the best `width`
 
 
 def _self_stats(features, ids, num_classes):
-    """Every item against all others, using symmetry: in class-sorted order each block of similarities
-    is computed once and serves its rows and (transposed) its columns, halving the matrix products.
-    Same returns as _gallery_stats (in class-sorted order)."""
+    """Every item against all others, using symmetry -> _gallery_stats' returns in class-sorted order."""
+    # in class-sorted order each block of similarities is computed once and serves its rows and
+    # (transposed) its columns, halving the matrix products
     device, num = features.device, len(features)
     perm = torch.argsort(ids, stable=True)
     ids = ids[perm].to(device)
@@ -1005,8 +907,9 @@ def _self_stats(features, ids, num_classes):
     counts = torch.bincount(ids, minlength=num_classes)
     width = max(int(counts.max()) - 1, 1)                             # most same-class items of a query
     class_ends = torch.cumsum(counts[counts > 0], 0)
-    # chunk boundaries fall between classes, so every same-class pair lies in a diagonal block
-    chunk = _strip_rows(num, device)
+    # strips of rows, per item a similarity (4 B), a mask (1 B) and a transposed copy in the dense path
+    # (4 B); their boundaries fall between classes, so every same-class pair lies in a diagonal block
+    chunk = _chunk_rows(10 * num, device)
     targets = torch.tensor(list(range(chunk, num, chunk)), dtype=torch.long, device=device)
     bounds = [0] + torch.unique(class_ends[torch.searchsorted(class_ends, targets)]).tolist()
     if bounds[-1] != num:
@@ -1035,15 +938,12 @@ def _self_stats(features, ids, num_classes):
 
 @torch.no_grad()
 def evaluate(query_features, query_labels, ks, gallery_features=None, gallery_labels=None):
-    """Exact R@k for each k in ks and MAP@R, as fractions: {'R@1': ..., 'MAP@R': ...}.
-
-    Without a gallery each query is ranked against all other queries (itself excluded by index).
-    An item of another class ranks ahead of a same-class item only if strictly more similar.
-    R@k: share of all queries with a same-class item in their top k (none in the gallery: a miss).
-    MAP@R (Musgrave et al., 2020): mean over queries with R >= 1 same-class gallery items of
-    (1/R) * sum_{i<=R} precision@i * [item i is same-class]; 0 when no query has one.
-    Works in chunks, never holding a queries x gallery matrix.
-    """
+    """Exact R@k for each k in ks and MAP@R, as fractions: {'R@1': ..., 'MAP@R': ...}; without a gallery
+    each query is ranked against all other queries. Works in chunks, never holding a queries x gallery matrix."""
+    # An item of another class ranks ahead of a same-class item only if strictly more similar.
+    # R@k: share of all queries with a same-class item in their top k (none in the gallery: a miss).
+    # MAP@R (Musgrave et al., 2020): mean over queries with R >= 1 same-class gallery items of
+    # (1/R) * sum_{i<=R} precision@i * [item i is same-class]; 0 when no query has one.
     ks = list(ks)
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f'ks must be a non-empty list of positive integers, got {ks}')

@@ -19,7 +19,8 @@ def test_shard_range_and_gather_without_torchrun():
         assert [i for shard in shards for i in shard] == list(range(n))
         assert max(len(s) for s in shards) - min(len(s) for s in shards) <= (-(-n // world) if n else 0)
     x = torch.arange(6.0).view(3, 2)
-    assert utils.all_gather_rows(x) is x and utils.get_world_size() == 1 and utils.is_main_process()
+    rt = utils.Runtime(torch.device('cpu'), False)
+    assert utils.all_gather_rows(x) is x and (rt.rank, rt.world_size, rt.main) == (0, 1, True)
     assert utils.all_reduce_sum([1.0, 2.0], torch.device('cpu')) == [1.0, 2.0]
 
 
@@ -28,8 +29,8 @@ import sys
 import torch
 sys.path.insert(0, sys.argv[1])
 import utils
-utils.init_distributed('cpu')
-rank, world = utils.get_rank(), utils.get_world_size()
+rt = utils.Runtime(utils.init_distributed('cpu'), False)
+rank, world = rt.rank, rt.world_size
 rows = utils.shard_range(5, rank, world)                    # rank 0: 0, 1, 2; rank 1: 3, 4
 mine = torch.tensor([[float(i), 10.0 * i] for i in rows])   # [n_rank, 2], unequal n_rank
 gathered = utils.all_gather_rows(mine)

@@ -120,8 +120,7 @@ def test_against_brute_force_with_ties(monkeypatch, chunked, mode):
     if mode == 'plain':
         monkeypatch.setattr(utils, '_self_stats', plain_self_stats)
     if chunked:  # many small chunks and strips exercise their boundaries
-        monkeypatch.setattr(utils, '_query_chunk', lambda *args: 7)
-        monkeypatch.setattr(utils, '_strip_rows', lambda *args: 7)
+        monkeypatch.setattr(utils, '_chunk_rows', lambda *args: 7)
     if with_gallery:
         g = torch.randint(-2, 3, (70, 4), generator=generator).float()
         gl = [str(v) for v in torch.randint(0, 15, (70,), generator=generator).tolist()]
