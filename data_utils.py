@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from utils import (UserError, atomic_write, check_int, load_image, read_bytes, remove_temporaries, run_cli,
-                   safe_load, torch_bytes)
+from utils import (TEMPORARY_EXTRA, UserError, atomic_write, check_int, load_image, read_bytes, remove_temporaries,
+                   run_cli, safe_load, torch_bytes)
 
 # ImageNet statistics: used for a user's own folders and the demo (no dataset statistics known).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,7 +32,6 @@ NORMALIZATION = {
 CROP_TYPES = ('uncropped', 'cropped')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
 MAX_LISTED = 20  # bad files listed by name in one error; the rest are counted
-TEMPORARY_EXTRA = len('..12345678.tmp')  # what utils.write_temporary adds to a name (mkstemp: 8 letters)
 
 
 def normalization(name):
@@ -335,7 +334,7 @@ def _place_all(sources, out, name):
             os.makedirs(folder, exist_ok=True)
         except OSError as err:
             raise UserError(f'{name}: cannot create {folder}: {err.strerror or err}') from None
-        # killed writes left .{name}.XXXXXXXX.tmp: one listing finds those of our names (100,000s of images)
+        # killed writes left .{name}.{16 hex}.tmp: one listing finds those of our names (100,000s of images)
         leftovers = {e[1:1 - TEMPORARY_EXTRA] for e in os.listdir(folder) if e.startswith('.') and e.endswith('.tmp')}
         remove_temporaries([os.path.join(folder, i.name) for i in sources if i.name in leftovers])
     for dst, src in tqdm(originals.items(), desc=f'{name}: linking originals', unit='img', leave=False):

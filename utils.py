@@ -48,8 +48,11 @@ def check_int(name, value, low, high):
     return value
 
 
+TEMPORARY_EXTRA = len('..') + 16 + len('.tmp')  # what write_temporary adds to a file name
+
+
 def write_temporary(data, path):
-    """Write bytes to a new hidden temporary file beside `path`, synced to disk -> its name."""
+    """Write bytes to a new hidden temporary file .{name}.{16 hex digits}.tmp beside `path`, synced -> its name."""
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f'.{name}.{os.urandom(8).hex()}.tmp')
     # O_EXCL: a new file of its own; mode 0o666 less the umask, as a plain open() gives (mkstemp's: 0600)

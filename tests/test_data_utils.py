@@ -435,17 +435,20 @@ def test_decompression_bomb_reason_whole(tmp_path):
 
 
 def test_long_names_refused_before_writing(tmp_path):
-    # a 250-byte class folder is legal, but {class}_{file} (plus a temporary's 14) is not
+    # a 250-byte class folder is legal, but {class}_{file} (plus what a temporary name adds) is not
     root = str(tmp_path)
     write_class_folders(root, 'own', num_classes=2, per_class=1, size=8)
     long_class = os.path.join(root, 'own', 'c' * 250)
     write_image(os.path.join(long_class, 'img_0.jpg'))
-    write_image(os.path.join(root, 'own', 'd' * 235, 'img_0.jpg'))  # 245 bytes + 14: also too long
+    fits = 255 - utils.TEMPORARY_EXTRA - len('_img_0.jpg')  # the longest class name that still fits
+    write_image(os.path.join(root, 'own', 'd' * (fits + 1), 'img_0.jpg'))  # one byte too long
+    write_image(os.path.join(root, 'own', 'e' * fits, 'img_0.jpg'))
     with pytest.raises(UserError) as err:
         data_utils.process_dataset(root, 'own')
     message = str(err.value)
     assert message.startswith('own: 2 output file name(s) longer than the file system allows (255 bytes')
     assert 'c' * 250 + '_img_0.jpg' in message and 'shorten those' in message and 'disk space' not in message
+    assert 'd' * (fits + 1) + '_img_0.jpg' in message and 'e' * fits not in message
     assert not os.path.exists(os.path.join(root, 'own', 'uncropped'))
 
 
@@ -516,7 +519,7 @@ def test_interrupted_write_keeps_previous_lists(tmp_path, monkeypatch):
     # a crop killed the same way; the next run removes both leftovers, whatever else it does
     crop = p(root, 'cub', 'cropped', 'White_Pelican_0025_97604.jpg')
     os.remove(crop)
-    open(os.path.join(os.path.dirname(crop), '.White_Pelican_0025_97604.jpg.x1y2z3w4.tmp'), 'wb').write(b'half')
+    utils.write_temporary(b'half', crop)  # what a killed write leaves, named as the writer names it
     # a write that fails (disk full): an error, the previous file is untouched, no temporary left
     fail_writes(monkeypatch, 'cropped_data_dicts')
     os.remove(data_utils.data_dict_path(root, 'cub', 'cropped'))
