@@ -45,20 +45,20 @@ def parse_args(argv=None):
         help='backbone network type [default: %(default)s]')
     add('--feature_dim', default=512, type=int, help='feature dim of each branch [default: %(default)s]')
     add('--recalls', default='1,2,4,8', type=str, help='selected recall [default: %(default)s]')
-    add('--batch_size', default=128, type=int, help='train batch size, global over all processes [default: %(default)s]')
+    add('--batch_size', default=128, type=int, help='train batch size over all processes [default: %(default)s]')
     add('--num_epochs', default=20, type=int, help='train epoch number [default: %(default)s]')
     add('--device', default=None, type=str, help='cpu, cuda or cuda:N [default: cuda when available, else cpu]')
     add('--num_workers', default=None, type=int,
         help='data loader workers per process without the cache [default: from the CPU count, at most 8]')
     add('--image_size', default=224, type=int,
         help='train/test image size; training crops it from a round(size*8/7) resize [default: %(default)s]')
-    add('--seed', default=0, type=int, help='random seed; on CPU a fixed seed gives identical runs [default: %(default)s]')
+    add('--seed', default=0, type=int, help='random seed; a fixed seed repeats a CPU run [default: %(default)s]')
     add('--pretrained', default='imagenet', type=str,
         help="backbone weights: 'imagenet', 'none' (from scratch) or a weights file [default: %(default)s]")
     add('--branches', default='SMG', type=str,
         help='local-feature branches: letters of S (SPoC), M (MAC), G (GeM) [default: %(default)s]')
     add('--no_amp', action='store_true', help='train in float32 on CUDA [default: mixed precision]')
-    add('--lr', default=None, type=float, help='learning rate [default: 1e-4 with pretrained weights, 1e-3 from scratch]')
+    add('--lr', default=None, type=float, help='learning rate [default: 1e-4 with ImageNet weights, 1e-3 from scratch]')
     add('--cache', default='auto', choices=utils.CACHE_CHOICES,
         help='decode the images once into GPU memory, RAM, or not at all [default: %(default)s: GPU when '
              'they fit, else RAM, else off]')
@@ -199,19 +199,19 @@ def make_scheduler(optimizer, num_epochs):
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=GAMMA)
 
 
-def train_step(model, images, targets, criterion, optimizer, scaler, rt):
+def train_step(model, images, targets, criterion, optimizer, rt):
     """One Adam step -> (loss, correct predictions) as device tensors."""
     with rt.autocast():
         _, logits = model(images)  # [B, num_classes]
     loss = criterion(logits, targets)  # float32 whatever the autocast dtype
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    rt.scaler.scale(loss).backward()
+    rt.scaler.step(optimizer)
+    rt.scaler.update()
     return loss.detach(), (logits.argmax(1) == targets).sum()
 
 
-def train_one_epoch(model, images, criterion, optimizer, scaler, rt, epoch, num_epochs):
+def train_one_epoch(model, images, criterion, optimizer, rt, epoch, num_epochs):
     """One pass over the training images -> {'loss', 'accuracy' (%), 'seconds'} over all processes."""
     model.train()  # Model keeps the backbone BatchNorm in eval mode when freeze_backbone_bn is set
     start, first_step, loss_sum, correct, seen = time.time(), 0.0, 0.0, 0.0, 0
@@ -219,7 +219,7 @@ def train_one_epoch(model, images, criterion, optimizer, scaler, rt, epoch, num_
     bar = tqdm(images.train_batches(batches), total=len(batches), disable=not rt.main,
                dynamic_ncols=True, leave=False)
     for step, (x, targets) in enumerate(bar, start=1):
-        loss, hits = train_step(model, x, targets, criterion, optimizer, scaler, rt)
+        loss, hits = train_step(model, x, targets, criterion, optimizer, rt)
         # one device sync per step: the NaN check and the bar need the values anyway
         loss_value, hits = torch.stack([loss, hits.float()]).tolist()
         first_step = first_step or time.time() - start  # with --compile: compilation included
@@ -228,7 +228,8 @@ def train_one_epoch(model, images, criterion, optimizer, scaler, rt, epoch, num_
                             f'stopped. The best model and database on disk are from earlier epochs and unchanged. '
                             f'Try a lower --lr (or --no_amp), then continue with --resume auto')
         loss_sum, correct, seen = loss_sum + loss_value * len(targets), correct + hits, seen + len(targets)
-        bar.set_description(f'Train Epoch {epoch}/{num_epochs} Loss: {loss_sum / seen:.4f} Acc: {100 * correct / seen:.2f}%')
+        bar.set_description(f'Train Epoch {epoch}/{num_epochs} Loss: {loss_sum / seen:.4f} '
+                            f'Acc: {100 * correct / seen:.2f}%')
     bar.close()
     loss_sum, correct, seen = utils.all_reduce_sum([loss_sum, correct, seen], rt.device)
     return {'loss': loss_sum / seen, 'accuracy': 100.0 * correct / seen, 'seconds': time.time() - start,
@@ -271,7 +272,8 @@ def retrieval_metrics(features, labels, ks, device):
 
 def metrics_text(metrics, recalls):
     """'R@1 62.50% R@2 74.31% | MAP@R 18.20%' (percent, two decimals)."""
-    return ' '.join(f'R@{k} {100 * metrics[f"R@{k}"]:.2f}%' for k in recalls) + f' | MAP@R {100 * metrics["MAP@R"]:.2f}%'
+    recall_text = ' '.join(f'R@{k} {100 * metrics[f"R@{k}"]:.2f}%' for k in recalls)
+    return f'{recall_text} | MAP@R {100 * metrics["MAP@R"]:.2f}%'
 
 
 # ---- files: one run per results name, its outputs, checkpoints written in the background ----
@@ -286,13 +288,15 @@ def claim_results(config, paths):
         os.makedirs(folder, exist_ok=True)
         lock = open(os.path.join(folder, f'.{config["name"]}.lock'), 'a+')
     except OSError as err:
-        raise UserError(f'cannot write to results folder {folder}: {err.strerror or err}; nothing was written') from None
+        raise UserError(f'cannot write to results folder {folder}: {err.strerror or err}; '
+                        f'nothing was written') from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.seek(0)
         raise UserError(f'another train.py is running on {os.path.join(folder, config["name"])}_* '
-                        f'({lock.read().strip() or "process id unknown"}); wait for it or use another --results_dir') from None
+                        f'({lock.read().strip() or "process id unknown"}); wait for it or use another '
+                        f'--results_dir') from None
     try:
         lock.truncate(0)
         lock.write(f'process {os.getpid()}\n')
@@ -362,7 +366,7 @@ def output_paths(config):
     return {kind: os.path.join(config['results_dir'], f'{config["name"]}_{kind}') for kind in OUTPUTS}
 
 
-def resume(config, rt, paths, model, optimizer, scheduler, scaler):
+def resume(config, rt, paths, model, optimizer, scheduler):
     """Continue from the checkpoint when asked and there is one -> (statistics rows, best, first epoch to run)."""
     path = paths['checkpoint.pth'] if config['resume'] == 'auto' else config['resume']
     # rank 0 reads the checkpoint and hands it to the others: results/ may be on node 0's disk only
@@ -381,8 +385,8 @@ def resume(config, rt, paths, model, optimizer, scheduler, scaler):
         utils.load_state_dict_strict(model, state['model'], path)
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
-        if state['scaler'] and scaler.is_enabled():  # empty when saved without fp16 (CPU, bf16, --no_amp)
-            scaler.load_state_dict(state['scaler'])
+        if state['scaler'] and rt.scaler.is_enabled():  # empty when saved without fp16 (CPU, bf16, --no_amp)
+            rt.scaler.load_state_dict(state['scaler'])
         best = {'recall': float(state['best_recall']), 'epoch': int(state['best_epoch'])}
         statistics, first_epoch = list(state['statistics']), int(state['epoch']) + 1
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError):
@@ -452,8 +456,7 @@ def run(config, dicts, rt, paths):
     model, runner = build_model(config, rt)
     optimizer = torch.optim.Adam(model.parameters(), lr=config['lr'], weight_decay=WEIGHT_DECAY)
     scheduler = make_scheduler(optimizer, config['num_epochs'])
-    scaler = torch.amp.GradScaler('cuda', enabled=rt.amp_dtype == torch.float16)  # fp16 only; bf16 needs none
-    statistics, best, first_epoch = resume(config, rt, paths, model, optimizer, scheduler, scaler)
+    statistics, best, first_epoch = resume(config, rt, paths, model, optimizer, scheduler)
     images = Images(dicts, config, rt)
     criterion = utils.LabelSmoothingCrossEntropy(SMOOTHING, TEMPERATURE, utils.class_balanced_weights(
         images.targets, config['num_classes'])).to(rt.device)
@@ -474,7 +477,7 @@ def run(config, dicts, rt, paths):
     try:
         for epoch in range(first_epoch, config['num_epochs'] + 1):
             utils.seed_everything(utils.derive_seed(config['seed'], epoch, rt.rank))
-            stats = train_one_epoch(runner, images, criterion, optimizer, scaler, rt, epoch, config['num_epochs'])
+            stats = train_one_epoch(runner, images, criterion, optimizer, rt, epoch, config['num_epochs'])
             utils.broadcast_buffers(model)  # every shard embedded by the model rank 0 saves
             eval_start = time.time()
             features = extract_features(runner, images, rt, dim)
@@ -488,7 +491,7 @@ def run(config, dicts, rt, paths):
                                    'test_map@r': 100.0 * metrics['MAP@R']})
                 if metrics['R@1'] > best['recall']:  # strictly better: the first maximum wins
                     best = {'recall': metrics['R@1'], 'epoch': epoch}
-                writer.submit(epoch_files(epoch, (model, optimizer, scheduler, scaler), best, statistics, config,
+                writer.submit(epoch_files(epoch, (model, optimizer, scheduler, rt.scaler), best, statistics, config,
                                           images, features))
                 seconds = stats['seconds'] + eval_seconds + time.time() - write_start
                 print(f'Epoch {epoch}/{config["num_epochs"]} | train loss {stats["loss"]:.4f} acc '

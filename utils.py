@@ -398,7 +398,7 @@ def all_reduce_sum(values, device):
 
 
 class Runtime:
-    """Where and how this process computes: device, mixed precision, memory format, its rank."""
+    """Where and how this process computes: device, mixed precision and its loss scaler, memory format, rank."""
 
     def __init__(self, device, amp):
         self.device, self.cuda = device, device.type == 'cuda'
@@ -409,6 +409,7 @@ class Runtime:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
             if amp:
                 self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16)  # bf16 needs none
 
     def autocast(self):
         enabled = self.amp_dtype is not None
