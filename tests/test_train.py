@@ -233,6 +233,7 @@ def test_eval_untrained_baseline_leaves_the_run_unchanged(dataset, reference, tm
     (['--image_size', '8'], '--image_size must be between 16 and 1024, got 8'),
     (['--image_size', '5000'], '--image_size must be between 16 and 1024, got 5000'),
     (['--seed', '99999999999999999999999'], '--seed must be between 0 and 9223372036854775807'),
+    (['--num_workers', '-1'], '--num_workers must be between 0 and 256, got -1'),
     (['--device', 'tpu'], "--device 'tpu'"),
 ])
 def test_bad_input_clear_message_results_untouched(dataset, tmp_path, extra, message):
