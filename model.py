@@ -106,12 +106,17 @@ IMAGENET_WEIGHTS = {**{arch: (os.path.basename(w.url), w.url) for arch, w in TOR
 CLASSIFIER_PREFIXES = ('fc.', 'last_linear.')  # ImageNet heads, never used here
 
 
+def imagenet_weights_path(backbone_type):
+    """Where pretrained=True reads a backbone's ImageNet weights: the torch hub cache, as torchvision does."""
+    return os.path.join(torch.hub.get_dir(), 'checkpoints', IMAGENET_WEIGHTS[backbone_type][0])
+
+
 def download_imagenet_weights(backbone_type, timeout=30):
     """State dict of the ImageNet weights, from the torch hub cache or downloaded into it."""
-    file_name, url = IMAGENET_WEIGHTS[backbone_type]
-    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')  # where torchvision caches what it downloads
-    if os.path.isfile(os.path.join(folder, file_name)):
-        return safe_load(os.path.join(folder, file_name), f'ImageNet weights for {backbone_type}')
+    (file_name, url), path = IMAGENET_WEIGHTS[backbone_type], imagenet_weights_path(backbone_type)
+    folder = os.path.dirname(path)
+    if os.path.isfile(path):
+        return safe_load(path, f'ImageNet weights for {backbone_type}')
     # torch.hub opens the URL without a timeout: a firewall that drops packets would hang for minutes
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
@@ -146,7 +151,7 @@ def build_backbone(backbone_type, pretrained):
     # read the weights first, so that a missing file fails before anything is built
     if pretrained is True:
         state_dict = download_imagenet_weights(backbone_type)
-        source = os.path.join(torch.hub.get_dir(), 'checkpoints', IMAGENET_WEIGHTS[backbone_type][0])
+        source = imagenet_weights_path(backbone_type)
     elif pretrained:
         source = os.fspath(pretrained)
         state_dict = safe_load(source, f'ImageNet weights for {backbone_type}')

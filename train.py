@@ -83,7 +83,7 @@ def resolve_config(args):
                         f"e.g. 1,2,4,8")
     for flag, low, high in (('feature_dim', 1, 8192), ('batch_size', 2, 65536), ('num_epochs', 1, 100000),
                             ('image_size', 16, 1024), ('seed', 0, 2 ** 63 - 1), ('num_workers', 0, 256)):
-        utils.check_int(f'--{flag}', getattr(args, flag) or 0, low, high)
+        utils.check_int(f'--{flag}', getattr(args, flag) or 0, low, high)  # num_workers None: chosen later
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         raise UserError(f'--lr must be a positive number, got {args.lr}')
     branches = model_lib.parse_branches(args.branches)
@@ -172,7 +172,8 @@ class Images:
 
     def eval_batches(self, split):
         """Yields this process's shard of a split in order: images [B, 3, s, s] float on the device."""
-        dataset, shard = self.eval[split], utils.shard_range(len(self.eval[split]), self.rt.rank, self.rt.world_size)
+        dataset = self.eval[split]
+        shard = utils.shard_range(len(dataset), self.rt.rank, self.rt.world_size)
         size = 2 * self.batch  # no gradients: twice the training batch fits
         if self.caches is None:
             loader = DataLoader(Subset(dataset, shard), batch_size=size, **self.loader_kwargs)

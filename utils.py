@@ -500,8 +500,10 @@ class Normalize:
         self.scale, self.shift = (1.0 / (255.0 * std64)).float(), (-mean64 / std64).float()  # [3, 1, 1] each
 
     def __call__(self, x):
+        if self.shift.device != x.device:  # moved once, not copied to the GPU every batch
+            self.scale, self.shift = self.scale.to(x.device), self.shift.to(x.device)
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # contiguous whatever x's layout
-        return torch.addcmul(self.shift.to(x.device), x, self.scale.to(x.device), out=out)  # shift + x * scale
+        return torch.addcmul(self.shift, x, self.scale, out=out)  # shift + x * scale
 
 
 def crop_flip_draws(resize_side, side, generator=None):
