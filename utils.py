@@ -800,73 +800,12 @@ def _precision_sums(same, top, r):
     return torch.where(counted, m / position, 0).sum(1)
 
 
-def _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes, self_mode, duplicates=None):
-    """Queries against a gallery (or each other, self excluded), a chunk of queries at a time -> first_hit
-    [Nq] (other-class items above the best same-class one), r [Nq] (same-class items), precision_sum [Nq]."""
-    device, num_query = queries.device, len(queries)
-    # gallery members of every class: order[starts[k] : starts[k] + counts[k]]
-    order = torch.argsort(gallery_ids, stable=True)
-    counts = torch.bincount(gallery_ids, minlength=num_classes)
-    starts = torch.cumsum(counts, 0) - counts
-    # per query a similarity (4 B) and a mask (1 B) per gallery item, about 64 B per class member
-    chunk = _chunk_rows(5 * len(gallery) + 64 * int(counts.max()) + 64, device)
-    first_hit = torch.empty(num_query, dtype=torch.long)
-    num_relevant = torch.empty(num_query, dtype=torch.long)
-    precision_sum = torch.zeros(num_query, dtype=torch.float64)
-    for begin in range(0, num_query, chunk):
-        end = min(begin + chunk, num_query)
-        ids = query_ids[begin:end]
-        size = counts[ids]                                            # [c] class size in the gallery
-        slot = torch.arange(max(int(size.max()), 1))  # width >= 1 even when no query's class is there
-        in_class = slot[None, :] < size[:, None]                      # [c, w]
-        members = order[torch.where(in_class, starts[ids][:, None] + slot, 0)]  # [c, w] gallery indices
-        relevant = in_class
-        if self_mode:  # the query itself is never a result
-            relevant = in_class & (members != torch.arange(begin, end)[:, None])
-        r = relevant.sum(1)
-        num_relevant[begin:end] = r
+class _RankStats:
+    """Per-query statistics from other-class similarities, given the same-class ones same [N, w] (descending,
+    -inf padded) and their count r [N]: first_hit [N] (others above the best) and top [N, w] (best others)."""
 
-        sims = _similarities(queries[begin:end], gallery)             # [c, Ng]
-        if duplicates is not None:
-            sims[:, duplicates[0].to(sims.device)] = sims[:, duplicates[1].to(sims.device)]
-        members, in_class, relevant = members.to(device), in_class.to(device), relevant.to(device)
-        same = sims.gather(1, members).masked_fill(~relevant, -math.inf).sort(dim=1, descending=True).values
-        # drop the query's whole class (itself included): sims keeps only other-class items
-        rows = torch.arange(end - begin, device=device)[:, None].expand_as(members)
-        sims[rows[in_class], members[in_class]] = -math.inf
-        first_hit[begin:end] = _count_greater(sims, same[:, 0]).cpu()
-        r_max = int(r.max())
-        if r_max > 0:  # positions beyond R do not count, so the R best other-class items suffice
-            top = sims.topk(min(r_max, sims.shape[1]), dim=1).values
-            precision_sum[begin:end] = _precision_sums(same[:, :r_max], top, r.to(device)).cpu()
-    return first_hit, num_relevant, precision_sum
-
-
-def _cells_above(sims, thresholds, cap):
-    """Cells of sims [q, W] (maybe a transposed view) strictly above their row's threshold [q], as (row,
-    column) index tensors grouped by row; None when there are more than `cap`."""
-    if sims.is_cuda:
-        mask = sims > thresholds[:, None]
-        return None if int(mask.sum()) > cap else mask.nonzero(as_tuple=True)
-    mask = np.greater(sims.numpy(), thresholds.numpy()[:, None], order='C')  # [q, W] bool
-    flat = mask.reshape(-1)
-    if np.count_nonzero(flat) > cap:
-        return None
-    # candidates are sparse: find the non-zero 8-byte words first, then the cells inside them
-    whole = flat.size // 8 * 8
-    words = np.flatnonzero(flat[:whole].view(np.uint64))
-    cells = (words[:, None] * 8 + np.arange(8)).reshape(-1)
-    cells = np.concatenate([cells[flat[cells]], whole + np.flatnonzero(flat[whole:])])
-    return tuple(torch.from_numpy(v) for v in np.divmod(cells, mask.shape[1]))
-
-
-class _SelfStats:
-    """Running per-query statistics of the symmetric self-evaluation, in class-sorted order:
-    same [N, w] same-class similarities (descending), first_hit [N], top [N, w] best other-class."""
-
-    def __init__(self, same):
-        self.same = same
-        r = (same > -math.inf).sum(1)
+    def __init__(self, same, r):
+        self.same, self.r = same, r
         # +inf for a query without same-class items: nothing counts for it
         self.best = same[:, 0].masked_fill(r == 0, math.inf)
         # an other-class item matters for MAP@R only if it beats the R-th same-class item
@@ -901,8 +840,64 @@ class _SelfStats:
             fresh[row, rank] = values
         self.top[queries] = torch.cat([top, fresh], 1).topk(width, dim=1).values  # the best `width`
 
+    def result(self):
+        """(first_hit, r, precision_sum), each [N] on the CPU."""
+        return self.first_hit.cpu(), self.r.cpu(), _precision_sums(self.same, self.top, self.r).cpu()
 
-def _self_stats(features, ids, num_classes):
+
+def _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes, self_mode, duplicates=None):
+    """Queries against a gallery (or each other, self excluded), a chunk of queries at a time -> first_hit
+    [Nq] (other-class items above the best same-class one), r [Nq] (same-class items), precision_sum [Nq]."""
+    device = queries.device
+    # gallery members of every class: order[starts[k] : starts[k] + counts[k]]
+    order = torch.argsort(gallery_ids, stable=True)
+    counts = torch.bincount(gallery_ids, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    # per query a similarity (4 B) and a mask (1 B) per gallery item, about 64 B per class member
+    chunk = _chunk_rows(5 * len(gallery) + 64 * int(counts.max()) + 64, device)
+    results = []
+    for begin in range(0, len(queries), chunk):
+        end = min(begin + chunk, len(queries))
+        ids = query_ids[begin:end]
+        slot = torch.arange(max(int(counts[ids].max()), 1))  # width >= 1 even when no query's class is there
+        in_class = slot[None, :] < counts[ids][:, None]               # [c, w]
+        members = order[torch.where(in_class, starts[ids][:, None] + slot, 0)]  # [c, w] gallery indices
+        relevant = in_class
+        if self_mode:  # the query itself is never a result
+            relevant = in_class & (members != torch.arange(begin, end)[:, None])
+        sims = _similarities(queries[begin:end], gallery)             # [c, Ng]
+        if duplicates is not None:
+            sims[:, duplicates[0].to(sims.device)] = sims[:, duplicates[1].to(sims.device)]
+        members, in_class, relevant = members.to(device), in_class.to(device), relevant.to(device)
+        same = sims.gather(1, members).masked_fill(~relevant, -math.inf).sort(dim=1, descending=True).values
+        # drop the query's whole class (itself included): sims keeps only other-class items
+        rows = torch.arange(end - begin, device=device)[:, None].expand_as(members)
+        sims[rows[in_class], members[in_class]] = -math.inf
+        stats = _RankStats(same, relevant.sum(1))
+        stats.update(sims, slice(None))
+        results.append(stats.result())
+    return tuple(torch.cat(parts) for parts in zip(*results))
+
+
+def _cells_above(sims, thresholds, cap):
+    """Cells of sims [q, W] (maybe a transposed view) strictly above their row's threshold [q], as (row,
+    column) index tensors grouped by row; None when there are more than `cap`."""
+    if sims.is_cuda:
+        mask = sims > thresholds[:, None]
+        return None if int(mask.sum()) > cap else mask.nonzero(as_tuple=True)
+    mask = np.greater(sims.numpy(), thresholds.numpy()[:, None], order='C')  # [q, W] bool
+    flat = mask.reshape(-1)
+    if np.count_nonzero(flat) > cap:
+        return None
+    # candidates are sparse: find the non-zero 8-byte words first, then the cells inside them
+    whole = flat.size // 8 * 8
+    words = np.flatnonzero(flat[:whole].view(np.uint64))
+    cells = (words[:, None] * 8 + np.arange(8)).reshape(-1)
+    cells = np.concatenate([cells[flat[cells]], whole + np.flatnonzero(flat[whole:])])
+    return tuple(torch.from_numpy(v) for v in np.divmod(cells, mask.shape[1]))
+
+
+def _self_stats(features, ids):
     """Every item against all others, using symmetry -> _gallery_stats' returns in class-sorted order."""
     # in class-sorted order each block of similarities is computed once and serves its rows and
     # (transposed) its columns, halving the matrix products
@@ -910,18 +905,16 @@ def _self_stats(features, ids, num_classes):
     perm = torch.argsort(ids, stable=True)
     ids = ids[perm].to(device)
     x = features[perm.to(device)]                                     # [N, D] copy in class order
-    counts = torch.bincount(ids, minlength=num_classes)
-    width = max(int(counts.max()) - 1, 1)                             # most same-class items of a query
+    counts = torch.bincount(ids)
     class_ends = torch.cumsum(counts[counts > 0], 0)
     # strips of rows, per item a similarity (4 B), a mask (1 B) and a transposed copy in the dense path
     # (4 B); their boundaries fall between classes, so every same-class pair lies in a diagonal block
     chunk = _chunk_rows(10 * num, device)
-    targets = torch.tensor(list(range(chunk, num, chunk)), dtype=torch.long, device=device)
-    bounds = [0] + torch.unique(class_ends[torch.searchsorted(class_ends, targets)]).tolist()
-    if bounds[-1] != num:
-        bounds.append(num)
+    targets = torch.tensor(range(chunk, num, chunk), dtype=torch.long, device=device)
+    bounds = [0] + sorted(set(class_ends[torch.searchsorted(class_ends, targets)].tolist()) | {num})
     blocks = list(zip(bounds[:-1], bounds[1:]))
 
+    width = max(int(counts.max()) - 1, 1)                             # most same-class items of a query
     same = torch.full((num, width), -math.inf, device=device, dtype=x.dtype)
     for begin, end in blocks:
         block = _similarities(x[begin:end], x[begin:end])              # [c, c]
@@ -930,7 +923,7 @@ def _self_stats(features, ids, num_classes):
         block.masked_fill_(other.to(block.device), -math.inf)
         kept = min(width, end - begin)
         same[begin:end, :kept] = block.topk(kept, dim=1).values
-    stats = _SelfStats(same)
+    stats = _RankStats(same, counts[ids] - 1)
     for begin, end in blocks:
         strip = _similarities(x[begin:end], x[begin:])                 # [c, N - begin]
         diagonal = strip[:, :end - begin]
@@ -938,8 +931,7 @@ def _self_stats(features, ids, num_classes):
         stats.update(strip, slice(begin, end))                         # rows: these queries
         if end < num:
             stats.update(strip[:, end - begin:].T, slice(end, num))    # columns: the later queries
-    r = counts[ids] - 1
-    return stats.first_hit.cpu(), r.cpu(), _precision_sums(stats.same, stats.top, r).cpu()
+    return stats.result()
 
 
 @torch.no_grad()
@@ -956,28 +948,23 @@ def evaluate(query_features, query_labels, ks, gallery_features=None, gallery_la
     self_mode = gallery_features is None
     if self_mode:
         gallery_features, gallery_labels = query_features, query_labels
-    if query_features.dim() != 2 or gallery_features.dim() != 2 or \
-            query_features.shape[1] != gallery_features.shape[1]:
-        raise ValueError(f'features must be [N, D] with the same D, got {tuple(query_features.shape)} '
-                         f'and {tuple(gallery_features.shape)}')
-    if len(query_features) == 0 or len(gallery_features) == 0 or len(query_labels) != len(query_features) \
-            or len(gallery_labels) != len(gallery_features):
-        raise ValueError(f'need at least one query, one gallery item and one label per feature vector, got '
-                         f'{len(query_features)} queries / {len(query_labels)} labels, '
-                         f'{len(gallery_features)} gallery items / {len(gallery_labels)} labels')
-    if not torch.isfinite(query_features).all() or not torch.isfinite(gallery_features).all():
+    q, g = query_features, gallery_features
+    if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1] or not len(q) or not len(g) \
+            or len(query_labels) != len(q) or len(gallery_labels) != len(g):
+        raise ValueError(f'need at least one query and one gallery item, [N, D] with the same D, a label each; got '
+                         f'{tuple(q.shape)}, {len(query_labels)} labels and {tuple(g.shape)}, {len(gallery_labels)}')
+    if not torch.isfinite(q).all() or not torch.isfinite(g).all():
         raise ValueError('features contain NaN or infinite values (a diverged model?): no ranking exists')
-    device = query_features.device
-    dtype = query_features.dtype if query_features.dtype in (torch.float32, torch.float64) else torch.float32
-    queries = query_features.to(dtype).contiguous()
-    gallery = queries if self_mode else gallery_features.to(device=device, dtype=dtype).contiguous()
+    dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+    queries = q.to(dtype).contiguous()
+    gallery = queries if self_mode else g.to(device=q.device, dtype=dtype).contiguous()
     query_ids, gallery_ids, num_classes = _label_ids(query_labels, gallery_labels)
     duplicates = _duplicates(gallery)
     # the symmetric way keeps [N, w] tables per query and cannot equalise duplicate columns; a huge
     # class or repeated vectors take the plain way
     if self_mode and duplicates is None and \
-            48 * len(queries) * int(torch.bincount(query_ids).max()) <= _budget(device):
-        first_hit, r, precision_sum = _self_stats(queries, query_ids, num_classes)
+            48 * len(queries) * int(torch.bincount(query_ids).max()) <= _budget(q.device):
+        first_hit, r, precision_sum = _self_stats(queries, query_ids)
     else:
         first_hit, r, precision_sum = _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes,
                                                      self_mode, duplicates)
