@@ -783,9 +783,8 @@ def _precision_sums(same, top, r):
     """Sum over the R best positions of precision@i at same-class items i -> [c] float64."""
     # same [c, w]: same-class similarities, descending; top [c, t]: best other-class ones, descending,
     # t >= R; r [c]: R. The m-th same-class item sits at position m + #{others > it}.
-    width = same.shape[1]
     ahead = top.shape[1] - torch.searchsorted(top.flip(1).contiguous(), same.contiguous(), right=True)
-    m = torch.arange(1, width + 1, device=same.device, dtype=torch.float64)
+    m = torch.arange(1, same.shape[1] + 1, device=same.device, dtype=torch.float64)
     position = m + ahead                                              # [c, w]
     counted = (m <= r[:, None]) & (position <= r[:, None])
     return torch.where(counted, m / position, 0).sum(1)
