@@ -305,10 +305,8 @@ def resolve_device(device_arg=None):
         device = None
     if device is None or device.type not in ('cpu', 'cuda'):
         raise UserError(f"unknown --device '{device_arg}': expected cpu, cuda or cuda:N")
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f"--device {device_arg}: CUDA is not available on this machine; use --device cpu")
-    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f'--device {device_arg}: only {torch.cuda.device_count()} CUDA device(s) here')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f'--device {device_arg}: {torch.cuda.device_count()} CUDA device(s) here; use cpu or a lower N')
     return device
 
 
@@ -353,10 +351,8 @@ def all_gather_rows(tensor):
     """Every rank's [n_r, ...] tensor concatenated along dim 0 in rank order (n_r may differ)."""
     if not is_distributed():
         return tensor
-    # all_gather needs equal shapes: each shard is padded to the largest n_r, then trimmed
-    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([len(tensor)], device=tensor.device))
-    sizes = [int(s) for s in sizes]
+    sizes = [0] * dist.get_world_size()
+    dist.all_gather_object(sizes, len(tensor))  # all_gather needs equal shapes: pad to the largest n_r, then trim
     padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
     padded[:len(tensor)] = tensor
     parts = [torch.empty_like(padded) for _ in sizes]
@@ -732,14 +728,6 @@ def plot_curves(statistics, recalls, title):
 # ---- retrieval metrics ----
 
 
-def _label_ids(query_labels, gallery_labels):
-    """Labels (lists of str/int, or tensors) -> int ids shared by queries and gallery: [Nq], [Ng], count."""
-    query, gallery = (v.tolist() if torch.is_tensor(v) else list(v) for v in (query_labels, gallery_labels))
-    ids = {label: i for i, label in enumerate(dict.fromkeys(query + gallery))}
-    return (torch.tensor([ids[label] for label in query], dtype=torch.long),
-            torch.tensor([ids[label] for label in gallery], dtype=torch.long), len(ids))
-
-
 def _duplicates(features):
     """(rows, first) of rows that repeat an earlier row exactly, or None when all differ."""
     # BLAS can give two identical vectors similarities 1 ulp apart by their place in the matrix; copying
@@ -777,17 +765,6 @@ def _budget(device):
 def _chunk_rows(row_bytes, device):
     """Rows of `row_bytes` each that one chunk holds within _budget, 1 to 4096."""
     return max(1, min(_budget(device) // row_bytes, 4096))
-
-
-def _precision_sums(same, top, r):
-    """Sum over the R best positions of precision@i at same-class items i -> [c] float64."""
-    # same [c, w]: same-class similarities, descending; top [c, t]: best other-class ones, descending,
-    # t >= R; r [c]: R. The m-th same-class item sits at position m + #{others > it}.
-    ahead = top.shape[1] - torch.searchsorted(top.flip(1).contiguous(), same.contiguous(), right=True)
-    m = torch.arange(1, same.shape[1] + 1, device=same.device, dtype=torch.float64)
-    position = m + ahead                                              # [c, w]
-    counted = (m <= r[:, None]) & (position <= r[:, None])
-    return torch.where(counted, m / position, 0).sum(1)
 
 
 class _RankStats:
@@ -831,8 +808,15 @@ class _RankStats:
         self.top[queries] = torch.cat([top, fresh], 1).topk(width, dim=1).values  # the best `width`
 
     def result(self):
-        """(first_hit, r, precision_sum), each [N] on the CPU."""
-        return self.first_hit.cpu(), self.r.cpu(), _precision_sums(self.same, self.top, self.r).cpu()
+        """(first_hit, r, precision_sum), each [N] on the CPU; precision_sum sums precision@i over the
+        same-class items i among the R best positions."""
+        same, top, r = self.same, self.top, self.r[:, None]
+        # the m-th same-class item sits at position m + #{other-class items above it}; top holds the R best
+        ahead = top.shape[1] - torch.searchsorted(top.flip(1).contiguous(), same.contiguous(), right=True)
+        m = torch.arange(1, same.shape[1] + 1, device=same.device, dtype=torch.float64)
+        position = m + ahead                                              # [N, w]
+        precision = torch.where((m <= r) & (position <= r), m / position, 0)
+        return self.first_hit.cpu(), self.r.cpu(), precision.sum(1).cpu()
 
 
 def _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes, self_mode, duplicates=None):
@@ -948,7 +932,10 @@ def evaluate(query_features, query_labels, ks, gallery_features=None, gallery_la
     dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
     queries = q.to(dtype).contiguous()
     gallery = queries if self_mode else g.to(device=q.device, dtype=dtype).contiguous()
-    query_ids, gallery_ids, num_classes = _label_ids(query_labels, gallery_labels)
+    # labels (lists of str/int, or tensors) -> int ids shared by queries and gallery: [Nq], [Ng]
+    labels = [v.tolist() if torch.is_tensor(v) else list(v) for v in (query_labels, gallery_labels)]
+    ids = {label: i for i, label in enumerate(dict.fromkeys(labels[0] + labels[1]))}
+    query_ids, gallery_ids = (torch.tensor([ids[label] for label in v], dtype=torch.long) for v in labels)
     duplicates = _duplicates(gallery)
     # the symmetric way keeps [N, w] tables per query and cannot equalise duplicate columns; a huge
     # class or repeated vectors take the plain way
@@ -956,7 +943,7 @@ def evaluate(query_features, query_labels, ks, gallery_features=None, gallery_la
             48 * len(queries) * int(torch.bincount(query_ids).max()) <= _budget(q.device):
         first_hit, r, precision_sum = _self_stats(queries, query_ids)
     else:
-        first_hit, r, precision_sum = _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes,
+        first_hit, r, precision_sum = _gallery_stats(queries, query_ids, gallery, gallery_ids, len(ids),
                                                      self_mode, duplicates)
     found = r > 0
     result = {f'R@{k}': float((found & (first_hit < k)).sum()) / len(queries) for k in ks}
