@@ -395,7 +395,8 @@ def test_malformed_annotations(tmp_path):
     with pytest.raises(UserError, match=r'car: cannot read .*cars_annos.mat as a MATLAB file'):
         data_utils.process_dataset(root, 'car')
     savemat(os.path.join(car, 'cars_annos.mat'), {'annotations': mat_struct([{'fname': 'a.jpg'}], ['fname'])})
-    with pytest.raises(UserError, match=r'annos.mat has no struct "annotations" with the field\(s\) relative_im_path, bbox'):
+    missing = r'cars_annos.mat has no struct "annotations" with the field\(s\) relative_im_path, bbox_x1'
+    with pytest.raises(UserError, match=missing):
         data_utils.process_dataset(root, 'car')
 
 
