@@ -19,10 +19,8 @@ from tqdm import tqdm
 from utils import (TEMPORARY_EXTRA, UserError, atomic_write, check_int, load_image, read_bytes, remove_temporaries,
                    run_cli, safe_load, torch_bytes)
 
-# ImageNet statistics: used for a user's own folders and the demo (no dataset statistics known).
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# Per-dataset mean/std the published models were trained with.
-NORMALIZATION = {
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # own folders and the demo
+NORMALIZATION = {  # per-dataset mean/std the published models were trained with
     'car': ((0.4853, 0.4965, 0.4295), (0.2237, 0.2193, 0.2568)),
     'cub': ((0.4707, 0.4601, 0.4549), (0.2767, 0.2760, 0.2850)),
     'sop': ((0.5807, 0.5396, 0.5044), (0.2901, 0.2974, 0.3095)),
@@ -136,11 +134,10 @@ def read_cub(root, num_train_classes=100, name='cub'):
     root = nested if os.path.isdir(nested) and not os.path.exists(os.path.join(root, 'images.txt')) else root
     images, labels_file, boxes_file = (_require(name, os.path.join(root, f))
                                        for f in ('images.txt', 'image_class_labels.txt', 'bounding_boxes.txt'))
-    paths = _read_rows(images, name, ('image_id', 'path'))
     labels = dict(_read_rows(labels_file, name, ('image_id', 'class_id')))
     boxes = {r[0]: r[1:] for r in _read_rows(boxes_file, name, ('image_id', 'x', 'y', 'w', 'h'))}
     items = []
-    for image_id, rel in paths:
+    for image_id, rel in _read_rows(images, name, ('image_id', 'path')):
         for table, file in ((labels, labels_file), (boxes, boxes_file)):
             if image_id not in table:
                 raise UserError(f'{name}: image id {image_id} ({rel}) has no line in {file}')
@@ -148,8 +145,7 @@ def read_cub(root, num_train_classes=100, name='cub'):
             x, y, w, h = (int(float(v)) for v in boxes[image_id])
             label = int(labels[image_id])
         except (ValueError, OverflowError):  # OverflowError: int() of an inf
-            raise UserError(f'{name}: image id {image_id}: expected an integer class id in {labels_file} and '
-                            f'numbers x y w h in {boxes_file}') from None
+            raise UserError(f'{name}: image id {image_id}: expected an integer class id and numbers x y w h') from None
         items.append(Item(os.path.join(root, 'images', rel), os.path.basename(rel), str(label),
                           'train' if label <= num_train_classes else 'test', (x, y, x + w, y + h)))
     return items
@@ -159,12 +155,10 @@ def read_sop(root):
     """Stanford Online Products: the split files give train and test (disjoint products)."""
     nested = os.path.join(root, 'Stanford_Online_Products')  # as for CUB: the archive's own folder
     root = nested if os.path.isdir(nested) and not os.path.exists(os.path.join(root, 'Ebay_train.txt')) else root
-    items = []
-    for split in ('train', 'test'):
-        file = _require('sop', os.path.join(root, f'Ebay_{split}.txt'))
-        for _, class_id, _, rel in _read_rows(file, 'sop', ('image_id', 'class_id', 'super_class_id', 'path'), 1):
-            items.append(Item(os.path.join(root, rel), os.path.basename(rel), class_id, split, None))
-    return items
+    fields = ('image_id', 'class_id', 'super_class_id', 'path')
+    files = {split: _require('sop', os.path.join(root, f'Ebay_{split}.txt')) for split in ('train', 'test')}
+    return [Item(os.path.join(root, rel), os.path.basename(rel), class_id, split, None)
+            for split, file in files.items() for _, class_id, _, rel in _read_rows(file, 'sop', fields, skip=1)]
 
 
 def read_isc(root):
@@ -215,16 +209,13 @@ DATASETS = {
   cub/images.txt, cub/image_class_labels.txt, cub/bounding_boxes.txt, cub/images/<class>/*.jpg
   (the archive's CUB_200_2011/ folder may also sit inside cub/)'''),
     'sop': Benchmark(read_sop, ('train', 'test'), '''\
-  sop/Ebay_train.txt, sop/Ebay_test.txt, sop/<category>_final/*.JPG
-  (the archive's Stanford_Online_Products/ folder may also sit inside sop/)'''),
+  sop/Ebay_train.txt, sop/Ebay_test.txt, sop/<category>_final/*.JPG  (or in sop/Stanford_Online_Products/)'''),
     'isc': Benchmark(read_isc, ('train', 'query', 'gallery'), '''\
-  isc/Eval/list_eval_partition.txt, isc/Img/img/<GENDER>/<category>/<item_id>/*.jpg
-  (img/ directly inside isc/ is accepted too)'''),
+  isc/Eval/list_eval_partition.txt, isc/Img/img/<GENDER>/<category>/<item_id>/*.jpg  (or isc/img/...)'''),
 }
 
 
 # ---- the shared pipeline: check every name and source, place files, write the lists ----
-
 
 def _check_image(item):
     """None if the image decodes completely, else a reason (draft mode: fast, yet reads all of a JPEG)."""
@@ -344,7 +335,6 @@ def process_items(items, data_path, name, splits=('train', 'test')):
 
 # ---- datasets by name: processing one, and reading its lists back (train.py) ----
 
-
 def _check_options(names, split=None, seed=0):
     """Dataset names and flags, checked before any dataset is touched."""
     for name in names:
@@ -353,8 +343,7 @@ def _check_options(names, split=None, seed=0):
     check_int('--seed', seed, 0, 2 ** 32 - 1)
     fixed = [n for n in names if n in DATASETS or n == 'demo']
     if split is not None and fixed:
-        raise UserError(f'--split applies to own class-folder datasets; {", ".join(fixed)} '
-                        f'{"has" if len(fixed) == 1 else "have"} a fixed split')
+        raise UserError(f'--split applies to own class-folder datasets, not to {", ".join(fixed)} (fixed splits)')
     if split is not None and not 0 < split < 1:
         raise UserError(f'--split must be between 0 and 1 (share of classes used for training), got {split}')
 
@@ -398,9 +387,8 @@ def load_data_dicts(data_path, data_name, crop_type):
         raise UserError(f'demo: folder not found: {root}; the demo is generated: run {command}' if data_name == 'demo'
                         else f'{_folder_error(root, data_name)}\nthen run {command}')
     if not os.path.isfile(path):
-        raise UserError(f'data dict not found: {path}; run {command} first' +
-                        (' (cropped lists exist only for datasets with bounding boxes: car, cub, demo)'
-                         if crop_type == 'cropped' else ''))
+        boxes = ' (cropped lists exist only for datasets with bounding boxes: car, cub, demo)'
+        raise UserError(f'data dict not found: {path}; run {command} first{boxes if crop_type == "cropped" else ""}')
     dicts = safe_load(path, 'data dict')
     if not isinstance(dicts, dict) or 'train' not in dicts or \
             not ('test' in dicts or ('query' in dicts and 'gallery' in dicts)):
@@ -412,8 +400,7 @@ def load_data_dicts(data_path, data_name, crop_type):
         well_formed = isinstance(lists, dict) and all(
             isinstance(paths, (list, tuple)) and all(isinstance(p, str) for p in paths) for paths in lists.values())
         if not well_formed or not any(lists.values()):
-            raise UserError(f"data dict {path}: split '{split}' is empty or not {{label: [image paths]}}; "
-                            f"re-run data_utils.py")
+            raise UserError(f"data dict {path}: split {split!r} is empty or not {{label: [paths]}}; re-run data_utils.py")
         firsts[split] = next(p for paths in lists.values() for p in paths)
     for split, first in firsts.items():
         if not os.path.exists(first):
@@ -479,7 +466,7 @@ def _draw_demo_image(parts, rng, size):
     for _ in range(rng.integers(1, 5)):
         x, y, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(size * 0.03, size * 0.08)
         ImageDraw.Draw(img).polygon(_polygon(POLYGONS[rng.integers(len(POLYGONS))], x, y, r, rng.uniform(0, 6.3)),
-                     fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+                                    fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
     # the object: part offsets are in units of the main radius, turned with the whole object
     radius, angle = size * rng.uniform(0.16, 0.27), rng.uniform(-0.5, 0.5)
     extent = radius * 1.6
@@ -553,7 +540,6 @@ def make_demo(root, seed=0, num_classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS, 
 
 # ---- command line ----
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Preprocess retrieval datasets into image lists '
                                                  '({data_path}/{name}/{crop_type}_data_dicts.pth)')
@@ -573,8 +559,7 @@ def main(argv=None):
         print(f'skipping {", ".join(n for n in DATASETS if n not in names)}: no such folder in {args.data_path}',
               flush=True)
     if not names:  # only without --data_name, which takes one name or more
-        raise UserError(f'no dataset folder ({", ".join(DATASETS)}) in {args.data_path}; '
-                        f'use --data_name demo for a generated one')
+        raise UserError(f'no dataset folder ({", ".join(DATASETS)}) in {args.data_path}; --data_name demo draws one')
     failed = []
     for name in names:
         try:

@@ -473,8 +473,8 @@ def test_cli_errors_without_traceback(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--data_name', 'own', 'car', '--split', '0.3'], '--split applies to own class-folder datasets; car has a fixed'),
-    (['--split', '0.3'], '--split applies to own class-folder datasets; car, cub, sop, isc have a fixed split'),
+    (['--data_name', 'own', 'car', '--split', '0.3'], '--split applies to own class-folder datasets, not to car '),
+    (['--split', '0.3'], '--split applies to own class-folder datasets, not to car, cub, sop, isc (fixed splits)'),
     (['--data_name', 'own', '--split', '1.5'], '--split must be between 0 and 1'),
     (['--data_name', 'own', '--split', 'nan'], '--split must be between 0 and 1'),
     (['--data_name', 'own', '../cub'], "--data_name '../cub' must be a folder name inside --data_path"),
@@ -618,7 +618,7 @@ SPLITS = "expected splits 'train' and 'test' (or 'query' and 'gallery'), found "
     ('bad', 'uncropped', [1, 2], BAD + SPLITS + 'list'),
     ('bad', 'uncropped', {'train': {}, 'query': {}}, BAD + SPLITS + "['query', 'train']"),
     ('bad', 'uncropped', {'train': {'a': []}, 'test': {'b': ['x.jpg']}},
-     BAD + "split 'train' is empty or not {label: [image paths]}; re-run data_utils.py"),
+     BAD + "split 'train' is empty or not {label: [paths]}; re-run data_utils.py"),
     ('bad', 'uncropped', {'train': {'a': ['x.jpg']}, 'test': {'b': 'x.jpg'}}, BAD + "split 'test' is empty or not"),
 ])
 def test_load_data_dicts_errors(tiny, name, crop, content, message):
