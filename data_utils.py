@@ -400,7 +400,7 @@ def load_data_dicts(data_path, data_name, crop_type):
         well_formed = isinstance(lists, dict) and all(
             isinstance(paths, (list, tuple)) and all(isinstance(p, str) for p in paths) for paths in lists.values())
         if not well_formed or not any(lists.values()):
-            raise UserError(f"data dict {path}: split {split!r} is empty or not {{label: [paths]}}; re-run data_utils.py")
+            raise UserError(f"data dict {path}: split {split!r}: empty or not {{label: [paths]}}; re-run data_utils.py")
         firsts[split] = next(p for paths in lists.values() for p in paths)
     for split, first in firsts.items():
         if not os.path.exists(first):

@@ -618,8 +618,8 @@ SPLITS = "expected splits 'train' and 'test' (or 'query' and 'gallery'), found "
     ('bad', 'uncropped', [1, 2], BAD + SPLITS + 'list'),
     ('bad', 'uncropped', {'train': {}, 'query': {}}, BAD + SPLITS + "['query', 'train']"),
     ('bad', 'uncropped', {'train': {'a': []}, 'test': {'b': ['x.jpg']}},
-     BAD + "split 'train' is empty or not {label: [paths]}; re-run data_utils.py"),
-    ('bad', 'uncropped', {'train': {'a': ['x.jpg']}, 'test': {'b': 'x.jpg'}}, BAD + "split 'test' is empty or not"),
+     BAD + "split 'train': empty or not {label: [paths]}; re-run data_utils.py"),
+    ('bad', 'uncropped', {'train': {'a': ['x.jpg']}, 'test': {'b': 'x.jpg'}}, BAD + "split 'test': empty or not"),
 ])
 def test_load_data_dicts_errors(tiny, name, crop, content, message):
     if content is not None:
