@@ -492,29 +492,6 @@ def _draw_demo_image(parts, rng, size):
     return img, outline.getbbox() or (size, size, 0, 0)
 
 
-def _draw_demo(folder, seed, num_classes, per_class, size, signature):
-    """Draw every image and the CUB-style text files into folder; the marker is written last."""
-    rng = np.random.default_rng(seed)
-    classes = [_demo_class(rng) for _ in range(num_classes)]
-    images, labels, boxes, class_lines = [], [], [], []
-    for c, parts in enumerate(tqdm(classes, desc='demo: drawing', unit='class', leave=False), 1):
-        class_folder = f'{c:03d}.object_{c:03d}'
-        class_lines.append(f'{c} {class_folder}\n')
-        os.makedirs(os.path.join(folder, 'images', class_folder), exist_ok=True)
-        for k in range(per_class):
-            image_id = len(images) + 1
-            img, (x1, y1, x2, y2) = _draw_demo_image(parts, rng, size)
-            rel = f'{class_folder}/object_{c:03d}_{k + 1:04d}.jpg'
-            img.save(os.path.join(folder, 'images', rel), 'JPEG', quality=90)
-            images.append(f'{image_id} {rel}\n')
-            labels.append(f'{image_id} {c}\n')
-            boxes.append(f'{image_id} {float(x1)} {float(y1)} {float(x2 - x1)} {float(y2 - y1)}\n')
-    for file, lines in (('images.txt', images), ('image_class_labels.txt', labels),
-                        ('bounding_boxes.txt', boxes), ('classes.txt', class_lines), (DEMO_MARKER, [signature])):
-        with open(os.path.join(folder, file), 'w') as f:
-            f.writelines(lines)
-
-
 def make_demo(root, seed=0, num_classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS, size=DEMO_SIZE):
     """Draw the demo dataset into root in CUB-200-2011's layout; the same seed and sizes give the same bytes."""
     signature = f'seed {seed} classes {num_classes} per_class {per_class} size {size}\n'
@@ -528,9 +505,27 @@ def make_demo(root, seed=0, num_classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS, 
             return root  # already drawn with these settings
     elif os.path.lexists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise UserError(f'demo: {root} exists and was not made by this script; choose another --data_path or remove it')
-    # drawn in a side folder, then whole folders are swapped: until the last rename the old
-    # drawing (with its marker and lists) is complete, after it the new one is
-    _draw_demo(drawing, seed, num_classes, per_class, size, signature)
+    # drawn in a side folder, marker last, then whole folders are swapped: until the last rename
+    # the old drawing (with its marker and lists) is complete, after it the new one is
+    rng = np.random.default_rng(seed)
+    classes = [_demo_class(rng) for _ in range(num_classes)]
+    images, labels, boxes, class_lines = [], [], [], []
+    for c, parts in enumerate(tqdm(classes, desc='demo: drawing', unit='class', leave=False), 1):
+        class_folder = f'{c:03d}.object_{c:03d}'
+        class_lines.append(f'{c} {class_folder}\n')
+        os.makedirs(os.path.join(drawing, 'images', class_folder), exist_ok=True)
+        for k in range(per_class):
+            image_id = len(images) + 1
+            img, (x1, y1, x2, y2) = _draw_demo_image(parts, rng, size)
+            rel = f'{class_folder}/object_{c:03d}_{k + 1:04d}.jpg'
+            img.save(os.path.join(drawing, 'images', rel), 'JPEG', quality=90)
+            images.append(f'{image_id} {rel}\n')
+            labels.append(f'{image_id} {c}\n')
+            boxes.append(f'{image_id} {float(x1)} {float(y1)} {float(x2 - x1)} {float(y2 - y1)}\n')
+    for file, lines in (('images.txt', images), ('image_class_labels.txt', labels),
+                        ('bounding_boxes.txt', boxes), ('classes.txt', class_lines), (DEMO_MARKER, [signature])):
+        with open(os.path.join(drawing, file), 'w') as f:
+            f.writelines(lines)
     if os.path.isdir(root):
         os.replace(root, old)
     os.replace(drawing, root)
@@ -544,9 +539,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description='Preprocess retrieval datasets into image lists '
                                                  '({data_path}/{name}/{crop_type}_data_dicts.pth)')
     parser.add_argument('--data_path', default='/home/data', type=str, help='folder holding the datasets')
-    parser.add_argument('--data_name', nargs='+', default=None,
-                        help='car, cub, sop, isc, demo or an own folder DATA_PATH/NAME/<class>/<image>; '
-                             'default: every benchmark folder present')
+    parser.add_argument('--data_name', nargs='+', help='car, cub, sop, isc, demo or an own folder '
+                        'DATA_PATH/NAME/<class>/<image>; default: every benchmark folder present')
     parser.add_argument('--split', type=float, default=None,
                         help='own folders: share of the sorted class names used for training (default 0.5)')
     parser.add_argument('--seed', type=int, default=0, help='demo: random seed of the drawing (0 .. 2**32-1)')
