@@ -115,8 +115,7 @@ def read_car(root):
         return _read_car_annotations(_require('car', annos), 'relative_im_path', root)
     # the devkit release; Kaggle's copies keep car_devkit.tgz's own folder (car_devkit/devkit/), may rename
     # the test labels "cars_test_annos_withlabels (1).mat" and nest the images: cars_train/cars_train/*.jpg
-    devkits = [os.path.join(root, 'devkit'), os.path.join(root, 'car_devkit', 'devkit')]
-    devkit = next((d for d in devkits if os.path.exists(d)), devkits[0])
+    devkit = _require('car', os.path.join(root, 'devkit'), os.path.join(root, 'car_devkit', 'devkit'), what='devkit')
     test_annos = [os.path.join(folder, name) for folder in (root, devkit)
                   for name in ('cars_test_annos_withlabels.mat', 'cars_test_annos_withlabels (1).mat')]
     items = []
@@ -270,6 +269,7 @@ def _write_crop(folder, item):
         atomic_write({dst: buffer.getvalue()})
     elif read_bytes(dst, 'crop') != buffer.getvalue():
         return dst
+    return None
 
 
 def _pmap(fn, items, desc):
@@ -441,8 +441,7 @@ def _texture(kind, size, colour_a, colour_b, period):
     else:
         mask = {'solid': 0 * xx, 'hstripes': yy // period, 'vstripes': xx // period,
                 'checker': xx // period + yy // period}[kind] % 2 == 1
-    img = np.where(mask[..., None], np.array(colour_b, np.uint8), np.array(colour_a, np.uint8))
-    return Image.fromarray(img, 'RGB')
+    return Image.fromarray(np.where(mask[..., None], np.array(colour_b, np.uint8), np.array(colour_a, np.uint8)), 'RGB')
 
 
 def _demo_class(rng):

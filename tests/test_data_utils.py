@@ -1,6 +1,7 @@
 """data_utils.py on tiny datasets written in each benchmark's real layout, and the lists read back."""
 import errno
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -378,6 +379,14 @@ def test_missing_file(tmp_path, name, make, remove, message):
     assert not os.path.exists(data_utils.data_dict_path(root, name, 'uncropped'))
 
 
+def test_empty_car_folder(tmp_path):
+    os.makedirs(tmp_path / 'car')
+    with pytest.raises(UserError) as err:
+        data_utils.process_dataset(str(tmp_path), 'car')
+    assert str(err.value).startswith(f'car: devkit not found: {tmp_path / "car" / "devkit"}\nexpected layout:\n'
+                                     '  car/cars_annos.mat, car/car_ims/*.jpg')
+
+
 def test_malformed_annotations(tmp_path):
     root = str(tmp_path)
     cub = make_cub(root)
@@ -676,13 +685,20 @@ def small_demo(monkeypatch):
 
 
 def test_demo_command(tmp_path, small_demo):
-    # the demo through the command line, drawn once and reused on a re-run
-    data_utils.main(['--data_path', str(tmp_path), '--data_name', 'demo', '--seed', '1'])
-    d = load(str(tmp_path), 'demo', 'uncropped')
+    # the demo through the command line, into a --data_path it creates
+    data_path = str(tmp_path / 'new' / 'data')
+    data_utils.main(['--data_path', data_path, '--data_name', 'demo', '--seed', '1'])
+    d = load(data_path, 'demo', 'uncropped')
     assert list(d['train']) == ['1', '2'] and list(d['test']) == ['3', '4']
     assert data_utils.normalization('demo') == (data_utils.IMAGENET_MEAN, data_utils.IMAGENET_STD)
     with pytest.raises(UserError, match='--split applies to own'):
-        data_utils.main(['--data_path', str(tmp_path), '--data_name', 'demo', '--split', '0.3'])
+        data_utils.main(['--data_path', data_path, '--data_name', 'demo', '--split', '0.3'])
+    # a file where the data folder should be: an error naming it, no traceback
+    open(tmp_path / 'file', 'w').close()
+    with pytest.raises(UserError, match=re.escape(f'demo: cannot write the demo images to {tmp_path / "file" / "demo"}')):
+        data_utils.main(['--data_path', str(tmp_path / 'file'), '--data_name', 'demo'])
+    with pytest.raises(UserError, match=re.escape(f'--data_path {tmp_path / "file"} is not a folder')):
+        data_utils.main(['--data_path', str(tmp_path / 'file'), '--data_name', 'car'])
 
 
 def test_demo_redraw_interrupted_heals(tmp_path, monkeypatch, small_demo):
