@@ -694,11 +694,12 @@ def test_demo_command(tmp_path, small_demo):
     with pytest.raises(UserError, match='--split applies to own'):
         data_utils.main(['--data_path', data_path, '--data_name', 'demo', '--split', '0.3'])
     # a file where the data folder should be: an error naming it, no traceback
-    open(tmp_path / 'file', 'w').close()
-    with pytest.raises(UserError, match=re.escape(f'demo: cannot write the demo images to {tmp_path / "file" / "demo"}')):
-        data_utils.main(['--data_path', str(tmp_path / 'file'), '--data_name', 'demo'])
-    with pytest.raises(UserError, match=re.escape(f'--data_path {tmp_path / "file"} is not a folder')):
-        data_utils.main(['--data_path', str(tmp_path / 'file'), '--data_name', 'car'])
+    file = tmp_path / 'file'
+    file.write_text('')
+    with pytest.raises(UserError, match=re.escape(f'demo: cannot write the demo images to {file / "demo"}')):
+        data_utils.main(['--data_path', str(file), '--data_name', 'demo'])
+    with pytest.raises(UserError, match=re.escape(f'--data_path {file} is not a folder')):
+        data_utils.main(['--data_path', str(file), '--data_name', 'car'])
 
 
 def test_demo_redraw_interrupted_heals(tmp_path, monkeypatch, small_demo):
