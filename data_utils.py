@@ -71,7 +71,7 @@ def _require(dataset, *paths, what='annotation file'):
 def _read_rows(path, dataset, fields, skip=0):
     """Whitespace-separated rows of a text annotation file, each with len(fields) columns."""
     try:
-        lines = read_bytes(path, f'{dataset}: annotation file').decode('utf-8').splitlines()
+        lines = read_bytes(path, f'{dataset} annotation file').decode('utf-8').splitlines()
     except UnicodeDecodeError as err:
         raise UserError(f'{dataset}: cannot read {path} as UTF-8 text ({err})') from None
     rows = [(number, line.split()) for number, line in enumerate(lines, 1) if number > skip and line.strip()]
