@@ -19,11 +19,8 @@ from tqdm import tqdm
 from utils import (TEMPORARY_EXTRA, UserError, atomic_write, check_int, load_image, read_bytes, remove_temporaries,
                    run_cli, safe_load, torch_bytes)
 
-# ImageNet statistics: used for a user's own folders and the demo (no dataset statistics known).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Per-dataset mean/std the published models were trained with.
-NORMALIZATION = {
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # own folders and the demo
+NORMALIZATION = {  # per-dataset mean/std the published models were trained with
     'car': ((0.4853, 0.4965, 0.4295), (0.2237, 0.2193, 0.2568)),
     'cub': ((0.4707, 0.4601, 0.4549), (0.2767, 0.2760, 0.2850)),
     'sop': ((0.5807, 0.5396, 0.5044), (0.2901, 0.2974, 0.3095)),
@@ -50,9 +47,8 @@ Item = namedtuple('Item', 'src name label split box')
 
 def _listing(paths, what):
     """'N <what>:' and at most MAX_LISTED of the paths, one a line."""
-    shown = '\n  '.join(str(p) for p in paths[:MAX_LISTED])
-    more = f'\n  ... and {len(paths) - MAX_LISTED} more' if len(paths) > MAX_LISTED else ''
-    return f'{len(paths)} {what}:\n  {shown}{more}'
+    more = [f'... and {len(paths) - MAX_LISTED} more'] if len(paths) > MAX_LISTED else []
+    return f'{len(paths)} {what}:\n  ' + '\n  '.join([str(p) for p in paths[:MAX_LISTED]] + more)
 
 
 def _layout(name):
@@ -75,45 +71,40 @@ def _require(dataset, *paths, what='annotation file'):
 def _read_rows(path, dataset, fields, skip=0):
     """Whitespace-separated rows of a text annotation file, each with len(fields) columns."""
     try:
-        with open(path, encoding='utf-8') as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f'{dataset}: cannot read {path} as a text file ({err})') from None
+        lines = read_bytes(path, f'{dataset} annotation file').decode('utf-8').splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f'{dataset}: cannot read {path} as UTF-8 text ({err})') from None
     rows = [(number, line.split()) for number, line in enumerate(lines, 1) if number > skip and line.strip()]
     for number, row in rows:
         if len(row) != len(fields):
-            raise UserError(f'{dataset}: {path} line {number}: expected {len(fields)} columns '
-                            f'({" ".join(fields)}), got: {lines[number - 1].strip()[:120]!r}')
+            raise UserError(f'{dataset}: {path} line {number}: expected {len(fields)} columns ({" ".join(fields)})')
     return [row for _, row in rows]
 
 
 # ---- readers: one per benchmark (see DATASETS below) and one for own class folders -> [Item] ----
 
-CAR_FIELDS = ('bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'class')
-
-
-def _read_car_annotations(path, file_field):
-    """The struct array 'annotations' of a CARS196 .mat file -> [(file, label, split, box)]; classes 1-98 train."""
+def _read_car_annotations(path, file_field, folder, prefix=''):
+    """The items of a CARS196 .mat file's struct array 'annotations', images in folder; classes 1-98 train."""
     from scipy.io import loadmat  # scipy only needed for CARS196
     try:
         annotations = loadmat(path, squeeze_me=True).get('annotations')
     except Exception as err:  # scipy raises several types for damaged files
         raise UserError(f'car: cannot read {path} as a MATLAB file ({err})') from None
-    fields = (file_field,) + CAR_FIELDS
-    missing = [f for f in fields if annotations is None or annotations.dtype.names is None
-               or f not in annotations.dtype.names]
+    numbers = ('bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'class')
+    found = annotations.dtype.names if annotations is not None and annotations.dtype.names else ()
+    missing = [f for f in (file_field,) + numbers if f not in found]
     if missing:
-        raise UserError(f'car: {path} has no struct "annotations" with fields {", ".join(fields)} '
-                        f'(missing: {", ".join(missing)})')
-    records = []
+        raise UserError(f'car: {path} has no struct "annotations" with the field(s) {", ".join(missing)}')
+    items = []
     for r in np.atleast_1d(annotations):  # squeeze_me turns a single record into a 0-d array
         try:
-            label, box = int(r['class']), tuple(int(r[f]) for f in CAR_FIELDS[:4])
+            label, box = int(r['class']), tuple(int(r[f]) for f in numbers[:4])
         except (TypeError, ValueError, OverflowError):  # OverflowError: int() of an inf
-            raise UserError(f'car: {path}: expected numbers in the fields {", ".join(CAR_FIELDS)}, got '
-                            f'{ {f: r[f] for f in CAR_FIELDS} }') from None
-        records.append((str(r[file_field]), str(label), 'train' if label <= 98 else 'test', box))
-    return records
+            raise UserError(f'car: {path}: expected numbers, got { {f: r[f] for f in numbers} }') from None
+        file = str(r[file_field])
+        items.append(Item(os.path.join(folder, file), prefix + os.path.basename(file), str(label),
+                          'train' if label <= 98 else 'test', box))
+    return items
 
 
 def read_car(root):
@@ -121,41 +112,31 @@ def read_car(root):
     annos, images = os.path.join(root, 'cars_annos.mat'), os.path.join(root, 'car_ims')
     if os.path.exists(annos) or os.path.exists(images):
         _require('car', images, what='image folder')
-        return [Item(os.path.join(root, file), os.path.basename(file), *rest)
-                for file, *rest in _read_car_annotations(_require('car', annos), 'relative_im_path')]
-    markers = ('cars_train', 'cars_test', 'devkit', 'car_devkit', 'cars_test_annos_withlabels.mat')
-    if not any(os.path.exists(os.path.join(root, p)) for p in markers):
-        raise UserError(f'car: no CARS196 files found in {root}\nexpected layout:\n{_layout("car")}')
-    # Kaggle's copies keep car_devkit.tgz's own folder (car_devkit/devkit/) and may rename the
-    # test labels "cars_test_annos_withlabels (1).mat"
-    devkits = [os.path.join(root, 'devkit'), os.path.join(root, 'car_devkit', 'devkit')]
-    devkit = next((d for d in devkits if os.path.exists(d)), devkits[0])
+        return _read_car_annotations(_require('car', annos), 'relative_im_path', root)
+    # the devkit release; Kaggle's copies keep car_devkit.tgz's own folder (car_devkit/devkit/), may rename
+    # the test labels "cars_test_annos_withlabels (1).mat" and nest the images: cars_train/cars_train/*.jpg
+    devkit = _require('car', os.path.join(root, 'devkit'), os.path.join(root, 'car_devkit', 'devkit'), what='devkit')
     test_annos = [os.path.join(folder, name) for folder in (root, devkit)
                   for name in ('cars_test_annos_withlabels.mat', 'cars_test_annos_withlabels (1).mat')]
     items = []
     for part, annos in (('cars_train', [os.path.join(devkit, 'cars_train_annos.mat')]), ('cars_test', test_annos)):
         folder = _require('car', os.path.join(root, part), what='image folder')
-        # Kaggle's copies nest the images one level deeper: cars_train/cars_train/*.jpg
-        if os.path.isdir(os.path.join(folder, part)):
-            folder = os.path.join(folder, part)
-        # both folders number their files 00001.jpg, ...: the folder name keeps them apart
-        items += [Item(os.path.join(folder, file), f'{part}_{file}', *rest)
-                  for file, *rest in _read_car_annotations(_require('car', *annos), 'fname')]
+        folder = os.path.join(folder, part) if os.path.isdir(os.path.join(folder, part)) else folder
+        # both folders number their files 00001.jpg, ...: the part's name keeps them apart
+        items += _read_car_annotations(_require('car', *annos), 'fname', folder, f'{part}_')
     return items
 
 
 def read_cub(root, num_train_classes=100, name='cub'):
     """CUB-200-2011: classes 1..num_train_classes train, the rest test; boxes x y w h (floats)."""
-    nested = os.path.join(root, 'CUB_200_2011')
-    if not os.path.exists(os.path.join(root, 'images.txt')) and os.path.isdir(nested):
-        root = nested
+    nested = os.path.join(root, 'CUB_200_2011')  # the archive's own folder, used when the files are in there
+    root = nested if os.path.isdir(nested) and not os.path.exists(os.path.join(root, 'images.txt')) else root
     images, labels_file, boxes_file = (_require(name, os.path.join(root, f))
                                        for f in ('images.txt', 'image_class_labels.txt', 'bounding_boxes.txt'))
-    paths = _read_rows(images, name, ('image_id', 'path'))
     labels = dict(_read_rows(labels_file, name, ('image_id', 'class_id')))
     boxes = {r[0]: r[1:] for r in _read_rows(boxes_file, name, ('image_id', 'x', 'y', 'w', 'h'))}
     items = []
-    for image_id, rel in paths:
+    for image_id, rel in _read_rows(images, name, ('image_id', 'path')):
         for table, file in ((labels, labels_file), (boxes, boxes_file)):
             if image_id not in table:
                 raise UserError(f'{name}: image id {image_id} ({rel}) has no line in {file}')
@@ -163,8 +144,7 @@ def read_cub(root, num_train_classes=100, name='cub'):
             x, y, w, h = (int(float(v)) for v in boxes[image_id])
             label = int(labels[image_id])
         except (ValueError, OverflowError):  # OverflowError: int() of an inf
-            raise UserError(f'{name}: image id {image_id}: expected an integer class id in {labels_file} and '
-                            f'numbers x y w h in {boxes_file}') from None
+            raise UserError(f'{name}: image id {image_id}: expected an integer class id and numbers x y w h') from None
         items.append(Item(os.path.join(root, 'images', rel), os.path.basename(rel), str(label),
                           'train' if label <= num_train_classes else 'test', (x, y, x + w, y + h)))
     return items
@@ -172,15 +152,12 @@ def read_cub(root, num_train_classes=100, name='cub'):
 
 def read_sop(root):
     """Stanford Online Products: the split files give train and test (disjoint products)."""
-    nested = os.path.join(root, 'Stanford_Online_Products')
-    if not os.path.exists(os.path.join(root, 'Ebay_train.txt')) and os.path.isdir(nested):
-        root = nested
-    items = []
-    for split in ('train', 'test'):
-        file = _require('sop', os.path.join(root, f'Ebay_{split}.txt'))
-        for _, class_id, _, rel in _read_rows(file, 'sop', ('image_id', 'class_id', 'super_class_id', 'path'), 1):
-            items.append(Item(os.path.join(root, rel), os.path.basename(rel), class_id, split, None))
-    return items
+    nested = os.path.join(root, 'Stanford_Online_Products')  # as for CUB: the archive's own folder
+    root = nested if os.path.isdir(nested) and not os.path.exists(os.path.join(root, 'Ebay_train.txt')) else root
+    fields = ('image_id', 'class_id', 'super_class_id', 'path')
+    files = {split: _require('sop', os.path.join(root, f'Ebay_{split}.txt')) for split in ('train', 'test')}
+    return [Item(os.path.join(root, rel), os.path.basename(rel), class_id, split, None)
+            for split, file in files.items() for _, class_id, _, rel in _read_rows(file, 'sop', fields, skip=1)]
 
 
 def read_isc(root):
@@ -205,15 +182,13 @@ def split_classes(classes, split=0.5):
 
 def read_own(root, name, split=0.5):
     """A user's folder DIR/NAME/<class>/<image>; files become {class}_{basename}."""
-    classes = {}
+    classes = {}  # {class: sorted image names}
     for entry in sorted(os.listdir(root)):
         folder = os.path.join(root, entry)
-        if entry in CROP_TYPES or entry.startswith('.') or not os.path.isdir(folder):  # crop folders: ours
-            continue
-        files = sorted(f for f in os.listdir(folder) if not f.startswith('.')
-                       and f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
-        if files:
-            classes[entry] = files
+        if entry not in CROP_TYPES and not entry.startswith('.') and os.path.isdir(folder):  # crop folders: ours
+            classes[entry] = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)
+                                    and not f.startswith('.') and os.path.isfile(os.path.join(folder, f)))
+    classes = {c: files for c, files in classes.items() if files}
     if len(classes) < 2:
         raise UserError(f'{name}: found {len(classes)} class folder(s) with images in {root}; at least 2 '
                         f'are needed (one train, one test class)\nexpected layout:\n{_layout(name)}')
@@ -226,25 +201,20 @@ def read_own(root, name, split=0.5):
 Benchmark = namedtuple('Benchmark', 'read splits layout')
 DATASETS = {
     'car': Benchmark(read_car, ('train', 'test'), '''\
-  car/cars_annos.mat, car/car_ims/*.jpg                      (original release)
-  or
-  car/cars_train/*.jpg, car/cars_test/*.jpg,
-  car/devkit/cars_train_annos.mat, car/cars_test_annos_withlabels.mat  (devkit / Kaggle release;
-  car/cars_train/cars_train/, car/car_devkit/devkit/ and "cars_test_annos_withlabels (1).mat" also accepted)'''),
+  car/cars_annos.mat, car/car_ims/*.jpg  (original release), or the devkit / Kaggle release:
+  car/cars_train/*.jpg, car/cars_test/*.jpg, car/devkit/cars_train_annos.mat, car/cars_test_annos_withlabels.mat
+  (car/cars_train/cars_train/, car/car_devkit/devkit/ and "cars_test_annos_withlabels (1).mat" also accepted)'''),
     'cub': Benchmark(read_cub, ('train', 'test'), '''\
   cub/images.txt, cub/image_class_labels.txt, cub/bounding_boxes.txt, cub/images/<class>/*.jpg
   (the archive's CUB_200_2011/ folder may also sit inside cub/)'''),
     'sop': Benchmark(read_sop, ('train', 'test'), '''\
-  sop/Ebay_train.txt, sop/Ebay_test.txt, sop/<category>_final/*.JPG
-  (the archive's Stanford_Online_Products/ folder may also sit inside sop/)'''),
+  sop/Ebay_train.txt, sop/Ebay_test.txt, sop/<category>_final/*.JPG  (or in sop/Stanford_Online_Products/)'''),
     'isc': Benchmark(read_isc, ('train', 'query', 'gallery'), '''\
-  isc/Eval/list_eval_partition.txt, isc/Img/img/<GENDER>/<category>/<item_id>/*.jpg
-  (img/ directly inside isc/ is accepted too)'''),
+  isc/Eval/list_eval_partition.txt, isc/Img/img/<GENDER>/<category>/<item_id>/*.jpg  (or isc/img/...)'''),
 }
 
 
 # ---- the shared pipeline: check every name and source, place files, write the lists ----
-
 
 def _check_image(item):
     """None if the image decodes completely, else a reason (draft mode: fast, yet reads all of a JPEG)."""
@@ -256,15 +226,14 @@ def _check_image(item):
             img.load()
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         # the whole first line, never cut mid-word ('... could be decompression bomb DOS attack.')
-        return f'unreadable ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})'
+        return f'unreadable ({(str(err).strip() or type(err).__name__).splitlines()[0]})'
     if item.box is not None and (item.box[2] <= item.box[0] or item.box[3] <= item.box[1]):
         return f'empty bounding box {item.box}'
     return None
 
 
 def _check_items(items, root, name):
-    """Every check before a write: distinct output names that fit the file system, sources that decode
-    -> (items without repeated lines, one item per source)."""
+    """Every check before a write (distinct names the file system allows, images that decode) -> (items, sources)."""
     by_name = {}
     for item in items:
         by_name.setdefault(item.name, set()).add(item.src)
@@ -276,9 +245,8 @@ def _check_items(items, root, name):
         name_max = os.pathconf(root, 'PC_NAME_MAX') if os.pathconf(root, 'PC_NAME_MAX') > 0 else 255
     too_long = [n for n in by_name if len(os.fsencode(n)) + TEMPORARY_EXTRA > name_max]
     if too_long:
-        raise UserError(f'{name}: ' + _listing(too_long, f'output file name(s) longer than the file system '
-                                               f'allows ({name_max} bytes, {TEMPORARY_EXTRA} of them kept for '
-                                               f'the temporary name of a write)') +
+        raise UserError(f'{name}: ' + _listing(too_long, f'output file name(s) longer than the file system allows '
+                                               f'({name_max} bytes, {TEMPORARY_EXTRA} of them for a temporary name)') +
                         '\nnothing was written; shorten those class folder or image names')
     items = list({(i.src, i.name, i.split): i for i in items}.values())
     sources = list({i.src: i for i in items}.values())
@@ -293,13 +261,10 @@ def _check_items(items, root, name):
 
 
 def _write_crop(folder, item):
-    """Write an image's box crop (JPEG q95; PNG for .png names) -> None, or the path if another crop is there."""
+    """Write an image's box crop (JPEG q95, lossless PNG for .png) -> None, or the path if another crop is there."""
     crop = load_image(item.src).crop(item.box)  # any mode -> RGB as training sees it
     buffer, dst = io.BytesIO(), os.path.join(folder, item.name)
-    if item.name.lower().endswith('.png'):
-        crop.save(buffer, 'PNG')
-    else:
-        crop.save(buffer, 'JPEG', quality=95, subsampling=0)
+    crop.save(buffer, 'PNG' if item.name.lower().endswith('.png') else 'JPEG', quality=95, subsampling=0)
     if not os.path.exists(dst):
         atomic_write({dst: buffer.getvalue()})
     elif read_bytes(dst, 'crop') != buffer.getvalue():
@@ -326,8 +291,7 @@ def _place_all(sources, out, name):
                 continue
         conflicts.append(dst)
     if conflicts:
-        raise UserError(f'{name}: ' + _listing(conflicts, 'file(s) already exist and differ from the image '
-                                               'that would be placed there') +
+        raise UserError(f'{name}: ' + _listing(conflicts, 'file(s) already exist and differ from the new image') +
                         f'\nremove {out["uncropped"]} (it holds only links or copies of the originals) and run again')
     for folder in out.values():
         try:
@@ -371,7 +335,6 @@ def process_items(items, data_path, name, splits=('train', 'test')):
 
 # ---- datasets by name: processing one, and reading its lists back (train.py) ----
 
-
 def _check_options(names, split=None, seed=0):
     """Dataset names and flags, checked before any dataset is touched."""
     for name in names:
@@ -380,8 +343,7 @@ def _check_options(names, split=None, seed=0):
     check_int('--seed', seed, 0, 2 ** 32 - 1)
     fixed = [n for n in names if n in DATASETS or n == 'demo']
     if split is not None and fixed:
-        raise UserError(f'--split applies to own class-folder datasets; {", ".join(fixed)} '
-                        f'{"has" if len(fixed) == 1 else "have"} a fixed split')
+        raise UserError(f'--split applies to own class-folder datasets, not to {", ".join(fixed)} (fixed splits)')
     if split is not None and not 0 < split < 1:
         raise UserError(f'--split must be between 0 and 1 (share of classes used for training), got {split}')
 
@@ -419,16 +381,14 @@ def load_data_dicts(data_path, data_name, crop_type):
     _check_options([data_name])
     if crop_type not in CROP_TYPES:
         raise UserError(f'--crop_type {crop_type!r}: expected one of {", ".join(CROP_TYPES)}')
-    root = os.path.join(data_path, data_name)
+    root, path = os.path.join(data_path, data_name), data_dict_path(data_path, data_name, crop_type)
     command = f'`python data_utils.py --data_path {data_path} --data_name {data_name}`'  # makes the lists
     if not os.path.isdir(root):
         raise UserError(f'demo: folder not found: {root}; the demo is generated: run {command}' if data_name == 'demo'
                         else f'{_folder_error(root, data_name)}\nthen run {command}')
-    path = data_dict_path(data_path, data_name, crop_type)
     if not os.path.isfile(path):
-        raise UserError(f'data dict not found: {path}; run {command} first' +
-                        (' (cropped lists exist only for datasets with bounding boxes: car, cub, demo)'
-                         if crop_type == 'cropped' else ''))
+        boxes = ' (cropped lists exist only for datasets with bounding boxes: car, cub, demo)'
+        raise UserError(f'data dict not found: {path}; run {command} first{boxes if crop_type == "cropped" else ""}')
     dicts = safe_load(path, 'data dict')
     if not isinstance(dicts, dict) or 'train' not in dicts or \
             not ('test' in dicts or ('query' in dicts and 'gallery' in dicts)):
@@ -440,8 +400,7 @@ def load_data_dicts(data_path, data_name, crop_type):
         well_formed = isinstance(lists, dict) and all(
             isinstance(paths, (list, tuple)) and all(isinstance(p, str) for p in paths) for paths in lists.values())
         if not well_formed or not any(lists.values()):
-            raise UserError(f"data dict {path}: split '{split}' is empty or not {{label: [image paths]}}; "
-                            f"re-run data_utils.py")
+            raise UserError(f"data dict {path}: split {split!r}: empty or not {{label: [paths]}}; re-run data_utils.py")
         firsts[split] = next(p for paths in lists.values() for p in paths)
     for split, first in firsts.items():
         if not os.path.exists(first):
@@ -482,8 +441,7 @@ def _texture(kind, size, colour_a, colour_b, period):
     else:
         mask = {'solid': 0 * xx, 'hstripes': yy // period, 'vstripes': xx // period,
                 'checker': xx // period + yy // period}[kind] % 2 == 1
-    img = np.where(mask[..., None], np.array(colour_b, np.uint8), np.array(colour_a, np.uint8))
-    return Image.fromarray(img, 'RGB')
+    return Image.fromarray(np.where(mask[..., None], np.array(colour_b, np.uint8), np.array(colour_a, np.uint8)), 'RGB')
 
 
 def _demo_class(rng):
@@ -504,11 +462,10 @@ def _draw_demo_image(parts, rng, size):
     t = np.linspace(0, 1, size)[None, :, None] if rng.random() < 0.5 else np.linspace(0, 1, size)[:, None, None]
     bg = c0 * (1 - t) + c1 * t + rng.normal(0, 12, (size, size, 3))
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), 'RGB')
-    draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(1, 5)):
         x, y, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(size * 0.03, size * 0.08)
-        draw.polygon(_polygon(POLYGONS[rng.integers(len(POLYGONS))], x, y, r, rng.uniform(0, 6.3)),
-                     fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        ImageDraw.Draw(img).polygon(_polygon(POLYGONS[rng.integers(len(POLYGONS))], x, y, r, rng.uniform(0, 6.3)),
+                                    fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
     # the object: part offsets are in units of the main radius, turned with the whole object
     radius, angle = size * rng.uniform(0.16, 0.27), rng.uniform(-0.5, 0.5)
     extent = radius * 1.6
@@ -534,29 +491,6 @@ def _draw_demo_image(parts, rng, size):
     return img, outline.getbbox() or (size, size, 0, 0)
 
 
-def _draw_demo(folder, seed, num_classes, per_class, size, signature):
-    """Draw every image and the CUB-style text files into folder; the marker is written last."""
-    rng = np.random.default_rng(seed)
-    classes = [_demo_class(rng) for _ in range(num_classes)]
-    images, labels, boxes, class_lines = [], [], [], []
-    for c, parts in enumerate(tqdm(classes, desc='demo: drawing', unit='class', leave=False), 1):
-        class_folder = f'{c:03d}.object_{c:03d}'
-        class_lines.append(f'{c} {class_folder}\n')
-        os.makedirs(os.path.join(folder, 'images', class_folder), exist_ok=True)
-        for k in range(per_class):
-            image_id = len(images) + 1
-            img, (x1, y1, x2, y2) = _draw_demo_image(parts, rng, size)
-            rel = f'{class_folder}/object_{c:03d}_{k + 1:04d}.jpg'
-            img.save(os.path.join(folder, 'images', rel), 'JPEG', quality=90)
-            images.append(f'{image_id} {rel}\n')
-            labels.append(f'{image_id} {c}\n')
-            boxes.append(f'{image_id} {float(x1)} {float(y1)} {float(x2 - x1)} {float(y2 - y1)}\n')
-    for file, lines in (('images.txt', images), ('image_class_labels.txt', labels),
-                        ('bounding_boxes.txt', boxes), ('classes.txt', class_lines), (DEMO_MARKER, [signature])):
-        with open(os.path.join(folder, file), 'w') as f:
-            f.writelines(lines)
-
-
 def make_demo(root, seed=0, num_classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS, size=DEMO_SIZE):
     """Draw the demo dataset into root in CUB-200-2011's layout; the same seed and sizes give the same bytes."""
     signature = f'seed {seed} classes {num_classes} per_class {per_class} size {size}\n'
@@ -569,11 +503,28 @@ def make_demo(root, seed=0, num_classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS, 
         if read_bytes(marker, 'demo marker') == signature.encode():
             return root  # already drawn with these settings
     elif os.path.lexists(root) and (not os.path.isdir(root) or os.listdir(root)):
-        raise UserError(f'demo: {root} exists and was not made by this script; '
-                        f'choose another --data_path or remove that folder')
-    # drawn in a side folder, then whole folders are swapped: until the last rename the old
-    # drawing (with its marker and lists) is complete, after it the new one is
-    _draw_demo(drawing, seed, num_classes, per_class, size, signature)
+        raise UserError(f'demo: {root} exists and was not made by this script; choose another --data_path or remove it')
+    # drawn in a side folder, marker last, then whole folders are swapped: until the last rename
+    # the old drawing (with its marker and lists) is complete, after it the new one is
+    rng = np.random.default_rng(seed)
+    classes = [_demo_class(rng) for _ in range(num_classes)]
+    images, labels, boxes, class_lines = [], [], [], []
+    for c, parts in enumerate(tqdm(classes, desc='demo: drawing', unit='class', leave=False), 1):
+        class_folder = f'{c:03d}.object_{c:03d}'
+        class_lines.append(f'{c} {class_folder}\n')
+        os.makedirs(os.path.join(drawing, 'images', class_folder), exist_ok=True)
+        for k in range(per_class):
+            image_id = len(images) + 1
+            img, (x1, y1, x2, y2) = _draw_demo_image(parts, rng, size)
+            rel = f'{class_folder}/object_{c:03d}_{k + 1:04d}.jpg'
+            img.save(os.path.join(drawing, 'images', rel), 'JPEG', quality=90)
+            images.append(f'{image_id} {rel}\n')
+            labels.append(f'{image_id} {c}\n')
+            boxes.append(f'{image_id} {float(x1)} {float(y1)} {float(x2 - x1)} {float(y2 - y1)}\n')
+    for file, lines in (('images.txt', images), ('image_class_labels.txt', labels),
+                        ('bounding_boxes.txt', boxes), ('classes.txt', class_lines), (DEMO_MARKER, [signature])):
+        with open(os.path.join(drawing, file), 'w') as f:
+            f.writelines(lines)
     if os.path.isdir(root):
         os.replace(root, old)
     os.replace(drawing, root)
@@ -583,33 +534,25 @@ def make_demo(root, seed=0, num_classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS, 
 
 # ---- command line ----
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Preprocess retrieval datasets into image lists '
                                                  '({data_path}/{name}/{crop_type}_data_dicts.pth)')
     parser.add_argument('--data_path', default='/home/data', type=str, help='folder holding the datasets')
-    parser.add_argument('--data_name', nargs='+', default=None,
-                        help='car, cub, sop, isc, demo or an own folder DATA_PATH/NAME/<class>/<image>; '
-                             'default: every benchmark folder present')
+    parser.add_argument('--data_name', nargs='+', help='car, cub, sop, isc, demo or an own folder '
+                        'DATA_PATH/NAME/<class>/<image>; default: every benchmark folder present')
     parser.add_argument('--split', type=float, default=None,
                         help='own folders: share of the sorted class names used for training (default 0.5)')
     parser.add_argument('--seed', type=int, default=0, help='demo: random seed of the drawing (0 .. 2**32-1)')
     args = parser.parse_args(argv)
     _check_options(args.data_name or list(DATASETS), args.split, args.seed)
-    if args.data_name == ['demo']:  # the demo is drawn here, so its folder may not exist yet
-        try:
-            os.makedirs(args.data_path, exist_ok=True)
-        except OSError as err:
-            raise UserError(f'--data_path {args.data_path}: cannot create the folder ({err.strerror})') from None
-    if not os.path.isdir(args.data_path):
+    if args.data_name != ['demo'] and not os.path.isdir(args.data_path):  # the demo makes its folder
         raise UserError(f'--data_path {args.data_path} is not a folder')
     names = args.data_name or [n for n in DATASETS if os.path.isdir(os.path.join(args.data_path, n))]
     if args.data_name is None and len(names) < len(DATASETS):
         print(f'skipping {", ".join(n for n in DATASETS if n not in names)}: no such folder in {args.data_path}',
               flush=True)
     if not names:  # only without --data_name, which takes one name or more
-        raise UserError(f'no dataset folder ({", ".join(DATASETS)}) in {args.data_path}; '
-                        f'use --data_name demo for a generated one')
+        raise UserError(f'no dataset folder ({", ".join(DATASETS)}) in {args.data_path}; --data_name demo draws one')
     failed = []
     for name in names:
         try:

@@ -1,6 +1,7 @@
 """data_utils.py on tiny datasets written in each benchmark's real layout, and the lists read back."""
 import errno
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -378,6 +379,14 @@ def test_missing_file(tmp_path, name, make, remove, message):
     assert not os.path.exists(data_utils.data_dict_path(root, name, 'uncropped'))
 
 
+def test_empty_car_folder(tmp_path):
+    os.makedirs(tmp_path / 'car')
+    with pytest.raises(UserError) as err:
+        data_utils.process_dataset(str(tmp_path), 'car')
+    assert str(err.value).startswith(f'car: devkit not found: {tmp_path / "car" / "devkit"}\nexpected layout:\n'
+                                     '  car/cars_annos.mat, car/car_ims/*.jpg')
+
+
 def test_malformed_annotations(tmp_path):
     root = str(tmp_path)
     cub = make_cub(root)
@@ -395,7 +404,8 @@ def test_malformed_annotations(tmp_path):
     with pytest.raises(UserError, match=r'car: cannot read .*cars_annos.mat as a MATLAB file'):
         data_utils.process_dataset(root, 'car')
     savemat(os.path.join(car, 'cars_annos.mat'), {'annotations': mat_struct([{'fname': 'a.jpg'}], ['fname'])})
-    with pytest.raises(UserError, match=r'no struct "annotations" with fields .* \(missing: relative_im_path'):
+    missing = r'cars_annos.mat has no struct "annotations" with the field\(s\) relative_im_path, bbox_x1'
+    with pytest.raises(UserError, match=missing):
         data_utils.process_dataset(root, 'car')
 
 
@@ -472,8 +482,8 @@ def test_cli_errors_without_traceback(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--data_name', 'own', 'car', '--split', '0.3'], '--split applies to own class-folder datasets; car has a fixed'),
-    (['--split', '0.3'], '--split applies to own class-folder datasets; car, cub, sop, isc have a fixed split'),
+    (['--data_name', 'own', 'car', '--split', '0.3'], '--split applies to own class-folder datasets, not to car '),
+    (['--split', '0.3'], '--split applies to own class-folder datasets, not to car, cub, sop, isc (fixed splits)'),
     (['--data_name', 'own', '--split', '1.5'], '--split must be between 0 and 1'),
     (['--data_name', 'own', '--split', 'nan'], '--split must be between 0 and 1'),
     (['--data_name', 'own', '../cub'], "--data_name '../cub' must be a folder name inside --data_path"),
@@ -617,8 +627,8 @@ SPLITS = "expected splits 'train' and 'test' (or 'query' and 'gallery'), found "
     ('bad', 'uncropped', [1, 2], BAD + SPLITS + 'list'),
     ('bad', 'uncropped', {'train': {}, 'query': {}}, BAD + SPLITS + "['query', 'train']"),
     ('bad', 'uncropped', {'train': {'a': []}, 'test': {'b': ['x.jpg']}},
-     BAD + "split 'train' is empty or not {label: [image paths]}; re-run data_utils.py"),
-    ('bad', 'uncropped', {'train': {'a': ['x.jpg']}, 'test': {'b': 'x.jpg'}}, BAD + "split 'test' is empty or not"),
+     BAD + "split 'train': empty or not {label: [paths]}; re-run data_utils.py"),
+    ('bad', 'uncropped', {'train': {'a': ['x.jpg']}, 'test': {'b': 'x.jpg'}}, BAD + "split 'test': empty or not"),
 ])
 def test_load_data_dicts_errors(tiny, name, crop, content, message):
     if content is not None:
@@ -675,13 +685,21 @@ def small_demo(monkeypatch):
 
 
 def test_demo_command(tmp_path, small_demo):
-    # the demo through the command line, drawn once and reused on a re-run
-    data_utils.main(['--data_path', str(tmp_path), '--data_name', 'demo', '--seed', '1'])
-    d = load(str(tmp_path), 'demo', 'uncropped')
+    # the demo through the command line, into a --data_path it creates
+    data_path = str(tmp_path / 'new' / 'data')
+    data_utils.main(['--data_path', data_path, '--data_name', 'demo', '--seed', '1'])
+    d = load(data_path, 'demo', 'uncropped')
     assert list(d['train']) == ['1', '2'] and list(d['test']) == ['3', '4']
     assert data_utils.normalization('demo') == (data_utils.IMAGENET_MEAN, data_utils.IMAGENET_STD)
     with pytest.raises(UserError, match='--split applies to own'):
-        data_utils.main(['--data_path', str(tmp_path), '--data_name', 'demo', '--split', '0.3'])
+        data_utils.main(['--data_path', data_path, '--data_name', 'demo', '--split', '0.3'])
+    # a file where the data folder should be: an error naming it, no traceback
+    file = tmp_path / 'file'
+    file.write_text('')
+    with pytest.raises(UserError, match=re.escape(f'demo: cannot write the demo images to {file / "demo"}')):
+        data_utils.main(['--data_path', str(file), '--data_name', 'demo'])
+    with pytest.raises(UserError, match=re.escape(f'--data_path {file} is not a folder')):
+        data_utils.main(['--data_path', str(file), '--data_name', 'car'])
 
 
 def test_demo_redraw_interrupted_heals(tmp_path, monkeypatch, small_demo):
