@@ -48,8 +48,7 @@ def parse_args(argv=None):
     add('--num_epochs', default=20, type=int, help='train epoch number [default: %(default)s]')
     add('--device', default=None, help='cpu, cuda or cuda:N [default: cuda when available, else cpu]')
     add('--num_workers', default=None, type=int, help='loader workers per process [default: by CPU count, at most 8]')
-    add('--image_size', default=224, type=int,
-        help='train/test image size; training crops it from a round(size*8/7) resize [default: %(default)s]')
+    add('--image_size', default=224, type=int, help='image side; train crops a size*8/7 resize [default: %(default)s]')
     add('--seed', default=0, type=int, help='random seed; a fixed seed repeats a CPU run [default: %(default)s]')
     add('--pretrained', default='imagenet', help="'imagenet', 'none' (from scratch) or a file [default: %(default)s]")
     add('--branches', default='SMG', help='local-feature branches: S (SPoC), M (MAC), G (GeM) [default: %(default)s]')
@@ -72,8 +71,7 @@ def resolve_config(args):
     except ValueError:
         recalls = []
     if not recalls or recalls[0] < 1:
-        raise UserError(f"--recalls '{args.recalls}': expected a comma-separated list of positive integers, "
-                        f"e.g. 1,2,4,8")
+        raise UserError(f"--recalls '{args.recalls}': expected comma-separated positive integers, e.g. 1,2,4,8")
     for flag, low, high in (('feature_dim', 1, 8192), ('batch_size', 2, 65536), ('num_epochs', 1, 100000),
                             ('image_size', 16, 1024), ('seed', 0, 2 ** 63 - 1), ('num_workers', 0, 256)):
         utils.check_int(f'--{flag}', getattr(args, flag) or 0, low, high)  # num_workers None: chosen later
@@ -207,8 +205,7 @@ def train_one_epoch(model, images, criterion, optimizer, rt, epoch, num_epochs):
     model.train()  # Model keeps the backbone BatchNorm in eval mode when freeze_backbone_bn is set
     start, first_step, loss_sum, correct, seen = time.time(), 0.0, 0.0, 0.0, 0
     batches = images.epoch_batches(epoch)
-    bar = tqdm(images.train_batches(batches), total=len(batches), disable=not rt.main,
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(images.train_batches(batches), total=len(batches), disable=not rt.main, dynamic_ncols=True, leave=False)
     for step, (x, targets) in enumerate(bar, start=1):
         loss, hits = train_step(model, x, targets, criterion, optimizer, rt)
         # one device sync per step: the NaN check and the bar need the values anyway
@@ -321,8 +318,7 @@ def make_database(images, features, config):
 
 
 def epoch_files(epoch, trained, best, statistics, config, images, features):
-    """CPU copies of what epoch `epoch` writes (trained: model, optimizer, scheduler, scaler) -> a function
-    that writes them."""
+    """CPU copies of what epoch `epoch` writes (trained: model, optimizer, scheduler, scaler) -> their writer."""
     (model, optimizer, scheduler, scaler), paths, recalls = trained, output_paths(config), config['recalls']
     best_files = (utils.to_cpu(model.state_dict()), make_database(images, features, config)) \
         if best['epoch'] == epoch else None
@@ -438,8 +434,7 @@ def run(config, dicts, rt, paths):
         print(f'Train set: {sum(map(len, batches)) * rt.world_size} images, {len(batches)} steps of '
               f'{config["batch_size"]} per epoch ({len(images.train)} training images)', flush=True)
     if config['eval_untrained'] and first_epoch == 1:
-        # a baseline to read the trained R@K against; nothing is saved, and every epoch reseeds
-        # its RNGs, so the run that follows is the same with or without it
+        # a baseline, not saved; every epoch reseeds its RNGs, so the run that follows is the same without it
         features = extract_features(runner, images, rt, dim)
         if rt.main:
             print(f'Before training | {metrics_text(retrieval_metrics(features, labels, recalls, rt.device), recalls)}',
