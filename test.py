@@ -3,8 +3,7 @@
     python test.py --query_img_name PATH [--data_base NAME_OR_PATH] [--retrieval_num K]
 
 writes results/{query stem}/query_img.jpg, retrieval_img_{rank}_{score}.jpg and retrieval.png.
-A query image that is not in the database is embedded with the database's model file.
-"""
+A query image that is not in the database is embedded with the database's model file."""
 import argparse
 import io
 import os

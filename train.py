@@ -2,8 +2,7 @@
 unseen test classes after every epoch; writes the statistics, the best model and its feature
 database to results/, with a checkpoint each epoch so a killed run resumes where it stopped.
 
-Single process: `python train.py ...`; several GPUs or nodes: `torchrun --nproc_per_node=N train.py ...`.
-"""
+Single process: `python train.py ...`; several GPUs or nodes: `torchrun --nproc_per_node=N train.py ...`."""
 import argparse
 import math
 import os
