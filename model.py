@@ -31,51 +31,37 @@ def _torchvision_resnet(arch):
     return nn.Sequential(OrderedDict((name, getattr(net, name)) for name in names))
 
 
-class SEModule(nn.Module):
-    """Squeeze-and-excitation: rescale each channel by a gate computed from the global average."""
-
-    def __init__(self, channels, reduction=16):
-        super().__init__()
-        # a pooling module rather than x.mean(): thop counts it (h*w + 1 per output), as the published FLOPs do (+0.01G)
-        self.avg_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(channels, channels // reduction, kernel_size=1)
-        self.fc2 = nn.Conv2d(channels // reduction, channels, kernel_size=1)
-
-    def forward(self, x):
-        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(self.avg_pool(x)))))  # x [B, C, h, w] -> gate [B, C, 1, 1]
-        return x * gate
-
-
 class SEBottleneck(nn.Module):
-    """Caffe-style SE-ResNet bottleneck: the stride sits on the first 1x1 conv (torchvision puts it
-    on the 3x3), and the SE gate rescales the residual branch before the addition."""
-    expansion = 4
+    """Caffe-style SE-ResNet bottleneck: the stride sits on the first 1x1 conv (torchvision puts it on the
+    3x3), and a squeeze-and-excitation gate rescales the residual branch before the addition."""
 
     def __init__(self, inplanes, planes, stride=1):
         super().__init__()
-        width = planes * self.expansion
+        width = planes * 4  # the bottleneck's expansion
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, width, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(width)
-        self.se = SEModule(width)
-        self.downsample = None
-        if stride != 1 or inplanes != width:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, width, kernel_size=1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(width))
+        # the gate [B, C, 1, 1] from the global average; pooling by a module rather than x.mean(): thop counts
+        # it (h*w + 1 per output), as the published FLOPs do (+0.01G)
+        self.se = nn.Sequential(OrderedDict([
+            ('avg_pool', nn.AdaptiveAvgPool2d(1)), ('fc1', nn.Conv2d(width, width // 16, kernel_size=1)),
+            ('relu', nn.ReLU()), ('fc2', nn.Conv2d(width // 16, width, kernel_size=1)), ('sigmoid', nn.Sigmoid())]))
+        self.downsample = None if stride == 1 and inplanes == width else nn.Sequential(
+            nn.Conv2d(inplanes, width, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(width))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(self.se(out) + shortcut)
+        return F.relu(out * self.se(out) + shortcut)
 
 
 def _seresnet50():
-    """SE-ResNet-50 trunk laid out like the public `se_resnet50-ce0d4300.pth` (see SE_NAME_MAP)."""
+    """SE-ResNet-50 trunk laid out like the public `se_resnet50-ce0d4300.pth` (see adapt_state_dict)."""
     def stage(inplanes, planes, blocks, stride):
         return nn.Sequential(SEBottleneck(inplanes, planes, stride),
                              *(SEBottleneck(planes * 4, planes) for _ in range(blocks - 1)))
@@ -96,43 +82,33 @@ BACKBONES = {'resnet18': (lambda: _torchvision_resnet('resnet18'), 512),  # name
              'resnet50': (lambda: _torchvision_resnet('resnet50'), 2048),
              'seresnet50': (_seresnet50, 2048)}
 
-# ---- ImageNet weights: resnet18/50 come through torchvision's weights API (and its cache) ----
-TORCHVISION_WEIGHTS = {'resnet18': torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-                       'resnet50': torchvision.models.ResNet50_Weights.IMAGENET1K_V1}
-# where pretrained=True finds each backbone's weights: (file name, URL)
-IMAGENET_WEIGHTS = {**{arch: (os.path.basename(w.url), w.url) for arch, w in TORCHVISION_WEIGHTS.items()},
-                    'seresnet50': ('se_resnet50-ce0d4300.pth', 'https://github.com/rwightman/pytorch-image-models/'
-                                   'releases/download/v0.1-cadene/se_resnet50-ce0d4300.pth')}
+# ---- ImageNet weights: resnet18/50 as torchvision publishes them, SE-ResNet-50 as timm does ----
+IMAGENET_URLS = {'resnet18': torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url,
+                 'resnet50': torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url,
+                 'seresnet50': 'https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-cadene/'
+                               'se_resnet50-ce0d4300.pth'}
 CLASSIFIER_PREFIXES = ('fc.', 'last_linear.')  # ImageNet heads, never used here
 
 
-def imagenet_weights_path(backbone_type):
-    """Where pretrained=True reads a backbone's ImageNet weights: the torch hub cache, as torchvision does."""
-    return os.path.join(torch.hub.get_dir(), 'checkpoints', IMAGENET_WEIGHTS[backbone_type][0])
-
-
-def download_imagenet_weights(backbone_type, timeout=30):
-    """State dict of the ImageNet weights, from the torch hub cache or downloaded into it."""
-    (file_name, url), path = IMAGENET_WEIGHTS[backbone_type], imagenet_weights_path(backbone_type)
-    folder = os.path.dirname(path)
+def imagenet_weights(backbone_type, timeout=30):
+    """(path, state dict) of a backbone's ImageNet weights, from the torch hub cache or downloaded into it."""
+    url = IMAGENET_URLS[backbone_type]
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
     if os.path.isfile(path):
-        return safe_load(path, f'ImageNet weights for {backbone_type}')
+        return path, safe_load(path, f'ImageNet weights for {backbone_type}')
     # torch.hub opens the URL without a timeout: a firewall that drops packets would hang for minutes
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
-    try:
-        if backbone_type in TORCHVISION_WEIGHTS:
-            return TORCHVISION_WEIGHTS[backbone_type].get_state_dict(progress=True, check_hash=True, weights_only=True)
-        return torch.hub.load_state_dict_from_url(url, model_dir=folder, file_name=file_name, map_location='cpu',
-                                                  weights_only=True)
+    try:  # torchvision's file names end in the first digits of their SHA-256, checked as torchvision does
+        return path, torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True,
+                                                        check_hash=backbone_type != 'seresnet50')
     except Exception as err:  # no network, proxy refused, HTTP error, bad hash: all need the same fix
         reason = str(getattr(err, 'reason', None) or err).strip()
         reason = reason.splitlines()[0][:200] if reason else type(err).__name__
-        raise UserError(f'cannot download the ImageNet weights of {backbone_type} ({reason}). The file {file_name} '
-                        f'is needed: download it from {url} on a machine with internet access and put it in '
-                        f'{folder}{os.sep} (the torch hub checkpoints folder), or pass its path with '
-                        f'--pretrained PATH; to train from scratch without ImageNet weights, pass '
-                        f'--pretrained none.') from None
+        raise UserError(f'cannot download the ImageNet weights of {backbone_type} ({reason}). The file '
+                        f'{os.path.basename(path)} is needed: download it from {url} and put it in '
+                        f'{os.path.dirname(path)}{os.sep} (the torch hub checkpoints folder), or pass its path with '
+                        f'--pretrained PATH; to train from scratch, pass --pretrained none.') from None
     finally:
         socket.setdefaulttimeout(previous_timeout)
 
@@ -147,19 +123,18 @@ def adapt_state_dict(state_dict, backbone_type):
 def build_backbone(backbone_type, pretrained):
     """The backbone with the ImageNet weights `pretrained` names: True (the hub cache, downloaded if needed), a
     path, or False; any missing, unexpected or mis-shaped tensor is a UserError naming them."""
-    what = f'ImageNet weights of a {backbone_type}'
+    if not pretrained:
+        return BACKBONES[backbone_type][0]()
+    what = f'ImageNet weights for {backbone_type}'
     # read the weights first, so that a missing file fails before anything is built
     if pretrained is True:
-        state_dict = download_imagenet_weights(backbone_type)
-        source = imagenet_weights_path(backbone_type)
-    elif pretrained:
-        source = os.fspath(pretrained)
-        state_dict = safe_load(source, f'ImageNet weights for {backbone_type}')
+        source, state_dict = imagenet_weights(backbone_type)
+    else:
+        source, state_dict = os.fspath(pretrained), safe_load(pretrained, what)
+    if isinstance(state_dict, dict):  # anything else is refused by load_state_dict_strict
+        state_dict = adapt_state_dict(state_dict, backbone_type)
     backbone = BACKBONES[backbone_type][0]()
-    if pretrained:
-        if not isinstance(state_dict, dict):
-            raise UserError(f'{source} does not hold {what}: found a {type(state_dict).__name__}')
-        load_state_dict_strict(backbone, adapt_state_dict(state_dict, backbone_type), source, what)
+    load_state_dict_strict(backbone, state_dict, source, what)
     return backbone
 
 
@@ -188,13 +163,11 @@ BRANCHES = {'S': spoc, 'M': mac, 'G': gem}
 def parse_branches(s):
     """Validate a branch set such as 'SMG' (letters of BRANCHES, each at most once, any order)."""
     s = str(s)
-    bad = sorted({c for c in s if c not in BRANCHES})
-    repeated = sorted({c for c in s if s.count(c) > 1})
+    bad, repeated = sorted(set(s) - set(BRANCHES)), sorted({c for c in s if s.count(c) > 1})
     if not s or bad or repeated:
         why = ('it is empty' if not s else f'unknown letter(s) {", ".join(bad)}' if bad
                else f'repeated letter(s) {", ".join(repeated)}')
-        raise UserError(f"invalid branch set '{s}': {why}. Use one or more of S (SPoC, mean), "
-                        f"M (MAC, max), G (GeM, p=3), each at most once, e.g. SMG")
+        raise UserError(f"invalid branch set '{s}': {why}; use S (SPoC, mean), M (MAC, max), G (GeM), e.g. SMG")
     return s
 
 
@@ -210,8 +183,7 @@ class Model(nn.Module):
         for name, value in (('feature_dim', feature_dim), ('num_classes', num_classes)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UserError(f'{name} must be a positive integer, got {value!r}')
-        self.branches = parse_branches(branches)
-        self.freeze_backbone_bn = freeze_backbone_bn
+        self.branches, self.freeze_backbone_bn = parse_branches(branches), freeze_backbone_bn
         self.backbone = build_backbone(backbone_type, pretrained)
         channels = BACKBONES[backbone_type][1]
         # one projection per branch: [B, C] -> [B, feature_dim]
@@ -238,8 +210,7 @@ class Model(nn.Module):
         parts = [F.normalize(proj(BRANCHES[b](grid)), dim=-1)  # n x [B, feature_dim], unit norm
                  for b, proj in zip(self.branches, self.projections)]
         concat = torch.cat(parts, dim=-1)  # [B, n*feature_dim], norm sqrt(n)
-        logits = self.classifier(concat)  # [B, num_classes]
-        return F.normalize(concat, dim=-1), logits
+        return F.normalize(concat, dim=-1), self.classifier(concat)  # and logits [B, num_classes]
 
 
 # ---- Params and FLOPs, counted as thop did in 2020 (when the published table was made) ----
@@ -273,9 +244,7 @@ def params_flops_table(feature_dim=512, image_size=224):
     for backbone_type in BACKBONES:
         cells = []
         for num_classes in DATASET_CLASSES.values():
-            # the counts depend on shapes only: on the meta device no weights are allocated or
-            # initialised and no arithmetic is done, so the whole table takes seconds
-            with torch.device('meta'):
+            with torch.device('meta'):  # counts need shapes only: nothing allocated or computed, so this takes seconds
                 model = Model(backbone_type, feature_dim, num_classes)
             params, flops = count_params_flops(model, image_size)
             cells.append(f'{params / 1e6:.2f}M \\| {flops / 1e9:.2f}G')

@@ -3,8 +3,7 @@
     python test.py --query_img_name PATH [--data_base NAME_OR_PATH] [--retrieval_num K]
 
 writes results/{query stem}/query_img.jpg, retrieval_img_{rank}_{score}.jpg and retrieval.png.
-A query image that is not in the database is embedded with the database's model file.
-"""
+A query image that is not in the database is embedded with the database's model file."""
 import argparse
 import io
 import os
@@ -23,7 +22,6 @@ from utils import UserError
 TILE = 224  # side of every written picture, as the original
 BORDER = 8  # width of the frame around the picture: match (green), mismatch (red), no label known (white)
 INNER = TILE - 2 * BORDER  # side of the picture inside the frame
-GREEN, RED, WHITE = (0, 255, 0), (255, 0, 0), (255, 255, 255)
 PAD, CAPTION = 8, 44  # row picture: gap around tiles, room for two caption lines under each tile
 ROW_MAX = 11  # tiles per line of the row picture (query + 10); a longer top-K wraps onto more lines
 MARKER = '.written_by_test_py'  # inside every folder test.py writes: only a folder holding it is ever replaced
@@ -33,15 +31,12 @@ DATABASE_NAME = re.compile(r'(.+)_(uncropped|cropped)_(.+)_(\d+)_data_base\.pth'
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Retrieve the top-K images of a feature database for a query image')
-    parser.add_argument('--query_img_name', default='/home/data/car/uncropped/008055.jpg', type=str,
-                        help='query image: one of the database images, or any image file of your own')
-    parser.add_argument('--data_base', default='car_uncropped_resnet18_512_data_base.pth', type=str,
-                        help='database written by train.py: a file name in --results_dir, or a path')
-    parser.add_argument('--retrieval_num', default=8, type=int, help='how many images to retrieve')
-    parser.add_argument('--results_dir', default='results', type=str,
-                        help='where databases are looked up by name and results/{query stem}/ is written')
-    parser.add_argument('--device', default=None, type=str,
-                        help='device that embeds a query image not in the database (default: cuda if there, else cpu)')
+    add = parser.add_argument
+    add('--query_img_name', default='/home/data/car/uncropped/008055.jpg', help='a database image or any image file')
+    add('--data_base', default='car_uncropped_resnet18_512_data_base.pth', help='a name in --results_dir, or a path')
+    add('--retrieval_num', default=8, type=int, help='how many images to retrieve')
+    add('--results_dir', default='results', help='where databases are found by name and {query stem}/ is written')
+    add('--device', default=None, help='device for a query not in the database [default: cuda if there, else cpu]')
     return parser.parse_args(argv)
 
 
@@ -150,7 +145,7 @@ def render(query_image, query_label, hits):
     files = {}
     for i, (name, image, match, line1, line2) in enumerate(entries):
         # the picture shrunk inside the frame, so that the frame surrounds it instead of covering its edge
-        tile = Image.new('RGB', (TILE, TILE), WHITE if match is None else GREEN if match else RED)
+        tile = Image.new('RGB', (TILE, TILE), 'white' if match is None else (0, 255, 0) if match else (255, 0, 0))
         tile.paste(image.resize((INNER, INNER), resample=Image.BILINEAR), (BORDER, BORDER))
         files[name] = encode(tile, 'JPEG')
         x, y = PAD + (i % ROW_MAX) * (TILE + PAD), PAD + (i // ROW_MAX) * (TILE + CAPTION + PAD)
@@ -175,8 +170,7 @@ def write_result_folder(results_dir, stem, files):
     tmp = os.path.join(results_dir, f'.{stem}.{secrets.token_hex(4)}.tmp')
     old = tmp[:-len('.tmp')] + '.old.tmp'  # the previous results, kept until the new set is in place
     try:
-        os.makedirs(results_dir, exist_ok=True)
-        os.mkdir(tmp)
+        os.makedirs(tmp)  # and results_dir if needed
         utils.atomic_write({os.path.join(tmp, name): data for name, data in {**files, MARKER: MARKER_TEXT}.items()})
         check_replaceable(target)  # again, just before the swap: the path may have changed meanwhile
         if os.path.lexists(target):
@@ -216,10 +210,9 @@ def main(argv=None):
     if args.retrieval_num > searchable:
         raise UserError(f'--retrieval_num {args.retrieval_num} asks for more images than {db_path} can return '
                         f'({searchable} {split} images{" besides the query" if exclude is not None else ""})')
-    indices, scores = rank_gallery(query_feature, features, exclude)
-    top = zip(indices[:args.retrieval_num].tolist(), scores[:args.retrieval_num].tolist())
+    indices, scores = (t[:args.retrieval_num].tolist() for t in rank_gallery(query_feature, features, exclude))
     hits = []  # every picture is read and encoded before anything is written
-    for rank, (i, score) in enumerate(top, start=1):
+    for rank, (i, score) in enumerate(zip(indices, scores), start=1):
         if not os.path.isfile(images[i]):
             raise UserError(f'database image not found: {images[i]} (listed in {db_path}; was the dataset moved?)')
         picture = utils.load_image(images[i]).resize((INNER, INNER), resample=Image.BILINEAR)  # bounded memory

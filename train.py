@@ -2,8 +2,7 @@
 unseen test classes after every epoch; writes the statistics, the best model and its feature
 database to results/, with a checkpoint each epoch so a killed run resumes where it stopped.
 
-Single process: `python train.py ...`; several GPUs or nodes: `torchrun --nproc_per_node=N train.py ...`.
-"""
+Single process: `python train.py ...`; several GPUs or nodes: `torchrun --nproc_per_node=N train.py ...`."""
 import argparse
 import math
 import os
@@ -31,44 +30,36 @@ RESUME_KEYS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'branch
                'batch_size', 'num_epochs', 'image_size', 'seed', 'pretrained', 'lr')
 OUTPUTS = ('statistics.csv', 'model.pth', 'data_base.pth', 'checkpoint.pth', 'curves.png')
 INTERRUPTED = 'stopped at once; the last checkpoint is intact: run the same command with --resume auto to continue'
+DIVERGED = ('training stopped; the best model and database on disk are from earlier epochs and unchanged. Try a '
+            'lower --lr (or --no_amp), then continue with --resume auto')
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Train a CLF image-retrieval model')
     add = parser.add_argument
-    add('--data_path', default='/home/data', type=str, help='datasets path [default: %(default)s]')
-    add('--data_name', default='car', type=str,
-        help='car, cub, sop, isc, demo or an own folder processed by data_utils.py [default: %(default)s]')
-    add('--crop_type', default='uncropped', type=str, choices=data_utils.CROP_TYPES,
-        help='bounding-box crops or whole images (crops exist for datasets with boxes) [default: %(default)s]')
-    add('--backbone_type', default='resnet18', type=str, choices=sorted(model_lib.BACKBONES),
-        help='backbone network type [default: %(default)s]')
+    add('--data_path', default='/home/data', help='datasets path [default: %(default)s]')
+    add('--data_name', default='car', help='car, cub, sop, isc, demo or a data_utils.py folder [default: %(default)s]')
+    add('--crop_type', default='uncropped', choices=data_utils.CROP_TYPES, help='[default: %(default)s]')
+    add('--backbone_type', default='resnet18', choices=sorted(model_lib.BACKBONES), help='[default: %(default)s]')
     add('--feature_dim', default=512, type=int, help='feature dim of each branch [default: %(default)s]')
-    add('--recalls', default='1,2,4,8', type=str, help='selected recall [default: %(default)s]')
+    add('--recalls', default='1,2,4,8', help='selected recall [default: %(default)s]')
     add('--batch_size', default=128, type=int, help='train batch size over all processes [default: %(default)s]')
     add('--num_epochs', default=20, type=int, help='train epoch number [default: %(default)s]')
-    add('--device', default=None, type=str, help='cpu, cuda or cuda:N [default: cuda when available, else cpu]')
-    add('--num_workers', default=None, type=int,
-        help='data loader workers per process without the cache [default: from the CPU count, at most 8]')
-    add('--image_size', default=224, type=int,
-        help='train/test image size; training crops it from a round(size*8/7) resize [default: %(default)s]')
+    add('--device', default=None, help='cpu, cuda or cuda:N [default: cuda when available, else cpu]')
+    add('--num_workers', default=None, type=int, help='loader workers per process [default: by CPU count, at most 8]')
+    add('--image_size', default=224, type=int, help='image side; train crops a size*8/7 resize [default: %(default)s]')
     add('--seed', default=0, type=int, help='random seed; a fixed seed repeats a CPU run [default: %(default)s]')
-    add('--pretrained', default='imagenet', type=str,
-        help="backbone weights: 'imagenet', 'none' (from scratch) or a weights file [default: %(default)s]")
-    add('--branches', default='SMG', type=str,
-        help='local-feature branches: letters of S (SPoC), M (MAC), G (GeM) [default: %(default)s]')
+    add('--pretrained', default='imagenet', help="'imagenet', 'none' (from scratch) or a file [default: %(default)s]")
+    add('--branches', default='SMG', help='local-feature branches: S (SPoC), M (MAC), G (GeM) [default: %(default)s]')
     add('--no_amp', action='store_true', help='train in float32 on CUDA [default: mixed precision]')
     add('--lr', default=None, type=float, help='learning rate [default: 1e-4 with ImageNet weights, 1e-3 from scratch]')
     add('--cache', default='auto', choices=utils.CACHE_CHOICES,
-        help='decode the images once into GPU memory, RAM, or not at all [default: %(default)s: GPU when '
-             'they fit, else RAM, else off]')
+        help='decode images once into GPU memory or RAM [default: %(default)s: GPU if they fit, else RAM, else off]')
     add('--compile', action='store_true', help='torch.compile the model for training and feature extraction')
-    add('--resume', default=None, type=str,
-        help="'auto' (continue this run's checkpoint when there is one, else start fresh) or a checkpoint file")
-    add('--overwrite', action='store_true', help="start over, replacing a run of this name that has a checkpoint")
-    add('--results_dir', default='results', type=str, help='where outputs are written [default: %(default)s]')
-    add('--eval_untrained', action='store_true',
-        help='also evaluate the model before the first epoch and print its R@K, a baseline (not saved)')
+    add('--resume', default=None, help="'auto' (this run's checkpoint if there is one, else start fresh) or a file")
+    add('--overwrite', action='store_true', help='start over, replacing a run of this name that has a checkpoint')
+    add('--results_dir', default='results', help='where outputs are written [default: %(default)s]')
+    add('--eval_untrained', action='store_true', help='also print the R@K before the first epoch (not saved)')
     return parser.parse_args(argv)
 
 
@@ -79,8 +70,7 @@ def resolve_config(args):
     except ValueError:
         recalls = []
     if not recalls or recalls[0] < 1:
-        raise UserError(f"--recalls '{args.recalls}': expected a comma-separated list of positive integers, "
-                        f"e.g. 1,2,4,8")
+        raise UserError(f"--recalls '{args.recalls}': expected comma-separated positive integers, e.g. 1,2,4,8")
     for flag, low, high in (('feature_dim', 1, 8192), ('batch_size', 2, 65536), ('num_epochs', 1, 100000),
                             ('image_size', 16, 1024), ('seed', 0, 2 ** 63 - 1), ('num_workers', 0, 256)):
         utils.check_int(f'--{flag}', getattr(args, flag) or 0, low, high)  # num_workers None: chosen later
@@ -116,21 +106,19 @@ def resolve_config(args):
 
 
 class Images:
-    """The training set and evaluation splits, served from a decode-once cache or by a loader.
-    Batches are uint8-exact with either source: the cache holds the same resized pixels and
-    draws each crop and flip from the same seed (seed, epoch, index)."""
+    """The training set and evaluation splits, from a decode-once cache or a loader: uint8-exact batches either
+    way, as the cache holds the same resized pixels and draws each crop and flip from the same (seed, epoch, index)."""
 
     def __init__(self, dicts, config, rt):
         mean, std = data_utils.normalization(config['data_name'])
-        self.normalize, self.rt = utils.Normalize(mean, std), rt
-        self.size, workers = config['image_size'], config['num_workers']
+        self.normalize, self.rt, self.seed = utils.Normalize(mean, std), rt, config['seed']
+        self.size, self.batch = config['image_size'], config['batch_size'] // rt.world_size
         # a loader per epoch, its workers ending with it: none linger at exit
+        workers = config['num_workers']
         self.loader_kwargs = dict(num_workers=workers, pin_memory=rt.cuda, prefetch_factor=4 if workers else None)
         self.train = utils.ImageListDataset(dicts['train'], utils.TrainTransform(self.size, mean, std))
         self.eval = {s: utils.ImageListDataset(dicts[s], utils.EvalTransform(self.size, mean, std))
                      for s in config['eval_splits']}
-        self.seed = config['seed']
-        self.batch = config['batch_size'] // rt.world_size
         self.targets = torch.tensor(self.train.targets)
         self.caches = self.build_caches(config['cache'], config['name'])
 
@@ -172,11 +160,10 @@ class Images:
 
     def eval_batches(self, split):
         """Yields this process's shard of a split in order: images [B, 3, s, s] float on the device."""
-        dataset = self.eval[split]
-        shard = utils.shard_range(len(dataset), self.rt.rank, self.rt.world_size)
+        shard = utils.shard_range(len(self.eval[split]), self.rt.rank, self.rt.world_size)
         size = 2 * self.batch  # no gradients: twice the training batch fits
         if self.caches is None:
-            loader = DataLoader(Subset(dataset, shard), batch_size=size, **self.loader_kwargs)
+            loader = DataLoader(Subset(self.eval[split], shard), batch_size=size, **self.loader_kwargs)
             yield from (images for images, _ in self._loaded(loader))
             return
         for start in range(shard.start, shard.stop, size):
@@ -217,17 +204,14 @@ def train_one_epoch(model, images, criterion, optimizer, rt, epoch, num_epochs):
     model.train()  # Model keeps the backbone BatchNorm in eval mode when freeze_backbone_bn is set
     start, first_step, loss_sum, correct, seen = time.time(), 0.0, 0.0, 0.0, 0
     batches = images.epoch_batches(epoch)
-    bar = tqdm(images.train_batches(batches), total=len(batches), disable=not rt.main,
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(images.train_batches(batches), total=len(batches), disable=not rt.main, dynamic_ncols=True, leave=False)
     for step, (x, targets) in enumerate(bar, start=1):
         loss, hits = train_step(model, x, targets, criterion, optimizer, rt)
         # one device sync per step: the NaN check and the bar need the values anyway
         loss_value, hits = torch.stack([loss, hits.float()]).tolist()
         first_step = first_step or time.time() - start  # with --compile: compilation included
         if not math.isfinite(loss_value):
-            raise UserError(f'the loss became {loss_value} at epoch {epoch}, step {step}: training diverged and '
-                            f'stopped. The best model and database on disk are from earlier epochs and unchanged. '
-                            f'Try a lower --lr (or --no_amp), then continue with --resume auto')
+            raise UserError(f'the loss became {loss_value} at epoch {epoch}, step {step}: {DIVERGED}')
         loss_sum, correct, seen = loss_sum + loss_value * len(targets), correct + hits, seen + len(targets)
         bar.set_description(f'Train Epoch {epoch}/{num_epochs} Loss: {loss_sum / seen:.4f} '
                             f'Acc: {100 * correct / seen:.2f}%')
@@ -239,8 +223,7 @@ def train_one_epoch(model, images, criterion, optimizer, rt, epoch, num_epochs):
 
 @torch.no_grad()
 def extract_features(model, images, rt, dim):
-    """Embeddings of every evaluation split, each process embedding its shard, gathered in order
-    -> {split: CPU float [N, dim]}."""
+    """Embeddings of every evaluation split, each process embedding its shard -> {split: CPU float [N, dim]}."""
     model.eval()
     features = {}
     for split in images.eval:
@@ -256,11 +239,8 @@ def extract_features(model, images, rt, dim):
 
 def check_finite(model, features, epoch):
     """A diverged model is never evaluated or saved: its embeddings or weights hold NaN or inf."""
-    if not all(torch.isfinite(f).all() for f in features.values()) or \
-            not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise UserError(f'the model diverged at epoch {epoch}: its weights or embeddings are NaN or infinite; '
-                        f'training stopped. The best model and database on disk are from earlier epochs and '
-                        f'unchanged. Try a lower --lr (or --no_amp), then continue with --resume auto')
+    if not all(torch.isfinite(t).all() for t in [*features.values(), *model.parameters()]):
+        raise UserError(f'the model diverged at epoch {epoch}: NaN or infinite weights or embeddings; {DIVERGED}')
 
 
 def retrieval_metrics(features, labels, ks, device):
@@ -289,29 +269,26 @@ def claim_results(config, paths):
         os.makedirs(folder, exist_ok=True)
         lock = open(os.path.join(folder, f'.{config["name"]}.lock'), 'a+')
     except OSError as err:
-        raise UserError(f'cannot write to results folder {folder}: {err.strerror or err}; '
-                        f'nothing was written') from None
+        raise UserError(f'cannot write to results folder {folder}: {err.strerror or err}; nothing written') from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.seek(0)
-        raise UserError(f'another train.py is running on {os.path.join(folder, config["name"])}_* '
-                        f'({lock.read().strip() or "process id unknown"}); wait for it or use another '
-                        f'--results_dir') from None
+        holder = lock.read().strip() or 'process id unknown'
+        raise UserError(f'another train.py is running on {os.path.join(folder, config["name"])}_* ({holder}); '
+                        f'wait for it or use another --results_dir') from None
     try:
         lock.truncate(0)
-        lock.write(f'process {os.getpid()}\n')
-        lock.flush()
+        print(f'process {os.getpid()}', file=lock, flush=True)
         if os.path.exists(paths['checkpoint.pth']) and not config['resume'] and not config['overwrite']:
             state = utils.safe_load(paths['checkpoint.pth'], 'checkpoint')
             done = f'epoch {state["epoch"]}, best R@1 {100 * state["best_recall"]:.2f}%' if isinstance(state, dict) \
                 and {'epoch', 'best_recall'} <= set(state) else 'unreadable contents'
             raise UserError(f'{paths["checkpoint.pth"]} holds a run of this name ({done}); continue it with '
                             f'--resume auto, or start over with --overwrite (replaces its files)')
-        if config['overwrite']:
-            for path in paths.values():
-                if os.path.isfile(path):
-                    os.remove(path)
+        for path in paths.values():
+            if config['overwrite'] and os.path.isfile(path):
+                os.remove(path)
         utils.remove_temporaries(paths.values())  # left by a killed run: the real files are whole
     except BaseException:
         lock.close()
@@ -329,32 +306,27 @@ def statistics_csv(statistics, recalls):
 def make_database(images, features, config):
     """The feature database test.py searches (utils.load_database's format); the query split of a
     query/gallery dataset is stored under test_*, as the original did."""
-    mean, std = images.normalize.mean, images.normalize.std
     database = {}
     for split, prefix in zip(config['eval_splits'], ('test', 'gallery')):
         database.update({f'{prefix}_images': images.eval[split].images, f'{prefix}_labels': images.eval[split].labels,
                          f'{prefix}_features': features[split]})
-    database['config'] = {key: config[key] for key in ('backbone_type', 'feature_dim', 'branches', 'num_classes',
-                                                       'image_size', 'data_name', 'crop_type')}
-    database['config'].update(mean=list(mean), std=list(std))
+    keys = ('backbone_type', 'feature_dim', 'branches', 'num_classes', 'image_size', 'data_name', 'crop_type')
+    database['config'] = dict({key: config[key] for key in keys}, mean=list(images.normalize.mean),
+                              std=list(images.normalize.std))
     return database
 
 
 def epoch_files(epoch, trained, best, statistics, config, images, features):
-    """CPU copies of what epoch `epoch` writes (trained: model, optimizer, scheduler, scaler) -> a
-    function that writes them. Order matters for crash
-    safety: the best model and its database first (together), the checkpoint last, so a kill
-    anywhere in between repeats this epoch on resume and rewrites the same files."""
+    """CPU copies of what epoch `epoch` writes (trained: model, optimizer, scheduler, scaler) -> their writer."""
     (model, optimizer, scheduler, scaler), paths, recalls = trained, output_paths(config), config['recalls']
-    best_files = None
-    if best['epoch'] == epoch:
-        best_files = (utils.to_cpu(model.state_dict()), make_database(images, features, config))
+    best_files = (utils.to_cpu(model.state_dict()), make_database(images, features, config)) \
+        if best['epoch'] == epoch else None
     state = utils.to_cpu({'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                           'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
                           'best_recall': best['recall'], 'best_epoch': best['epoch'], 'statistics': list(statistics),
                           'config': {key: config[key] for key in RESUME_KEYS}})
 
-    def write():
+    def write():  # best model and database first, checkpoint last: a kill in between repeats this epoch on resume
         if best_files is not None:
             utils.save_model_and_database(*best_files, paths['model.pth'], paths['data_base.pth'])
         utils.atomic_write({paths['statistics.csv']: statistics_csv(state['statistics'], recalls),
@@ -412,26 +384,9 @@ def build_model(config, rt):
                             freeze_backbone_bn=config['freeze_backbone_bn']).to(rt.device)
     if rt.cuda:
         model.to(memory_format=torch.channels_last)
-    runner = model
-    if rt.world_size > 1:
-        runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.cuda else None)
+    runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.cuda else None) \
+        if rt.world_size > 1 else model
     return model, torch.compile(runner) if config['compile'] else runner
-
-
-def start(config, rt, paths):
-    """Rank 0 claims the results name, prints the config and the model's size -> the lock."""
-    lock = claim_results(config, paths) if rt.main else None
-    if rt.main:
-        shown = dict(config, device=str(rt.device), world_size=rt.world_size,
-                     amp=str(rt.amp_dtype).replace('torch.', '') if rt.amp_dtype else 'off')
-        print('Config:\n' + '\n'.join(f'  {key:<18} {value}' for key, value in shown.items()), flush=True)
-        with torch.device('meta'):  # counts need shapes only: no weights copied, no real forward
-            shape_model = model_lib.Model(config['backbone_type'], config['feature_dim'], config['num_classes'],
-                                          branches=config['branches'])
-        params, flops = model_lib.count_params_flops(shape_model, config['image_size'])
-        print(f'Params: {params / 1e6:.2f}M | FLOPs: {flops / 1e9:.2f}G (at {config["image_size"]}px)', flush=True)
-    utils.barrier()
-    return lock
 
 
 def main(argv=None):
@@ -441,8 +396,18 @@ def main(argv=None):
         raise UserError(f'--batch_size {config["batch_size"]} is the global batch: it must split evenly into at '
                         f'least 2 images for each of the {rt.world_size} processes')
     paths = output_paths(config)
-    lock = start(config, rt, paths)
+    lock = claim_results(config, paths) if rt.main else None  # rank 0 holds the results name for the run
     try:
+        if rt.main:
+            shown = dict(config, device=str(rt.device), world_size=rt.world_size,
+                         amp=str(rt.amp_dtype).replace('torch.', '') if rt.amp_dtype else 'off')
+            print('Config:\n' + '\n'.join(f'  {key:<18} {value}' for key, value in shown.items()), flush=True)
+            with torch.device('meta'):  # counts need shapes only: no weights copied, no real forward
+                shape_model = model_lib.Model(config['backbone_type'], config['feature_dim'], config['num_classes'],
+                                              branches=config['branches'])
+            params, flops = model_lib.count_params_flops(shape_model, config['image_size'])
+            print(f'Params: {params / 1e6:.2f}M | FLOPs: {flops / 1e9:.2f}G (at {config["image_size"]}px)', flush=True)
+        utils.barrier()
         run(config, dicts, rt, paths)
     except torch.OutOfMemoryError:
         raise UserError(f'out of memory on {rt.device}: lower --batch_size (now {config["batch_size"]}) or '
@@ -468,8 +433,7 @@ def run(config, dicts, rt, paths):
         print(f'Train set: {sum(map(len, batches)) * rt.world_size} images, {len(batches)} steps of '
               f'{config["batch_size"]} per epoch ({len(images.train)} training images)', flush=True)
     if config['eval_untrained'] and first_epoch == 1:
-        # a baseline to read the trained R@K against; nothing is saved, and every epoch reseeds
-        # its RNGs, so the run that follows is the same with or without it
+        # a baseline, not saved; every epoch reseeds its RNGs, so the run that follows is the same without it
         features = extract_features(runner, images, rt, dim)
         if rt.main:
             print(f'Before training | {metrics_text(retrieval_metrics(features, labels, recalls, rt.device), recalls)}',

@@ -251,7 +251,7 @@ def test_wrong_weight_file_is_a_clear_error(tmp_path, timm_seresnet50, resnet18_
     with pytest.raises(UserError) as err:
         M.Model('seresnet50', 8, 4, pretrained=str(broken))
     message = str(err.value)
-    assert message.startswith(f'{broken} does not hold ImageNet weights of a seresnet50')
+    assert message.startswith(f'{broken} does not hold ImageNet weights for seresnet50')
     assert '1 missing: layer2.1.conv2.weight' in message
     assert '1 unexpected: layer5.0.conv1.weight' in message
 

@@ -219,8 +219,8 @@ def test_eval_untrained_baseline_leaves_the_run_unchanged(dataset, reference, tm
 @pytest.mark.parametrize('extra, message', [
     (['--data_name', 'nosuch'], "unknown dataset 'nosuch'"),
     (['--crop_type', 'cropped'], 'cropped_data_dicts.pth'),
-    (['--recalls', '1,x'], 'comma-separated list of positive integers'),
-    (['--recalls', '0,1'], 'comma-separated list of positive integers'),
+    (['--recalls', '1,x'], 'comma-separated positive integers'),
+    (['--recalls', '0,1'], 'comma-separated positive integers'),
     (['--recalls', '1,12'], 'R@12 needs 12 candidates per query, but'),
     (['--feature_dim', '0'], '--feature_dim must be between 1 and 8192, got 0'),
     (['--feature_dim', '3000000'], '--feature_dim must be between 1 and 8192, got 3000000'),
@@ -273,7 +273,7 @@ def test_bad_input_exit_status_and_no_traceback(dataset, tmp_path):
     result = run_script(flags(dataset, tmp_path / 'results', '--recalls', '1,two'))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: --recalls '1,two': expected a comma-separated list of positive integers, e.g. 1,2,4,8"]
+        "error: --recalls '1,two': expected comma-separated positive integers, e.g. 1,2,4,8"]
     assert not (tmp_path / 'results').exists()
 
 
