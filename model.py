@@ -16,8 +16,8 @@ import torchvision
 
 from utils import UserError, load_state_dict_strict, run_cli, safe_load
 
-# ---- backbones: stem + layer1..layer4, no avgpool/fc; stage 3 (layer3) keeps its input resolution ----
 
+# ---- backbones: stem + layer1..layer4, no avgpool/fc; stage 3 (layer3) keeps its input resolution ----
 
 def _torchvision_resnet(arch):
     """torchvision's ResNet-18/50 trunk under torchvision's parameter names: its ImageNet weights load as they are."""
@@ -140,7 +140,6 @@ def build_backbone(backbone_type, pretrained):
 
 # ---- the multi-local-feature head: each branch reduces the stage-4 grid [B, C, h, w] to one vector [B, C] ----
 
-
 def spoc(x):
     """Sum-pooled convolutional features: the mean of the local features."""
     return x.mean((2, 3))
@@ -214,7 +213,6 @@ class Model(nn.Module):
 
 
 # ---- Params and FLOPs, counted as thop did in 2020 (when the published table was made) ----
-
 
 def count_params_flops(model, image_size=224):
     """(params, flops) of `model` on one 3 x image_size x image_size image, in eval mode."""

@@ -39,14 +39,15 @@ def parse_args(argv=None):
     add = parser.add_argument
     add('--data_path', default='/home/data', help='datasets path [default: %(default)s]')
     add('--data_name', default='car', help='car, cub, sop, isc, demo or a data_utils.py folder [default: %(default)s]')
-    add('--crop_type', default='uncropped', choices=data_utils.CROP_TYPES, help='[default: %(default)s]')
+    add('--crop_type', default='uncropped', choices=data_utils.CROP_TYPES,
+        help='box crops (datasets with boxes) or whole images [default: %(default)s]')
     add('--backbone_type', default='resnet18', choices=sorted(model_lib.BACKBONES), help='[default: %(default)s]')
     add('--feature_dim', default=512, type=int, help='feature dim of each branch [default: %(default)s]')
     add('--recalls', default='1,2,4,8', help='selected recall [default: %(default)s]')
     add('--batch_size', default=128, type=int, help='train batch size over all processes [default: %(default)s]')
     add('--num_epochs', default=20, type=int, help='train epoch number [default: %(default)s]')
     add('--device', default=None, help='cpu, cuda or cuda:N [default: cuda when available, else cpu]')
-    add('--num_workers', default=None, type=int, help='loader workers per process [default: by CPU count, at most 8]')
+    add('--num_workers', default=None, type=int, help='loader workers per process, uncached [default: CPUs, <= 8]')
     add('--image_size', default=224, type=int, help='image side; train crops a size*8/7 resize [default: %(default)s]')
     add('--seed', default=0, type=int, help='random seed; a fixed seed repeats a CPU run [default: %(default)s]')
     add('--pretrained', default='imagenet', help="'imagenet', 'none' (from scratch) or a file [default: %(default)s]")
@@ -103,7 +104,6 @@ def resolve_config(args):
 
 
 # ---- images: decoded once into a cache, or loaded by DataLoader workers each epoch ----
-
 
 class Images:
     """The training set and evaluation splits, from a decode-once cache or a loader: uint8-exact batches either
@@ -179,7 +179,6 @@ class Images:
 
 
 # ---- training and evaluation ----
-
 
 def make_scheduler(optimizer, num_epochs):
     """LR x GAMMA after epochs int(0.6 E) and int(0.8 E), stepped once per epoch (0 and repeats dropped)."""
@@ -258,7 +257,6 @@ def metrics_text(metrics, recalls):
 
 
 # ---- files: one run per results name, its outputs, checkpoints written in the background ----
-
 
 def claim_results(config, paths):
     """Hold this results name for the run (an OS lock, released even when the process is killed)
@@ -373,7 +371,6 @@ def resume(config, rt, paths, model, optimizer, scheduler):
 
 
 # ---- main ----
-
 
 def build_model(config, rt):
     """The network on the device, and the (compiled) module that training and extraction call."""

@@ -20,7 +20,6 @@ from PIL import Image
 
 # ---- errors and files ----
 
-
 class UserError(Exception):
     """A mistake the user can fix (bad flag, missing or unreadable file); printed without traceback."""
 
@@ -413,7 +412,6 @@ class Runtime:
 
 # ---- images and transforms ----
 
-
 def load_image(path):
     """Open and fully decode an image as RGB (PIL); an unreadable file is a UserError naming it."""
     path = os.fspath(path)
@@ -668,7 +666,6 @@ def gather_crops(cache, indices, draws, side):
 
 # ---- loss ----
 
-
 def class_balanced_weights(targets, num_classes):
     """Per-class weights w_c ∝ N / n_c summing to `num_classes` -> float [num_classes]: every class
     weighs about equally in the loss; a class with no sample gets 0 (it is never a target)."""
@@ -700,7 +697,6 @@ class LabelSmoothingCrossEntropy(torch.nn.Module):
 
 # ---- training curves ----
 
-
 def plot_curves(statistics, recalls, title):
     """Loss, accuracy, R@K and MAP@R per epoch -> PNG bytes."""
     from matplotlib.figure import Figure  # not pyplot: no display, no global backend
@@ -726,7 +722,6 @@ def plot_curves(statistics, recalls, title):
 
 
 # ---- retrieval metrics ----
-
 
 def _duplicates(features):
     """(rows, first) of rows that repeat an earlier row exactly, or None when all differ."""
