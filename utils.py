@@ -305,7 +305,8 @@ def resolve_device(device_arg=None):
     if device is None or device.type not in ('cpu', 'cuda'):
         raise UserError(f"unknown --device '{device_arg}': expected cpu, cuda or cuda:N")
     if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f'--device {device_arg}: {torch.cuda.device_count()} CUDA device(s) here; use --device cpu')
+        raise UserError(f'--device {device_arg}: this machine has {torch.cuda.device_count()} CUDA device(s); use '
+                        f'--device cpu, or cuda:N below that count')
     return device
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import torch
 
 from _train_fixtures import EPOCHS, REPO, RUN_NAME, flags, free_port, out, run_script, tensors
@@ -23,6 +24,17 @@ def test_shard_range_and_gather_without_torchrun():
     assert utils.all_gather_rows(x) is x and (rt.rank, rt.world_size, rt.main) == (0, 1, True)
     assert utils.all_reduce_sum([1.0, 2.0], torch.device('cpu')) == [1.0, 2.0]
 
+
+
+def test_resolve_device_names_what_is_wrong():
+    assert utils.resolve_device('cpu') == torch.device('cpu')
+    count = torch.cuda.device_count()  # 0 here without CUDA: cuda:0 is then refused like cuda:{count}
+    with pytest.raises(utils.UserError, match=rf'--device cuda:{count}: this machine has {count} CUDA device\(s\); '
+                                              r'use --device cpu, or cuda:N below that count'):
+        utils.resolve_device(f'cuda:{count}')
+    for bad in ('tpu', 'cuda:x', 'mps'):
+        with pytest.raises(utils.UserError, match=f"unknown --device '{bad}': expected cpu, cuda or cuda:N"):
+            utils.resolve_device(bad)
 
 GATHER_SCRIPT = '''
 import sys
