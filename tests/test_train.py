@@ -320,7 +320,7 @@ def test_cached_batches_equal_loaded_batches(dataset, tmp_path):
                          loaded.train_batches(loaded.epoch_batches(epoch))))
         assert len(pairs) == 3
         for (a, ta), (b, tb) in pairs:
-            assert a.shape == (4, 3, 32, 32) and torch.equal(a, b) and torch.equal(ta, tb)
+            assert a.shape == (4, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b) and torch.equal(ta, tb)
     a, b = torch.cat(list(cached.eval_batches('test'))), torch.cat(list(loaded.eval_batches('test')))
     assert a.shape == (12, 3, 32, 32) and torch.equal(a, b)
     # epochs differ: the crops are drawn from (seed, epoch, image)
