@@ -79,8 +79,7 @@ def load_model(db, db_path):
 @torch.no_grad()
 def embed_image(model, path, config, device):
     """Retrieval embedding [n*feature_dim] of an image file, preprocessed as train.py did the database's images."""
-    transform = utils.EvalTransform(config['image_size'], tuple(config['mean']), tuple(config['std']))
-    x = transform(utils.load_image_uint8(path)).unsqueeze(0).to(device)  # [1, 3, s, s]
+    x = utils.eval_input(path, config['image_size'], config['mean'], config['std'])[None].to(device)  # [1, 3, s, s]
     return model.to(device)(x)[0][0].float().cpu()
 
 

@@ -107,7 +107,7 @@ def resolve_config(args):
 
 class Images:
     """The training set and evaluation splits, from a decode-once cache or a loader: uint8-exact batches either
-    way, as the cache holds the same resized pixels and draws each crop and flip from the same (seed, epoch, index)."""
+    way, as both hold the same resized pixels and crop_flip_batch draws each crop and flip from (seed, epoch, index)."""
 
     def __init__(self, dicts, config, rt):
         mean, std = data_utils.normalization(config['data_name'])
@@ -116,27 +116,26 @@ class Images:
         # a loader per epoch, its workers ending with it: none linger at exit
         workers = config['num_workers']
         self.loader_kwargs = dict(num_workers=workers, pin_memory=rt.cuda, prefetch_factor=4 if workers else None)
-        self.train = utils.ImageListDataset(dicts['train'], utils.TrainTransform(self.size, mean, std))
-        self.eval = {s: utils.ImageListDataset(dicts[s], utils.EvalTransform(self.size, mean, std))
-                     for s in config['eval_splits']}
+        # training images at the resize the crops are cut from, round(8s/7); evaluation images at s
+        self.train = utils.ImageListDataset(dicts['train'], round(self.size * 8 / 7))
+        self.eval = {s: utils.ImageListDataset(dicts[s], self.size) for s in config['eval_splits']}
         self.targets = torch.tensor(self.train.targets)
         self.caches = self.build_caches(config['cache'], config['name'])
 
     def build_caches(self, choice, name):
         """{split: uint8 [N, 3, side, side]} for 'train' (at the crop's resize) and the evaluation splits."""
-        sides = {'train': self.train.transform.resize_size, **{s: self.size for s in self.eval}}
         sets = {'train': self.train, **self.eval}
-        nbytes = sum(len(sets[s]) * 3 * side ** 2 for s, side in sides.items())
+        nbytes = sum(len(d) * 3 * d.side ** 2 for d in sets.values())
         place = utils.cache_place(choice, nbytes, self.rt.device)
         if place is None:
             return None
         start = time.time()
-        caches = {s: utils.build_cache(sets[s].images, side, place, self.rt.device, f'{name}-{s}', self.rt.main)
-                  for s, side in sides.items()}
+        caches = {s: utils.build_cache(d.images, d.side, place, self.rt.device, f'{name}-{s}', self.rt.main)
+                  for s, d in sets.items()}
         if self.rt.main:
             where = self.rt.device if place == 'gpu' else 'RAM, shared by the processes of each node' \
                 if self.rt.world_size > 1 else 'RAM'
-            shapes = ', '.join(f'{s} {len(sets[s])}x{side}x{side}' for s, side in sides.items())
+            shapes = ', '.join(f'{s} {len(d)}x{d.side}x{d.side}' for s, d in sets.items())
             print(f'Cache: {nbytes / 2 ** 30:.2f} GiB of decoded images ({shapes}) in {where}, decoded in '
                   f'{time.time() - start:.1f}s', flush=True)
         return caches
@@ -150,12 +149,15 @@ class Images:
 
     def train_batches(self, batches):
         """Yields (images [B, 3, s, s] float on the device, targets [B] on the device) of epoch_batches."""
-        if self.caches is None:
-            yield from self._loaded(DataLoader(self.train, batch_sampler=batches, **self.loader_kwargs))
-            return
-        for batch in batches:
-            images = utils.crop_flip_batch(self.caches['train'], batch, self.size)
-            yield self.normalize(self.rt.inputs(images, len(batch) == self.batch)), \
+        if self.caches is None:  # loaded batch k: batch k's images in order, copied as loaded (pinned: no wait)
+            loader = DataLoader(self.train, batch_sampler=[[k for k, _ in b] for b in batches], **self.loader_kwargs)
+            loaded = (images.to(self.rt.device, non_blocking=True) for images in self._loaded(loader))
+            sources = zip(loaded, ([(k, seed) for k, (_, seed) in enumerate(b)] for b in batches))
+        else:
+            sources = ((self.caches['train'], batch) for batch in batches)
+        for batch, (images, items) in zip(batches, sources):
+            crops = utils.crop_flip_batch(images, items, self.size)  # uint8 [B, 3, s, s]
+            yield self.normalize(self.rt.inputs(crops, len(batch) == self.batch)), \
                 self.targets[[index for index, _ in batch]].to(self.rt.device, non_blocking=True)
 
     def eval_batches(self, split):
@@ -163,17 +165,16 @@ class Images:
         shard = utils.shard_range(len(self.eval[split]), self.rt.rank, self.rt.world_size)
         size = 2 * self.batch  # no gradients: twice the training batch fits
         if self.caches is None:
-            loader = DataLoader(Subset(self.eval[split], shard), batch_size=size, **self.loader_kwargs)
-            yield from (images for images, _ in self._loaded(loader))
-            return
-        for start in range(shard.start, shard.stop, size):
-            images = self.caches[split][start:min(start + size, shard.stop)]
+            batches = self._loaded(DataLoader(Subset(self.eval[split], shard), batch_size=size, **self.loader_kwargs))
+        else:
+            batches = (self.caches[split][k:min(k + size, shard.stop)] for k in range(shard.start, shard.stop, size))
+        for images in batches:  # uint8 [B, 3, s, s]
             yield self.normalize(self.rt.inputs(images, len(images) == size))
 
     def _loaded(self, loader):
+        """The loader's uint8 images, batch by batch."""
         try:
-            for images, targets in loader:
-                yield self.rt.inputs(images, len(images) == self.batch), targets.to(self.rt.device, non_blocking=True)
+            yield from (images for images, _ in loader)
         except UserError as err:  # raised in a loader worker: keep the message, drop the worker traceback
             raise UserError(utils.worker_error_message(err)) from None
 

@@ -1,5 +1,5 @@
 """Shared pieces of CLF: errors and safe files, the feature database, seeding and distributed helpers,
-image lists, transforms and the decode-once cache, the training loss, curves and the retrieval metrics."""
+image lists and the decode-once cache, the training loss, curves and the retrieval metrics."""
 import concurrent.futures
 import contextlib
 import datetime
@@ -411,7 +411,7 @@ class Runtime:
         return images
 
 
-# ---- images and transforms ----
+# ---- images: decode, resize, crop and flip, normalise ----
 
 def load_image(path):
     """Open and fully decode an image as RGB (PIL); an unreadable file is a UserError naming it."""
@@ -457,14 +457,7 @@ def load_image_uint8(path):
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (ImportError, RuntimeError, OSError, ValueError):
         pass  # a later torchvision without it, a file it refuses, or one the OS refuses: PIL names the error
-    return as_uint8(load_image(path))
-
-
-def as_uint8(image):
-    """A PIL image or a uint8 tensor [3, H, W] -> uint8 tensor [3, H, W]."""
-    if torch.is_tensor(image):
-        return image
-    return torch.from_numpy(np.array(_to_rgb(image), dtype=np.uint8)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)
 
 
 def resize_uint8(x, side):
@@ -502,52 +495,52 @@ def crop_flip_draws(resize_side, side, generator=None):
     return i, j, bool(torch.rand(1, generator=generator) < 0.5)
 
 
-class TrainTransform:
-    """PIL image or uint8 [3, H, W] -> float [3, s, s]: Resize((r, r)), r = round(8s/7), RandomCrop(s),
-    RandomHorizontalFlip, ToTensor, Normalize, on uint8; draws from torch's default generator."""
-
-    def __init__(self, image_size, mean, std):
-        self.image_size, self.resize_size = int(image_size), int(round(image_size * 8 / 7))
-        self.normalize = Normalize(mean, std)
-
-    def __call__(self, x):
-        s = self.image_size
-        i, j, flip = crop_flip_draws(self.resize_size, s)
-        x = resize_uint8(as_uint8(x), self.resize_size)[:, i:i + s, j:j + s]  # [3, s, s] view
-        return self.normalize(x.flip(-1) if flip else x)
+def crop_flip_batch(images, batch, side):
+    """The training crops and flips, each drawn from its image's seed: images uint8 [N, 3, r, r] (the cache, or
+    a loaded batch), batch [(index into images, seed)] * B -> uint8 [B, 3, side, side] on the images' device."""
+    draws = [crop_flip_draws(images.shape[-1], side, torch.Generator().manual_seed(seed)) for _, seed in batch]
+    if images.is_cuda:
+        return gather_crops(images, [k for k, _ in batch], draws, side)
+    # on a CPU slices and copies are faster: 128 crops of 224 px in 0.01 s, the gather 0.05 s (2 cores)
+    crops = [images[k, :, i:i + side, j:j + side] for (k, _), (i, j, _) in zip(batch, draws)]
+    return torch.stack([crop.flip(-1) if flip else crop for crop, (_, _, flip) in zip(crops, draws)])
 
 
-class EvalTransform:
-    """PIL image or uint8 [3, H, W] -> float [3, s, s]: Resize((s, s)), ToTensor, Normalize, on uint8."""
+def gather_crops(images, indices, draws, side):
+    """crop_flip_batch's crops in one gather kernel (a GPU then launches one kernel, not B copies)."""
+    device = images.device
+    i, j, flip = torch.tensor(draws, device=device).unbind(1)                        # [B] each
+    steps = torch.arange(side, device=device)
+    rows, cols = i[:, None] + steps, j[:, None] + steps                               # [B, s]
+    cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)                      # reversed where flipped
+    index = torch.tensor(indices, device=device)
+    return images[index[:, None, None, None], torch.arange(3, device=device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
 
-    def __init__(self, image_size, mean, std):
-        self.image_size, self.normalize = int(image_size), Normalize(mean, std)
 
-    def __call__(self, x):
-        return self.normalize(resize_uint8(as_uint8(x), self.image_size))
+def eval_input(path, side, mean, std):
+    """An image file as train.py evaluates it: the full decode resized to side x side, normalised -> float [3, s, s]."""
+    return Normalize(mean, std)(resize_uint8(load_image_uint8(path), side))
 
 
 class ImageListDataset(torch.utils.data.Dataset):
-    """Images of a data-dict split {label: [paths]}; targets index the sorted labels. Item `index`
-    or (index, seed): the seed fixes the transform's random draws (see epoch_order)."""
+    """Images of a data-dict split {label: [paths]}; targets index the sorted labels. Item `index` ->
+    (uint8 [3, side, side]: the full decode resized, as the cache holds it, target)."""
 
-    def __init__(self, data_dict_split, transform):
+    def __init__(self, data_dict_split, side):
         self.classes = sorted(data_dict_split)
         self.images, self.labels, self.targets = [], [], []
         for label, paths in data_dict_split.items():
             self.images += [os.fspath(p) for p in paths]
             self.labels += [label] * len(paths)
             self.targets += [self.classes.index(label)] * len(paths)
-        self.transform = transform
+        self.side = side
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, None)
-        if seed is not None:
-            torch.default_generator.manual_seed(seed)  # CPU generator only: safe in forked workers
-        return self.transform(load_image_uint8(self.images[index])), self.targets[index]
+    def __getitem__(self, index):
+        return resize_uint8(load_image_uint8(self.images[index]), self.side), self.targets[index]
 
 
 def _cpus():
@@ -640,29 +633,6 @@ def build_cache(paths, side, place, device, key, show_bar=True):
             if local_main and os.path.exists(shm):
                 os.remove(shm)
     return host.to(device) if place == 'gpu' else host
-
-
-def crop_flip_batch(cache, batch, side):
-    """Training crops of cached images, cut as TrainTransform cuts them from the same seeds: cache uint8
-    [N, 3, r, r], batch [(index, seed)] * B -> uint8 [B, 3, side, side] on the cache's device."""
-    draws = [crop_flip_draws(cache.shape[-1], side, torch.Generator().manual_seed(seed)) for _, seed in batch]
-    if cache.is_cuda:
-        return gather_crops(cache, [k for k, _ in batch], draws, side)
-    # on a CPU slices and copies are faster: 128 crops of 224 px in 0.01 s, the gather 0.05 s (2 cores)
-    crops = [cache[k, :, i:i + side, j:j + side] for (k, _), (i, j, _) in zip(batch, draws)]
-    return torch.stack([crop.flip(-1) if flip else crop for crop, (_, _, flip) in zip(crops, draws)])
-
-
-def gather_crops(cache, indices, draws, side):
-    """crop_flip_batch's crops in one gather kernel (a GPU then launches one kernel, not B copies)."""
-    device = cache.device
-    i, j, flip = torch.tensor(draws, device=device).unbind(1)                        # [B] each
-    steps = torch.arange(side, device=device)
-    rows, cols = i[:, None] + steps, j[:, None] + steps                               # [B, s]
-    cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)                      # reversed where flipped
-    index = torch.tensor(indices, device=device)
-    return cache[index[:, None, None, None], torch.arange(3, device=device)[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]
 
 
 # ---- loss ----

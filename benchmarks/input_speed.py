@@ -1,9 +1,9 @@
 """Decoded + transformed training images per second on one worker (one process, one thread):
 the original's pipeline (PIL decode, torchvision Resize -> RandomCrop -> flip -> ToTensor ->
-Normalize) against the project's (utils.load_image_uint8 full decode, utils.TrainTransform: uint8
-resize, one fused normalisation), on generated JPEGs of the datasets' typical sizes. Both decode
-every pixel (no JPEG draft mode). Also checks that both give the same output shape and per-channel
-mean/std within 1 %.
+Normalize) against the project's (utils.ImageListDataset: full decode and uint8 resize;
+utils.crop_flip_batch; utils.Normalize: one fused normalisation), on generated JPEGs of the datasets'
+typical sizes. Both decode every pixel (no JPEG draft mode). Also checks that both give the same
+output shape and per-channel mean/std within 1 %.
 
     python benchmarks/input_speed.py                                      # 500x375 and 800x600, 224 px
     python benchmarks/input_speed.py --num_images 8 --image_size 64 --repeats 1   # quick run
@@ -60,47 +60,51 @@ def make_jpegs(folder, width, height, count, seed, quality=90):
 
 
 class OriginalPipeline:
-    """The original's __getitem__: Image.open(path).convert('RGB') then the torchvision transform."""
+    """The original's __getitem__ -> float [3, s, s]: Image.open(path).convert('RGB') then the torchvision
+    transform, its crop and flip drawn from torch's default generator seeded with `seed`."""
 
-    def __init__(self, image_size):
-        self.transform = original_train_transform(image_size, MEAN, STD)
+    def __init__(self, paths, image_size):
+        self.paths, self.transform = paths, original_train_transform(image_size, MEAN, STD)
 
-    def __call__(self, path):
-        return self.transform(Image.open(path).convert('RGB'))
+    def __call__(self, k, seed):
+        torch.manual_seed(seed)
+        return self.transform(Image.open(self.paths[k]).convert('RGB'))
 
 
 class ProjectPipeline:
-    """The project's path -> tensor: a full decode to uint8 [3, H, W], then utils.TrainTransform."""
+    """train.py's path without a cache -> float [3, s, s]: the dataset item (full decode, uint8 resize to
+    round(8s/7)), the crop and flip of `seed` (the same draws as the original's), the normalisation."""
 
-    def __init__(self, image_size):
-        self.transform = utils.TrainTransform(image_size, MEAN, STD)
+    def __init__(self, paths, image_size):
+        self.dataset = utils.ImageListDataset({'images': paths}, round(image_size * 8 / 7))
+        self.size, self.normalize = image_size, utils.Normalize(MEAN, STD)
 
-    def __call__(self, path):
-        return self.transform(utils.load_image_uint8(path))
+    def __call__(self, k, seed):
+        image, _ = self.dataset[k]  # uint8 [3, r, r]
+        return self.normalize(utils.crop_flip_batch(image[None], [(0, seed)], self.size)[0])
 
 
-def images_per_second(pipeline, paths, repeats):
+def images_per_second(pipeline, count, repeats):
     """Images per CPU-second of this process (per core: other work on the machine does not count
-    against it), best of `repeats` passes over `paths`."""
+    against it), best of `repeats` passes over the `count` images."""
     best = float('inf')
     for _ in range(repeats):
         start = time.process_time()
-        for path in paths:
-            pipeline(path)
+        for k in range(count):
+            pipeline(k, seed=k)
         best = min(best, time.process_time() - start)
-    return len(paths) / max(best, 1e-9)
+    return count / max(best, 1e-9)
 
 
-def pixel_statistics(pipeline, paths, seeds):
+def pixel_statistics(pipeline, num_images, seeds):
     """Per-channel mean and std of the output pixels in [0, 1] units (normalisation undone),
     over every image and every seed -> (mean [3], std [3]) float64."""
     total, total_sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
     mean, std = torch.tensor(MEAN, dtype=torch.float64), torch.tensor(STD, dtype=torch.float64)
     shape = None
     for seed in seeds:
-        for path in paths:
-            torch.manual_seed(seed)  # same seed for both pipelines: same crops and flips
-            x = pipeline(path).double()  # [3, s, s]
+        for k in range(num_images):
+            x = pipeline(k, seed).double()  # [3, s, s]; a seed gives both pipelines the same crop and flip
             shape = tuple(x.shape)
             x = x * std[:, None, None] + mean[:, None, None]
             total += x.sum((1, 2))
@@ -129,23 +133,24 @@ def main():
         raise utils.UserError('--num_images, --repeats and --stat_seeds must be >= 1 and --image_size >= 8')
 
     torch.set_num_threads(1)  # one worker = one core
-    print(f'one process, torch threads: {torch.get_num_threads()}, speed in images per CPU-second, crop {args.image_size}, '
-          f'resize {round(args.image_size * 8 / 7)}, {args.num_images} JPEGs per size, best of {args.repeats}')
+    print(f'one process, torch threads: {torch.get_num_threads()}, speed in images per CPU-second, '
+          f'crop {args.image_size}, resize {round(args.image_size * 8 / 7)}, {args.num_images} JPEGs per size, '
+          f'best of {args.repeats}')
     rows, all_ok = [], True
     with tempfile.TemporaryDirectory(prefix='clf_input_speed_') as folder:
         for width, height in sizes:
             paths, file_bytes = make_jpegs(folder, width, height, args.num_images, args.seed)
-            original, project = OriginalPipeline(args.image_size), ProjectPipeline(args.image_size)
-            for path in paths[:4]:  # warm up caches and lazy imports
-                original(path), project(path)
+            original, project = OriginalPipeline(paths, args.image_size), ProjectPipeline(paths, args.image_size)
+            for k in range(min(4, len(paths))):  # warm up caches and lazy imports
+                original(k, seed=k), project(k, seed=k)
             # alternate the two pipelines so a burst of load on the machine hits both alike
             speed_o, speed_p = 0.0, 0.0
             for _ in range(args.repeats):
-                speed_o = max(speed_o, images_per_second(original, paths, 1))
-                speed_p = max(speed_p, images_per_second(project, paths, 1))
+                speed_o = max(speed_o, images_per_second(original, len(paths), 1))
+                speed_p = max(speed_p, images_per_second(project, len(paths), 1))
             seeds = range(args.seed, args.seed + args.stat_seeds)
-            mean_o, std_o, shape_o = pixel_statistics(original, paths, seeds)
-            mean_p, std_p, shape_p = pixel_statistics(project, paths, seeds)
+            mean_o, std_o, shape_o = pixel_statistics(original, len(paths), seeds)
+            mean_p, std_p, shape_p = pixel_statistics(project, len(paths), seeds)
             mean_diff = ((mean_p - mean_o).abs() / mean_o.abs()).max().item()
             std_diff = ((std_p - std_o).abs() / std_o).max().item()
             ok = shape_o == shape_p and mean_diff <= 0.01 and std_diff <= 0.01

@@ -48,9 +48,8 @@ def make_split(folder, labels, seed):
 
 @torch.no_grad()
 def embed(model, paths, image_size=IMAGE_SIZE):
-    """Features of images as test.py would compute them: model(EvalTransform(image)) -> [N, D]."""
-    transform = utils.EvalTransform(image_size, IMAGENET_MEAN, IMAGENET_STD)
-    batch = torch.stack([transform(utils.load_image_uint8(p)) for p in paths])  # [N, 3, s, s]
+    """Features of images as test.py would compute them: model(eval_input(image)) -> [N, D]."""
+    batch = torch.stack([utils.eval_input(p, image_size, IMAGENET_MEAN, IMAGENET_STD) for p in paths])  # [N, 3, s, s]
     return model.eval()(batch)[0]
 
 

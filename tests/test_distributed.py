@@ -97,9 +97,9 @@ def test_torchrun_two_cpu_processes_with_kill_and_resume(dataset, reference, tmp
     model = model_lib.Model('resnet18', 8, 3)
     model.load_state_dict(tensors(out(results, 'model.pth')))
     model.eval()
-    transform = utils.EvalTransform(32, database['config']['mean'], database['config']['std'])
+    mean, std = database['config']['mean'], database['config']['std']
     with torch.no_grad():
-        again, _ = model(torch.stack([transform(utils.load_image(p)) for p in database['test_images']]))
+        again, _ = model(torch.stack([utils.eval_input(p, 32, mean, std) for p in database['test_images']]))
     assert torch.allclose(again, database['test_features'], atol=1e-5)
     ids = {label: k for k, label in enumerate(sorted(set(database['test_labels'])))}
     metrics = utils.evaluate(database['test_features'], [ids[label] for label in database['test_labels']], [1, 2])

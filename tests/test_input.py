@@ -1,4 +1,4 @@
-"""Image loading, the dataset and the transforms (utils.py, "images and transforms")."""
+"""Image loading, the dataset, training crops and normalisation, the decode-once cache (utils.py)."""
 import os
 import sys
 
@@ -35,36 +35,53 @@ def jpegs(tmp_path_factory):
     return paths
 
 
-def test_transforms_shape_dtype_and_values():
-    img = Image.fromarray(textured(100, 80, 0))
+def train_input(path, size, seed):
+    """train.py's training input of one image: the dataset's uint8 resize, the crop and flip of `seed`, normalised."""
+    image, _ = utils.ImageListDataset({'a': [path]}, round(size * 8 / 7))[0]
+    return utils.Normalize(MEAN, STD)(utils.crop_flip_batch(image[None], [(0, seed)], size))[0]
+
+
+def save_png(folder, name, image):
+    path = str(folder / name)
+    image.save(path)  # lossless: PIL reads back the same pixels the original's pipeline gets
+    return path
+
+
+def test_inputs_shape_dtype_and_values(tmp_path):
+    path = save_png(tmp_path, 'img.png', Image.fromarray(textured(100, 80, 0)))
     for size in (32, 64, 120):  # 120 > image: the resize enlarges
-        x = utils.TrainTransform(size, MEAN, STD)(img)
-        y = utils.EvalTransform(size, MEAN, STD)(img)
+        image, target = utils.ImageListDataset({'a': [path]}, size)[0]
+        assert image.shape == (3, size, size) and image.dtype == torch.uint8 and target == 0
+        x, y = train_input(path, size, seed=0), utils.eval_input(path, size, MEAN, STD)
         assert x.shape == y.shape == (3, size, size)
         assert x.dtype == y.dtype == torch.float32
         assert x.is_contiguous() and y.is_contiguous()
-    exact = Image.fromarray(textured(32, 32, 1))  # no resize needed: still a contiguous float tensor
-    x = utils.EvalTransform(32, MEAN, STD)(exact)
-    assert x.is_contiguous() and torch.equal(x, utils.EvalTransform(32, MEAN, STD)(exact.copy()))
+    exact = save_png(tmp_path, 'exact.png', Image.fromarray(textured(32, 32, 1)))
+    image, _ = utils.ImageListDataset({'a': [exact]}, 32)[0]
+    assert torch.equal(image, utils.load_image_uint8(exact))  # no resize needed: the decoded pixels
+    assert utils.eval_input(exact, 32, MEAN, STD).is_contiguous()  # still a contiguous float tensor
     # a flat grey image normalises to exactly (v/255 - mean)/std per channel
-    grey = Image.new('RGB', (50, 40), (100, 150, 200))
-    x = utils.EvalTransform(16, MEAN, STD)(grey)
+    grey = save_png(tmp_path, 'grey.png', Image.new('RGB', (50, 40), (100, 150, 200)))
     want = (torch.tensor([100, 150, 200]) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
-    assert torch.allclose(x.mean((1, 2)), want, atol=1e-5) and x.std((1, 2)).max() < 1e-6
+    for x in (utils.eval_input(grey, 16, MEAN, STD), train_input(grey, 16, seed=3)):
+        assert torch.allclose(x.mean((1, 2)), want, atol=1e-5) and x.std((1, 2)).max() < 1e-6
 
 
-def test_same_crops_and_pixels_as_original_for_a_seed():
+def test_same_crops_and_pixels_as_original_for_a_seed(tmp_path):
     img = Image.fromarray(textured(150, 110, 1))
-    fast, original = utils.TrainTransform(64, MEAN, STD), original_pipeline.train_transform(64, MEAN, STD)
+    path = save_png(tmp_path, 'img.png', img)
+    original = original_pipeline.train_transform(64, MEAN, STD)
     for seed in range(8):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # the original draws from torch's default generator
         a = original(img)
-        torch.manual_seed(seed)
-        b = fast(img)
+        b = train_input(path, 64, seed)  # crop_flip_batch: from torch.Generator().manual_seed(seed)
         # same crop and flip; resampling agrees with PIL to one level
         assert (a - b).abs().max().item() <= ONE_LEVEL + 1e-5
-        assert torch.rand(1).item() == _rng_after(seed, original, img)  # both consumed the same draws
-    assert (utils.EvalTransform(64, MEAN, STD)(img)
+        # both consumed the same draws: i, j, then the flip
+        generator = torch.Generator().manual_seed(seed)
+        utils.crop_flip_draws(73, 64, generator)  # 73 = round(64 * 8 / 7)
+        assert torch.rand(1, generator=generator).item() == _rng_after(seed, original, img)
+    assert (utils.eval_input(path, 64, MEAN, STD)
             - original_pipeline.test_transform(64, MEAN, STD)(img)).abs().max().item() <= ONE_LEVEL + 1e-5
 
 
@@ -76,17 +93,18 @@ def _rng_after(seed, transform, img):
 
 def test_statistics_match_original(jpegs):
     """Per-channel mean and std of the outputs within 1 % of the original's on full JPEG decodes."""
-    dataset = utils.ImageListDataset({'a': jpegs}, utils.TrainTransform(64, MEAN, STD))
+    dataset = utils.ImageListDataset({'a': jpegs}, 73)
+    images = torch.stack([dataset[k][0] for k in range(len(jpegs))])  # uint8 [4, 3, 73, 73], as loaded
     original = original_pipeline.train_transform(64, MEAN, STD)
     outs_o, outs_p = [], []
     for seed in range(3):
         for k, path in enumerate(jpegs):
             torch.manual_seed(seed)
             outs_o.append(original(Image.open(path).convert('RGB')))
-            outs_p.append(dataset[(k, seed)][0])
+        outs_p.append(utils.Normalize(MEAN, STD)(utils.crop_flip_batch(images, [(k, seed) for k in range(4)], 64)))
     std, mean = torch.tensor(STD)[:, None], torch.tensor(MEAN)[:, None]
     o = torch.stack(outs_o).transpose(0, 1).flatten(1) * std + mean  # [3, N] pixels in [0, 1]
-    p = torch.stack(outs_p).transpose(0, 1).flatten(1) * std + mean
+    p = torch.cat(outs_p).transpose(0, 1).flatten(1) * std + mean
     assert p.shape == o.shape
     assert ((p.mean(1) - o.mean(1)).abs() / o.mean(1)).max() < 0.01
     assert ((p.std(1) - o.std(1)).abs() / o.std(1)).max() < 0.01
@@ -108,14 +126,19 @@ def test_uint8_loading_paths_agree_with_pil(jpegs, tmp_path):
 
 
 def test_seed_gives_identical_batches_with_workers(jpegs):
-    dataset = utils.ImageListDataset({'a': jpegs[:2], 'b': jpegs[2:]}, utils.TrainTransform(32, MEAN, STD))
+    """train.py's loader path: batches of index lists loaded by workers, cropped from the images' seeds."""
+    dataset = utils.ImageListDataset({'a': jpegs[:2], 'b': jpegs[2:]}, 37)
 
-    def batches(seed):
-        torch.manual_seed(seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=True, num_workers=2)
-        return [(x, y) for x, y in loader]
+    def batches(seed, workers):
+        order = utils.epoch_order(len(dataset), seed, epoch=1)
+        batches = [order[:2], order[2:]]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[[k for k, _ in b] for b in batches],
+                                             num_workers=workers)
+        return [(utils.crop_flip_batch(x, [(k, s) for k, (_, s) in enumerate(b)], 32), y)
+                for (x, y), b in zip(loader, batches)]
 
-    first, again, other = batches(0), batches(0), batches(1)
+    first, again, other = batches(0, workers=2), batches(0, workers=0), batches(1, workers=2)
+    assert first[0][0].shape == (2, 3, 32, 32) and first[0][0].dtype == torch.uint8
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(first, again))
     assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, other))
 
@@ -150,9 +173,10 @@ def test_load_image_converts_every_mode(tmp_path):
     assert np.abs(a[:, 20:30] - (rgb[:, 20:30].astype(int) * 128 + 255 * 127) / 255).max() <= 1  # blended
     la = np.asarray(utils.load_image(tmp_path / 'la.png')).astype(int)
     assert (la[:, :20] == 255).all()
-    # the same picture loads the same way as a dataset item and through the transform
-    dataset = utils.ImageListDataset({'x': [str(tmp_path / 'rgba.png')]}, utils.EvalTransform(16, MEAN, STD))
-    assert torch.equal(dataset[0][0], utils.EvalTransform(16, MEAN, STD)(utils.load_image(tmp_path / 'rgba.png')))
+    # the same picture loads the same way as a dataset item and through load_image
+    dataset = utils.ImageListDataset({'x': [str(tmp_path / 'rgba.png')]}, 16)
+    pixels = torch.from_numpy(np.array(utils.load_image(tmp_path / 'rgba.png'))).permute(2, 0, 1)
+    assert torch.equal(dataset[0][0], utils.resize_uint8(pixels, 16))
 
 
 def test_damaged_and_missing_files_raise_user_error_naming_them(tmp_path, jpegs):
@@ -172,7 +196,7 @@ def test_damaged_and_missing_files_raise_user_error_naming_them(tmp_path, jpegs)
         utils.load_image(str(tmp_path))  # an OS error is reported as such, not as a damaged file
 
     # inside a DataLoader worker: the error reaches the main process still naming the file
-    dataset = utils.ImageListDataset({'a': [jpegs[0], str(truncated)]}, utils.TrainTransform(32, MEAN, STD))
+    dataset = utils.ImageListDataset({'a': [jpegs[0], str(truncated)]}, 37)
     batches = iter(torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1))
     try:
         next(batches)
@@ -189,7 +213,7 @@ def test_damaged_and_missing_files_raise_user_error_naming_them(tmp_path, jpegs)
 
 def test_dataset_order_and_targets():
     split = {'b': ['b1.jpg', 'b2.jpg'], '10': ['t1.jpg'], 'a': ['a1.jpg'], '9': ['n1.jpg', 'n2.jpg']}
-    dataset = utils.ImageListDataset(split, transform=None)
+    dataset = utils.ImageListDataset(split, side=32)
     assert dataset.classes == ['10', '9', 'a', 'b']  # sorted label strings
     assert dataset.images == ['b1.jpg', 'b2.jpg', 't1.jpg', 'a1.jpg', 'n1.jpg', 'n2.jpg']
     assert dataset.labels == ['b', 'b', '10', 'a', '9', '9']
@@ -214,14 +238,18 @@ def test_cache_place_and_crops(jpegs, monkeypatch):
     assert utils.cache_place('off', 10, cpu) is None and utils.cache_place('ram', 10, cpu) == 'ram'
     with pytest.raises(utils.UserError, match='--cache gpu: the decoded images take'):
         utils.cache_place('gpu', 10, cpu)  # no GPU memory on the CPU
-    # decoded once at the resize: crops of the cache are TrainTransform's crops, pixel for pixel
+    # decoded once at the resize: the cache holds the loader's images, so its crops are the loader path's
     cache = utils.build_cache(jpegs, 37, 'ram', cpu, 'test', show_bar=False)
     assert cache.shape == (4, 3, 37, 37) and cache.dtype == torch.uint8
-    transform = utils.TrainTransform(32, MEAN, STD)
+    dataset = utils.ImageListDataset({'a': jpegs}, 37)
+    assert torch.equal(cache, torch.stack([dataset[k][0] for k in range(4)]))
     crops = utils.crop_flip_batch(cache, [(k, 100 + k) for k in range(4)], 32)
+    assert crops.shape == (4, 3, 32, 32) and crops.dtype == torch.uint8 and crops.is_contiguous()
+    loaded = torch.stack([dataset[3][0], dataset[1][0]])  # a loaded batch: its seeds re-indexed to positions
+    assert torch.equal(utils.crop_flip_batch(loaded, [(0, 103), (1, 101)], 32), crops[[3, 1]])
     draws = [utils.crop_flip_draws(37, 32, torch.Generator().manual_seed(100 + k)) for k in range(4)]
     assert any(flip for _, _, flip in draws) and not all(flip for _, _, flip in draws)
     assert torch.equal(utils.gather_crops(cache, range(4), draws, 32), crops)  # the GPU's way, run on the CPU
-    for k, path in enumerate(jpegs):
-        torch.manual_seed(100 + k)
-        assert torch.equal(transform.normalize(crops[k]), transform(utils.load_image_uint8(path)))
+    for k, (i, j, flip) in enumerate(draws):  # the crop and flip, cut by hand from the decoded image
+        crop = utils.resize_uint8(utils.load_image_uint8(jpegs[k]), 37)[:, i:i + 32, j:j + 32]
+        assert torch.equal(crops[k], crop.flip(-1) if flip else crop)

@@ -152,7 +152,7 @@ def test_query_by_own_photo_is_embedded_with_the_model(tiny, tmp_path, capsys):
     model, _ = script.load_model(db, tiny['db'])
     feature = script.embed_image(model, photo, db['config'], torch.device('cpu'))
     with torch.no_grad():
-        x = utils.EvalTransform(IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD)(utils.load_image_uint8(photo))[None]
+        x = utils.eval_input(photo, IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD)[None]
         expected = tiny['model'].eval()(x)[0][0]
     assert feature.shape == (3 * 8,)
     assert torch.allclose(feature, expected, atol=1e-6)

@@ -164,9 +164,8 @@ def test_end_to_end_outputs_consistent(reference):
     model = model_lib.Model('resnet18', 8, 3, branches='SMG')
     model.load_state_dict(state)
     model.eval()
-    transform = utils.EvalTransform(32, config['mean'], config['std'])
     with torch.no_grad():
-        batch = torch.stack([transform(utils.load_image(p)) for p in database['test_images']])
+        batch = torch.stack([utils.eval_input(p, 32, config['mean'], config['std']) for p in database['test_images']])
         again, _ = model(batch)
     assert torch.allclose(again, features, atol=1e-5)
 
@@ -198,9 +197,9 @@ def test_eval_untrained_baseline_leaves_the_run_unchanged(dataset, reference, tm
     config = database['config']
     torch.manual_seed(0)
     model = model_lib.Model('resnet18', 8, 3, branches='SMG').eval()
-    transform = utils.EvalTransform(32, config['mean'], config['std'])
     with torch.no_grad():
-        features, _ = model(torch.stack([transform(utils.load_image(p)) for p in database['test_images']]))
+        features, _ = model(torch.stack([utils.eval_input(p, 32, config['mean'], config['std'])
+                                         for p in database['test_images']]))
     ids = {label: k for k, label in enumerate(sorted(set(database['test_labels'])))}
     metrics = utils.evaluate(features, torch.tensor([ids[label] for label in database['test_labels']]), [1, 2])
     assert line[0] == (f'Before training | R@1 {100 * metrics["R@1"]:.2f}% R@2 {100 * metrics["R@2"]:.2f}% '
@@ -310,17 +309,18 @@ def test_query_gallery_dataset(dataset, tmp_path):
 
 
 def test_cached_batches_equal_loaded_batches(dataset, tmp_path):
-    """The same pixels, crops and flips from the cache as from full decodes by the loader."""
+    """The same pixels, crops and flips from the cache as from full decodes by the loader's workers."""
     config, dicts = train.resolve_config(train.parse_args(flags(dataset, tmp_path)))
     rt = utils.Runtime(torch.device('cpu'), amp=False)
-    cached, loaded = (train.Images(dicts, dict(config, cache=c), rt) for c in ('ram', 'off'))
+    cached = train.Images(dicts, dict(config, cache='ram'), rt)
+    loaded = train.Images(dicts, dict(config, cache='off', num_workers=2), rt)
     assert cached.caches['train'].shape == (12, 3, 37, 37) and loaded.caches is None  # round(32 * 8 / 7)
     for epoch in (1, 2):
         pairs = list(zip(cached.train_batches(cached.epoch_batches(epoch)),
                          loaded.train_batches(loaded.epoch_batches(epoch))))
         assert len(pairs) == 3
         for (a, ta), (b, tb) in pairs:
-            assert a.shape == (4, 3, 32, 32) and torch.equal(a, b) and torch.equal(ta, tb)
+            assert a.shape == (4, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b) and torch.equal(ta, tb)
     a, b = torch.cat(list(cached.eval_batches('test'))), torch.cat(list(loaded.eval_batches('test')))
     assert a.shape == (12, 3, 32, 32) and torch.equal(a, b)
     # epochs differ: the crops are drawn from (seed, epoch, image)
