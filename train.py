@@ -130,7 +130,7 @@ class Images:
         if place is None:
             return None
         start = time.time()
-        caches = {s: utils.build_cache(d.images, d.side, place, self.rt.device, f'{name}-{s}', self.rt.main)
+        caches = {s: utils.build_cache(d, place, self.rt.device, f'{name}-{s}', self.rt.main)
                   for s, d in sets.items()}
         if self.rt.main:
             where = self.rt.device if place == 'gpu' else 'RAM, shared by the processes of each node' \

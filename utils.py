@@ -594,37 +594,37 @@ def cache_place(choice, nbytes, device):
     return None if choice == 'off' else choice
 
 
-def _decode_into(out, paths, side, show_bar):
-    """Decode and resize image k into out[k], a thread per core (decoders and resize release the GIL)."""
+def _decode_into(out, dataset, show_bar):
+    """The dataset's image k into out[k], a thread per core (decoders and resize release the GIL)."""
     from tqdm import tqdm
 
     def one(k):
-        out[k] = resize_uint8(load_image_uint8(paths[k]), side)
+        out[k] = dataset[k][0]
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over images, not inside each resize
     try:
         with concurrent.futures.ThreadPoolExecutor(_cpus()) as pool:
-            list(tqdm(pool.map(one, range(len(paths))), total=len(paths), unit='img', disable=not show_bar,
-                      desc=f'Decoding {len(paths)} images once', leave=False))
+            list(tqdm(pool.map(one, range(len(out))), total=len(out), unit='img', disable=not show_bar,
+                      desc=f'Decoding {len(out)} images once', leave=False))
     finally:
         torch.set_num_threads(previous)
 
 
-def build_cache(paths, side, place, device, key, show_bar=True):
-    """uint8 [N, 3, side, side] of the images at `paths`, decoded once per node: on `device` for
-    place 'gpu', in host memory for 'ram'. `key` names the /dev/shm file under torchrun."""
-    shape = (len(paths), 3, side, side)
+def build_cache(dataset, place, device, key, show_bar=True):
+    """uint8 [N, 3, side, side]: an ImageListDataset's images, decoded once per node, on `device` for place
+    'gpu', in host memory for 'ram'. `key` names the /dev/shm file under torchrun."""
+    shape = (len(dataset), 3, dataset.side, dataset.side)
     if not is_distributed():
         host = torch.empty(shape, dtype=torch.uint8)
-        _decode_into(host, paths, side, show_bar)
+        _decode_into(host, dataset, show_bar)
     else:
         shm = os.path.join('/dev/shm', f'clf-cache-{key}-{os.environ.get("TORCHELASTIC_RUN_ID", "run")}.u8')
         local_main = int(os.environ.get('LOCAL_RANK', '0')) == 0
         try:
             if local_main:
                 host = torch.from_file(shm, shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)
-                _decode_into(host, paths, side, show_bar)
+                _decode_into(host, dataset, show_bar)
             dist.barrier()  # decoded: the node's other processes map the same pages
             if not local_main:
                 host = torch.from_file(shm, shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)

@@ -239,10 +239,10 @@ def test_cache_place_and_crops(jpegs, monkeypatch):
     with pytest.raises(utils.UserError, match='--cache gpu: the decoded images take'):
         utils.cache_place('gpu', 10, cpu)  # no GPU memory on the CPU
     # decoded once at the resize: the cache holds the loader's images, so its crops are the loader path's
-    cache = utils.build_cache(jpegs, 37, 'ram', cpu, 'test', show_bar=False)
-    assert cache.shape == (4, 3, 37, 37) and cache.dtype == torch.uint8
     dataset = utils.ImageListDataset({'a': jpegs}, 37)
-    assert torch.equal(cache, torch.stack([dataset[k][0] for k in range(4)]))
+    cache = utils.build_cache(dataset, 'ram', cpu, 'test', show_bar=False)  # decoded by a thread per core
+    assert cache.shape == (4, 3, 37, 37) and cache.dtype == torch.uint8
+    assert torch.equal(cache, torch.stack([dataset[k][0] for k in range(4)]))  # each image in its own row
     crops = utils.crop_flip_batch(cache, [(k, 100 + k) for k in range(4)], 32)
     assert crops.shape == (4, 3, 32, 32) and crops.dtype == torch.uint8 and crops.is_contiguous()
     loaded = torch.stack([dataset[3][0], dataset[1][0]])  # a loaded batch: its seeds re-indexed to positions
