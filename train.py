@@ -133,8 +133,8 @@ class Images:
         caches = {s: utils.build_cache(d, place, self.rt.device, f'{name}-{s}', self.rt.main)
                   for s, d in sets.items()}
         if self.rt.main:
-            where = self.rt.device if place == 'gpu' else 'RAM, shared by the processes of each node' \
-                if self.rt.world_size > 1 else 'RAM'
+            shared = ', shared by the processes of each node' if self.rt.world_size > 1 else ''
+            where = self.rt.device if place == 'gpu' else f'RAM{shared}'
             shapes = ', '.join(f'{s} {len(d)}x{d.side}x{d.side}' for s, d in sets.items())
             print(f'Cache: {nbytes / 2 ** 30:.2f} GiB of decoded images ({shapes}) in {where}, decoded in '
                   f'{time.time() - start:.1f}s', flush=True)

@@ -482,7 +482,11 @@ class Normalize:
     def __call__(self, x):
         if self.shift.device != x.device:  # moved once, not copied to the GPU every batch
             self.scale, self.shift = self.scale.to(x.device), self.shift.to(x.device)
-        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # contiguous whatever x's layout
+        # a channels-last batch (Runtime.inputs on CUDA) stays channels-last for the convolutions; anything
+        # else, e.g. the permuted view of one decoded image, becomes contiguous
+        layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            else torch.contiguous_format
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=layout)
         return torch.addcmul(self.shift, x, self.scale, out=out)  # shift + x * scale
 
 
@@ -795,19 +799,22 @@ def _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes, self_m
     starts = torch.cumsum(counts, 0) - counts
     # per query a similarity (4 B) and a mask (1 B) per gallery item, about 64 B per class member
     chunk = _chunk_rows(5 * len(gallery) + 64 * int(counts.max()) + 64, device)
+    if duplicates is not None:  # (rows, first): moved once, used by every chunk
+        duplicates = tuple(v.to(device) for v in duplicates)
     results = []
     for begin in range(0, len(queries), chunk):
         end = min(begin + chunk, len(queries))
         ids = query_ids[begin:end]
-        slot = torch.arange(max(int(counts[ids].max()), 1))  # width >= 1 even when no query's class is there
-        in_class = slot[None, :] < counts[ids][:, None]               # [c, w]
+        size = counts[ids]                                            # [c] class size in the gallery
+        slot = torch.arange(max(int(size.max()), 1))  # width >= 1 even when no query's class is there
+        in_class = slot[None, :] < size[:, None]                      # [c, w]
         members = order[torch.where(in_class, starts[ids][:, None] + slot, 0)]  # [c, w] gallery indices
         relevant = in_class
         if self_mode:  # the query itself is never a result
             relevant = in_class & (members != torch.arange(begin, end)[:, None])
         sims = _similarities(queries[begin:end], gallery)             # [c, Ng]
         if duplicates is not None:
-            sims[:, duplicates[0].to(sims.device)] = sims[:, duplicates[1].to(sims.device)]
+            sims[:, duplicates[0]] = sims[:, duplicates[1]]
         members, in_class, relevant = members.to(device), in_class.to(device), relevant.to(device)
         same = sims.gather(1, members).masked_fill(~relevant, -math.inf).sort(dim=1, descending=True).values
         # drop the query's whole class (itself included): sims keeps only other-class items

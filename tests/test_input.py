@@ -65,6 +65,12 @@ def test_inputs_shape_dtype_and_values(tmp_path):
     want = (torch.tensor([100, 150, 200]) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
     for x in (utils.eval_input(grey, 16, MEAN, STD), train_input(grey, 16, seed=3)):
         assert torch.allclose(x.mean((1, 2)), want, atol=1e-5) and x.std((1, 2)).max() < 1e-6
+    # a channels-last batch (as Runtime.inputs gives CUDA) keeps its layout and its values
+    batch = torch.stack([utils.load_image_uint8(exact), utils.resize_uint8(utils.load_image_uint8(grey), 32)])
+    plain = utils.Normalize(MEAN, STD)(batch)
+    last = utils.Normalize(MEAN, STD)(batch.contiguous(memory_format=torch.channels_last))
+    assert plain.is_contiguous() and last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plain, last) and torch.allclose(plain[1].mean((1, 2)), want, atol=1e-5)
 
 
 def test_same_crops_and_pixels_as_original_for_a_seed(tmp_path):
