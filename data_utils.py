@@ -77,7 +77,8 @@ def _read_rows(path, dataset, fields, skip=0):
     rows = [(number, line.split()) for number, line in enumerate(lines, 1) if number > skip and line.strip()]
     for number, row in rows:
         if len(row) != len(fields):
-            raise UserError(f'{dataset}: {path} line {number}: expected {len(fields)} columns ({" ".join(fields)})')
+            raise UserError(f'{dataset}: {path} line {number}: expected {len(fields)} columns ({" ".join(fields)}), '
+                            f'got {len(row)}: {" ".join(row)[:100]}')
     return [row for _, row in rows]
 
 

@@ -392,7 +392,8 @@ def test_malformed_annotations(tmp_path):
     cub = make_cub(root)
     with open(os.path.join(cub, 'bounding_boxes.txt'), 'a') as f:
         f.write('6 1.0 2.0 3.0\n')  # a column short
-    with pytest.raises(UserError, match=r'bounding_boxes.txt line 6: expected 5 columns'):
+    bad_line = r'bounding_boxes.txt line 6: expected 5 columns \(image_id x y w h\), got 4: 6 1.0 2.0 3.0$'
+    with pytest.raises(UserError, match=bad_line):  # the line quoted as found
         data_utils.process_dataset(root, 'cub')
     with open(os.path.join(cub, 'bounding_boxes.txt'), 'w') as f:
         f.writelines(f'{k} 0 0 {"inf" if k == 2 else 5} 5\n' for k in range(1, len(CUB_ROWS) + 1))
