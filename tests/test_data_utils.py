@@ -520,6 +520,7 @@ def test_interrupted_write_keeps_previous_lists(tmp_path, monkeypatch):
     make_cub(root)
     data_utils.process_dataset(root, 'cub')
     path = data_utils.data_dict_path(root, 'cub', 'uncropped')
+    torch.save({'train': {}, 'test': {}}, path)  # lists that differ: the next run rewrites them
     before = open(path, 'rb').read()
     # killed (SIGKILL) halfway through writing the list: the previous file is untouched
     run = run_script(['--data_path', root, '--data_name', 'cub'], fault='kill-write:uncropped_data_dicts:1',
@@ -565,7 +566,8 @@ def test_rerun_gives_same_result(tmp_path):
 
 def test_written_files_follow_umask(tmp_path):
     # umask 027 in a fresh process; copies (links refused), crops from the thread pool, lists and
-    # the demo's own files all get 0o666 & ~umask = 0o640, and the umask itself is never changed
+    # the demo's own files all get 0o666 & ~umask = 0o640 (its lock file 0o644 & ~umask), and the umask itself
+    # is never changed
     script = (f'import os, sys; sys.path.insert(0, {REPO!r}); os.umask(0o027)\n'
               f'os.link = lambda *a: (_ for _ in ()).throw(OSError(18, "cross-device"))\n'
               f'import data_utils; data_utils.DEMO_CLASSES, data_utils.DEMO_PER_CLASS = 4, 3\n'
@@ -575,7 +577,8 @@ def test_written_files_follow_umask(tmp_path):
     assert run.returncode == 0 and run.stdout.splitlines()[-1] == '0o27', run.stderr
     modes = {os.path.relpath(os.path.join(folder, f), tmp_path): os.stat(os.path.join(folder, f)).st_mode & 0o777
              for folder, _, files in os.walk(tmp_path) for f in files}
-    assert len([f for f in modes if f.startswith('demo/cropped/')]) == 12 and len(modes) == 12 * 3 + 7
+    assert len([f for f in modes if f.startswith('demo/cropped/')]) == 12 and len(modes) == 12 * 3 + 7 + 1
+    assert '.demo.lock' in modes
     assert set(modes.values()) == {0o640}
 
 
@@ -727,7 +730,7 @@ def test_demo_redraw_interrupted_heals(tmp_path, monkeypatch, small_demo):
         data_utils.process_dataset(root, 'demo', seed=1)
     monkeypatch.setattr(data_utils.shutil, 'rmtree', rmtree)
     assert data_utils.process_dataset(root, 'demo', seed=0) == seed0
-    assert tree_bytes(os.path.join(root, 'demo')) == drawn0 and sorted(os.listdir(root)) == ['demo']
+    assert tree_bytes(os.path.join(root, 'demo')) == drawn0 and sorted(os.listdir(root)) == ['.demo.lock', 'demo']
 
 
 def test_demo_bad_targets(tmp_path, monkeypatch):
