@@ -656,11 +656,15 @@ def test_empty_split_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_data_utils(*args):
-    return subprocess.run([sys.executable, 'data_utils.py', *args], cwd=REPO, capture_output=True, text=True)
+def run_cli(capsys, *argv):
+    """data_utils.py's command line in-process, through run_cli -> (exit status, stderr)."""
+    with pytest.raises(SystemExit) as exit_:
+        utils.run_cli(lambda: sys.exit(data_utils.main(list(argv))))
+    return exit_.value.code or 0, capsys.readouterr().err
 
 
-def test_second_run_on_a_folder_stops_at_once(tmp_path):
+def test_second_run_on_a_folder_stops_at_once(tmp_path, capsys):
+    # flock holds per open file: a lock taken here excludes the run in this same process too
     root = str(tmp_path)
     make_cub(root)
     before = tree_bytes(root)
@@ -669,24 +673,20 @@ def test_second_run_on_a_folder_stops_at_once(tmp_path):
         held.write('process 4242\n')
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        run = run_data_utils('--data_path', root, '--data_name', 'cub')
-        assert run.returncode == 1 and run.stdout == ''
-        assert run.stderr == (f'error: another data_utils.py is processing {os.path.join(root, "cub")} '
-                              f'(process 4242); wait for it\n')
+        assert run_cli(capsys, '--data_path', root, '--data_name', 'cub') == (
+            1, f'error: another data_utils.py is processing {os.path.join(root, "cub")} (process 4242); wait for it\n')
         assert tree_bytes(root) == dict(before, **{'.cub.lock': b'process 4242\n'})
         # other datasets in the same data path are not held
         write_class_folders(root, 'own', num_classes=2, per_class=1, size=8)
-        assert run_data_utils('--data_path', root, '--data_name', 'own').returncode == 0
-    run = run_data_utils('--data_path', root, '--data_name', 'cub')
-    assert run.returncode == 0, run.stderr
+        assert run_cli(capsys, '--data_path', root, '--data_name', 'own')[0] == 0
+    assert run_cli(capsys, '--data_path', root, '--data_name', 'cub')[0] == 0
     with open(lock) as f:
-        assert re.fullmatch(r'process \d+\n', f.read())  # the holder is named for the next one
+        assert f.read() == f'process {os.getpid()}\n'  # the holder is named for the next one
     # a link planted where the lock file goes: refused, its target neither created nor written
     os.remove(lock)
     os.symlink(tmp_path / 'target', lock)
-    run = run_data_utils('--data_path', root, '--data_name', 'cub')
-    assert run.returncode == 1 and run.stderr == f'error: {lock} is a symbolic link, not the lock file ' \
-                                                 f'data_utils.py makes; remove it\n'
+    assert run_cli(capsys, '--data_path', root, '--data_name', 'cub') == (
+        1, f'error: {lock} is a symbolic link, not the lock file data_utils.py makes; remove it\n')
     assert not os.path.lexists(tmp_path / 'target')
 
 
