@@ -161,7 +161,8 @@ def read_sop(root):
     fields = ('image_id', 'class_id', 'super_class_id', 'path')
     files = {split: _require('sop', os.path.join(root, f'Ebay_{split}.txt')) for split in ('train', 'test')}
     return [Item(os.path.join(root, rel), os.path.basename(rel), class_id, split, None, origin)
-            for split, file in files.items() for origin, (_, class_id, _, rel) in _read_rows(file, 'sop', fields, skip=1)]
+            for split, file in files.items()
+            for origin, (_, class_id, _, rel) in _read_rows(file, 'sop', fields, skip=1)]
 
 
 def read_isc(root):
@@ -173,7 +174,8 @@ def read_isc(root):
     for origin, (rel, item_id, status) in _read_rows(file, 'isc', ('image_name', 'item_id', 'evaluation_status'),
                                                       skip=2):
         if status not in ('train', 'query', 'gallery'):
-            raise UserError(f'isc: {origin}: evaluation_status of {rel} is {status!r}, expected train, query or gallery')
+            raise UserError(f'isc: {origin}: evaluation_status of {rel} is {status!r}, '
+                            f'expected train, query or gallery')
         items.append(Item(os.path.join(image_root, rel), f'{item_id}_{os.path.basename(rel)}', item_id, status, None,
                           origin))
     return items
@@ -239,12 +241,13 @@ def _check_paths(items, root, name):
     links the dataset itself holds, e.g. images/ on another disk, are followed as before)."""
     top = os.path.normpath(os.path.abspath(root))
     for item in items:
+        where = item.origin or item.src
         if not _plain_name(item.name):
-            raise UserError(f'{name}: {item.origin}: output file name {item.name!r} is not a plain file name (a path '
+            raise UserError(f'{name}: {where}: output file name {item.name!r} is not a plain file name (a path '
                             f'separator, ".." or an absolute path in the annotation would place it outside '
                             f'{os.path.join(root, "<crop_type>")}); nothing was written')
         if '\0' in item.src or os.path.commonpath([top, os.path.normpath(os.path.abspath(item.src))]) != top:
-            raise UserError(f'{name}: {item.origin}: image {item.src!r} is outside the dataset folder {root} '
+            raise UserError(f'{name}: {where}: image {item.src!r} is outside the dataset folder {root} '
                             f'(".." or an absolute path in the annotation); nothing was written')
 
 
@@ -265,9 +268,9 @@ def _check_splits(items, splits, name):
     found = {split: {i.label for i in items if i.split == split} for split in splits}
     empty = [split for split in splits if not found[split]]
     if empty:
-        labels = set().union(*found.values())
-        have = f'{_describe_classes(labels)} {"were" if len(labels) > 1 else "was"} found, all ' + \
-            ' and '.join(s for s in splits if found[s]) if labels else 'the annotations list no images'
+        labels, present = set().union(*found.values()), ' and '.join(s for s in splits if found[s])
+        were = 'were' if len(labels) > 1 else 'was'
+        have = f'{_describe_classes(labels)} {were} found, all {present}' if labels else 'no image is listed'
         rule = f'; {DATASETS[name].split_rule}' if name in DATASETS else ''
         raise UserError(f'{name}: no {" or ".join(empty)} classes: {have}{rule}; nothing was written')
 
@@ -458,8 +461,10 @@ def dataset_lock(data_path, name):
     fd, writable = _open_lock(path)
     try:
         if fd is not None:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise UserError(f'{path} is not a regular file, not the lock file data_utils.py makes; remove it')
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a pipe, device or hard link planted there
+                raise UserError(f'{path} is not the lock file data_utils.py makes (not a regular file of its own); '
+                                f'remove it')
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -467,8 +472,9 @@ def dataset_lock(data_path, name):
                 raise UserError(f'another data_utils.py is processing {os.path.join(data_path, name)} ({holder}); '
                                 f'wait for it') from None
             if writable:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f'process {os.getpid()}\n'.encode(), 0)
+                with contextlib.suppress(OSError):  # the holder's name only informs a second run
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f'process {os.getpid()}\n'.encode(), 0)
         yield
     finally:
         if fd is not None:

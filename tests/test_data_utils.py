@@ -688,6 +688,13 @@ def test_second_run_on_a_folder_stops_at_once(tmp_path, capsys):
     assert run_cli(capsys, '--data_path', root, '--data_name', 'cub') == (
         1, f'error: {lock} is a symbolic link, not the lock file data_utils.py makes; remove it\n')
     assert not os.path.lexists(tmp_path / 'target')
+    # a hard link to another file: refused, that file unchanged
+    os.remove(lock)
+    (tmp_path / 'notes').write_text('mine')
+    os.link(tmp_path / 'notes', lock)
+    assert run_cli(capsys, '--data_path', root, '--data_name', 'cub') == (
+        1, f'error: {lock} is not the lock file data_utils.py makes (not a regular file of its own); remove it\n')
+    assert (tmp_path / 'notes').read_text() == 'mine'
 
 
 # ---------------------------------------------------------------------------------------------
