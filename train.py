@@ -202,6 +202,18 @@ def train_step(model, images, targets, criterion, optimizer, rt):
     return loss.detach(), (logits.argmax(1) == targets).sum()
 
 
+def train_set_line(batches, batch_size, world_size, num_images):
+    """'Train set: ...' for one process's epoch_batches: images and steps per epoch, and the step's real size
+    where the whole epoch is one step smaller than --batch_size."""
+    steps, images = len(batches), sum(map(len, batches)) * world_size
+    step = f'{steps} step{"s" if steps != 1 else ""}'
+    if steps == 1 and len(batches[0]) * world_size < batch_size:  # every image in one step: --batch_size capped
+        size = len(batches[0]) * world_size
+        return (f'Train set: {images} images, {step} of {size} images per epoch (--batch_size {batch_size} capped at '
+                f'the {num_images} training images)')
+    return f'Train set: {images} images, {step} of {batch_size} per epoch ({num_images} training images)'
+
+
 def train_one_epoch(model, images, criterion, optimizer, rt, epoch, num_epochs):
     """One pass over the training images -> {'loss', 'accuracy' (%), 'seconds'} over all processes."""
     model.train()  # Model keeps the backbone BatchNorm in eval mode when freeze_backbone_bn is set
@@ -429,10 +441,9 @@ def run(config, dicts, rt, paths):
         images.targets, config['num_classes'])).to(rt.device)
     labels = {split: images.eval[split].labels for split in config['eval_splits']}
     dim, recalls = len(config['branches']) * config['feature_dim'], config['recalls']
-    batches = images.epoch_batches(first_epoch)
     if rt.main:
-        print(f'Train set: {sum(map(len, batches)) * rt.world_size} images, {len(batches)} steps of '
-              f'{config["batch_size"]} per epoch ({len(images.train)} training images)', flush=True)
+        print(train_set_line(images.epoch_batches(first_epoch), config['batch_size'], rt.world_size,
+                             len(images.train)), flush=True)
     if config['eval_untrained'] and first_epoch == 1:
         # a baseline, not saved; every epoch reseeds its RNGs, so the run that follows is the same without it
         features = extract_features(runner, images, rt, dim)
