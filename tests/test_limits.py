@@ -1,6 +1,6 @@
 """Limits the scripts state in one line: flag ranges (and README's table of them), oversized images, memory
 running out while the cache is built, test.py's results folder and its hidden temporary folders, the
-Train set line of a capped batch, and the curves' legend."""
+Train set line of a capped batch, the curves' legend, and the documents the project's files name."""
 import io
 import os
 import re
@@ -325,3 +325,19 @@ def test_curves_legend_outside_the_panels(monkeypatch):
         assert not legend.overlaps(ax.get_window_extent(renderer)), ax.get_title()
     # inside the picture: nothing clipped
     assert whole.x0 <= legend.x0 and legend.x1 <= whole.x1 and whole.y0 <= legend.y0 and legend.y1 <= whole.y1
+
+
+# ---- the project's files cite only what the repository holds ----
+
+def test_every_document_the_files_name_is_in_the_repository():
+    files = subprocess.run(['git', 'ls-files'], cwd=REPO, capture_output=True, text=True).stdout.split()
+    if not files:
+        pytest.skip('not a git checkout: the tracked files are unknown')
+    named = {}
+    for name in files:
+        if name.endswith(('.py', '.md', '.txt')) or '/' not in name and '.' not in name:
+            text = (REPO / name).read_text(errors='replace') if (REPO / name).is_file() else ''
+            for document in re.findall(r'[\w./-]*\w\.md\b', text):
+                named.setdefault(document, name)
+    missing = {d: by for d, by in named.items() if os.path.basename(d) not in {os.path.basename(f) for f in files}}
+    assert missing == {}
