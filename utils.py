@@ -436,20 +436,20 @@ class Runtime:
 _OPEN_LOCK = threading.Lock()  # the warning filters are global: decoder threads take turns at changing them
 
 
-def _open_image(source, path):
-    """PIL's open (the header only) of a file or buffer holding an image within PIL's pixel limit
+def _open_image(path):
+    """PIL's open (the header only) of an image file within PIL's pixel limit
     (Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); a larger one is a UserError giving its size."""
     limit = Image.MAX_IMAGE_PIXELS
     with _OPEN_LOCK, warnings.catch_warnings():
         warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # PIL's two-line warning: checked below
         try:
-            img = Image.open(source)
+            img = Image.open(path)
         except Image.DecompressionBombError as err:  # over twice the limit: PIL states only the pixel count
             found = re.search(r'\((\d+) pixels\)', str(err))
             size = f'{int(found[1]):,} pixels' if found else 'too many pixels'
             img = None
     if img is not None:
-        if limit is None or img.width * img.height <= limit:
+        if _within_limit(img.size):
             return img
         img.close()
         size = f'{img.width} x {img.height} = {img.width * img.height:,} pixels'
@@ -461,7 +461,7 @@ def load_image(path):
     """Open and fully decode an image as RGB (PIL); an unreadable or oversized file is a UserError naming it."""
     path = os.fspath(path)
     try:
-        with _open_image(path, path) as img:
+        with _open_image(path) as img:
             img.load()  # decode now, inside the try, so a damaged file fails here and not later
             return _to_rgb(img)
     except (UserError, MemoryError):  # MemoryError: no fault of the file (build_cache says what to do)
@@ -491,14 +491,32 @@ def _to_rgb(img):
     return img if img.mode == 'RGB' else img.convert('RGB')
 
 
+def _jpeg_size(data):
+    """(width, height) from a JPEG's frame header (SOFn), or None where none is found: the markers before it only."""
+    k = 2  # after the start-of-image marker
+    while k + 9 <= len(data) and data[k] == 0xFF:
+        marker = data[k + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame; not DHT, JPG, DAC
+            height, width = int.from_bytes(data[k + 5:k + 7], 'big'), int.from_bytes(data[k + 7:k + 9], 'big')
+            return width, height
+        k += 1 if marker == 0xFF else 2 + int.from_bytes(data[k + 2:k + 4], 'big')  # fill byte, or a segment
+    return None
+
+
+def _within_limit(size):
+    """Whether a (width, height) is known and within PIL's Image.MAX_IMAGE_PIXELS."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return size is not None and (limit is None or size[0] * size[1] <= limit)
+
+
 def load_image_uint8(path):
     """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels)."""
     path = os.fspath(path)
     try:  # plain JPEGs: torchvision's libjpeg-turbo, whole file at once, ~25 % faster than PIL, same pixels
         with open(path, 'rb') as f:
             data = f.read()
-        if data[:3] == b'\xff\xd8\xff' and b'Adobe' not in data[:4096]:  # JPEG, not an Adobe CMYK one
-            _open_image(io.BytesIO(data), path).close()  # its size within PIL's limit, as load_image checks
+        # JPEG, not an Adobe CMYK one, within PIL's pixel limit (a larger one: load_image says so)
+        if data[:3] == b'\xff\xd8\xff' and b'Adobe' not in data[:4096] and _within_limit(_jpeg_size(data)):
             with warnings.catch_warnings(action='ignore', category=DeprecationWarning):  # 0.29: "torchcodec"
                 from torchvision.io import ImageReadMode, decode_jpeg
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
