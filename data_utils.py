@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from utils import (TEMPORARY_EXTRA, UserError, atomic_write, check_int, load_image, read_bytes, remove_temporaries,
-                   run_cli, safe_load, torch_bytes)
+                   run_cli, safe_load, torch_bytes, SEED_MAX)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # own folders and the demo
 NORMALIZATION = {  # per-dataset mean/std the published models were trained with
@@ -417,7 +417,7 @@ def _check_options(names, split=None, seed=0):
     for name in names:
         if not name or name != os.path.basename(name) or name.startswith('.'):
             raise UserError(f'--data_name {name!r} must be a folder name inside --data_path (no path separators)')
-    check_int('--seed', seed, 0, 2 ** 32 - 1)
+    check_int('--seed', seed, 0, SEED_MAX)
     fixed = [n for n in names if n in DATASETS or n == 'demo']
     if split is not None and fixed:
         raise UserError(f'--split applies to own class-folder datasets, not to {", ".join(fixed)} (fixed splits)')
