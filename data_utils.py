@@ -2,11 +2,13 @@
 sub-folders, or a generated demo set into image lists: {data_path}/{name}/{crop_type}_data_dicts.pth."""
 import argparse
 import contextlib
+import errno
 import filecmp
 import io
 import math
 import os
 import shutil
+import stat
 import sys
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from utils import (TEMPORARY_EXTRA, UserError, atomic_write, check_int, load_image, read_bytes, remove_temporaries,
-                   run_cli, safe_load, torch_bytes)
+                   run_cli, safe_load, torch_bytes, SEED_MAX)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # own folders and the demo
 NORMALIZATION = {  # per-dataset mean/std the published models were trained with
@@ -41,8 +43,9 @@ def data_dict_path(data_path, data_name, crop_type):
     return os.path.join(data_path, data_name, f'{crop_type}_data_dicts.pth')
 
 
-# One image: source file, file name in {crop_type}/, label string, split, box (x1, y1, x2, y2) in pixels or None.
-Item = namedtuple('Item', 'src name label split box')
+# One image: source file, file name in {crop_type}/, label string, split, box (x1, y1, x2, y2) in pixels or None,
+# and where it was listed ('FILE line N', a .mat record or a class folder) for errors.
+Item = namedtuple('Item', 'src name label split box origin', defaults=(None,))
 
 
 def _listing(paths, what):
@@ -69,7 +72,7 @@ def _require(dataset, *paths, what='annotation file'):
 
 
 def _read_rows(path, dataset, fields, skip=0):
-    """Whitespace-separated rows of a text annotation file, each with len(fields) columns."""
+    """Whitespace-separated rows of a text annotation file, each with len(fields) columns -> [('FILE line N', row)]."""
     try:
         lines = read_bytes(path, f'{dataset} annotation file').decode('utf-8').splitlines()
     except UnicodeDecodeError as err:
@@ -79,7 +82,7 @@ def _read_rows(path, dataset, fields, skip=0):
         if len(row) != len(fields):
             raise UserError(f'{dataset}: {path} line {number}: expected {len(fields)} columns ({" ".join(fields)}), '
                             f'got {len(row)}: {" ".join(row)[:100]}')
-    return [row for _, row in rows]
+    return [(f'{path} line {number}', row) for number, row in rows]
 
 
 # ---- readers: one per benchmark (see DATASETS below) and one for own class folders -> [Item] ----
@@ -97,14 +100,14 @@ def _read_car_annotations(path, file_field, folder, prefix=''):
     if missing:
         raise UserError(f'car: {path} has no struct "annotations" with the field(s) {", ".join(missing)}')
     items = []
-    for r in np.atleast_1d(annotations):  # squeeze_me turns a single record into a 0-d array
+    for number, r in enumerate(np.atleast_1d(annotations), 1):  # squeeze_me: a single record is a 0-d array
         try:
             label, box = int(r['class']), tuple(int(r[f]) for f in numbers[:4])
         except (TypeError, ValueError, OverflowError):  # OverflowError: int() of an inf
             raise UserError(f'car: {path}: expected numbers, got { {f: r[f] for f in numbers} }') from None
         file = str(r[file_field])
         items.append(Item(os.path.join(folder, file), prefix + os.path.basename(file), str(label),
-                          'train' if label <= 98 else 'test', box))
+                          'train' if label <= 98 else 'test', box, f'{path} record {number}'))
     return items
 
 
@@ -134,10 +137,10 @@ def read_cub(root, num_train_classes=100, name='cub'):
     root = nested if os.path.isdir(nested) and not os.path.exists(os.path.join(root, 'images.txt')) else root
     images, labels_file, boxes_file = (_require(name, os.path.join(root, f))
                                        for f in ('images.txt', 'image_class_labels.txt', 'bounding_boxes.txt'))
-    labels = dict(_read_rows(labels_file, name, ('image_id', 'class_id')))
-    boxes = {r[0]: r[1:] for r in _read_rows(boxes_file, name, ('image_id', 'x', 'y', 'w', 'h'))}
+    labels = dict(row for _, row in _read_rows(labels_file, name, ('image_id', 'class_id')))
+    boxes = {r[0]: r[1:] for _, r in _read_rows(boxes_file, name, ('image_id', 'x', 'y', 'w', 'h'))}
     items = []
-    for image_id, rel in _read_rows(images, name, ('image_id', 'path')):
+    for origin, (image_id, rel) in _read_rows(images, name, ('image_id', 'path')):
         for table, file in ((labels, labels_file), (boxes, boxes_file)):
             if image_id not in table:
                 raise UserError(f'{name}: image id {image_id} ({rel}) has no line in {file}')
@@ -147,7 +150,7 @@ def read_cub(root, num_train_classes=100, name='cub'):
         except (ValueError, OverflowError):  # OverflowError: int() of an inf
             raise UserError(f'{name}: image id {image_id}: expected an integer class id and numbers x y w h') from None
         items.append(Item(os.path.join(root, 'images', rel), os.path.basename(rel), str(label),
-                          'train' if label <= num_train_classes else 'test', (x, y, x + w, y + h)))
+                          'train' if label <= num_train_classes else 'test', (x, y, x + w, y + h), origin))
     return items
 
 
@@ -157,8 +160,9 @@ def read_sop(root):
     root = nested if os.path.isdir(nested) and not os.path.exists(os.path.join(root, 'Ebay_train.txt')) else root
     fields = ('image_id', 'class_id', 'super_class_id', 'path')
     files = {split: _require('sop', os.path.join(root, f'Ebay_{split}.txt')) for split in ('train', 'test')}
-    return [Item(os.path.join(root, rel), os.path.basename(rel), class_id, split, None)
-            for split, file in files.items() for _, class_id, _, rel in _read_rows(file, 'sop', fields, skip=1)]
+    return [Item(os.path.join(root, rel), os.path.basename(rel), class_id, split, None, origin)
+            for split, file in files.items()
+            for origin, (_, class_id, _, rel) in _read_rows(file, 'sop', fields, skip=1)]
 
 
 def read_isc(root):
@@ -167,10 +171,13 @@ def read_isc(root):
     # the list's paths start with img/; they live under Img/ in the official download
     image_root = os.path.join(root, 'Img') if os.path.isdir(os.path.join(root, 'Img')) else root
     items = []
-    for rel, item_id, status in _read_rows(file, 'isc', ('image_name', 'item_id', 'evaluation_status'), skip=2):
+    for origin, (rel, item_id, status) in _read_rows(file, 'isc', ('image_name', 'item_id', 'evaluation_status'),
+                                                      skip=2):
         if status not in ('train', 'query', 'gallery'):
-            raise UserError(f'isc: {file}: evaluation_status of {rel} is {status!r}, expected train, query or gallery')
-        items.append(Item(os.path.join(image_root, rel), f'{item_id}_{os.path.basename(rel)}', item_id, status, None))
+            raise UserError(f'isc: {origin}: evaluation_status of {rel} is {status!r}, '
+                            f'expected train, query or gallery')
+        items.append(Item(os.path.join(image_root, rel), f'{item_id}_{os.path.basename(rel)}', item_id, status, None,
+                          origin))
     return items
 
 
@@ -194,28 +201,79 @@ def read_own(root, name, split=0.5):
         raise UserError(f'{name}: found {len(classes)} class folder(s) with images in {root}; at least 2 '
                         f'are needed (one train, one test class)\nexpected layout:\n{_layout(name)}')
     train = set(split_classes(classes, split)[0])
-    return [Item(os.path.join(root, c, f), f'{c}_{f}', c, 'train' if c in train else 'test', None)
-            for c in sorted(classes) for f in classes[c]]
+    return [Item(os.path.join(root, c, f), f'{c}_{f}', c, 'train' if c in train else 'test', None,
+                 f'class folder {os.path.join(root, c)}') for c in sorted(classes) for f in classes[c]]
 
 
-# The benchmarks by folder name: reader, splits in list order, and the layout error messages show.
-Benchmark = namedtuple('Benchmark', 'read splits layout')
+# The benchmarks by folder name: reader, splits in list order, the layout and the split rule error messages show.
+Benchmark = namedtuple('Benchmark', 'read splits layout split_rule')
 DATASETS = {
     'car': Benchmark(read_car, ('train', 'test'), '''\
   car/cars_annos.mat, car/car_ims/*.jpg  (original release), or the devkit / Kaggle release:
   car/cars_train/*.jpg, car/cars_test/*.jpg, car/devkit/cars_train_annos.mat, car/cars_test_annos_withlabels.mat
-  (car/cars_train/cars_train/, car/car_devkit/devkit/ and "cars_test_annos_withlabels (1).mat" also accepted)'''),
+  (car/cars_train/cars_train/, car/car_devkit/devkit/ and "cars_test_annos_withlabels (1).mat" also accepted)''',
+                     "CARS196's train split is classes 1-98, its test split classes 99-196"),
     'cub': Benchmark(read_cub, ('train', 'test'), '''\
   cub/images.txt, cub/image_class_labels.txt, cub/bounding_boxes.txt, cub/images/<class>/*.jpg
-  (the archive's CUB_200_2011/ folder may also sit inside cub/)'''),
+  (the archive's CUB_200_2011/ folder may also sit inside cub/)''',
+                     "CUB-200-2011's train split is classes 1-100, its test split classes 101-200"),
     'sop': Benchmark(read_sop, ('train', 'test'), '''\
-  sop/Ebay_train.txt, sop/Ebay_test.txt, sop/<category>_final/*.JPG  (or in sop/Stanford_Online_Products/)'''),
+  sop/Ebay_train.txt, sop/Ebay_test.txt, sop/<category>_final/*.JPG  (or in sop/Stanford_Online_Products/)''',
+                     "SOP's train split is the lines of Ebay_train.txt, its test split those of Ebay_test.txt"),
     'isc': Benchmark(read_isc, ('train', 'query', 'gallery'), '''\
-  isc/Eval/list_eval_partition.txt, isc/Img/img/<GENDER>/<category>/<item_id>/*.jpg  (or isc/img/...)'''),
+  isc/Eval/list_eval_partition.txt, isc/Img/img/<GENDER>/<category>/<item_id>/*.jpg  (or isc/img/...)''',
+                     "In-shop's split is the evaluation_status column (train, query, gallery) of "
+                     "Eval/list_eval_partition.txt"),
 }
 
 
 # ---- the shared pipeline: check every name and source, place files, write the lists ----
+
+def _plain_name(name):
+    """True for a name that stays inside its folder: no path separator or NUL, not '', '.' or '..'."""
+    return name not in ('', os.curdir, os.pardir) and '\0' not in name and \
+        not any(sep in name for sep in {'/', os.sep, os.altsep} - {None})
+
+
+def _check_paths(items, root, name):
+    """Every output name a plain file name and every source inside the dataset folder: annotations come from
+    elsewhere, and '..' or an absolute path in them must neither write nor read outside (checked lexically:
+    links the dataset itself holds, e.g. images/ on another disk, are followed as before)."""
+    top = os.path.normpath(os.path.abspath(root))
+    for item in items:
+        where = item.origin or item.src
+        if not _plain_name(item.name):
+            raise UserError(f'{name}: {where}: output file name {item.name!r} is not a plain file name (a path '
+                            f'separator, ".." or an absolute path in the annotation would place it outside '
+                            f'{os.path.join(root, "<crop_type>")}); nothing was written')
+        if '\0' in item.src or os.path.commonpath([top, os.path.normpath(os.path.abspath(item.src))]) != top:
+            raise UserError(f'{name}: {where}: image {item.src!r} is outside the dataset folder {root} '
+                            f'(".." or an absolute path in the annotation); nothing was written')
+
+
+def _describe_classes(labels):
+    """'classes 1-100' for a run of class numbers, else a count and the first and last label."""
+    if all(label.isdecimal() for label in labels):
+        numbers = sorted(int(label) for label in labels)
+        first, last = numbers[0], numbers[-1]
+        if last - first + 1 == len(numbers):
+            return f'classes {first}-{last}' if last > first else f'class {first}'
+        return f'{len(numbers)} classes numbered {first} to {last}'
+    ordered = sorted(labels)
+    return f'{len(ordered)} classes ({ordered[0]} ... {ordered[-1]})' if len(ordered) > 1 else f'class {ordered[0]}'
+
+
+def _check_splits(items, splits, name):
+    """Every split has images (an empty one trains or evaluates nothing), else a UserError saying what was found."""
+    found = {split: {i.label for i in items if i.split == split} for split in splits}
+    empty = [split for split in splits if not found[split]]
+    if empty:
+        labels, present = set().union(*found.values()), ' and '.join(s for s in splits if found[s])
+        were = 'were' if len(labels) > 1 else 'was'
+        have = f'{_describe_classes(labels)} {were} found, all {present}' if labels else 'no image is listed'
+        rule = f'; {DATASETS[name].split_rule}' if name in DATASETS else ''
+        raise UserError(f'{name}: no {" or ".join(empty)} classes: {have}{rule}; nothing was written')
+
 
 def _check_image(item):
     """None if the image decodes completely, else a reason (draft mode: fast, yet reads all of a JPEG)."""
@@ -284,6 +342,10 @@ def _pmap(fn, items, desc):
 
 def _place_all(sources, out, name):
     """Originals byte for byte (hard links where possible) in uncropped/, crops in cropped/."""
+    linked = [folder for folder in out.values() if os.path.islink(folder)]
+    if linked:  # whatever a link points to is no folder of this dataset: never written through
+        raise UserError(f'{name}: {linked[0]} is a symbolic link; the images are written only into a real folder: '
+                        f'remove the link and run again (a link to the whole dataset folder is fine)')
     originals = {os.path.join(out['uncropped'], i.name): i.src for i in sources}  # {destination: source}
     conflicts = []  # another image under the same name: a conflict, never an overwrite
     for dst, src in originals.items():
@@ -315,9 +377,20 @@ def _place_all(sources, out, name):
                             f'\nremove {out["cropped"]} and run again')
 
 
+def _holds(path, data):
+    """True if path is a regular file with exactly these bytes."""
+    with contextlib.suppress(OSError):
+        if os.path.isfile(path) and os.path.getsize(path) == len(data):
+            with open(path, 'rb') as f:
+                return f.read() == data
+    return False
+
+
 def process_items(items, data_path, name, splits=('train', 'test')):
     """Check all names and sources, place them in {name}/uncropped (and crops in {name}/cropped when all have
     boxes), then write the .pth lists atomically, together (else the previous ones stay) -> {crop_type: dicts}."""
+    _check_paths(items, os.path.join(data_path, name), name)
+    _check_splits(items, splits, name)
     items, sources = _check_items(items, os.path.join(data_path, name), name)
     crop_types = CROP_TYPES if all(i.box is not None for i in items) else ('uncropped',)
     remove_temporaries([data_dict_path(data_path, name, c) for c in CROP_TYPES])
@@ -327,7 +400,10 @@ def process_items(items, data_path, name, splits=('train', 'test')):
     for item in items:
         for crop, dicts in result.items():
             dicts[item.split].setdefault(item.label, []).append(os.path.join(data_path, name, crop, item.name))
-    atomic_write({data_dict_path(data_path, name, crop): torch_bytes(d) for crop, d in result.items()})
+    lists = {data_dict_path(data_path, name, crop): torch_bytes(d) for crop, d in result.items()}
+    changed = {path: data for path, data in lists.items() if not _holds(path, data)}
+    if changed:  # lists already as they would be are not rewritten: a processed read-only dataset re-runs
+        atomic_write(changed)
     for crop, dicts in result.items():
         summary = ', '.join(f'{s} {len(d)} classes / {sum(map(len, d.values()))} images' for s, d in dicts.items())
         print(f'{name} {crop}: {summary} -> {data_dict_path(data_path, name, crop)}', flush=True)
@@ -341,7 +417,7 @@ def _check_options(names, split=None, seed=0):
     for name in names:
         if not name or name != os.path.basename(name) or name.startswith('.'):
             raise UserError(f'--data_name {name!r} must be a folder name inside --data_path (no path separators)')
-    check_int('--seed', seed, 0, 2 ** 32 - 1)
+    check_int('--seed', seed, 0, SEED_MAX)
     fixed = [n for n in names if n in DATASETS or n == 'demo']
     if split is not None and fixed:
         raise UserError(f'--split applies to own class-folder datasets, not to {", ".join(fixed)} (fixed splits)')
@@ -357,24 +433,79 @@ def _folder_error(root, name):
             f'or an own dataset laid out as\n{_layout(name)}')
 
 
+def _open_lock(path):
+    """The lock file's descriptor, never through a link; read-only where the folder is (None: no lock file can be
+    made there, so this run can create nothing beside the dataset either)."""
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK  # a planted link fails (ELOOP); a planted pipe does not block the open
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644), True
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(f'{path} is a symbolic link, not the lock file data_utils.py makes; remove it') from None
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise UserError(f'cannot create the lock file {path}: {err.strerror or err}') from None
+    try:  # a folder this user may only read: the lock file an earlier run left still excludes the writers
+        return os.open(path, os.O_RDONLY | flags), False
+    except FileNotFoundError:
+        return None, False
+    except OSError as err:
+        raise UserError(f'cannot open the lock file {path}: {err.strerror or err}') from None
+
+
+@contextlib.contextmanager
+def dataset_lock(data_path, name):
+    """Hold {data_path}/.{name}.lock while a dataset is processed (an OS lock, released even when the process is
+    killed): a second run on the same folder stops at once instead of mixing its files with the first's."""
+    import fcntl
+    path = os.path.join(data_path, f'.{name}.lock')  # beside the folder: the demo redraw replaces the folder
+    fd, writable = _open_lock(path)
+    try:
+        if fd is not None:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a pipe, device or hard link planted there
+                raise UserError(f'{path} is not the lock file data_utils.py makes (not a regular file of its own); '
+                                f'remove it')
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 64, 0).decode(errors='replace').strip() or 'process id unknown'
+                raise UserError(f'another data_utils.py is processing {os.path.join(data_path, name)} ({holder}); '
+                                f'wait for it') from None
+            if writable:
+                with contextlib.suppress(OSError):  # the holder's name only informs a second run
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f'process {os.getpid()}\n'.encode(), 0)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def process_dataset(data_path, name, split=None, seed=0):
     """Process one dataset by name: a benchmark, 'demo', or an own class-folder dataset."""
     _check_options([name], split, seed)
     root, splits = os.path.join(data_path, name), ('train', 'test')
     if name == 'demo':
         try:
-            make_demo(root, seed, DEMO_CLASSES, DEMO_PER_CLASS)  # the sizes as they are now (tests shrink them)
-        except OSError as err:  # disk full, no permission: the next run starts the drawing afresh
+            os.makedirs(data_path, exist_ok=True)  # the lock file lives there
+        except OSError as err:
             raise UserError(f'demo: cannot write the demo images to {root}: {err.strerror or err} '
-                            f'(check free disk space and that {data_path} is writable)') from None
-        items = read_cub(root, num_train_classes=DEMO_CLASSES // 2, name='demo')
+                            f'(check that {data_path} is a folder and writable)') from None
     elif not os.path.isdir(root):
         raise UserError(_folder_error(root, name))
-    elif name in DATASETS:
-        items, splits = DATASETS[name].read(root), DATASETS[name].splits
-    else:
-        items = read_own(root, name, 0.5 if split is None else split)
-    return process_items(items, data_path, name, splits)
+    with dataset_lock(data_path, name):
+        if name == 'demo':
+            try:
+                make_demo(root, seed, DEMO_CLASSES, DEMO_PER_CLASS)  # the sizes as they are now (tests shrink them)
+            except OSError as err:  # disk full, no permission: the next run starts the drawing afresh
+                raise UserError(f'demo: cannot write the demo images to {root}: {err.strerror or err} '
+                                f'(check free disk space and that {data_path} is writable)') from None
+            items = read_cub(root, num_train_classes=DEMO_CLASSES // 2, name='demo')
+        elif name in DATASETS:
+            items, splits = DATASETS[name].read(root), DATASETS[name].splits
+        else:
+            items = read_own(root, name, 0.5 if split is None else split)
+        return process_items(items, data_path, name, splits)
 
 
 def load_data_dicts(data_path, data_name, crop_type):
@@ -495,10 +626,14 @@ def _draw_demo_image(parts, rng, size):
 def make_demo(root, seed=0, num_classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS, size=DEMO_SIZE):
     """Draw the demo dataset into root in CUB-200-2011's layout; the same seed and sizes give the same bytes."""
     signature = f'seed {seed} classes {num_classes} per_class {per_class} size {size}\n'
+    if os.path.islink(root) and os.path.isdir(root):  # a demo folder on another disk: redrawn there, the link kept
+        root = os.path.realpath(root)
     marker = os.path.join(root, DEMO_MARKER)
     drawing, old = root.rstrip(os.sep) + '.partial', root.rstrip(os.sep) + '.old'
-    for leftover in (drawing, old):  # what an interrupted drawing or swap left
-        if os.path.isdir(leftover):
+    for leftover in (drawing, old):  # what an interrupted drawing or swap left; a link there: removed, not followed
+        if os.path.islink(leftover):
+            os.remove(leftover)
+        elif os.path.isdir(leftover):
             shutil.rmtree(leftover)
     if os.path.isfile(marker):
         if read_bytes(marker, 'demo marker') == signature.encode():

@@ -9,6 +9,8 @@ A query image that is not in the database is embedded with the database's model 
 each image drawn as a thumbnail at its point, framed in its class's colour."""
 import argparse
 import colorsys
+import contextlib
+import fcntl
 import io
 import os
 import re
@@ -184,23 +186,63 @@ def check_replaceable(target):
                         f'removed: move it away, rename the query image or pass another --results_dir')
 
 
+def _temporary_names(stem):
+    """write_result_folder's hidden folders for `stem`: .{stem}.{8 hex digits}.tmp (the new set) and
+    .{stem}.{same digits}.old.tmp (the set it replaces) -> a pattern whose group 1 is the digits."""
+    return re.compile(re.escape(f'.{stem}.') + r'([0-9a-f]{8})(?:\.old)?\.tmp')
+
+
+def _held(marker):
+    """Whether a running test.py holds this marker file locked (it does while it writes its folder)."""
+    try:
+        with open(marker, 'rb') as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # gone: nobody holds it
+        pass
+    return False
+
+
+def remove_stale_folders(results_dir, stem):
+    """Delete the hidden folders a killed test.py left for this query name: only folders named as
+    write_result_folder names them, with MARKER inside, and not held by a test.py still writing."""
+    pattern = _temporary_names(stem)
+    with contextlib.suppress(OSError):
+        for name in os.listdir(results_dir):
+            found, path = pattern.fullmatch(name), os.path.join(results_dir, name)
+            if found is None or os.path.islink(path) or not os.path.isfile(os.path.join(path, MARKER)):
+                continue
+            # the pair's new set is locked while its run writes or swaps: then both are in use
+            if not _held(os.path.join(results_dir, f'.{stem}.{found[1]}.tmp', MARKER)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def write_result_folder(results_dir, stem, files):
-    """Write every file into a fresh hidden folder, then swap it in for results/{stem}: never a half set."""
+    """Write every file into a fresh hidden folder, then swap it in for results/{stem}: never a half set.
+    The hidden folders of an earlier, killed run for `stem` are removed first."""
     target = os.path.join(results_dir, stem)
+    remove_stale_folders(results_dir, stem)
     tmp = os.path.join(results_dir, f'.{stem}.{secrets.token_hex(4)}.tmp')
     old = tmp[:-len('.tmp')] + '.old.tmp'  # the previous results, kept until the new set is in place
     try:
         os.makedirs(tmp)  # and results_dir if needed
-        utils.atomic_write({os.path.join(tmp, name): data for name, data in {**files, MARKER: MARKER_TEXT}.items()})
-        check_replaceable(target)  # again, just before the swap: the path may have changed meanwhile
-        if os.path.lexists(target):
-            os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if os.path.isdir(old):  # put the previous results back
-                os.rename(old, target)
-            raise
+        # the marker first, locked until the swap is done: a killed run's folders are recognisably test.py's
+        with open(os.path.join(tmp, MARKER), 'xb') as marker:
+            fcntl.flock(marker, fcntl.LOCK_EX)
+            marker.write(MARKER_TEXT)
+            marker.flush()
+            os.fsync(marker.fileno())
+            utils.atomic_write({os.path.join(tmp, name): data for name, data in files.items()})
+            check_replaceable(target)  # again, just before the swap: the path may have changed meanwhile
+            if os.path.lexists(target):
+                os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if os.path.isdir(old):  # put the previous results back
+                    os.rename(old, target)
+                raise
     except OSError as err:
         raise UserError(f'cannot write the results to {target}: {err.strerror or err}; previous results, if any, '
                         f'are unchanged (check free disk space and that {results_dir} is writable)') from None
@@ -316,7 +358,8 @@ def main(argv=None):
         raise UserError(f'--retrieval_num must be a positive integer, got {args.retrieval_num}')
     if args.map_images < 5:
         raise UserError(f'--map_images must be at least 5, got {args.map_images}')
-    utils.check_int('--seed', args.seed, 0, 2 ** 63 - 1)
+    utils.check_int('--seed', args.seed, 0, utils.SEED_MAX)
+    utils.check_results_dir(args.results_dir)
     device = utils.resolve_device(args.device)
     db_path = resolve_database_path(args.data_base, args.results_dir)
     db, isc = utils.load_database(db_path)
@@ -327,6 +370,7 @@ def main(argv=None):
         map_path = write_embedding_map(db, db_path, args.results_dir, args.map_images, args.seed)
         target = target or map_path
     return target
+
 
 if __name__ == '__main__':
     utils.run_cli(main)

@@ -17,12 +17,17 @@ import model as model_lib
 import utils
 from utils import UserError
 
-# ---- the recipe (DESIGN.md) ----
+# ---- the recipe (README, Usage: Train model) ----
 LR_WITH_WEIGHTS = 1e-4  # Adam on an ImageNet backbone whose BatchNorm stays frozen
 LR_FROM_SCRATCH = 1e-3  # without weights the BatchNorm trains and needs a 10x larger rate
 WEIGHT_DECAY = 1e-5
 SMOOTHING, TEMPERATURE = 0.1, 1.0  # label smoothing and logit temperature of the loss
 MILESTONES, GAMMA = (0.6, 0.8), 0.1  # LR x 0.1 after int(0.6 E) and int(0.8 E) epochs
+
+# accepted ranges of the numeric flags, listed in README's flag table: integers low..high, --lr in (0, LR_MAX]
+INT_RANGES = {'feature_dim': (1, 8192), 'batch_size': (2, 65536), 'num_epochs': (1, 100000), 'image_size': (16, 1024),
+              'seed': (0, utils.SEED_MAX), 'num_workers': (0, 256)}
+LR_MAX = 1.0  # far above any rate Adam trains with; 1e38 overflows float32 inside its step
 
 STAT_COLUMNS = ('epoch', 'train_loss', 'train_accuracy')  # then test_recall@k per k, test_map@r (val_* too)
 # evaluate's figures after R@k, as (key in its dict, CSV column suffix): the columns {split}_{suffix}
@@ -78,11 +83,10 @@ def resolve_config(args):
         recalls = []
     if not recalls or recalls[0] < 1:
         raise UserError(f"--recalls '{args.recalls}': expected comma-separated positive integers, e.g. 1,2,4,8")
-    for flag, low, high in (('feature_dim', 1, 8192), ('batch_size', 2, 65536), ('num_epochs', 1, 100000),
-                            ('image_size', 16, 1024), ('seed', 0, 2 ** 63 - 1), ('num_workers', 0, 256)):
+    for flag, (low, high) in INT_RANGES.items():
         utils.check_int(f'--{flag}', getattr(args, flag) or 0, low, high)  # num_workers None: chosen later
-    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UserError(f'--lr must be a positive number, got {args.lr}')
+    if args.lr is not None:
+        utils.check_float('--lr', args.lr, 0, LR_MAX)
     branches = model_lib.parse_branches(args.branches)
     if args.pretrained not in ('imagenet', 'none') and not os.path.isfile(args.pretrained):
         raise UserError(f"--pretrained {args.pretrained}: expected 'imagenet', 'none' or an existing weights file")
@@ -90,9 +94,7 @@ def resolve_config(args):
         raise UserError(f"--resume {args.resume}: checkpoint not found (use 'auto' to start fresh when there is none)")
     if args.resume and args.overwrite:
         raise UserError('--resume continues a run and --overwrite replaces it: pass one of them')
-    if os.path.exists(args.results_dir) and not os.path.isdir(args.results_dir) or not args.results_dir:
-        raise UserError(f"--results_dir '{args.results_dir}': expected a folder")
-
+    utils.check_results_dir(args.results_dir)
     if not 0 <= args.val_split < 1:  # NaN fails too
         raise UserError(f'--val_split must be a fraction of the training classes, 0 <= F < 1, got {args.val_split}')
 
@@ -231,6 +233,18 @@ def train_step(model, images, targets, criterion, optimizer, rt):
     rt.scaler.step(optimizer)
     rt.scaler.update()
     return loss.detach(), (logits.argmax(1) == targets).sum()
+
+
+def train_set_line(batches, batch_size, world_size, num_images):
+    """'Train set: ...' for one process's epoch_batches: images and steps per epoch, and the step's real size
+    where the whole epoch is one step smaller than --batch_size."""
+    steps, images = len(batches), sum(map(len, batches)) * world_size
+    step = f'{steps} step{"s" if steps != 1 else ""}'
+    if steps == 1 and len(batches[0]) * world_size < batch_size:  # every image in one step: --batch_size capped
+        size = len(batches[0]) * world_size
+        return (f'Train set: {images} images, {step} of {size} images per epoch (--batch_size {batch_size} capped at '
+                f'the {num_images} training images)')
+    return f'Train set: {images} images, {step} of {batch_size} per epoch ({num_images} training images)'
 
 
 def train_one_epoch(model, images, criterion, optimizer, rt, epoch, num_epochs):
@@ -487,10 +501,9 @@ def run(config, dicts, rt, paths):
     labels = {split: images.eval[split].labels for split in config['eval_splits']}
     val_labels = {'val': images.eval['val'].labels} if 'val' in images.eval else None
     dim, recalls = len(config['branches']) * config['feature_dim'], config['recalls']
-    batches = images.epoch_batches(first_epoch)
     if rt.main:
-        print(f'Train set: {sum(map(len, batches)) * rt.world_size} images, {len(batches)} steps of '
-              f'{config["batch_size"]} per epoch ({len(images.train)} training images)', flush=True)
+        print(train_set_line(images.epoch_batches(first_epoch), config['batch_size'], rt.world_size,
+                             len(images.train)), flush=True)
     if config['eval_untrained'] and first_epoch == 1:
         # a baseline, not saved; every epoch reseeds its RNGs, so the run that follows is the same without it
         features = extract_features(runner, images, rt, dim)

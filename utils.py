@@ -9,7 +9,9 @@ import io
 import math
 import os
 import random
+import re
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -40,11 +42,29 @@ def run_cli(main, interrupted='stopped at once; files already written are intact
         sys.exit(130)
 
 
+SEED_MAX = 2 ** 32 - 1  # NumPy's seed range, 0 .. 2**32 - 1: one range for every script's --seed
+
+
 def check_int(name, value, low, high):
     """A flag's integer within [low, high], else a UserError naming the flag and the range."""
     if not low <= value <= high:
         raise UserError(f'{name} must be between {low} and {high}, got {value}')
     return value
+
+
+def check_float(name, value, low, high):
+    """A flag's number in the half-open range (low, high], else a UserError naming the flag and the range
+    (NaN and infinities included)."""
+    if not low < value <= high:  # False for NaN
+        raise UserError(f'{name} must be greater than {low:g} and at most {high:g}, got {value:g}')
+    return value
+
+
+def check_results_dir(path):
+    """--results_dir must name a folder, existing or to be made: not '' (the current folder by accident), not a file."""
+    if not path or os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--results_dir '{path}': expected a folder")
+    return path
 
 
 TEMPORARY_EXTRA = len('..') + 16 + len('.tmp')  # what write_temporary adds to a file name
@@ -413,13 +433,39 @@ class Runtime:
 
 # ---- images: decode, resize, crop and flip, normalise ----
 
+_OPEN_LOCK = threading.Lock()  # the warning filters are global: decoder threads take turns at changing them
+
+
+def _open_image(path):
+    """PIL's open (the header only) of an image file within PIL's pixel limit
+    (Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); a larger one is a UserError giving its size."""
+    limit = Image.MAX_IMAGE_PIXELS
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # PIL's two-line warning: checked below
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as err:  # over twice the limit: PIL states only the pixel count
+            found = re.search(r'\((\d+) pixels\)', str(err))
+            size = f'{int(found[1]):,} pixels' if found else 'too many pixels'
+            img = None
+    if img is not None:
+        if _within_limit(img.size):
+            return img
+        img.close()
+        size = f'{img.width} x {img.height} = {img.width * img.height:,} pixels'
+    raise UserError(f'image {path} is too large to decode: {size}, more than the {limit:,} of PIL\'s '
+                    f'Image.MAX_IMAGE_PIXELS (a guard against decompression bombs); shrink it first')
+
+
 def load_image(path):
-    """Open and fully decode an image as RGB (PIL); an unreadable file is a UserError naming it."""
+    """Open and fully decode an image as RGB (PIL); an unreadable or oversized file is a UserError naming it."""
     path = os.fspath(path)
     try:
-        with Image.open(path) as img:
+        with _open_image(path) as img:
             img.load()  # decode now, inside the try, so a damaged file fails here and not later
             return _to_rgb(img)
+    except (UserError, MemoryError):  # MemoryError: no fault of the file (build_cache says what to do)
+        raise
     except FileNotFoundError:
         raise UserError(f'image not found: {path}') from None
     except IsADirectoryError:
@@ -445,13 +491,32 @@ def _to_rgb(img):
     return img if img.mode == 'RGB' else img.convert('RGB')
 
 
+def _jpeg_size(data):
+    """(width, height) from a JPEG's frame header (SOFn), or None where none is found: the markers before it only."""
+    k = 2  # after the start-of-image marker
+    while k + 9 <= len(data) and data[k] == 0xFF:
+        marker = data[k + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame; not DHT, JPG, DAC
+            height, width = int.from_bytes(data[k + 5:k + 7], 'big'), int.from_bytes(data[k + 7:k + 9], 'big')
+            return width, height
+        k += 1 if marker == 0xFF else 2 + int.from_bytes(data[k + 2:k + 4], 'big')  # fill byte, or a segment
+    return None
+
+
+def _within_limit(size):
+    """Whether a (width, height) is known and within PIL's Image.MAX_IMAGE_PIXELS."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return size is not None and (limit is None or size[0] * size[1] <= limit)
+
+
 def load_image_uint8(path):
     """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels)."""
     path = os.fspath(path)
     try:  # plain JPEGs: torchvision's libjpeg-turbo, whole file at once, ~25 % faster than PIL, same pixels
         with open(path, 'rb') as f:
             data = f.read()
-        if data[:3] == b'\xff\xd8\xff' and b'Adobe' not in data[:4096]:  # JPEG, not an Adobe CMYK one
+        # JPEG, not an Adobe CMYK one, within PIL's pixel limit (a larger one: load_image says so)
+        if data[:3] == b'\xff\xd8\xff' and b'Adobe' not in data[:4096] and _within_limit(_jpeg_size(data)):
             with warnings.catch_warnings(action='ignore', category=DeprecationWarning):  # 0.29: "torchcodec"
                 from torchvision.io import ImageReadMode, decode_jpeg
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -615,9 +680,29 @@ def _decode_into(out, dataset, show_bar):
         torch.set_num_threads(previous)
 
 
+def _out_of_memory(err):
+    """Whether an exception says that memory ran out: Python's, torch's CUDA one, or its CPU allocator's."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or \
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
 def build_cache(dataset, place, device, key, show_bar=True):
     """uint8 [N, 3, side, side]: an ImageListDataset's images, decoded once per node, on `device` for place
-    'gpu', in host memory for 'ram'. `key` names the /dev/shm file under torchrun."""
+    'gpu', in host memory for 'ram'. `key` names the /dev/shm file under torchrun. Running out of memory
+    on the way (a ulimit, other processes) is a UserError that offers the ways around it."""
+    try:
+        return _build_cache(dataset, place, device, key, show_bar)
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        nbytes = len(dataset) * 3 * dataset.side ** 2
+        where = device if place == 'gpu' else 'RAM'
+        raise UserError(f'out of memory while decoding {len(dataset)} images of {dataset.side}x{dataset.side} '
+                        f'into the cache ({nbytes / 2 ** 30:.2f} GiB in {where}): use --cache off, or a smaller '
+                        f'--image_size') from None
+
+
+def _build_cache(dataset, place, device, key, show_bar):
     shape = (len(dataset), 3, dataset.side, dataset.side)
     if not is_distributed():
         host = torch.empty(shape, dtype=torch.uint8)
@@ -684,13 +769,14 @@ def plot_curves(statistics, recalls, title):
     for k in recalls:
         axes[2].plot(epochs, [row[f'test_recall@{k}'] for row in statistics], marker='o', label=f'R@{k}')
     axes[2].plot(epochs, [row['test_map@r'] for row in statistics], marker='s', linestyle='--', label='MAP@R')
-    axes[2].legend()
+    # beside the panel, not on it: inside, it covered the R@1 markers and the MAP@R line
+    axes[2].legend(loc='upper left', bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     for ax, name in zip(axes, ('train loss', 'train accuracy (%)', 'test retrieval (%)')):
         ax.set(title=name, xlabel='epoch')
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(title)
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.13, top=0.85, wspace=0.2)  # tight_layout is slow
+    fig.subplots_adjust(left=0.05, right=0.91, bottom=0.13, top=0.85, wspace=0.2)  # tight_layout is slow
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png', dpi=100, metadata={'Software': None})
     return buffer.getvalue()

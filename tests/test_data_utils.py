@@ -1,5 +1,6 @@
 """data_utils.py on tiny datasets written in each benchmark's real layout, and the lists read back."""
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
+import scipy.io
 import torch
 from PIL import Image
 from scipy.io import savemat
@@ -511,6 +513,191 @@ def test_all_present_processed_absent_reported(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# annotations are data from elsewhere: names and sources stay inside the dataset folder
+# ---------------------------------------------------------------------------------------------
+
+
+def edit_line(path, number, old, new):
+    """Replace `old` by `new` in line `number` (from 1) of a text file."""
+    with open(path) as f:
+        lines = f.read().splitlines(keepends=True)
+    assert old in lines[number - 1]
+    lines[number - 1] = lines[number - 1].replace(old, new)
+    with open(path, 'w') as f:
+        f.writelines(lines)
+
+
+def car_path_outside(root):
+    """CARS196 whose first record names an image beside the dataset folder."""
+    car = make_car_original(root)
+    mat = scipy.io.loadmat(os.path.join(car, 'cars_annos.mat'))
+    mat['annotations'][0, 0]['relative_im_path'] = np.array(['../escape.jpg'])
+    scipy.io.savemat(os.path.join(car, 'cars_annos.mat'), {'annotations': mat['annotations']})
+    return os.path.join(car, 'cars_annos.mat'), 'record 1', os.path.join(car, '../escape.jpg')
+
+
+def cub_path_absolute(root):
+    make_cub(root)
+    outside = os.path.join(root, 'escape.jpg')
+    edit_line(os.path.join(root, 'cub', 'images.txt'), 1, CUB_ROWS[0][1], outside)
+    return os.path.join(root, 'cub', 'images.txt'), 'line 1', outside
+
+
+def sop_name_dotdot(root):
+    make_sop(root)
+    edit_line(os.path.join(root, 'sop', 'Ebay_train.txt'), 2, 'bicycle_final/111085122871_0.JPG', 'bicycle_final/..')
+    return os.path.join(root, 'sop', 'Ebay_train.txt'), 'line 2', "output file name '..'"
+
+
+def isc_item_id_traversal(root):
+    make_isc(root)
+    edit_line(os.path.join(root, 'isc', 'Eval', 'list_eval_partition.txt'), 3, ' id_00000002 ', ' ../../../escape ')
+    return (os.path.join(root, 'isc', 'Eval', 'list_eval_partition.txt'), 'line 3',
+            "output file name '../../../escape_02_1_front.jpg'")
+
+
+def isc_path_dotdot(root):
+    make_isc(root)
+    edit_line(os.path.join(root, 'isc', 'Eval', 'list_eval_partition.txt'), 4, 'img/WOMEN/Dresses/id_00000002/',
+              'img/../../../')  # Img/img/../../../ is the data path itself
+    return (os.path.join(root, 'isc', 'Eval', 'list_eval_partition.txt'), 'line 4',
+            os.path.join(root, 'isc', 'Img', 'img/../../../02_2_side.jpg'))
+
+
+@pytest.mark.parametrize('name, make', [('car', car_path_outside), ('cub', cub_path_absolute),
+                                        ('sop', sop_name_dotdot), ('isc', isc_item_id_traversal),
+                                        ('isc', isc_path_dotdot)])
+def test_annotations_cannot_reach_outside(tmp_path, name, make):
+    # the data path is tmp_path/data: '../../../escape_...' from data/isc/uncropped/ would land in tmp_path
+    root = str(tmp_path / 'data')
+    os.makedirs(root)
+    for outside in (tmp_path / 'data' / 'escape.jpg', tmp_path / 'data' / '02_2_side.jpg'):
+        write_image(str(outside), seed=7)  # readable: only the check stops them
+    annotations, where, what = make(root)
+    with pytest.raises(UserError) as err:
+        data_utils.process_dataset(root, name)
+    message = str(err.value)
+    assert message.startswith(f'{name}: {annotations} {where}: ') and what in message, message
+    assert message.endswith('; nothing was written')
+    if 'output file name' in what:
+        assert 'is not a plain file name' in message
+    else:
+        assert f'is outside the dataset folder {os.path.join(root, name)}' in message
+    assert sorted(os.listdir(tmp_path)) == ['data']
+    assert not os.path.exists(os.path.join(root, name, 'uncropped'))
+    assert not os.path.exists(data_utils.data_dict_path(root, name, 'uncropped'))
+
+
+def test_pipeline_refuses_names_that_leave_the_folder(tmp_path):
+    # own folders cannot hold such names (the file system forbids '/' in a folder name); any other
+    # reader's items go through the same check
+    root = str(tmp_path)
+    src = write_image(os.path.join(root, 'own', 'a', 'x.jpg'))
+    for bad in ('../x.jpg', '/x.jpg', '.', '..', 'a/x.jpg', 'x\0.jpg'):
+        items = [data_utils.Item(src, bad, 'a', 'train', None, 'class folder a'),
+                 data_utils.Item(src, 'y.jpg', 'b', 'test', None, 'class folder b')]
+        with pytest.raises(UserError, match=f'^own: class folder a: output file name {re.escape(repr(bad))} is not'):
+            data_utils.process_items(items, root, 'own')
+    assert os.listdir(os.path.join(root, 'own')) == ['a']
+
+
+def test_links_in_output_folders_not_written_through(tmp_path):
+    root = str(tmp_path / 'data')
+    make_cub(root)
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    # a link where a crop folder goes: refused before anything is written through it
+    os.symlink(elsewhere, os.path.join(root, 'cub', 'cropped'))
+    with pytest.raises(UserError, match=r'^cub: .*/cub/cropped is a symbolic link; the images are written only'):
+        data_utils.process_dataset(root, 'cub')
+    assert os.listdir(elsewhere) == [] and not os.path.exists(os.path.join(root, 'cub', 'uncropped'))
+    os.remove(os.path.join(root, 'cub', 'cropped'))
+    # links at output file names: one to a missing file, one to a file with other bytes; neither target
+    # is created or changed
+    victim, missing = elsewhere / 'victim.jpg', elsewhere / 'created.jpg'
+    victim.write_bytes(b'precious')
+    os.makedirs(os.path.join(root, 'cub', 'cropped'))
+    os.symlink(victim, p(root, 'cub', 'cropped', os.path.basename(CUB_ROWS[0][1])))
+    os.symlink(missing, p(root, 'cub', 'cropped', os.path.basename(CUB_ROWS[1][1])))
+    with pytest.raises(UserError, match='crop.s. already exist with other content'):
+        data_utils.process_dataset(root, 'cub')
+    assert victim.read_bytes() == b'precious' and not missing.exists()
+    assert not os.path.exists(data_utils.data_dict_path(root, 'cub', 'cropped'))
+
+
+def test_empty_split_refused(tmp_path):
+    root = str(tmp_path)
+    cub = make_cub(root)  # classes 1, 100 train; 101, 200 test
+    with open(os.path.join(cub, 'image_class_labels.txt'), 'w') as f:
+        f.writelines(f'{i} {c if c <= 100 else c - 100}\n' for i, _, c, _ in CUB_ROWS)
+    with pytest.raises(UserError) as err:
+        data_utils.process_dataset(root, 'cub')
+    assert str(err.value) == ("cub: no test classes: 2 classes numbered 1 to 100 were found, all train; "
+                              "CUB-200-2011's train split is classes 1-100, its test split classes 101-200; "
+                              "nothing was written")
+    make_sop(root)
+    with open(os.path.join(root, 'sop', 'Ebay_test.txt'), 'w') as f:
+        f.write('image_id class_id super_class_id path\n')
+    with pytest.raises(UserError, match=r"^sop: no test classes: classes 1-2 were found, all train; SOP's train"):
+        data_utils.process_dataset(root, 'sop')
+    isc = make_isc(root)
+    edit_line(os.path.join(isc, 'Eval', 'list_eval_partition.txt'), 5, 'query', 'gallery')
+    with pytest.raises(UserError, match=r"^isc: no query classes: 3 classes \(id_00000002 ... id_00000090\) were "
+                                        r"found, all train and gallery; In-shop's split is the evaluation_status"):
+        data_utils.process_dataset(root, 'isc')
+    assert sorted(os.listdir(root)) == ['.cub.lock', '.isc.lock', '.sop.lock', 'cub', 'isc', 'sop']
+    for name in ('cub', 'sop', 'isc'):
+        assert not os.path.exists(os.path.join(root, name, 'uncropped'))
+    assert data_utils._describe_classes({'7'}) == 'class 7' and data_utils._describe_classes({'a'}) == 'class a'
+
+
+# ---------------------------------------------------------------------------------------------
+# one run per dataset folder
+# ---------------------------------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv):
+    """data_utils.py's command line in-process, through run_cli -> (exit status, stderr)."""
+    with pytest.raises(SystemExit) as exit_:
+        utils.run_cli(lambda: sys.exit(data_utils.main(list(argv))))
+    return exit_.value.code or 0, capsys.readouterr().err
+
+
+def test_second_run_on_a_folder_stops_at_once(tmp_path, capsys):
+    # flock holds per open file: a lock taken here excludes the run in this same process too
+    root = str(tmp_path)
+    make_cub(root)
+    before = tree_bytes(root)
+    lock = os.path.join(root, '.cub.lock')
+    with open(lock, 'w') as held:  # another run holds the folder
+        held.write('process 4242\n')
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run_cli(capsys, '--data_path', root, '--data_name', 'cub') == (
+            1, f'error: another data_utils.py is processing {os.path.join(root, "cub")} (process 4242); wait for it\n')
+        assert tree_bytes(root) == dict(before, **{'.cub.lock': b'process 4242\n'})
+        # other datasets in the same data path are not held
+        write_class_folders(root, 'own', num_classes=2, per_class=1, size=8)
+        assert run_cli(capsys, '--data_path', root, '--data_name', 'own')[0] == 0
+    assert run_cli(capsys, '--data_path', root, '--data_name', 'cub')[0] == 0
+    with open(lock) as f:
+        assert f.read() == f'process {os.getpid()}\n'  # the holder is named for the next one
+    # a link planted where the lock file goes: refused, its target neither created nor written
+    os.remove(lock)
+    os.symlink(tmp_path / 'target', lock)
+    assert run_cli(capsys, '--data_path', root, '--data_name', 'cub') == (
+        1, f'error: {lock} is a symbolic link, not the lock file data_utils.py makes; remove it\n')
+    assert not os.path.lexists(tmp_path / 'target')
+    # a hard link to another file: refused, that file unchanged
+    os.remove(lock)
+    (tmp_path / 'notes').write_text('mine')
+    os.link(tmp_path / 'notes', lock)
+    assert run_cli(capsys, '--data_path', root, '--data_name', 'cub') == (
+        1, f'error: {lock} is not the lock file data_utils.py makes (not a regular file of its own); remove it\n')
+    assert (tmp_path / 'notes').read_text() == 'mine'
+
+
+# ---------------------------------------------------------------------------------------------
 # atomic writes, re-runs, permissions
 # ---------------------------------------------------------------------------------------------
 
@@ -520,6 +707,7 @@ def test_interrupted_write_keeps_previous_lists(tmp_path, monkeypatch):
     make_cub(root)
     data_utils.process_dataset(root, 'cub')
     path = data_utils.data_dict_path(root, 'cub', 'uncropped')
+    torch.save({'train': {}, 'test': {}}, path)  # lists that differ: the next run rewrites them
     before = open(path, 'rb').read()
     # killed (SIGKILL) halfway through writing the list: the previous file is untouched
     run = run_script(['--data_path', root, '--data_name', 'cub'], fault='kill-write:uncropped_data_dicts:1',
@@ -565,7 +753,8 @@ def test_rerun_gives_same_result(tmp_path):
 
 def test_written_files_follow_umask(tmp_path):
     # umask 027 in a fresh process; copies (links refused), crops from the thread pool, lists and
-    # the demo's own files all get 0o666 & ~umask = 0o640, and the umask itself is never changed
+    # the demo's own files all get 0o666 & ~umask = 0o640 (its lock file 0o644 & ~umask), and the umask itself
+    # is never changed
     script = (f'import os, sys; sys.path.insert(0, {REPO!r}); os.umask(0o027)\n'
               f'os.link = lambda *a: (_ for _ in ()).throw(OSError(18, "cross-device"))\n'
               f'import data_utils; data_utils.DEMO_CLASSES, data_utils.DEMO_PER_CLASS = 4, 3\n'
@@ -575,13 +764,54 @@ def test_written_files_follow_umask(tmp_path):
     assert run.returncode == 0 and run.stdout.splitlines()[-1] == '0o27', run.stderr
     modes = {os.path.relpath(os.path.join(folder, f), tmp_path): os.stat(os.path.join(folder, f)).st_mode & 0o777
              for folder, _, files in os.walk(tmp_path) for f in files}
-    assert len([f for f in modes if f.startswith('demo/cropped/')]) == 12 and len(modes) == 12 * 3 + 7
+    assert len([f for f in modes if f.startswith('demo/cropped/')]) == 12 and len(modes) == 12 * 3 + 7 + 1
+    assert '.demo.lock' in modes
     assert set(modes.values()) == {0o640}
 
 
 # ---------------------------------------------------------------------------------------------
 # reading the lists back (what train.py calls)
 # ---------------------------------------------------------------------------------------------
+
+
+def read_only_run(folder, command):
+    """Run command unable to write anything under folder -> CompletedProcess, or None when this machine cannot
+    make it so. Root ignores permission bits: it runs in a private mount namespace where folder is a read-only
+    bind mount (unshare --mount); any other user gets the write bits removed."""
+    if os.geteuid() != 0:
+        modes = {path: os.stat(path).st_mode for path in [folder] + [os.path.join(d, n) for d, ds, fs in os.walk(folder)
+                                                                    for n in ds + fs]}
+        for path, mode in modes.items():
+            os.chmod(path, mode & ~0o222)
+        try:
+            return subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        finally:
+            for path, mode in modes.items():
+                os.chmod(path, mode)
+    mount = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"'
+    probe = subprocess.run(['unshare', '--mount', 'sh', '-c', mount, folder, 'touch', os.path.join(folder, 'x')],
+                           capture_output=True, text=True)
+    if probe.returncode == 0 or 'Read-only file system' not in probe.stderr:
+        return None
+    return subprocess.run(['unshare', '--mount', 'sh', '-c', mount, folder, *command], cwd=REPO, capture_output=True,
+                          text=True)
+
+
+def test_rerun_on_read_only_dataset_writes_nothing(tmp_path):
+    root = str(tmp_path / 'data')
+    make_cub(root)
+    data_utils.process_dataset(root, 'cub')
+    files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+    before = {path: (os.stat(path).st_mtime_ns, open(path, 'rb').read()) for path in files}
+    run = read_only_run(root, [sys.executable, 'data_utils.py', '--data_path', root, '--data_name', 'cub'])
+    if run is None:
+        pytest.skip('running as root, where only a read-only bind mount (unshare --mount) stops writes, and this '
+                    'machine does not permit one')
+    assert run.returncode == 0, run.stderr
+    assert f'cub cropped: train 2 classes / 3 images, test 2 classes / 2 images' in run.stdout
+    after = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+    assert sorted(after) == sorted(files)
+    assert {path: (os.stat(path).st_mtime_ns, open(path, 'rb').read()) for path in after} == before
 
 
 @pytest.fixture(scope='module')
@@ -727,7 +957,7 @@ def test_demo_redraw_interrupted_heals(tmp_path, monkeypatch, small_demo):
         data_utils.process_dataset(root, 'demo', seed=1)
     monkeypatch.setattr(data_utils.shutil, 'rmtree', rmtree)
     assert data_utils.process_dataset(root, 'demo', seed=0) == seed0
-    assert tree_bytes(os.path.join(root, 'demo')) == drawn0 and sorted(os.listdir(root)) == ['demo']
+    assert tree_bytes(os.path.join(root, 'demo')) == drawn0 and sorted(os.listdir(root)) == ['.demo.lock', 'demo']
 
 
 def test_demo_bad_targets(tmp_path, monkeypatch):
@@ -742,3 +972,29 @@ def test_demo_bad_targets(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r'demo: cannot write the demo images to .*No space left on device'):
         data_utils.process_dataset(str(tmp_path / 'other'), 'demo')
     assert not os.path.exists(tmp_path / 'other' / 'demo')  # never looks complete
+
+
+def test_demo_folder_linked_to_another_disk(tmp_path, small_demo):
+    data, disk = tmp_path / 'data', tmp_path / 'disk'
+    os.makedirs(disk / 'demo')
+    data.mkdir()
+    os.symlink(disk / 'demo', data / 'demo')
+    root = str(data)
+    data_utils.process_dataset(root, 'demo', seed=0)
+    seed1 = data_utils.process_dataset(root, 'demo', seed=1)  # a redraw: into the link's target, the link kept
+    assert os.readlink(data / 'demo') == str(disk / 'demo')
+    assert sorted(os.listdir(data)) == ['.demo.lock', 'demo'] and os.listdir(disk) == ['demo']
+    assert (disk / 'demo' / data_utils.DEMO_MARKER).read_text().startswith('seed 1 ')
+    assert data_utils.process_dataset(root, 'demo', seed=1) == seed1  # later runs work
+    assert data_utils.load_data_dicts(root, 'demo', 'uncropped')[0] == seed1['uncropped']
+    assert seed1['uncropped']['train']['1'][0].startswith(os.path.join(root, 'demo', 'uncropped', ''))
+    # links where the drawing and the replaced folder go (as an older version left them): removed, not followed
+    keep = disk / 'keep'
+    keep.mkdir()
+    (keep / 'file').write_text('mine')
+    other = tmp_path / 'other'
+    other.mkdir()
+    for leftover in ('demo.partial', 'demo.old'):
+        os.symlink(keep, other / leftover)
+    data_utils.process_dataset(str(other), 'demo', seed=2)
+    assert sorted(os.listdir(other)) == ['.demo.lock', 'demo'] and os.listdir(keep) == ['file']

@@ -245,7 +245,7 @@ def test_failed_write_leaves_previous_results_intact(tiny, tmp_path, capsys, mon
 
 @pytest.mark.parametrize('case', ['model file', 'folder of the user'])
 def test_never_replaces_what_it_did_not_write(case, tiny, tmp_path, capsys):
-    """Issue 11: a query named after the model file, and a same-named folder of the user's: both refused."""
+    """A query named after the model file, and a same-named folder of the user's: both refused."""
     results = tmp_path / 'scratch'
     shutil.copytree(os.path.dirname(tiny['db']), results)
     if case == 'model file':
@@ -266,7 +266,7 @@ def test_never_replaces_what_it_did_not_write(case, tiny, tmp_path, capsys):
 
 
 def test_swapped_model_file_is_refused(tiny, tmp_path, capsys):
-    """Item 10: the database records its model's SHA-256, so another run's model file cannot slip in."""
+    """The database records its model's SHA-256, so another run's model file cannot slip in."""
     copy = copy_database(tiny['db'], str(tmp_path / 'run_a'), lambda db: None)
     other, _ = make_database(str(tmp_path / 'run_b'), (tiny['paths'], LABELS), seed=1)
     model_a = tmp_path / 'run_a' / 'tiny_uncropped_resnet18_8_model.pth'
@@ -280,7 +280,7 @@ def test_swapped_model_file_is_refused(tiny, tmp_path, capsys):
 
 
 def test_missing_database_and_odd_queries_say_what_is_wrong(tiny, tmp_path, capsys):
-    """Item 13: what to train first; a folder or an undecodable file as the query said as such."""
+    """What to train first; a folder or an undecodable file as the query said as such."""
     results, folder, broken = tmp_path / 'results', tmp_path / 'photos', tmp_path / 'broken.jpg'
     folder.mkdir()
     broken.write_bytes(b'\xff\xd8\xff\xe0 this is not really a JPEG')

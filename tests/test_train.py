@@ -231,7 +231,8 @@ def test_eval_untrained_baseline_leaves_the_run_unchanged(dataset, reference, tm
     (['--num_epochs', '0'], '--num_epochs must be between 1 and 100000, got 0'),
     (['--image_size', '8'], '--image_size must be between 16 and 1024, got 8'),
     (['--image_size', '5000'], '--image_size must be between 16 and 1024, got 5000'),
-    (['--seed', '99999999999999999999999'], '--seed must be between 0 and 9223372036854775807'),
+    (['--seed', '4294967296'], '--seed must be between 0 and 4294967295, got 4294967296'),
+    (['--lr', '1e38'], '--lr must be greater than 0 and at most 1, got 1e+38'),
     (['--num_workers', '-1'], '--num_workers must be between 0 and 256, got -1'),
     (['--device', 'tpu'], "--device 'tpu'"),
 ])
