@@ -42,7 +42,7 @@ CONFIDENCE = 0.95
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Mean, standard deviation and 95 %% confidence interval of '
+    parser = argparse.ArgumentParser(description='Mean, standard deviation and 95 % confidence interval of '
                                                  'several seeds of one train.py setting')
     parser.add_argument('statistics', nargs='+', help='..._statistics.csv files written by train.py, one per run')
     parser.add_argument('--epoch', default='selected',

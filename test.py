@@ -280,9 +280,9 @@ def embedding_coordinates(features, seed):
     from sklearn.manifold import TSNE
     x = torch.nn.functional.normalize(features.float(), dim=1).numpy().astype('float64')
     if x.shape[1] > TSNE_PCA_DIMS and len(x) > TSNE_PCA_DIMS:
-        x = PCA(TSNE_PCA_DIMS, random_state=seed % 2 ** 32).fit_transform(x)
+        x = PCA(TSNE_PCA_DIMS, random_state=seed).fit_transform(x)
     perplexity = min(30.0, (len(x) - 1) / 3)  # t-SNE needs perplexity < N; 30 is its usual value
-    return TSNE(2, perplexity=perplexity, init='pca', random_state=seed % 2 ** 32).fit_transform(x)
+    return TSNE(2, perplexity=perplexity, init='pca', random_state=seed).fit_transform(x)
 
 
 def class_colours(labels):
@@ -292,16 +292,19 @@ def class_colours(labels):
 
 
 def draw_embedding_map(coordinates, thumbnails, labels):
-    """PNG bytes of a MAP_SIDE x MAP_SIDE picture: thumbnail k (a PIL image) centred at coordinates[k] (scaled
-    to the canvas), framed in its label's colour."""
+    """PNG bytes of a MAP_SIDE x MAP_SIDE picture: thumbnail k (a PIL image) at coordinates[k] (scaled to the
+    canvas), framed in its label's colour."""
     canvas = Image.new('RGB', (MAP_SIDE, MAP_SIDE), 'white')
     low, high = coordinates.min(axis=0), coordinates.max(axis=0)
-    scale = (MAP_SIDE - THUMB) / max(float((high - low).max()), 1e-12)  # one scale for both axes: distances kept
+    room = MAP_SIDE - THUMB  # top-left corners range over [0, room]
+    scale = room / max(float((high - low).max()), 1e-12)  # one scale for both axes: distances kept
+    offset = (room - (high - low) * scale) / 2  # [2]: the shorter axis centred
     colours = class_colours(labels)
-    for (x, y), thumbnail, label in zip(coordinates, thumbnails, labels):
+    for point, thumbnail, label in zip(coordinates, thumbnails, labels):
         tile = Image.new('RGB', (THUMB, THUMB), colours[label])
         tile.paste(thumbnail, (FRAME, FRAME))
-        canvas.paste(tile, (int((x - low[0]) * scale), int((y - low[1]) * scale)))
+        x, y = (point - low) * scale + offset
+        canvas.paste(tile, (int(x), int(y)))
     return encode(canvas, 'PNG')
 
 
