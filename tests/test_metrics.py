@@ -326,3 +326,14 @@ def test_against_pytorch_metric_learning_query_gallery(seed):
     assert 0 < answerable < 1
     assert ours['R@1'] == pytest.approx(pml['precision_at_1'] * answerable, abs=1e-6)
     assert 0 < ours['R-Precision'] < 1 and 0 < ours['MAP@R'] < ours['R@1'] < 1
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_duplicates_found_across_hash_chunks(monkeypatch, dtype):
+    # rows are hashed 3 at a time: repeats within a chunk, across chunks and in the last, short chunk
+    monkeypatch.setattr(metrics, '_chunk_rows', lambda *args: 3)
+    x = torch.randn(20, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert metrics._duplicates(x) is None
+    x[1], x[7], x[13], x[19] = x[0], x[2], x[2], x[11]
+    rows, first = metrics._duplicates(x)
+    assert rows.tolist() == [1, 7, 13, 19] and first.tolist() == [0, 2, 2, 11]
