@@ -284,7 +284,7 @@ def pml_metrics(query, query_labels, reference=None, reference_labels=None):
     return calculator.get_accuracy(query, query_labels, reference, reference_labels)
 
 
-def with_lone_queries(counts, seed):
+def labels_of_sizes(counts, seed):
     """Labels [N] with counts[c] items of class c, shuffled."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
@@ -297,7 +297,7 @@ def with_lone_queries(counts, seed):
     ([6] * 30 + [1] * 20, 16),                            # 200 items, many classes
 ])
 def test_against_pytorch_metric_learning_self(counts, dim):
-    labels = with_lone_queries(counts, len(counts))
+    labels = labels_of_sizes(counts, len(counts))
     generator = torch.Generator().manual_seed(dim)
     x = torch.nn.functional.normalize(torch.randn(len(labels), dim, generator=generator), dim=1)
     ours, pml = evaluate(x.double(), labels, [1]), pml_metrics(x, labels)
