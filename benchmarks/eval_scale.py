@@ -1,5 +1,6 @@
-"""Time and peak memory of exact retrieval evaluation at SOP size: metrics.evaluate against the
-original full-matrix method and (when installed) a faiss exact search, each in its own process.
+"""Time and peak memory of exact retrieval evaluation at SOP size, each method in its own process.
+
+metrics.evaluate against the original's full-matrix method and (when installed) a faiss exact search.
 
     python benchmarks/eval_scale.py                      # 60,502 x 1536, R@{1,10,100,1000}
     python benchmarks/eval_scale.py --num 3000 --dim 64  # quick run
