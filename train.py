@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data_utils
+import metrics as metrics_lib
 import model as model_lib
 import utils
 from utils import UserError
@@ -29,7 +30,7 @@ INT_RANGES = {'feature_dim': (1, 8192), 'batch_size': (2, 65536), 'num_epochs': 
               'seed': (0, utils.SEED_MAX), 'num_workers': (0, 256)}
 LR_MAX = 1.0  # far above any rate Adam trains with; 1e38 overflows float32 inside its step
 
-STAT_COLUMNS = ('epoch', 'train_loss', 'train_accuracy')  # then test_recall@k per k, test_map@r
+STAT_COLUMNS = ('epoch', 'train_loss', 'train_accuracy')  # then test_recall@k per k, test_map@r, test_r_precision
 # flags a resumed run must share with its checkpoint: they change the numbers it produces
 RESUME_KEYS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'branches', 'recalls',
                'batch_size', 'num_epochs', 'image_size', 'seed', 'pretrained', 'lr')
@@ -253,23 +254,28 @@ def extract_features(model, images, rt, dim):
 
 
 def check_finite(model, features, epoch):
-    """A diverged model is never evaluated or saved: its embeddings or weights hold NaN or inf."""
+    """A diverged model is never evaluated or saved: its embeddings or weights hold NaN or inf, or an embedding
+    is all zeros (no direction to rank by: test.py would refuse the database)."""
     if not all(torch.isfinite(t).all() for t in [*features.values(), *model.parameters()]):
         raise UserError(f'the model diverged at epoch {epoch}: NaN or infinite weights or embeddings; {DIVERGED}')
+    zero = sum(int((v.norm(dim=1) == 0).sum()) for v in features.values())  # load_database's test: norm > 0
+    if zero:
+        total = sum(len(v) for v in features.values())
+        raise UserError(f'the model diverged at epoch {epoch}: {zero} of {total} embeddings are all zeros; {DIVERGED}')
 
 
 def retrieval_metrics(features, labels, ks, device):
-    """R@k and MAP@R (fractions): test against itself, or query against gallery, on `device`."""
+    """R@k, MAP@R and R-Precision (fractions): test against itself, or query against gallery, on `device`."""
     features = [features[split].to(device) for split in labels]
     if len(features) == 2:
-        return utils.evaluate(features[0], labels['query'], ks, features[1], labels['gallery'])
-    return utils.evaluate(features[0], labels['test'], ks)
+        return metrics_lib.evaluate(features[0], labels['query'], ks, features[1], labels['gallery'])
+    return metrics_lib.evaluate(features[0], labels['test'], ks)
 
 
 def metrics_text(metrics, recalls):
-    """'R@1 62.50% R@2 74.31% | MAP@R 18.20%' (percent, two decimals)."""
+    """'R@1 62.50% R@2 74.31% | MAP@R 18.20% RP 21.05%' (percent, two decimals; RP: R-Precision)."""
     recall_text = ' '.join(f'R@{k} {100 * metrics[f"R@{k}"]:.2f}%' for k in recalls)
-    return f'{recall_text} | MAP@R {100 * metrics["MAP@R"]:.2f}%'
+    return f'{recall_text} | MAP@R {100 * metrics["MAP@R"]:.2f}% RP {100 * metrics["R-Precision"]:.2f}%'
 
 
 # ---- files: one run per results name, its outputs, checkpoints written in the background ----
@@ -313,7 +319,7 @@ def claim_results(config, paths):
 def statistics_csv(statistics, recalls):
     """Rows -> CSV bytes (pandas; floats at full precision)."""
     import pandas as pd
-    columns = list(STAT_COLUMNS) + [f'test_recall@{k}' for k in recalls] + ['test_map@r']
+    columns = list(STAT_COLUMNS) + [f'test_recall@{k}' for k in recalls] + ['test_map@r', 'test_r_precision']
     return pd.DataFrame(statistics, columns=columns).to_csv(index=False).encode()
 
 
@@ -465,7 +471,8 @@ def run(config, dicts, rt, paths):
                 eval_seconds, write_start = time.time() - eval_start, time.time()
                 statistics.append({'epoch': epoch, 'train_loss': stats['loss'], 'train_accuracy': stats['accuracy'],
                                    **{f'test_recall@{k}': 100.0 * metrics[f'R@{k}'] for k in recalls},
-                                   'test_map@r': 100.0 * metrics['MAP@R']})
+                                   'test_map@r': 100.0 * metrics['MAP@R'],
+                                   'test_r_precision': 100.0 * metrics['R-Precision']})
                 if metrics['R@1'] > best['recall']:  # strictly better: the first maximum wins
                     best = {'recall': metrics['R@1'], 'epoch': epoch}
                 writer.submit(epoch_files(epoch, (model, optimizer, scheduler, rt.scaler), best, statistics, config,

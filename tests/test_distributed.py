@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from _train_fixtures import EPOCHS, REPO, RUN_NAME, flags, free_port, out, run_script, tensors
+import metrics
 import model as model_lib
 import train
 import utils
@@ -102,9 +103,9 @@ def test_torchrun_two_cpu_processes_with_kill_and_resume(dataset, reference, tmp
         again, _ = model(torch.stack([utils.eval_input(p, 32, mean, std) for p in database['test_images']]))
     assert torch.allclose(again, database['test_features'], atol=1e-5)
     ids = {label: k for k, label in enumerate(sorted(set(database['test_labels'])))}
-    metrics = utils.evaluate(database['test_features'], [ids[label] for label in database['test_labels']], [1, 2])
+    found = metrics.evaluate(database['test_features'], [ids[label] for label in database['test_labels']], [1, 2])
     best = stats['test_recall@1'].idxmax()
-    assert 100 * metrics['R@1'] == stats['test_recall@1'][best]
+    assert 100 * found['R@1'] == stats['test_recall@1'][best]
     assert tensors(out(results, 'checkpoint.pth'))['epoch'] == EPOCHS
 
 
