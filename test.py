@@ -120,14 +120,19 @@ def locate_query(db, query_path, isc):
     return split, None, None, None
 
 
-def rank_gallery(query_feature, gallery_features, exclude=None):
-    """Gallery indices sorted by cosine similarity to the query, best first (ties keep index order)."""
+def rank_gallery(query_feature, gallery_features, exclude=None, gallery_labels=None, query_label=None):
+    """Gallery indices sorted by cosine similarity to the query, best first -> (indices, scores). Ties go against
+    the query, as in metrics.py: when its label is known, other-class items first; then index order."""
     candidates = torch.arange(len(gallery_features))
     if exclude is not None:  # the query itself is not a result
         candidates = candidates[candidates != exclude]
     gallery = F.normalize(gallery_features[candidates].float(), dim=1)  # [M, D]
     scores = gallery @ F.normalize(query_feature.float(), dim=0)  # [M]
-    order = torch.sort(scores, descending=True, stable=True).indices
+    order = torch.arange(len(candidates))  # [M] the tie order: index order...
+    if query_label is not None:  # ...other-class items ahead of same-class ones
+        same = torch.tensor([gallery_labels[i] == query_label for i in candidates.tolist()], dtype=torch.uint8)
+        order = torch.argsort(same, stable=True)
+    order = order[torch.sort(scores[order], descending=True, stable=True).indices]
     return candidates[order], scores[order]
 
 
@@ -341,7 +346,8 @@ def retrieve(args, query_path, db, db_path, isc, device):
     if args.retrieval_num > searchable:
         raise UserError(f'--retrieval_num {args.retrieval_num} asks for more images than {db_path} can return '
                         f'({searchable} {split} images{" besides the query" if exclude is not None else ""})')
-    indices, scores = (t[:args.retrieval_num].tolist() for t in rank_gallery(query_feature, features, exclude))
+    ranked = rank_gallery(query_feature, features, exclude, labels, query_label)
+    indices, scores = (t[:args.retrieval_num].tolist() for t in ranked)
     hits = []  # every picture is read and encoded before anything is written
     for rank, (i, score) in enumerate(zip(indices, scores), start=1):
         hits.append((rank, score, labels[i], database_picture(images[i], INNER, db_path), images[i]))

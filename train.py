@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data_utils
+import metrics as metrics_lib
 import model as model_lib
 import utils
 from utils import UserError
@@ -29,9 +30,9 @@ INT_RANGES = {'feature_dim': (1, 8192), 'batch_size': (2, 65536), 'num_epochs': 
               'seed': (0, utils.SEED_MAX), 'num_workers': (0, 256)}
 LR_MAX = 1.0  # far above any rate Adam trains with; 1e38 overflows float32 inside its step
 
-STAT_COLUMNS = ('epoch', 'train_loss', 'train_accuracy')  # then test_recall@k per k, test_map@r (val_* too)
-# evaluate's figures after R@k, as (key in its dict, CSV column suffix): the columns {split}_{suffix}
-RANKING_METRICS = (('MAP@R', 'map@r'),)
+STAT_COLUMNS = ('epoch', 'train_loss', 'train_accuracy')  # then test_recall@k per k, test_map@r, test_r_precision
+# evaluate's figures after R@k, as (key in its dict, CSV column suffix, printed name): the columns {split}_{suffix}
+RANKING_METRICS = (('MAP@R', 'map@r', 'MAP@R'), ('R-Precision', 'r_precision', 'RP'))
 # flags a resumed run must share with its checkpoint: they change the numbers it produces
 RESUME_KEYS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'branches', 'recalls',
                'batch_size', 'num_epochs', 'image_size', 'seed', 'pretrained', 'lr', 'val_split')
@@ -286,40 +287,47 @@ def extract_features(model, images, rt, dim):
 
 
 def check_finite(model, features, epoch):
-    """A diverged model is never evaluated or saved: its embeddings or weights hold NaN or inf."""
+    """A diverged model is never evaluated or saved: its embeddings or weights hold NaN or inf, or an embedding
+    is all zeros (no direction to rank by: test.py would refuse the database)."""
     if not all(torch.isfinite(t).all() for t in [*features.values(), *model.parameters()]):
         raise UserError(f'the model diverged at epoch {epoch}: NaN or infinite weights or embeddings; {DIVERGED}')
+    zero = sum(int((v.norm(dim=1) == 0).sum()) for v in features.values())  # load_database's test: norm > 0
+    if zero:
+        total = sum(len(v) for v in features.values())
+        raise UserError(f'the model diverged at epoch {epoch}: {zero} of {total} embeddings are all zeros; {DIVERGED}')
 
 
 def retrieval_metrics(features, labels, ks, device):
-    """R@k, MAP@R... (fractions) on `device`: labels {split: labels} of one split searched against itself (test,
-    val), or {'query': ..., 'gallery': ...}."""
+    """R@k, MAP@R and R-Precision (fractions) on `device`: labels {split: labels} of one split searched against
+    itself (test, val), or {'query': ..., 'gallery': ...}."""
     splits = list(labels)  # [split] or ['query', 'gallery']
     vectors = [features[split].to(device) for split in splits]
     if len(splits) == 2:
-        return utils.evaluate(vectors[0], labels[splits[0]], ks, vectors[1], labels[splits[1]])
-    return utils.evaluate(vectors[0], labels[splits[0]], ks)
+        return metrics_lib.evaluate(vectors[0], labels[splits[0]], ks, vectors[1], labels[splits[1]])
+    return metrics_lib.evaluate(vectors[0], labels[splits[0]], ks)
 
 
 def metric_columns(prefix, recalls):
-    """The CSV columns of one evaluated split: {prefix}_recall@k per k, then {prefix}_map@r...."""
-    return [f'{prefix}_recall@{k}' for k in recalls] + [f'{prefix}_{suffix}' for _, suffix in RANKING_METRICS]
+    """The CSV columns of one evaluated split: {prefix}_recall@k per k, {prefix}_map@r, {prefix}_r_precision."""
+    return [f'{prefix}_recall@{k}' for k in recalls] + [f'{prefix}_{suffix}' for _, suffix, _ in RANKING_METRICS]
 
 
 def metric_row(prefix, metrics, recalls):
     """evaluate's fractions -> {column: percent} of metric_columns."""
-    keys = [f'R@{k}' for k in recalls] + [key for key, _ in RANKING_METRICS]
+    keys = [f'R@{k}' for k in recalls] + [key for key, _, _ in RANKING_METRICS]
     return {column: 100.0 * metrics[key] for column, key in zip(metric_columns(prefix, recalls), keys)}
 
 
 def row_text(row, prefix, recalls):
-    """'R@1 62.50% R@2 74.31% | MAP@R 18.20%': a statistics row's {prefix}_* columns (percent, two decimals)."""
+    """'R@1 62.50% R@2 74.31% | MAP@R 18.20% RP 21.05%': a statistics row's {prefix}_* columns (percent, two
+    decimals; RP: R-Precision)."""
     recall_text = ' '.join(f'R@{k} {row[f"{prefix}_recall@{k}"]:.2f}%' for k in recalls)
-    return ' | '.join([recall_text] + [f'{key} {row[f"{prefix}_{suffix}"]:.2f}%' for key, suffix in RANKING_METRICS])
+    ranking_text = ' '.join(f'{name} {row[f"{prefix}_{suffix}"]:.2f}%' for _, suffix, name in RANKING_METRICS)
+    return f'{recall_text} | {ranking_text}'
 
 
 def metrics_text(metrics, recalls):
-    """'R@1 62.50% R@2 74.31% | MAP@R 18.20%' of evaluate's fractions."""
+    """'R@1 62.50% R@2 74.31% | MAP@R 18.20% RP 21.05%' of evaluate's fractions."""
     return row_text(metric_row('', metrics, recalls), '', recalls)
 
 

@@ -257,7 +257,7 @@ def reference(args):
 
 TRAIN_SET_RE = re.compile(r'^Train set: (\d+) images, (\d+) steps? of (\d+)(?: images)? per epoch')
 EPOCH_RE = re.compile(r'^Epoch (\d+)/(\d+) \| train loss (\S+) acc (\S+)% \| (?P<recalls>[^|]*)\| '
-                      r'(?:MAP@R (?P<map>\S+)% \| )?(?P<total>[\d.]+)s \(train (?P<train>[\d.]+)s, '
+                      r'(?:MAP@R (?P<map>\S+)%(?: RP \S+%)? \| )?(?P<total>[\d.]+)s \(train (?P<train>[\d.]+)s, '
                       r'eval (?P<eval>[\d.]+)s, writes (?P<writes>[\d.]+)s\)')
 COMPILE_RE = re.compile(r'^Compile: ([\d.]+)s')
 

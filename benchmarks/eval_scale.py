@@ -1,5 +1,6 @@
-"""Time and peak memory of exact retrieval evaluation at SOP size: utils.evaluate against the
-original full-matrix method and (when installed) a faiss exact search, each in its own process.
+"""Time and peak memory of exact retrieval evaluation at SOP size, each method in its own process.
+
+metrics.evaluate against the original's full-matrix method and (when installed) a faiss exact search.
 
     python benchmarks/eval_scale.py                      # 60,502 x 1536, R@{1,10,100,1000}
     python benchmarks/eval_scale.py --num 3000 --dim 64  # quick run
@@ -63,7 +64,7 @@ def recalls_from_neighbours(neighbours, labels, ks):
 def run_evaluate(features, labels, ks):
     import torch
     sys.path.insert(0, ROOT)
-    from utils import evaluate
+    from metrics import evaluate
     return evaluate(torch.from_numpy(features), torch.from_numpy(labels), ks)
 
 
@@ -160,8 +161,8 @@ def main(args):
               f'{r["seconds"] / base["seconds"]:.2f} | {r["peak_delta"] / max(base["peak_delta"], 1):.1f} |')
     recall_keys = [f'R@{k}' for k in args.ks]
     agree = all(r['metrics'][key] == base['metrics'][key] for r in results.values() for key in recall_keys)
-    print(f'\nR@K of all methods identical: {"yes" if agree else "NO"}; '
-          f'MAP@R (evaluate) {base["metrics"]["MAP@R"] * 100:.2f}')
+    print(f'\nR@K of all methods identical: {"yes" if agree else "NO"}; MAP@R (evaluate) '
+          f'{base["metrics"]["MAP@R"] * 100:.2f}, R-Precision (evaluate) {base["metrics"]["R-Precision"] * 100:.2f}')
     return 0 if agree else 1
 
 

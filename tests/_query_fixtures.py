@@ -81,15 +81,17 @@ def copy_database(db_path, folder, change):
     return copy
 
 
-def brute_force(query_feature, features, exclude=None):
-    """Reference ranking: every candidate's cosine similarity, sorted best first, ties by index."""
+def brute_force(query_feature, features, exclude=None, labels=None, query_label=None):
+    """Reference ranking: every candidate's cosine similarity, sorted best first; ties go against the query
+    (other-class items first, when its label is given), then by index."""
     q = query_feature / query_feature.norm()
     scored = []
     for i in range(len(features)):
         if i != exclude:
-            scored.append((-float(features[i] @ q / features[i].norm()), i))
+            same = query_label is not None and labels[i] == query_label
+            scored.append((-float(features[i] @ q / features[i].norm()), same, i))
     scored.sort()
-    return [i for _, i in scored], [-s for s, _ in scored]
+    return [i for _, _, i in scored], [-s for s, _, _ in scored]
 
 
 def snapshot(folder):

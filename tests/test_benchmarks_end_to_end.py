@@ -28,11 +28,11 @@ TRAIN_PY_LINES = [
     (104.0, 'Train set: 12 images, 3 steps of 4 per epoch'),
     (104.2, 'Compile: 1.5s'),
     (106.5, 'Epoch 1/3 | train loss 0.8923 acc 50.00% | R@1 100.00% R@2 100.00% R@4 100.00% R@8 100.00% | '
-            'MAP@R 100.00% | 2.40s (train 2.00s, eval 0.30s, writes 0.10s)'),
-    (108.0, 'Epoch 2/3 | train loss 0.5075 acc 66.67% | R@1 83.33% R@2 100.00% | MAP@R 58.31% | '
+            'MAP@R 100.00% RP 100.00% | 2.40s (train 2.00s, eval 0.30s, writes 0.10s)'),
+    (108.0, 'Epoch 2/3 | train loss 0.5075 acc 66.67% | R@1 83.33% R@2 100.00% | MAP@R 58.31% RP 50.00% | '
             '1.40s (train 1.00s, eval 0.25s, writes 0.15s)'),
     (109.8, 'Epoch 3/3 | train loss 0.4000 acc 75.00% | R@1 75.00% R@2 91.67% R@4 100.00% R@8 100.00% | '
-            'MAP@R 50.00% | 1.60s (train 1.20s, eval 0.35s, writes 0.05s)'),
+            'MAP@R 50.00% RP 41.67% | 1.60s (train 1.20s, eval 0.35s, writes 0.05s)'),
     (110.0, 'Best R@1 100.00% at epoch 1; model results/x_model.pth'),
 ]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from _train_fixtures import EPOCHS, REPO, RUN_NAME, VAL_FLAGS, flags, free_port, out, run_script, tensors
+import metrics
 import model as model_lib
 import train
 import utils
@@ -102,9 +103,9 @@ def test_torchrun_two_cpu_processes_with_kill_and_resume(dataset, reference, tmp
         again, _ = model(torch.stack([utils.eval_input(p, 32, mean, std) for p in database['test_images']]))
     assert torch.allclose(again, database['test_features'], atol=1e-5)
     ids = {label: k for k, label in enumerate(sorted(set(database['test_labels'])))}
-    metrics = utils.evaluate(database['test_features'], [ids[label] for label in database['test_labels']], [1, 2])
+    found = metrics.evaluate(database['test_features'], [ids[label] for label in database['test_labels']], [1, 2])
     best = stats['test_recall@1'].idxmax()
-    assert 100 * metrics['R@1'] == stats['test_recall@1'][best]
+    assert 100 * found['R@1'] == stats['test_recall@1'][best]
     assert tensors(out(results, 'checkpoint.pth'))['epoch'] == EPOCHS
 
 
@@ -114,7 +115,7 @@ def test_torchrun_with_a_validation_split(val_dataset, tmp_path):
     result = run_script(flags(val_dataset, results, *VAL_FLAGS, epochs=1), timeout=420, launcher=torchrun())
     assert result.returncode == 0, result.stderr[-3000:]
     stats = pd.read_csv(out(results, 'statistics.csv'))
-    assert list(stats.columns)[-3:] == ['val_recall@1', 'val_recall@2', 'val_map@r']
+    assert list(stats.columns)[-4:] == ['val_recall@1', 'val_recall@2', 'val_map@r', 'val_r_precision']
     assert result.stdout.count('Epoch 1/1 | ') == 1 and f'| val R@1 {stats["val_recall@1"][0]:.2f}% ' in result.stdout
     assert f'Selected epoch 1 by validation R@1 {stats["val_recall@1"][0]:.2f}%' in result.stdout
     database = tensors(out(results, 'data_base.pth'))

@@ -108,7 +108,7 @@ def test_query_in_database_matches_brute_force(tiny, tmp_path, capsys):
     code, out, err = run(['--query_img_name', tiny['paths'][query], '--data_base', tiny['db'],
                           '--retrieval_num', '8', '--results_dir', str(results), '--device', 'cpu'], capsys)
     assert code == 0, err
-    order, scores = brute_force(tiny['features'][query], tiny['features'], exclude=query)
+    order, scores = brute_force(tiny['features'][query], tiny['features'], query, tiny['labels'], '2')
     folder = results / stem(tiny['paths'][query])
     assert sorted(os.listdir(folder)) == sorted([script.MARKER, 'query_img.jpg', 'retrieval.png'] + [
         f'retrieval_img_{rank}_{score:.4f}.jpg' for rank, score in enumerate(scores, start=1)])
@@ -178,7 +178,7 @@ def test_query_gallery_database_searches_the_gallery(tmp_path, capsys):
     code, out, err = run(['--query_img_name', query[0][1], '--data_base', db_path, '--retrieval_num', '6',
                           '--results_dir', str(results)], capsys)
     assert code == 0, err
-    order, scores = brute_force(db['test_features'][1], db['gallery_features'])
+    order, scores = brute_force(db['test_features'][1], db['gallery_features'], None, gallery[1], 'b')
     assert [r[3] for r in printed_ranking(out)] == [gallery[0][i] for i in order]
     folder = results / stem(query[0][1])
     ranks = result_files(folder)
@@ -191,7 +191,7 @@ def test_query_gallery_database_searches_the_gallery(tmp_path, capsys):
     code, out, err = run(['--query_img_name', gallery[0][2], '--data_base', db_path, '--retrieval_num', '5',
                           '--results_dir', str(results)], capsys)
     assert code == 0, err
-    order, _ = brute_force(db['gallery_features'][2], db['gallery_features'], exclude=2)
+    order, _ = brute_force(db['gallery_features'][2], db['gallery_features'], 2, gallery[1], gallery[1][2])
     assert [r[3] for r in printed_ranking(out)] == [gallery[0][i] for i in order]
 
     code, _, err = run(['--query_img_name', query[0][1], '--data_base', db_path, '--retrieval_num', '7',
@@ -417,7 +417,8 @@ def test_database_written_by_train_py(reference, tmp_path, capsys):
     code, out, err = run(['--query_img_name', db['test_images'][query], '--data_base', db_path,
                           '--retrieval_num', '4', '--results_dir', str(results)], capsys)
     assert code == 0, err
-    order, scores = brute_force(db['test_features'][query], db['test_features'], exclude=query)
+    order, scores = brute_force(db['test_features'][query], db['test_features'], query, db['test_labels'],
+                                db['test_labels'][query])
     assert [r[3] for r in printed_ranking(out)] == [db['test_images'][i] for i in order[:4]]
     folder = results / stem(db['test_images'][query])
     assert result_files(folder) == pytest.approx(dict(enumerate(scores[:4], start=1)), abs=5.1e-5)
@@ -436,9 +437,29 @@ def test_database_written_by_train_py(reference, tmp_path, capsys):
     assert row[3] == db['test_images'][query] and row[1] >= 0.9999  # same pixels, same preprocessing
 
 
-def test_ranking_is_cosine_with_stable_ties():
-    """Hand-worked: equal similarities keep database order; the excluded query never appears."""
+def test_ranking_is_cosine_with_ties_against_the_query():
+    """Hand-worked: equal similarities put other-class items first when the query's label is known, else keep
+    database order; the excluded query never appears."""
     features = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-3.0, 0.0], [0.5, 0.0], [1.0, 1.0]])
     order, scores = script.rank_gallery(torch.tensor([4.0, 0.0]), features, exclude=2)
     assert order.tolist() == [0, 4, 5, 1, 3]
     assert scores.tolist() == pytest.approx([1.0, 1.0, 2 ** -0.5, 0.0, -1.0])
+    labels = ['a', 'b', 'a', 'b', 'b', 'a']  # 0 (a) and 4 (b) tie at 1.0 for a query of class a: 4 first
+    order, scores = script.rank_gallery(torch.tensor([4.0, 0.0]), features, 2, labels, 'a')
+    assert order.tolist() == [4, 0, 5, 1, 3]
+    assert scores.tolist() == pytest.approx([1.0, 1.0, 2 ** -0.5, 0.0, -1.0])
+    order, _ = script.rank_gallery(torch.tensor([4.0, 0.0]), features, 2, labels, 'b')  # class b: 0 first
+    assert order.tolist() == [0, 4, 5, 1, 3]
+
+
+def test_tied_database_images_rank_against_the_query(tiny, tmp_path, capsys):
+    def tie(db):  # image 3 (class 2) and image 8 (class 3) become copies of the query, image 4 (class 2)
+        db['test_features'][3] = db['test_features'][8] = db['test_features'][4]
+
+    copy = copy_database(tiny['db'], str(tmp_path / 'tied'), tie)
+    code, out, err = run(['--query_img_name', tiny['paths'][4], '--data_base', copy, '--retrieval_num', '2',
+                          '--results_dir', str(tmp_path / 'results'), '--device', 'cpu'], capsys)
+    assert code == 0, err
+    rows = printed_ranking(out)
+    assert [(r[2], r[3]) for r in rows] == [('3', tiny['paths'][8]), ('2', tiny['paths'][3])]  # other class first
+    assert rows[0][1] == rows[1][1] == 1.0

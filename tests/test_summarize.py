@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {'data_name': 'car', 'crop_type': 'uncropped', 'backbone_type': 'resnet50', 'feature_dim': 512,
             'branches': 'SMG', 'recalls': [1, 2], 'batch_size': 128, 'num_epochs': 3, 'image_size': 224,
             'pretrained': 'imagenet', 'lr': 1e-4, 'val_split': 0.25}
-HEADER = 'epoch,train_loss,train_accuracy,test_recall@1,test_recall@2,test_map@r'
+HEADER = 'epoch,train_loss,train_accuracy,test_recall@1,test_recall@2,test_map@r,test_r_precision'
 
 
 def write_run(folder, seed, rows, header=HEADER, settings=None):
@@ -44,10 +44,10 @@ def table_row(text, metric):
 
 def three_runs(folder):
     """Three seeds with validation columns; each run's epoch of best val R@1 holds test R@1 60, 62, 67."""
-    header = HEADER + ',val_recall@1,val_recall@2,val_map@r'
-    return [write_run(folder, seed, [(1, 1.0, 50, r1 - 9, r2 - 9, 10, 30, 40, 5),
-                                     (2, 0.9, 60, r1, r2, mapr, 35, 45, 6),   # the first maximum of val R@1
-                                     (3, 0.8, 70, r1 + 5, r2 + 5, 20, 35, 46, 6)], header)
+    header = HEADER + ',val_recall@1,val_recall@2,val_map@r,val_r_precision'
+    return [write_run(folder, seed, [(1, 1.0, 50, r1 - 9, r2 - 9, 10, 11, 30, 40, 5, 6),
+                                     (2, 0.9, 60, r1, r2, mapr, mapr + 3, 35, 45, 6, 7),  # first maximum of val R@1
+                                     (3, 0.8, 70, r1 + 5, r2 + 5, 20, 21, 35, 46, 6, 7)], header)
             for seed, (r1, r2, mapr) in zip((1, 2, 3), ((60, 70, 12), (62, 75, 13), (67, 77, 17)))]
 
 
@@ -66,7 +66,9 @@ def test_three_seeds_by_hand(tmp_path, capsys):
     mean, sd, half = by_hand([12, 13, 17])
     assert table_row(text, 'test MAP@R') == ['test MAP@R', f'{mean:.2f}', f'{sd:.2f}',
                                              f'± {half:.2f} ({mean - half:.2f} to {mean + half:.2f})', '3', '', '']
-    assert table_row(text, 'val R@1')[1:3] == ['35.00', '0.00']
+    mean, sd, half = by_hand([15, 16, 20])
+    assert table_row(text, 'test R-Precision')[1:3] == [f'{mean:.2f}', f'{sd:.2f}']
+    assert table_row(text, 'val R@1')[1:3] == ['35.00', '0.00'] and table_row(text, 'val R-Precision')[1] == '7.00'
     out = capsys.readouterr().out
     assert out.count('(best val R@1)') == 3 and 'seed 2: epoch 2 (best val R@1)' in out
 
@@ -78,7 +80,7 @@ def test_epoch_choice_and_the_original_protocol(tmp_path):
     with pytest.raises(UserError, match=r'has no epoch 9 \(epochs 1 to 3\)'):
         summarize.main(paths + ['--epoch', '9'])
     # without validation columns the original's choice: best test R@1, the first maximum
-    plain = [write_run(tmp_path / 'plain', seed, [(1, 1, 1, 50, 60, 5), (2, 1, 1, v, 70, 6), (3, 1, 1, v, 71, 7)])
+    plain = [write_run(tmp_path / 'plain', seed, [(1, 1, 1, 50, 60, 5, 6), (2, 1, 1, v, 70, 6, 7), (3, 1, 1, v, 71, 7, 8)])
              for seed, v in ((1, 55), (2, 58))]
     text = summarize.main(plain)
     assert table_row(text, 'test R@2')[1] == '70.00' and table_row(text, 'test MAP@R')[1] == '6.00'
@@ -91,7 +93,7 @@ def test_one_run_says_the_interval_needs_two(tmp_path):
 
 
 def test_no_published_column_for_a_setting_the_original_did_not_report(tmp_path):
-    paths = [write_run(tmp_path, seed, [(1, 1, 1, 50, 60, 5)], settings=dict(SETTINGS, data_name='demo'))
+    paths = [write_run(tmp_path, seed, [(1, 1, 1, 50, 60, 5, 6)], settings=dict(SETTINGS, data_name='demo'))
              for seed in (1, 2)]
     text = summarize.main(paths)
     assert text.splitlines()[0] == '| metric | mean | sd | 95 % CI | n |'
@@ -99,10 +101,10 @@ def test_no_published_column_for_a_setting_the_original_did_not_report(tmp_path)
 
 def test_refusals_are_one_line_naming_the_file(tmp_path):
     paths = three_runs(tmp_path)
-    other = write_run(tmp_path / 'other', 4, [(1, 1, 1, 50, 60, 5)], settings=dict(SETTINGS, lr=1e-3))
+    other = write_run(tmp_path / 'other', 4, [(1, 1, 1, 50, 60, 5, 6)], settings=dict(SETTINGS, lr=1e-3))
     with pytest.raises(UserError, match=r'settings differ other than in --seed \(lr 0.0001 vs 0.001\)'):
         summarize.main([paths[0], other])
-    same_seed = write_run(tmp_path / 'again', 1, [(1, 1, 1, 50, 60, 5)])
+    same_seed = write_run(tmp_path / 'again', 1, [(1, 1, 1, 50, 60, 5, 6)])
     with pytest.raises(UserError, match='are both seed 1: not independent runs'):
         summarize.main([paths[0], same_seed])
     Path(same_seed).with_name('car_uncropped_resnet50_512_settings.json').unlink()
@@ -110,7 +112,7 @@ def test_refusals_are_one_line_naming_the_file(tmp_path):
         summarize.main([same_seed])
     cases = {'empty': ('', 'is empty'), 'binary': ('\x00\xff\xfe garbage "', 'is not a CSV|lacks the column'),
              'columns': ('epoch,loss\n1,2\n', r'lacks the column\(s\) test_map@r'),
-             'no rows': (HEADER + '\n', 'holds no epoch'), 'text': (HEADER + '\n1,a,b,c,d,e\n', 'non-numeric')}
+             'no rows': (HEADER + '\n', 'holds no epoch'), 'text': (HEADER + '\n1,a,b,c,d,e,f\n', 'non-numeric')}
     for name, (content, message) in cases.items():
         bad = write_run(tmp_path / name.replace(' ', '_'), 7, [])
         Path(bad).write_text(content)

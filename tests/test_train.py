@@ -15,6 +15,7 @@ import torchvision
 
 from _train_fixtures import EPOCHS, NAME, assert_same_tensors, flags, out, run_script, tensors
 import data_utils
+import metrics
 import model as model_lib
 import train
 import utils
@@ -127,16 +128,16 @@ def test_end_to_end_outputs_consistent(reference):
     results, stdout = reference
     stats = pd.read_csv(out(results, 'statistics.csv'))
     assert list(stats.columns) == ['epoch', 'train_loss', 'train_accuracy', 'test_recall@1', 'test_recall@2',
-                                   'test_map@r']
+                                   'test_map@r', 'test_r_precision']
     assert stats['epoch'].tolist() == list(range(1, EPOCHS + 1))
     assert stats['train_loss'].between(0, 10).all() and stats['train_accuracy'].between(0, 100).all()
     assert (stats['test_recall@1'] <= stats['test_recall@2']).all()
 
-    # printed: resolved config, Params/FLOPs, one line per epoch with every R@K and MAP@R
+    # printed: resolved config, Params/FLOPs, one line per epoch with every R@K, MAP@R and R-Precision
     assert 'Config:' in stdout and 'Params: ' in stdout and 'FLOPs: ' in stdout
     for row in stats.itertuples():
         assert (f'Epoch {row.epoch}/{EPOCHS} | train loss {row.train_loss:.4f} acc {row.train_accuracy:.2f}% | '
-                f'R@1 {row._4:.2f}% R@2 {row._5:.2f}% | MAP@R {row._6:.2f}%') in stdout
+                f'R@1 {row._4:.2f}% R@2 {row._5:.2f}% | MAP@R {row._6:.2f}% RP {row.test_r_precision:.2f}%') in stdout
 
     # the database holds the best epoch (first strict maximum of R@1) and re-evaluates to its row
     best = int(stats['test_recall@1'].idxmax())
@@ -147,10 +148,11 @@ def test_end_to_end_outputs_consistent(reference):
     assert torch.allclose(features.norm(dim=1), torch.ones(12), atol=1e-5)
     assert len(database['test_images']) == 12 and all(os.path.isfile(p) for p in database['test_images'])
     ids = {label: k for k, label in enumerate(sorted(set(labels)))}
-    metrics = utils.evaluate(features, torch.tensor([ids[label] for label in labels]), [1, 2])
-    assert 100 * metrics['R@1'] == stats['test_recall@1'][best]
-    assert 100 * metrics['R@2'] == stats['test_recall@2'][best]
-    assert 100 * metrics['MAP@R'] == stats['test_map@r'][best]
+    found = metrics.evaluate(features, torch.tensor([ids[label] for label in labels]), [1, 2])
+    assert 100 * found['R@1'] == stats['test_recall@1'][best]
+    assert 100 * found['R@2'] == stats['test_recall@2'][best]
+    assert 100 * found['MAP@R'] == stats['test_map@r'][best]
+    assert 100 * found['R-Precision'] == stats['test_r_precision'][best]
     config = database['config']
     mean, std = data_utils.normalization(NAME)
     assert config == {'backbone_type': 'resnet18', 'feature_dim': 8, 'branches': 'SMG', 'num_classes': 3,
@@ -201,9 +203,9 @@ def test_eval_untrained_baseline_leaves_the_run_unchanged(dataset, reference, tm
         features, _ = model(torch.stack([utils.eval_input(p, 32, config['mean'], config['std'])
                                          for p in database['test_images']]))
     ids = {label: k for k, label in enumerate(sorted(set(database['test_labels'])))}
-    metrics = utils.evaluate(features, torch.tensor([ids[label] for label in database['test_labels']]), [1, 2])
-    assert line[0] == (f'Before training | R@1 {100 * metrics["R@1"]:.2f}% R@2 {100 * metrics["R@2"]:.2f}% '
-                       f'| MAP@R {100 * metrics["MAP@R"]:.2f}%')
+    found = metrics.evaluate(features, torch.tensor([ids[label] for label in database['test_labels']]), [1, 2])
+    assert line[0] == (f'Before training | R@1 {100 * found["R@1"]:.2f}% R@2 {100 * found["R@2"]:.2f}% '
+                       f'| MAP@R {100 * found["MAP@R"]:.2f}% RP {100 * found["R-Precision"]:.2f}%')
 
     # evaluating first changes nothing in the run itself
     with open(out(results, 'statistics.csv'), 'rb') as a, open(out(reference[0], 'statistics.csv'), 'rb') as b:
@@ -299,9 +301,10 @@ def test_query_gallery_dataset(dataset, tmp_path):
     labels = sorted(set(database['test_labels']))
     q = torch.tensor([labels.index(x) for x in database['test_labels']])
     g = torch.tensor([labels.index(x) for x in database['gallery_labels']])
-    metrics = utils.evaluate(database['test_features'], q, [1, 2], database['gallery_features'], g)
+    found = metrics.evaluate(database['test_features'], q, [1, 2], database['gallery_features'], g)
     stats = pd.read_csv(os.path.join(results, 'shop_uncropped_resnet18_8_statistics.csv'))
-    assert stats['test_recall@1'][0] == 100 * metrics['R@1'] and stats['test_map@r'][0] == 100 * metrics['MAP@R']
+    assert stats['test_recall@1'][0] == 100 * found['R@1'] and stats['test_map@r'][0] == 100 * found['MAP@R']
+    assert stats['test_r_precision'][0] == 100 * found['R-Precision']
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,23 +374,38 @@ def test_existing_run_needs_resume_or_overwrite(dataset, reference, tmp_path, ca
     assert len(pd.read_csv(out(results, 'statistics.csv'))) == 1
 
 
-def test_diverged_embeddings_stop_the_run_best_files_kept(dataset, tmp_path, monkeypatch):
+def nan_rows(features):
+    return features * float('nan')
+
+
+def zero_rows(features):  # a collapsed model: most embeddings all zeros (the ties would score 0, not 100 %)
+    return features * (torch.arange(len(features)) % 4 == 0)[:, None]
+
+
+@pytest.mark.parametrize('fault, message', [(nan_rows, 'NaN or infinite weights or embeddings'),
+                                            (zero_rows, '9 of 12 embeddings are all zeros')])
+def test_diverged_embeddings_stop_the_run_best_files_kept(dataset, reference, tmp_path, monkeypatch, fault, message):
     results = tmp_path / 'results'
     extract = train.extract_features
     calls = []
 
-    def diverging(model, images, rt, dim):  # the second epoch's embeddings are NaN
+    def diverging(model, images, rt, dim):  # the second epoch's embeddings
         features = extract(model, images, rt, dim)
         calls.append(1)
-        return {k: v * float('nan') for k, v in features.items()} if len(calls) == 2 else features
+        return {k: fault(v) for k, v in features.items()} if len(calls) == 2 else features
 
     monkeypatch.setattr(train, 'extract_features', diverging)
-    with pytest.raises(UserError, match='the model diverged at epoch 2'):
+    with pytest.raises(UserError, match=f'the model diverged at epoch 2: {message}; training stopped'):
         train.main(flags(dataset, results))
     state = tensors(out(results, 'checkpoint.pth'))
     assert state['epoch'] == 1 and state['best_epoch'] == 1
-    database = tensors(out(results, 'data_base.pth'))
-    assert torch.isfinite(database['test_features']).all()
+    with open(out(reference[0], 'statistics.csv')) as f:  # nothing of epoch 2 written
+        first_epoch = ''.join(f.readlines()[:2])
+    with open(out(results, 'statistics.csv')) as f:
+        assert f.read() == first_epoch
+    database, _ = utils.load_database(out(results, 'data_base.pth'))  # what test.py accepts
+    assert_same_tensors(tensors(out(results, 'model.pth')), state['model'])
+    assert torch.isfinite(database['test_features']).all() and (database['test_features'].norm(dim=1) > 0).all()
 
 
 def test_prompt_exit_with_loader_workers(dataset, tmp_path):

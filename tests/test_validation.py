@@ -8,10 +8,17 @@ import torch
 
 from _train_fixtures import EPOCHS, VAL_FLAGS, flags, out, tensors
 import data_utils
+import metrics
 import model as model_lib
 import train
 import utils
 from utils import UserError
+
+
+def figures(row, split):
+    """'R@1 50.00% R@2 65.00% | MAP@R 34.72% RP 40.00%': a statistics row's figures of one split, as printed."""
+    return (f'R@1 {row[f"{split}_recall@1"]:.2f}% R@2 {row[f"{split}_recall@2"]:.2f}% | MAP@R '
+            f'{row[f"{split}_map@r"]:.2f}% RP {row[f"{split}_r_precision"]:.2f}%')
 
 
 def classes(n):
@@ -70,7 +77,8 @@ def test_val_split_run_selects_by_validation_and_saves_the_test_database(val_dat
     results, stdout = val_reference
     stats = pd.read_csv(out(results, 'statistics.csv'))
     assert list(stats.columns) == ['epoch', 'train_loss', 'train_accuracy', 'test_recall@1', 'test_recall@2',
-                                   'test_map@r', 'val_recall@1', 'val_recall@2', 'val_map@r']
+                                   'test_map@r', 'test_r_precision', 'val_recall@1', 'val_recall@2', 'val_map@r',
+                                   'val_r_precision']
     with open(out(results, 'settings.json')) as f:
         settings = json.load(f)
     assert set(settings) == set(train.RESUME_KEYS) and settings['val_split'] == 0.4 and settings['seed'] == 0
@@ -79,14 +87,12 @@ def test_val_split_run_selects_by_validation_and_saves_the_test_database(val_dat
     best = int(stats['val_recall@1'].idxmax())
     checkpoint = tensors(out(results, 'checkpoint.pth'))
     assert checkpoint['best_epoch'] == best + 1 and 100 * checkpoint['best_recall'] == stats['val_recall@1'][best]
-    for row in stats.itertuples(index=False):
-        assert (f'Epoch {row[0]}/{EPOCHS} | train loss {row[1]:.4f} acc {row[2]:.2f}% | val R@1 {row[6]:.2f}% '
-                f'R@2 {row[7]:.2f}% | MAP@R {row[8]:.2f}% | test R@1 {row[3]:.2f}% R@2 {row[4]:.2f}% | '
-                f'MAP@R {row[5]:.2f}% | ') in stdout
+    for _, row in stats.iterrows():
+        assert (f'Epoch {row["epoch"]:.0f}/{EPOCHS} | train loss {row["train_loss"]:.4f} acc '
+                f'{row["train_accuracy"]:.2f}% | val {figures(row, "val")} | test {figures(row, "test")} | ') in stdout
     chosen = stats.iloc[best]
     assert (f'Selected epoch {best + 1} by validation R@1 {chosen["val_recall@1"]:.2f}%; test at that epoch: '
-            f'R@1 {chosen["test_recall@1"]:.2f}% R@2 {chosen["test_recall@2"]:.2f}% | MAP@R '
-            f'{chosen["test_map@r"]:.2f}%; model {out(results, "model.pth")}') in stdout
+            f'{figures(chosen, "test")}; model {out(results, "model.pth")}') in stdout
 
     # the database holds the test split at that epoch; the model file re-embeds both splits into their figures
     database = tensors(out(results, 'data_base.pth'))
@@ -99,9 +105,10 @@ def test_val_split_run_selects_by_validation_and_saves_the_test_database(val_dat
         labels = database['test_labels'] if split == 'test' else [c for c, ps in dicts['val'].items() for _ in ps]
         with torch.no_grad():
             features, _ = model.eval()(torch.stack([utils.eval_input(p, 32, mean, std) for p in images]))
-        metrics = utils.evaluate(features, labels, [1, 2])  # each image against the others of its split
-        assert math.isclose(100 * metrics['R@1'], chosen[f'{split}_recall@1'], abs_tol=1e-9), split
-        assert math.isclose(100 * metrics['MAP@R'], chosen[f'{split}_map@r'], rel_tol=1e-5), split
+        figures_now = metrics.evaluate(features, labels, [1, 2])  # each image against the others of its split
+        assert math.isclose(100 * figures_now['R@1'], chosen[f'{split}_recall@1'], abs_tol=1e-9), split
+        assert math.isclose(100 * figures_now['MAP@R'], chosen[f'{split}_map@r'], rel_tol=1e-5), split
+        assert math.isclose(100 * figures_now['R-Precision'], chosen[f'{split}_r_precision'], rel_tol=1e-5), split
 
 
 def test_demo_selects_the_best_validation_epoch_never_a_test_figure(tmp_path, monkeypatch, capsys):
@@ -132,10 +139,9 @@ def test_demo_selects_the_best_validation_epoch_never_a_test_figure(tmp_path, mo
     assert selected == int(stats['test_recall@1'].idxmin()) != int(stats['test_recall@1'].idxmax())
     row = stats.iloc[selected]
     assert (f'Selected epoch {selected + 1} by validation R@1 {row["val_recall@1"]:.2f}%; test at that epoch: '
-            f'R@1 {row["test_recall@1"]:.2f}% R@2 {row["test_recall@2"]:.2f}% | MAP@R {row["test_map@r"]:.2f}%') \
-        in stdout
+            f'{figures(row, "test")}; model') in stdout
     assert tensors(results / 'demo_uncropped_resnet18_8_checkpoint.pth')['best_epoch'] == selected + 1
     # the saved database is that epoch's: its test R@1 is the row's
     database = tensors(results / 'demo_uncropped_resnet18_8_data_base.pth')
-    metrics = utils.evaluate(database['test_features'], database['test_labels'], [1])
-    assert 100 * metrics['R@1'] == row['test_recall@1'] and len(set(database['test_labels'])) == 8
+    again = metrics.evaluate(database['test_features'], database['test_labels'], [1])
+    assert 100 * again['R@1'] == row['test_recall@1'] and len(set(database['test_labels'])) == 8
