@@ -80,7 +80,8 @@ def test_epoch_choice_and_the_original_protocol(tmp_path):
     with pytest.raises(UserError, match=r'has no epoch 9 \(epochs 1 to 3\)'):
         summarize.main(paths + ['--epoch', '9'])
     # without validation columns the original's choice: best test R@1, the first maximum
-    plain = [write_run(tmp_path / 'plain', seed, [(1, 1, 1, 50, 60, 5, 6), (2, 1, 1, v, 70, 6, 7), (3, 1, 1, v, 71, 7, 8)])
+    plain = [write_run(tmp_path / 'plain', seed, [(1, 1, 1, 50, 60, 5, 6), (2, 1, 1, v, 70, 6, 7),
+                                                  (3, 1, 1, v, 71, 7, 8)])  # test R@1 ties: epoch 2 wins
              for seed, v in ((1, 55), (2, 58))]
     text = summarize.main(plain)
     assert table_row(text, 'test R@2')[1] == '70.00' and table_row(text, 'test MAP@R')[1] == '6.00'
@@ -108,7 +109,7 @@ def test_refusals_are_one_line_naming_the_file(tmp_path):
     with pytest.raises(UserError, match='are both seed 1: not independent runs'):
         summarize.main([paths[0], same_seed])
     Path(same_seed).with_name('car_uncropped_resnet50_512_settings.json').unlink()
-    with pytest.raises(UserError, match=f'settings file not found: .*again/seed1/car_uncropped_resnet50_512_settings'):
+    with pytest.raises(UserError, match='settings file not found: .*again/seed1/car_uncropped_resnet50_512_settings'):
         summarize.main([same_seed])
     cases = {'empty': ('', 'is empty'), 'binary': ('\x00\xff\xfe garbage "', 'is not a CSV|lacks the column'),
              'columns': ('epoch,loss\n1,2\n', r'lacks the column\(s\) test_map@r'),
