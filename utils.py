@@ -413,11 +413,12 @@ class Runtime:
 
 # ---- images: decode, resize, crop and flip, normalise ----
 
-def load_image(path):
-    """Open and fully decode an image as RGB (PIL); an unreadable file is a UserError naming it."""
+def load_image(path, data=None):
+    """Open and fully decode an image as RGB (PIL); an unreadable file is a UserError naming it. `data`: the
+    file's bytes when already in memory (an upload; `path` then only names it)."""
     path = os.fspath(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             img.load()  # decode now, inside the try, so a damaged file fails here and not later
             return _to_rgb(img)
     except FileNotFoundError:
@@ -445,19 +446,20 @@ def _to_rgb(img):
     return img if img.mode == 'RGB' else img.convert('RGB')
 
 
-def load_image_uint8(path):
-    """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels)."""
+def load_image_uint8(path, data=None):
+    """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels); `data` as load_image's."""
     path = os.fspath(path)
     try:  # plain JPEGs: torchvision's libjpeg-turbo, whole file at once, ~25 % faster than PIL, same pixels
-        with open(path, 'rb') as f:
-            data = f.read()
+        if data is None:
+            with open(path, 'rb') as f:
+                data = f.read()
         if data[:3] == b'\xff\xd8\xff' and b'Adobe' not in data[:4096]:  # JPEG, not an Adobe CMYK one
             with warnings.catch_warnings(action='ignore', category=DeprecationWarning):  # 0.29: "torchcodec"
                 from torchvision.io import ImageReadMode, decode_jpeg
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (ImportError, RuntimeError, OSError, ValueError):
         pass  # a later torchvision without it, a file it refuses, or one the OS refuses: PIL names the error
-    return torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)
+    return torch.from_numpy(np.array(load_image(path, data))).permute(2, 0, 1)
 
 
 def resize_uint8(x, side):
@@ -522,9 +524,10 @@ def gather_crops(images, indices, draws, side):
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def eval_input(path, side, mean, std):
-    """An image file as train.py evaluates it: the full decode resized to side x side, normalised -> float [3, s, s]."""
-    return Normalize(mean, std)(resize_uint8(load_image_uint8(path), side))
+def eval_input(path, side, mean, std, data=None):
+    """An image file (or its bytes `data`) as train.py evaluates it: the full decode resized to side x side,
+    normalised -> float [3, s, s]."""
+    return Normalize(mean, std)(resize_uint8(load_image_uint8(path, data), side))
 
 
 class ImageListDataset(torch.utils.data.Dataset):
