@@ -109,6 +109,8 @@ def check_upload(data, name):
                 width, height = img.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         width = height = None
+    except Image.UnidentifiedImageError:
+        raise UserError(f'{name} is not an image (or not in a format Pillow reads)') from None
     except Exception as err:  # PIL raises UnidentifiedImageError, SyntaxError, ValueError...
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f'cannot decode image {name}: {reason} (damaged, or not an image)') from None
