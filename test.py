@@ -187,8 +187,9 @@ def retrieve_folder(folder, data_base, k, results_dir, device):
     images, labels, features = database.images, database.labels, database.features
     searchable = len(images) - any(exclude is not None for _, _, exclude, _ in queries)
     if k > searchable:
+        besides = ' besides a query that is one of them' if searchable < len(images) else ''
         raise UserError(f'--retrieval_num {k} asks for more images than {database.path} can return ({searchable} '
-                        f'{database.split} images{" besides a query that is one of them" * (searchable < len(images))})')
+                        f'{database.split} images{besides})')
     text = io.StringIO()
     writer = csv.writer(text, lineterminator='\n')
     writer.writerow(('query', 'rank', 'path', 'label', 'score'))

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from _data_fixtures import write_image
-from _query_fixtures import load_script
+from _serve_fixtures import expected, script
 from _train_fixtures import out
 import retrieval
 from utils import run_cli
 
-script = load_script()
 CPU = torch.device('cpu')
 
 
@@ -70,16 +69,21 @@ def test_one_csv_with_the_rows_of_query_img_name(queries, tmp_path, capsys):
     assert sorted(by_query) == sorted(expected_queries)
     warnings = re.findall(r'(?:^|\r)(warning: .*)', err, re.M)  # the progress bar shares stderr
     assert len(warnings) == 1 and warnings[0].startswith('warning: 1 of 8 images') and 'broken.jpg' in warnings[0]
-    for query, query_rows in by_query.items():  # each as `test.py --query_img_name query` gives it
+    database = retrieval.open_database(db_path, os.path.dirname(db_path), CPU)
+    for query, query_rows in by_query.items():  # each as test.py ranks it alone
         assert [int(r[1]) for r in query_rows] == list(range(1, k + 1))
-        code, single, _ = run(['--query_img_name', query, '--data_base', db_path, '--retrieval_num', str(k),
-                               '--results_dir', str(tmp_path / 'single'), '--device', 'cpu'], capsys)
-        assert code == 0
-        shown = re.findall(r'^\s+\d+\s+(-?\d\.\d{4})\s+(\S+)\s+(\S+)$', single, re.M)
-        assert [(r[2], r[3]) for r in query_rows] == [(path, label) for _, label, path in shown]
-        assert [float(r[4]) for r in query_rows] == pytest.approx([float(s) for s, _, _ in shown], abs=5.1e-5)
+        indices, scores, _ = expected(database, query, k)
+        assert [(r[2], r[3]) for r in query_rows] == [(database.images[i], database.labels[i]) for i in indices]
+        assert [float(r[4]) for r in query_rows] == pytest.approx(scores, abs=1e-5)
         if 'from_db' in query:  # a database image is not its own result
             assert os.path.realpath(query) not in [r[2] for r in query_rows]
+    for query in (str(folder / 'b.jpg'), str(folder / 'from_db' / os.path.basename(linked[1]))):
+        code, single, _ = run(['--query_img_name', query, '--data_base', db_path, '--retrieval_num', str(k),
+                               '--results_dir', str(tmp_path / 'single'), '--device', 'cpu'], capsys)
+        assert code == 0  # and its printout: the same rows
+        shown = re.findall(r'^\s+\d+\s+(-?\d\.\d{4})\s+(\S+)\s+(\S+)$', single, re.M)
+        assert [(r[2], r[3]) for r in by_query[query]] == [(path, label) for _, label, path in shown]
+        assert [float(r[4]) for r in by_query[query]] == pytest.approx([float(s) for s, _, _ in shown], abs=5.1e-5)
 
 
 def test_batch_embedding_equals_one_at_a_time(queries):

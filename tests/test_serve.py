@@ -18,14 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from _query_fixtures import load_script
-from _serve_fixtures import REPO, multipart, request, rss_bytes, start_server, stop_server, upload
+from _serve_fixtures import (REPO, expected, multipart, request, rss_bytes, script, start_server, stop_server,
+                             upload)
 from _train_fixtures import out
 import retrieval
 import serve
 from utils import run_cli
 
-script = load_script()
 CPU = torch.device('cpu')
 
 
@@ -64,15 +63,6 @@ def served(reference, tmp_path_factory):
     if proc.poll() is None:
         proc.kill()
         proc.wait()
-
-
-def expected(database, path, k):
-    """What test.py computes for a query file: its own functions, on the same database -> (indices, scores, label)."""
-    _, exclude, feature, label = script.locate_query(database.db, path, database.isc)
-    if feature is None:
-        feature = script.embed_image(database.model, path, database.config, CPU)
-    indices, scores = script.rank_gallery(feature, database.features, exclude)
-    return indices[:k].tolist(), scores[:k].tolist(), label
 
 
 def check_answer(answer, database, path, k):
