@@ -1,5 +1,6 @@
 """Latency of serve.py: p50/p95 per search and searches/s with 1 and 8 concurrent clients uploading photos, next
-to the pure compute of the same search in this process (decode, embed, rank: the function the handler calls).
+to the pure compute of the same search in this process (decode, embed, rank: the function the handler calls),
+timed in turn with the one-client searches.
 
     python benchmarks/serve_latency.py --data_base results/demo_uncropped_resnet18_512_data_base.pth
     python benchmarks/serve_latency.py --data_base PATH --requests 6 --clients 1,2 --skip_sop   # quick run
@@ -97,44 +98,49 @@ def make_sop_database(folder, seed=0):
     return f'{stem}_data_base.pth'
 
 
-def compute_times(db_path, bodies, k, repeats):
-    """Seconds of Searcher.search_upload (what POST /api/search runs) per query, in this process."""
-    searcher = serve.Searcher(retrieval.open_database(db_path, 'results', torch.device('cpu')))
-    for data in bodies[:2]:
-        searcher.search_upload(data, k)  # warm-up
-    times = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        searcher.search_upload(bodies[i % len(bodies)], k)
-        times.append(time.perf_counter() - start)
-    return times
+class Client:
+    """One client: a kept-alive connection that uploads photos in turn and times each search."""
 
+    def __init__(self, base, bodies, k):
+        url = urllib.parse.urlparse(base)
+        self.connection = http.client.HTTPConnection(url.hostname, url.port, timeout=600)
+        self.requests = [multipart({'image': (f'q{i}.jpg', data), 'k': str(k)}) for i, data in enumerate(bodies)]
 
-def client_times(base, requests, k, count):
-    """Latencies of `count` uploads over one kept-alive connection, as one client sends them."""
-    url = urllib.parse.urlparse(base)
-    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=600)
-    times = []
-    for i in range(count):
-        body, kind = requests[i % len(requests)]
+    def search(self, i):
+        """Seconds of upload i (mod the photos), from sending to the whole answer."""
+        body, kind = self.requests[i % len(self.requests)]
         start = time.perf_counter()
-        connection.request('POST', '/api/search', body=body, headers={'Content-Type': kind})
-        response = connection.getresponse()
+        self.connection.request('POST', '/api/search', body=body, headers={'Content-Type': kind})
+        response = self.connection.getresponse()
         data = response.read()
-        times.append(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
         if response.status != 200:
             raise RuntimeError(f'the server answered {response.status}: {data[:200]!r}')
-    connection.close()
-    return times
+        return seconds
 
 
-def measure(base, bodies, k, clients, total):
-    """(per-request latencies, searches per second) of `total` uploads spread over `clients` threads."""
-    requests = [multipart({'image': (f'q{i}.jpg', data), 'k': str(k)}) for i, data in enumerate(bodies)]
-    client_times(base, requests, k, 2)  # warm-up
-    results = [[] for _ in range(clients)]
-    threads = [threading.Thread(target=lambda c=c: results[c].extend(client_times(base, requests, k, total // clients)))
-               for c in range(clients)]
+def one_client_and_compute(base, searcher, bodies, k, count):
+    """(server latencies, in-process compute times) of `count` searches, one of each in turn, so that other
+    work on the machine weighs on both alike."""
+    client, served, computed = Client(base, bodies, k), [], []
+    for i in range(-2, count):  # two warm-up rounds
+        start = time.perf_counter()
+        searcher.search_upload(bodies[i % len(bodies)], k)  # what POST /api/search runs, without HTTP
+        computed.append(time.perf_counter() - start)
+        served.append(client.search(i))
+    return served[2:], computed[2:]
+
+
+def many_clients(base, bodies, k, clients, total):
+    """(latencies, searches per second) of `total` uploads spread over `clients` concurrent clients."""
+    pool = [Client(base, bodies, k) for _ in range(clients)]
+    for client in pool:
+        client.search(0)  # warm-up, and the connections opened
+    results = [[] for _ in pool]
+    def run(c):
+        results[c].extend(pool[c].search(i) for i in range(total // clients))
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -153,11 +159,15 @@ def percentile(values, q):
 
 def bench(name, db_path, bodies, args):
     """One table row per client count for a database."""
-    compute = statistics.median(compute_times(db_path, bodies, args.k, args.requests))
     proc, base = start_server(db_path, '--device', 'cpu')
     try:
+        searcher = serve.Searcher(retrieval.open_database(db_path, 'results', torch.device('cpu')))
+        served, computed = one_client_and_compute(base, searcher, bodies, args.k, args.requests)
+        del searcher  # its memory (a SOP-size database) back before the concurrent rows
+        compute = statistics.median(computed)
         for clients in args.clients:
-            times, rate = measure(base, bodies, args.k, clients, max(args.requests, clients))
+            times, rate = (served, len(served) / sum(served)) if clients == 1 else \
+                many_clients(base, bodies, args.k, clients, max(args.requests, clients))
             p50 = percentile(times, 50)
             print(f'| {name} | {clients} | {1e3 * p50:.1f} | {1e3 * percentile(times, 95):.1f} | {rate:.1f} | '
                   f'{1e3 * compute:.1f} | {p50 / compute:.2f}x |', flush=True)
