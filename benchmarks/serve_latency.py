@@ -3,7 +3,7 @@ to the pure compute of the same search in this process (decode, embed, rank: the
 timed in turn with the one-client searches.
 
     python benchmarks/serve_latency.py --data_base results/demo_uncropped_resnet18_512_data_base.pth
-    python benchmarks/serve_latency.py --data_base PATH --requests 6 --clients 1,2 --skip_sop   # quick run
+    python benchmarks/serve_latency.py --data_base PATH --requests 6 --clients 1,2 --skip_sop --threads 1   # quick
 
 Besides the given database it builds a synthetic SOP-size one (60,502 random unit features of 1536 dimensions,
 ResNet-18 SMG 512 with SOP's 11,318 classes, random weights, 224 px) in a temporary folder."""
@@ -159,7 +159,8 @@ def percentile(values, q):
 
 def bench(name, db_path, bodies, args):
     """One table row per client count for a database."""
-    proc, base = start_server(db_path, '--device', 'cpu')
+    threads = {'OMP_NUM_THREADS': str(args.threads), 'MKL_NUM_THREADS': str(args.threads)} if args.threads else {}
+    proc, base = start_server(db_path, '--device', 'cpu', env=threads)
     try:
         searcher = serve.Searcher(retrieval.open_database(db_path, 'results', torch.device('cpu')))
         served, computed = one_client_and_compute(base, searcher, bodies, args.k, args.requests)
@@ -182,7 +183,11 @@ def main(argv=None):
     parser.add_argument('--clients', default='1,8', help='comma list of concurrent client counts')
     parser.add_argument('--k', type=int, default=8, help='results per search')
     parser.add_argument('--skip_sop', action='store_true', help='leave out the synthetic SOP-size database')
+    parser.add_argument('--threads', type=int, default=0, help='torch threads of the server and of this process '
+                        '(1 gives steadier figures on a busy machine) [default: torch\'s own choice]')
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.clients = [int(c) for c in args.clients.split(',')]
     bodies = [photo(seed) for seed in range(8)]
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; uploads: 500x375 '

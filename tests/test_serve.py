@@ -270,8 +270,8 @@ def test_command_line_errors_are_test_py_s(served, tmp_path, capsys):
 
 def test_latency_benchmark_tiny_run(served):
     result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'serve_latency.py'), '--data_base',
-                             served['db_path'], '--requests', '6', '--clients', '1,2', '--skip_sop'], cwd=REPO,
-                            env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=120)
+                             served['db_path'], '--requests', '6', '--clients', '1,2', '--skip_sop', '--threads', '1'],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     rows = re.findall(r'^\| tiny \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|$',
                       result.stdout, re.M)
