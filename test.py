@@ -16,9 +16,8 @@ import shutil
 import sys
 
 import torch
-from tqdm import tqdm
-
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 import retrieval
 import utils
@@ -37,7 +36,8 @@ MARKER_TEXT = b'CLF test.py results; the next run for the same query name replac
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Retrieve the top-K images of a feature database for a query image')
+    parser = argparse.ArgumentParser(description='Retrieve the top-K images of a feature database for a query image '
+                                                 '(or for each image of a folder)')
     add = parser.add_argument
     query = parser.add_mutually_exclusive_group()
     query.add_argument('--query_img_name', default='/home/data/car/uncropped/008055.jpg',
