@@ -1,6 +1,6 @@
 """Latency of serve.py: p50/p95 per search and searches/s with 1 and 8 concurrent clients uploading photos, next
 to the pure compute of the same search in this process (decode, embed, rank: the function the handler calls),
-timed in turn with the one-client searches.
+timed in alternating blocks with the one-client searches.
 
     python benchmarks/serve_latency.py --data_base results/demo_uncropped_resnet18_512_data_base.pth
     python benchmarks/serve_latency.py --data_base PATH --requests 6 --clients 1,2 --skip_sop --threads 1   # quick
@@ -119,16 +119,20 @@ class Client:
         return seconds
 
 
-def one_client_and_compute(base, searcher, bodies, k, count):
-    """(server latencies, in-process compute times) of `count` searches, one of each in turn, so that other
-    work on the machine weighs on both alike."""
+def one_client_and_compute(base, searcher, bodies, k, count, block=10):
+    """(server latencies, in-process compute times) of `count` searches each, in alternating blocks of `block`,
+    so that other work on the machine weighs on both alike (one search each in turn would time each side while
+    the other's idle threads still spin)."""
     client, served, computed = Client(base, bodies, k), [], []
-    for i in range(-2, count):  # two warm-up rounds
-        start = time.perf_counter()
-        searcher.search_upload(bodies[i % len(bodies)], k)  # what POST /api/search runs, without HTTP
-        computed.append(time.perf_counter() - start)
-        served.append(client.search(i))
-    return served[2:], computed[2:]
+    client.search(0)
+    searcher.search_upload(bodies[0], k)  # warm-up
+    for begin in range(0, count, block):
+        for i in range(begin, min(begin + block, count)):
+            start = time.perf_counter()
+            searcher.search_upload(bodies[i % len(bodies)], k)  # what POST /api/search runs, without HTTP
+            computed.append(time.perf_counter() - start)
+        served += [client.search(i) for i in range(begin, min(begin + block, count))]
+    return served, computed
 
 
 def many_clients(base, bodies, k, clients, total):
