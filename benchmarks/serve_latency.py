@@ -131,6 +131,8 @@ def one_client_and_compute(base, searcher, bodies, k, count, block=10):
             start = time.perf_counter()
             searcher.search_upload(bodies[i % len(bodies)], k)  # what POST /api/search runs, without HTTP
             computed.append(time.perf_counter() - start)
+        client.connection.close()  # the server drops connections idle for 5 s (uvicorn's keep-alive timeout)
+        client.search(begin)  # a fresh connection, untimed
         served += [client.search(i) for i in range(begin, min(begin + block, count))]
     return served, computed
 

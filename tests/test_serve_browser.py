@@ -37,7 +37,7 @@ def browser(tmp_path):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-                 '--disable-component-update', '--disable-sync', '--no-first-run', '--window-size=1100,860',
+                 '--disable-component-update', '--disable-sync', '--no-first-run', '--window-size=1100,1000',
                  f'--user-data-dir={tmp_path / "profile"}'):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
