@@ -7,8 +7,6 @@ import os
 import re
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -19,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from _serve_fixtures import (REPO, expected, multipart, request, rss_bytes, script, start_server, stop_server,
-                             upload)
+from _serve_fixtures import (expected, multipart, request, rss_bytes, script, serve_latency, start_server,
+                             stop_server, upload)
 from _train_fixtures import out
 import retrieval
 import serve
@@ -284,14 +282,13 @@ def test_command_line_errors_are_test_py_s(served, tmp_path, capsys):
     assert stop.value.code == 2
 
 
-def test_latency_benchmark_tiny_run(served):
-    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'serve_latency.py'), '--data_base',
-                             served['db_path'], '--requests', '6', '--clients', '1,2', '--skip_sop', '--threads', '1'],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+def test_latency_benchmark_tiny_run(served, capsys):
+    serve_latency.main(['--data_base', served['db_path'], '--requests', '6', '--clients', '1,2', '--skip_sop',
+                        '--threads', '1'])  # in process; it starts its own server
+    printed = capsys.readouterr().out
     rows = re.findall(r'^\| tiny \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|$',
-                      result.stdout, re.M)
-    assert [int(r[0]) for r in rows] == [1, 2], result.stdout
+                      printed, re.M)
+    assert [int(r[0]) for r in rows] == [1, 2], printed
     for _, p50, p95, per_second, compute, ratio in rows:
         assert 0 < float(compute) and 0 < float(p50) <= float(p95) and float(per_second) > 0
         assert float(ratio) == pytest.approx(float(p50) / float(compute), abs=0.011)
