@@ -436,14 +436,14 @@ class Runtime:
 _OPEN_LOCK = threading.Lock()  # the warning filters are global: decoder threads take turns at changing them
 
 
-def _open_image(path):
-    """PIL's open (the header only) of an image file within PIL's pixel limit
+def _open_image(path, data=None):
+    """PIL's open (the header only) of an image file, or of its bytes `data`, within PIL's pixel limit
     (Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); a larger one is a UserError giving its size."""
     limit = Image.MAX_IMAGE_PIXELS
     with _OPEN_LOCK, warnings.catch_warnings():
         warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # PIL's two-line warning: checked below
         try:
-            img = Image.open(path)
+            img = Image.open(path if data is None else io.BytesIO(data))
         except Image.DecompressionBombError as err:  # over twice the limit: PIL states only the pixel count
             found = re.search(r'\((\d+) pixels\)', str(err))
             size = f'{int(found[1]):,} pixels' if found else 'too many pixels'
@@ -457,11 +457,12 @@ def _open_image(path):
                     f'Image.MAX_IMAGE_PIXELS (a guard against decompression bombs); shrink it first')
 
 
-def load_image(path):
-    """Open and fully decode an image as RGB (PIL); an unreadable or oversized file is a UserError naming it."""
+def load_image(path, data=None):
+    """Open and fully decode an image as RGB (PIL); an unreadable or oversized file is a UserError naming it. `data`:
+    the file's bytes when already in memory (an upload; `path` then only names it)."""
     path = os.fspath(path)
     try:
-        with _open_image(path) as img:
+        with _open_image(path, data) as img:
             img.load()  # decode now, inside the try, so a damaged file fails here and not later
             return _to_rgb(img)
     except (UserError, MemoryError):  # MemoryError: no fault of the file (build_cache says what to do)
@@ -509,12 +510,13 @@ def _within_limit(size):
     return size is not None and (limit is None or size[0] * size[1] <= limit)
 
 
-def load_image_uint8(path):
-    """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels)."""
+def load_image_uint8(path, data=None):
+    """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels); `data` as load_image's."""
     path = os.fspath(path)
     try:  # plain JPEGs: torchvision's libjpeg-turbo, whole file at once, ~25 % faster than PIL, same pixels
-        with open(path, 'rb') as f:
-            data = f.read()
+        if data is None:
+            with open(path, 'rb') as f:
+                data = f.read()
         # JPEG, not an Adobe CMYK one, within PIL's pixel limit (a larger one: load_image says so)
         if data[:3] == b'\xff\xd8\xff' and b'Adobe' not in data[:4096] and _within_limit(_jpeg_size(data)):
             with warnings.catch_warnings(action='ignore', category=DeprecationWarning):  # 0.29: "torchcodec"
@@ -522,7 +524,7 @@ def load_image_uint8(path):
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (ImportError, RuntimeError, OSError, ValueError):
         pass  # a later torchvision without it, a file it refuses, or one the OS refuses: PIL names the error
-    return torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)
+    return torch.from_numpy(np.array(load_image(path, data))).permute(2, 0, 1)
 
 
 def resize_uint8(x, side):
@@ -587,9 +589,10 @@ def gather_crops(images, indices, draws, side):
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def eval_input(path, side, mean, std):
-    """An image file as train.py evaluates it: the full decode resized to side x side, normalised -> float [3, s, s]."""
-    return Normalize(mean, std)(resize_uint8(load_image_uint8(path), side))
+def eval_input(path, side, mean, std, data=None):
+    """An image file (or its bytes `data`) as train.py evaluates it: the full decode resized to side x side,
+    normalised -> float [3, s, s]."""
+    return Normalize(mean, std)(resize_uint8(load_image_uint8(path, data), side))
 
 
 class ImageListDataset(torch.utils.data.Dataset):

@@ -17,6 +17,7 @@ from PIL import Image
 from _query_fixtures import load_script, make_database, make_split
 from _train_fixtures import NAME, REPO, flags, out, run_script
 import data_utils
+import serve
 import train
 import utils
 from utils import UserError, run_cli
@@ -95,7 +96,7 @@ def test_readme_table_lists_every_flag_with_the_code_ranges():
     table = readme_ranges()
     switches = {'--no_amp', '--compile', '--overwrite', '--eval_untrained'}  # no value, named under the table
     for name, parse in (('data_utils.py', data_utils.main), ('train.py', train.parse_args),
-                        ('test.py', script.parse_args)):
+                        ('test.py', script.parse_args), ('serve.py', serve.parse_args)):
         assert script_flags(parse) - switches == {flag for s, flag in table if s == name}, name
     for flag, (low, high) in train.INT_RANGES.items():
         assert table['train.py', f'--{flag}'].startswith(f'{low}–{high}'), flag
