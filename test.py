@@ -25,7 +25,7 @@ from tqdm import tqdm
 import retrieval
 import utils
 from data_utils import IMAGE_EXTENSIONS
-from retrieval import embed_image, load_model, locate_query, rank_gallery, resolve_database_path  # noqa: F401
+from retrieval import embed_image, load_model, locate_query, resolve_database_path
 from utils import UserError
 
 TILE = 224  # side of every written picture, as the original

@@ -1,6 +1,5 @@
 """serve.py for the tests: started in its own process (as the latency benchmark starts it), talked to with urllib."""
 import json
-import os
 import sys
 import urllib.error
 import urllib.request
@@ -11,6 +10,7 @@ sys.path.insert(0, str(REPO / 'benchmarks'))
 from serve_latency import multipart, stop_server  # noqa: E402,F401
 import serve_latency  # noqa: E402
 from _query_fixtures import load_script  # noqa: E402
+import retrieval  # noqa: E402
 
 script = load_script()  # test.py
 
@@ -18,10 +18,10 @@ script = load_script()  # test.py
 def expected(database, path, k, device='cpu'):
     """What test.py computes for a query file with its own functions, on a loaded retrieval.Database ->
     (indices, scores, label) of the top k."""
-    _, exclude, feature, label = script.locate_query(database.db, path, database.isc)
+    _, exclude, feature, label = retrieval.locate_query(database.db, path, database.isc)
     if feature is None:
-        feature = script.embed_image(database.model, path, database.config, device)
-    indices, scores = script.rank_gallery(feature, database.features, exclude)
+        feature = retrieval.embed_image(database.model, path, database.config, device)
+    indices, scores = retrieval.rank_gallery(feature, database.features, exclude, database.labels, label)
     return indices[:k].tolist(), scores[:k].tolist(), label
 
 

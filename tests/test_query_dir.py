@@ -8,22 +8,16 @@ import pytest
 import torch
 
 from _data_fixtures import write_image
+from _query_fixtures import run_test_script
 from _serve_fixtures import expected, script
 from _train_fixtures import out
 import retrieval
-from utils import run_cli
 
 CPU = torch.device('cpu')
 
 
 def run(argv, capsys):
-    try:
-        run_cli(lambda: script.main(argv))
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_test_script(script, argv, capsys)
 
 
 @pytest.fixture(scope='module')
@@ -95,9 +89,9 @@ def test_batch_embedding_equals_one_at_a_time(queries):
     outside = [(p, feature) for p, feature, exclude, label in found if label is None]
     assert len(outside) == 4
     for path, feature in outside:
-        alone = script.embed_image(database.model, path, database.config, CPU)
+        alone = retrieval.embed_image(database.model, path, database.config, CPU)
         assert torch.allclose(feature, alone, atol=1e-5)
-        scores = [script.rank_gallery(f, database.features)[1][:5] for f in (feature, alone)]
+        scores = [retrieval.rank_gallery(f, database.features)[1][:5] for f in (feature, alone)]
         assert torch.allclose(*scores, atol=1e-5)
 
 
