@@ -9,7 +9,9 @@ import io
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -24,20 +26,73 @@ class UserError(Exception):
     """A mistake the user can fix (bad flag, missing or unreadable file); printed without traceback."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster pre-empting the job, torchrun stopping its workers): stops a script as Ctrl-C does."""
+
+
 def run_cli(main, interrupted='stopped at once; files already written are intact'):
-    """Run a script's main(): a UserError is one 'error: ...' line on stderr and exit status 1, Ctrl-C
-    one 'interrupted: ...' line and status 130."""
-    rank = int(os.environ.get('RANK', '0'))
+    """Run a script's main(): a UserError is one 'error: ...' line on stderr and exit status 1; Ctrl-C
+    (status 130) or SIGTERM (status 143) stop it at once with one 'interrupted: ...' line."""
+    rank, stopping = int(os.environ.get('RANK', '0')), []
+
+    def on_sigterm(signum, frame):
+        if not stopping:  # once the script is ending, a SIGTERM (torchrun stopping the others) changes nothing
+            raise Terminated()
+
+    handle = threading.current_thread() is threading.main_thread()  # Python runs handlers there only
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if handle else None
     try:
-        return main()
-    except UserError as err:  # every process finds those of before the process group: rank 0 tells them
-        if rank == 0 or is_distributed():
-            print(f'{f"[rank {rank}] " if rank else ""}error: {err}', file=sys.stderr, flush=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        if rank == 0:
+        try:
+            return main()
+        except UserError as err:
+            stopping.append(err)
+            if _first_to_report(rank):
+                print(f'{f"[rank {rank}] " if rank else ""}error: {err}', file=sys.stderr, flush=True)
+            sys.exit(1)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Terminated; the writes in flight have finished
+        stopping.append(stop)
+        if rank == 0 and not _error_reported():  # torchrun stops the others when one process failed
             print(f'interrupted: {interrupted}', file=sys.stderr, flush=True)
-        sys.exit(130)
+        sys.exit(143 if isinstance(stop, Terminated) else 130)
+    finally:
+        if handle:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _report_store():
+    """(torchrun agent's key-value store, key) where a job's processes count their user errors, or None
+    without one: the agent serves it before its workers start and until they have all ended."""
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
+        return None
+    try:
+        store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
+                              timeout=datetime.timedelta(seconds=5))
+    except (KeyError, ValueError, RuntimeError):
+        return None
+    return store, f'clf/user-error/{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}'
+
+
+def _first_to_report(rank):
+    """Whether this process prints its user error: under torchrun the first process of the job to fail,
+    whichever rank and node it is, so the line appears once even when torchrun stops the others at once."""
+    found = _report_store()
+    if found is None:  # errors of before the process group are every process's: rank 0 tells them
+        return rank == 0 or is_distributed()
+    store, key = found
+    try:
+        return store.add(key, 1) == 1
+    except RuntimeError:
+        return rank == 0
+
+
+def _error_reported():
+    """Whether a process of this torchrun job has printed a user error (and torchrun is stopping the rest)."""
+    found = _report_store()
+    if found is None:
+        return False
+    with contextlib.suppress(RuntimeError):
+        return found[0].check([found[1]])
+    return False
 
 
 def check_int(name, value, low, high):
@@ -112,7 +167,7 @@ def to_cpu(obj):
 
 class BackgroundWriter:
     """Runs write jobs one at a time in a thread, so the GPU need not wait for the disk; a failed job's
-    error surfaces at the next wait."""
+    error surfaces at the next check() (cheap: called at every training step) or wait."""
 
     def __init__(self):
         self.pool, self.job = concurrent.futures.ThreadPoolExecutor(1), None
@@ -120,6 +175,11 @@ class BackgroundWriter:
     def submit(self, write):
         self.wait()
         self.job = self.pool.submit(write)
+
+    def check(self):
+        """Raise the error of a finished job that failed (a full disk): the run stops at its next step."""
+        if self.job is not None and self.job.done():
+            self.wait()
 
     def wait(self):
         job, self.job = self.job, None

@@ -107,8 +107,8 @@ def test_malicious_checkpoint_refused_payload_never_runs(dataset, tmp_path):
         with pytest.raises(UserError, match='refusing to load'):
             utils.safe_load(out(results, 'checkpoint.pth'), what)
     assert not marker.exists()
-    # only the run's hidden lock file beside it (see train.claim_results)
-    assert sorted(os.listdir(results)) == [f'.{RUN_NAME}.lock', os.path.basename(out(results, 'checkpoint.pth'))]
+    # refused before the results folder is touched: not even the run's lock file is created
+    assert os.listdir(results) == [os.path.basename(out(results, 'checkpoint.pth'))]
 
 
 def test_damaged_checkpoint_clear_message(dataset, tmp_path):
@@ -129,7 +129,7 @@ def test_altered_checkpoint_contents_clear_message(dataset, reference, tmp_path)
     # the right settings, but a model that is not this network's: refused before anything is written
     results = shutil.copytree(reference[0], tmp_path / 'copy')
     state = tensors(out(results, 'checkpoint.pth'))
-    state['epoch'], state['model'] = 1, {'fc.weight': torch.zeros(2, 2)}
+    state['model'] = {'fc.weight': torch.zeros(2, 2)}
     torch.save(state, out(results, 'checkpoint.pth'))
     before = {p: (results / p).read_bytes() for p in os.listdir(results)}
     with pytest.raises(UserError) as err:
