@@ -4,6 +4,7 @@ database to results/, with a checkpoint each epoch so a killed run resumes where
 
 Single process: `python train.py ...`; several GPUs or nodes: `torchrun --nproc_per_node=N train.py ...`."""
 import argparse
+import contextlib
 import errno
 import math
 import os
@@ -328,21 +329,21 @@ def check_outputs(config, paths, resumed):
         raise UserError(f'{", ".join(found)} hold a run of this name without a checkpoint (removed, or made with '
                         f'other settings): it cannot be continued; start over with --overwrite (replaces its files)')
     if checkpoint in found:
-        raise UserError(f'{checkpoint} holds a run of this name ({describe_checkpoint(checkpoint)}); continue it '
-                        f'with --resume auto, or start over with --overwrite (replaces its files)')
+        done = describe_checkpoint(checkpoint)
+        raise UserError(f'{checkpoint} holds a run of this name ({done}); continue it with --resume auto, or start '
+                        f'over with --overwrite (replaces its files)' if done else f'{checkpoint} holds a run of this '
+                        f'name, but it is damaged or unreadable; start over with --overwrite (replaces its files)')
     raise UserError(f'{", ".join(found)} hold a run of this name without a checkpoint; start over with --overwrite '
                     f'(replaces its files), or choose another --results_dir')
 
 
 def describe_checkpoint(path):
-    """'epoch 3, best R@1 61.20%' of a checkpoint, or what is wrong with it."""
-    try:
+    """'epoch 3, best R@1 61.20%' of a readable checkpoint, else None."""
+    with contextlib.suppress(UserError):
         state = utils.safe_load(path, 'checkpoint')
-    except UserError:
-        return 'damaged or unreadable'
-    if isinstance(state, dict) and isinstance(state.get('epoch'), int) and isinstance(state.get('best_recall'), float):
-        return f'epoch {state["epoch"]}, best R@1 {100 * state["best_recall"]:.2f}%'
-    return 'unreadable contents'
+        if isinstance(state, dict) and type(state.get('epoch')) is int and isinstance(state.get('best_recall'), float):
+            return f'epoch {state["epoch"]}, best R@1 {100 * state["best_recall"]:.2f}%'
+    return None
 
 
 def first_epoch_remains(config, paths):

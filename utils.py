@@ -33,9 +33,10 @@ class Terminated(KeyboardInterrupt):
 def run_cli(main, interrupted='stopped at once; files already written are intact'):
     """Run a script's main(): a UserError is one 'error: ...' line on stderr and exit status 1; Ctrl-C
     (status 130) or SIGTERM (status 143) stop it at once with one 'interrupted: ...' line."""
-    rank, stopping = int(os.environ.get('RANK', '0')), []
+    rank, received, stopping = int(os.environ.get('RANK', '0')), [], []
 
     def on_sigterm(signum, frame):
+        received.append(signum)
         if not stopping:  # once the script is ending, a SIGTERM (torchrun stopping the others) changes nothing
             raise Terminated()
 
@@ -49,11 +50,14 @@ def run_cli(main, interrupted='stopped at once; files already written are intact
             if _first_to_report(rank):
                 print(f'{f"[rank {rank}] " if rank else ""}error: {err}', file=sys.stderr, flush=True)
             sys.exit(1)
-    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Terminated; the writes in flight have finished
+    except (KeyboardInterrupt, Exception) as stop:  # Ctrl-C, or SIGTERM as Terminated
+        if not isinstance(stop, KeyboardInterrupt) and not received:
+            raise
+        # a SIGTERM sent to the whole process group also ends the loader workers: whatever that raised is the stop
         stopping.append(stop)
         if rank == 0 and not _error_reported():  # torchrun stops the others when one process failed
             print(f'interrupted: {interrupted}', file=sys.stderr, flush=True)
-        sys.exit(143 if isinstance(stop, Terminated) else 130)
+        sys.exit(130 if isinstance(stop, KeyboardInterrupt) and not received else 143)
     finally:
         if handle:
             signal.signal(signal.SIGTERM, previous)
