@@ -283,26 +283,27 @@ def claim_results(config, paths, resumed):
         raise UserError(f'cannot write to results folder {folder}: {err.strerror or err}; nothing written') from None
     lock = os.fdopen(fd, 'r+')
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a hard link writes into another file too
-            raise UserError(f'{lock_path} is not a plain file of its own (a hard link, pipe or device?): '
-                            f'remove it (nothing written)')
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = lock.read().strip() or 'process id unknown'
-            raise UserError(f'another train.py is running on {os.path.join(folder, config["name"])}_* ({holder}); '
-                            f'wait for it or use another --results_dir') from None
-        lock.truncate(0)
-        print(f'process {os.getpid()}', file=lock, flush=True)
-        check_outputs(config, paths, resumed)  # another run may have ended in between
-        for path in paths.values():
-            if config['overwrite'] and os.path.lexists(path):
-                os.remove(path)  # a link itself, never its target
-        utils.remove_temporaries(paths.values())  # left by a killed run: the real files are whole
-    except OSError as err:
-        raise UserError(f'cannot replace the files of {os.path.join(folder, config["name"])}_*: '
-                        f'{err.strerror or err}') from None
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a hard link writes into another file too
+                raise UserError(f'{lock_path} is not a plain file of its own (a hard link, pipe or device?): '
+                                f'remove it (nothing written)')
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = lock.read().strip() or 'process id unknown'
+                raise UserError(f'another train.py is running on {os.path.join(folder, config["name"])}_* '
+                                f'({holder}); wait for it or use another --results_dir') from None
+            lock.truncate(0)
+            print(f'process {os.getpid()}', file=lock, flush=True)
+            check_outputs(config, paths, resumed)  # another run may have ended in between
+            for path in paths.values():
+                if config['overwrite'] and os.path.lexists(path):
+                    os.remove(path)  # a link itself, never its target
+            utils.remove_temporaries(paths.values())  # left by a killed run: the real files are whole
+        except OSError as err:
+            raise UserError(f'cannot replace the files of {os.path.join(folder, config["name"])}_*: '
+                            f'{err.strerror or err}') from None
     except BaseException:
         lock.close()
         raise

@@ -31,8 +31,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def run_cli(main, interrupted='stopped at once; files already written are intact'):
-    """Run a script's main(): a UserError is one 'error: ...' line on stderr and exit status 1; Ctrl-C
-    (status 130) or SIGTERM (status 143) stop it at once with one 'interrupted: ...' line."""
+    """Run a script's main(): a UserError is one 'error: ...' line on stderr (under torchrun from the first
+    process to fail) and exit status 1; Ctrl-C (status 130) or SIGTERM (status 143, restored after) stop it
+    at once with one 'interrupted: ...' line."""
     rank, received, stopping = int(os.environ.get('RANK', '0')), [], []
 
     def on_sigterm(signum, frame):
@@ -51,13 +52,16 @@ def run_cli(main, interrupted='stopped at once; files already written are intact
                 print(f'{f"[rank {rank}] " if rank else ""}error: {err}', file=sys.stderr, flush=True)
             sys.exit(1)
     except (KeyboardInterrupt, Exception) as stop:  # Ctrl-C, or SIGTERM as Terminated
+        stopping.append(stop)
+        told = _error_reported()  # under torchrun: another process stopped with a user error it printed
         if not isinstance(stop, KeyboardInterrupt) and not received:
+            if told:  # a collective broke as that process left: its error line is the one to read
+                sys.exit(1)
             raise
         # a SIGTERM sent to the whole process group also ends the loader workers: whatever that raised is the stop
-        stopping.append(stop)
-        if rank == 0 and not _error_reported():  # torchrun stops the others when one process failed
+        if rank == 0 and not told:
             print(f'interrupted: {interrupted}', file=sys.stderr, flush=True)
-        sys.exit(130 if isinstance(stop, KeyboardInterrupt) and not received else 143)
+        sys.exit(143 if received else 130)
     finally:
         if handle:
             signal.signal(signal.SIGTERM, previous)
@@ -71,7 +75,7 @@ def _report_store():
     try:
         store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
                               timeout=datetime.timedelta(seconds=5))
-    except (KeyError, ValueError, RuntimeError):
+    except Exception:  # no store to reach (another launcher): the rank-0 rule applies
         return None
     return store, f'clf/user-error/{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}'
 
@@ -85,7 +89,7 @@ def _first_to_report(rank):
     store, key = found
     try:
         return store.add(key, 1) == 1
-    except RuntimeError:
+    except Exception:  # reporting an error must never raise one of its own
         return rank == 0
 
 
@@ -94,7 +98,7 @@ def _error_reported():
     found = _report_store()
     if found is None:
         return False
-    with contextlib.suppress(RuntimeError):
+    with contextlib.suppress(Exception):
         return found[0].check([found[1]])
     return False
 
