@@ -121,6 +121,7 @@ def test_sigterm_stops_like_ctrl_c_then_resume_matches_uninterrupted(dataset, re
 
 def test_sigterm_handler_installed_by_run_cli_and_restored(capsys):
     def main():
+        assert signal.getsignal(signal.SIGTERM) is not before  # else the SIGTERM below would end pytest itself
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError('not stopped')  # Python runs the handler before the next line
 
