@@ -364,7 +364,7 @@ def first_epoch_remains(config, paths):
     except UserError:
         return False
     recorded = database.get('config') if isinstance(database, dict) else None
-    return isinstance(recorded, dict) and recorded.get('settings') == {key: config[key] for key in RESUME_KEYS}
+    return isinstance(recorded, dict) and recorded.get('settings') == run_settings(config)
 
 
 def statistics_csv(statistics, recalls):
@@ -383,7 +383,7 @@ def make_database(images, features, config):
                          f'{prefix}_features': features[split]})
     keys = ('backbone_type', 'feature_dim', 'branches', 'num_classes', 'image_size', 'data_name', 'crop_type')
     database['config'] = dict({key: config[key] for key in keys}, mean=list(images.normalize.mean),
-                              std=list(images.normalize.std), settings={key: config[key] for key in RESUME_KEYS})
+                              std=list(images.normalize.std), settings=run_settings(config))
     return database
 
 
@@ -395,7 +395,7 @@ def epoch_files(epoch, trained, best, statistics, config, images, features):
     state = utils.to_cpu({'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                           'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
                           'best_recall': best['recall'], 'best_epoch': best['epoch'], 'statistics': list(statistics),
-                          'config': {key: config[key] for key in RESUME_KEYS}})
+                          'config': run_settings(config)})
 
     def write():  # best model and database first, checkpoint last: a kill in between repeats this epoch on resume
         if best_files is not None:
@@ -404,6 +404,11 @@ def epoch_files(epoch, trained, best, statistics, config, images, features):
                             paths['curves.png']: utils.plot_curves(state['statistics'], recalls, config['name'])})
         utils.atomic_write({paths['checkpoint.pth']: utils.torch_bytes(state)})
     return write
+
+
+def run_settings(config):
+    """The flags a run's numbers depend on (RESUME_KEYS), as its checkpoint and database record them."""
+    return {key: config[key] for key in RESUME_KEYS}
 
 
 def output_paths(config):

@@ -392,7 +392,8 @@ def test_read_only_results_folder(tmp_path):
         previous = os.path.join(results, f'{RUN_NAME}_statistics.csv')
         with open(previous, 'wb') as f:
             f.write(b'epoch\n1\n')
-        command = [sys.executable, 'train.py', *flags(data, results, epochs=1)]
+        # even asked to replace that run (--overwrite), nothing is removed before the lock is held
+        command = [sys.executable, 'train.py', *flags(data, results, '--overwrite', epochs=1)]
         if how == 'read-only mount':
             command = ['unshare', '--mount', 'sh', '-c', 'mount --bind "$0" "$0" && '
                        'mount -o remount,bind,ro "$0" "$0" && exec "$@"', results, *command]
