@@ -2,6 +2,7 @@
 
 Faults are injected from outside: tests/fault_launcher.py for subprocesses, the inject fixture in-process.
 """
+import concurrent.futures
 import errno
 import glob
 import os
@@ -10,8 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 
 import pytest
 import torch
@@ -133,32 +132,30 @@ def test_sigterm_handler_installed_by_run_cli_and_restored(capsys):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_failed_background_write_stops_at_the_next_step(dataset, tmp_path, monkeypatch):
+def test_failed_background_write_stops_at_the_next_step(dataset, tmp_path, inject, monkeypatch):
     # epoch 1's checkpoint cannot be written: the run stops at the first step after the failure is known,
     # not after training epoch 2 without a checkpoint
     results = tmp_path / 'results'
-    failed, steps = threading.Event(), []
-    write, step = utils.write_temporary, train.train_step
+    inject('fail-write:checkpoint:1')
+    jobs, steps = [], []
+    submit, step = utils.BackgroundWriter.submit, train.train_step
 
-    def full_disk(data, path):
-        if path.endswith('checkpoint.pth'):
-            failed.set()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return write(data, path)
+    def kept(writer, write):
+        submit(writer, write)
+        jobs.append(writer.job)
 
     def counted_step(*args, **kwargs):
         steps.append(1)
-        if len(steps) > 3:  # epoch 2 (3 steps per epoch): let the writer thread fail first
-            assert failed.wait(60)
-            time.sleep(0.2)  # the job's future records the exception just after
+        if len(steps) == 4:  # epoch 2's first step (3 per epoch): the writer has failed by its end
+            concurrent.futures.wait(jobs[:1])
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(utils, 'write_temporary', full_disk)
+    monkeypatch.setattr(utils.BackgroundWriter, 'submit', kept)
     monkeypatch.setattr(train, 'train_step', counted_step)
     with pytest.raises(UserError) as err:
         train.main(flags(dataset, results))
     assert f'cannot write {out(results, "checkpoint.pth")}: No space left on device' in str(err.value)
-    assert len(steps) == 4  # epoch 2's first step ran before the failure was known, its second never started
+    assert len(steps) == 4  # epoch 2's second step never started
     assert not os.path.exists(out(results, 'checkpoint.pth')) and temporaries(results) == []
 
 
