@@ -34,9 +34,12 @@ def run_cli(main, interrupted='stopped at once; files already written are intact
     """Run a script's main(): a UserError is one 'error: ...' line on stderr (under torchrun from the first
     process to fail) and exit status 1; Ctrl-C (status 130) or SIGTERM (status 143, restored after) stop it
     at once with one 'interrupted: ...' line."""
-    rank, received, stopping = int(os.environ.get('RANK', '0')), [], []
+    rank, received, stopping, pid = int(os.environ.get('RANK', '0')), [], [], os.getpid()
 
     def on_sigterm(signum, frame):
+        if os.getpid() != pid:  # a forked child (a loader worker) ends quietly, as it would without this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         received.append(signum)
         if not stopping:  # once the script is ending, a SIGTERM (torchrun stopping the others) changes nothing
             raise Terminated()
