@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import threading
 import warnings
@@ -26,20 +27,84 @@ class UserError(Exception):
     """A mistake the user can fix (bad flag, missing or unreadable file); printed without traceback."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster pre-empting the job, torchrun stopping its workers): stops a script as Ctrl-C does."""
+
+
 def run_cli(main, interrupted='stopped at once; files already written are intact'):
-    """Run a script's main(): a UserError is one 'error: ...' line on stderr and exit status 1, Ctrl-C
-    one 'interrupted: ...' line and status 130."""
-    rank = int(os.environ.get('RANK', '0'))
+    """Run a script's main(): a UserError is one 'error: ...' line on stderr (under torchrun from the first
+    process to fail) and exit status 1; Ctrl-C (status 130) or SIGTERM (status 143, restored after) stop it
+    at once with one 'interrupted: ...' line."""
+    rank, received, stopping, pid = int(os.environ.get('RANK', '0')), [], [], os.getpid()
+
+    def on_sigterm(signum, frame):
+        if os.getpid() != pid:  # a forked child (a loader worker) ends quietly, as it would without this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        received.append(signum)
+        if not stopping:  # once the script is ending, a SIGTERM (torchrun stopping the others) changes nothing
+            raise Terminated()
+
+    handle = threading.current_thread() is threading.main_thread()  # Python runs handlers there only
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if handle else None
     try:
-        return main()
-    except UserError as err:  # every process finds those of before the process group: rank 0 tells them
-        if rank == 0 or is_distributed():
-            print(f'{f"[rank {rank}] " if rank else ""}error: {err}', file=sys.stderr, flush=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        if rank == 0:
+        try:
+            return main()
+        except UserError as err:
+            stopping.append(err)
+            if _first_to_report(rank):
+                print(f'{f"[rank {rank}] " if rank else ""}error: {err}', file=sys.stderr, flush=True)
+            sys.exit(1)
+    except (KeyboardInterrupt, Exception) as stop:  # Ctrl-C, or SIGTERM as Terminated
+        stopping.append(stop)
+        told = _error_reported()  # under torchrun: another process stopped with a user error it printed
+        if not isinstance(stop, KeyboardInterrupt) and not received:
+            if told:  # a collective broke as that process left: its error line is the one to read
+                sys.exit(1)
+            raise
+        # a SIGTERM sent to the whole process group also ends the loader workers: whatever that raised is the stop
+        if rank == 0 and not told:
             print(f'interrupted: {interrupted}', file=sys.stderr, flush=True)
-        sys.exit(130)
+        sys.exit(143 if received else 130)
+    finally:
+        if handle:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _report_store():
+    """(torchrun agent's key-value store, key) where a job's processes count their user errors, or None
+    without one: the agent serves it before its workers start and until they have all ended."""
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
+        return None
+    try:
+        store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
+                              timeout=datetime.timedelta(seconds=5))
+    except Exception:  # no store to reach (another launcher): the rank-0 rule applies
+        return None
+    return store, f'clf/user-error/{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}'
+
+
+def _first_to_report(rank):
+    """Whether this process prints its user error: under torchrun the first process of the job to fail,
+    whichever rank and node it is, so the line appears once even when torchrun stops the others at once."""
+    found = _report_store()
+    if found is None:  # errors of before the process group are every process's: rank 0 tells them
+        return rank == 0 or is_distributed()
+    store, key = found
+    try:
+        return store.add(key, 1) == 1
+    except Exception:  # reporting an error must never raise one of its own
+        return rank == 0
+
+
+def _error_reported():
+    """Whether a process of this torchrun job has printed a user error (and torchrun is stopping the rest)."""
+    found = _report_store()
+    if found is None:
+        return False
+    with contextlib.suppress(Exception):
+        return found[0].check([found[1]])
+    return False
 
 
 SEED_MAX = 2 ** 32 - 1  # NumPy's seed range, 0 .. 2**32 - 1: one range for every script's --seed
@@ -132,7 +197,7 @@ def to_cpu(obj):
 
 class BackgroundWriter:
     """Runs write jobs one at a time in a thread, so the GPU need not wait for the disk; a failed job's
-    error surfaces at the next wait."""
+    error surfaces at the next check() (cheap: called at every training step) or wait."""
 
     def __init__(self):
         self.pool, self.job = concurrent.futures.ThreadPoolExecutor(1), None
@@ -140,6 +205,11 @@ class BackgroundWriter:
     def submit(self, write):
         self.wait()
         self.job = self.pool.submit(write)
+
+    def check(self):
+        """Raise the error of a finished job that failed (a full disk): the run stops at its next step."""
+        if self.job is not None and self.job.done():
+            self.wait()
 
     def wait(self):
         job, self.job = self.job, None
