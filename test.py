@@ -1,29 +1,35 @@
-"""Top-K retrieval for one query image from a saved feature database, written as pictures.
+"""Top-K retrieval for one query image from a saved feature database, written as pictures; or for every image
+of a folder, written as one CSV.
 
     python test.py --query_img_name PATH [--data_base NAME_OR_PATH] [--retrieval_num K]
+    python test.py --query_dir DIR [--data_base NAME_OR_PATH] [--retrieval_num K]
     python test.py --data_base NAME_OR_PATH --embedding_map
 
-writes results/{query stem}/query_img.jpg, retrieval_img_{rank}_{score}.jpg and retrieval.png.
-A query image that is not in the database is embedded with the database's model file.
---embedding_map writes results/{database stem}_map.png: a t-SNE of the database's test embeddings,
-each image drawn as a thumbnail at its point, framed in its class's colour."""
+The first writes results/{query stem}/query_img.jpg, retrieval_img_{rank}_{score}.jpg and retrieval.png, the
+second results/{DIR's name}_top{K}.csv. A query image that is not in the database is embedded with the
+database's model file. The third writes results/{database stem}_map.png: a t-SNE of the database's test
+embeddings, each image drawn as a thumbnail at its point, framed in its class's colour."""
 import argparse
 import colorsys
 import contextlib
+import csv
 import fcntl
 import io
 import os
 import re
 import secrets
 import shutil
+import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
+import retrieval
 import utils
-from model import Model
+from data_utils import IMAGE_EXTENSIONS
+from retrieval import embed_image, load_model, locate_query, resolve_database_path
 from utils import UserError
 
 TILE = 224  # side of every written picture, as the original
@@ -31,9 +37,9 @@ BORDER = 8  # width of the frame around the picture: match (green), mismatch (re
 INNER = TILE - 2 * BORDER  # side of the picture inside the frame
 PAD, CAPTION = 8, 44  # row picture: gap around tiles, room for two caption lines under each tile
 ROW_MAX = 11  # tiles per line of the row picture (query + 10); a longer top-K wraps onto more lines
+BATCH = 32  # --query_dir: images decoded and embedded per forward pass
 MARKER = '.written_by_test_py'  # inside every folder test.py writes: only a folder holding it is ever replaced
 MARKER_TEXT = b'CLF test.py results; the next run for the same query name replaces this folder whole\n'
-DATABASE_NAME = re.compile(r'(.+)_(uncropped|cropped)_(.+)_(\d+)_data_base\.pth')  # as train.py names it
 DEFAULT_QUERY = '/home/data/car/uncropped/008055.jpg'  # the original's default query
 MAP_SIDE, THUMB, FRAME = 2000, 40, 3  # embedding map: canvas side, thumbnail side with its class-coloured frame
 MAP_PER_CLASS = 5  # the sample takes at least this many images of each class it shows (where a class has them)
@@ -41,10 +47,14 @@ TSNE_PCA_DIMS = 50  # embeddings are reduced to this many dimensions by PCA befo
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Retrieve the top-K images of a feature database for a query image')
+    parser = argparse.ArgumentParser(description='Retrieve the top-K images of a feature database for a query image '
+                                                 '(or for each image of a folder)')
     add = parser.add_argument
-    add('--query_img_name', default=None,
-        help=f'a database image or any image file [default: {DEFAULT_QUERY}, unless --embedding_map is given alone]')
+    query = parser.add_mutually_exclusive_group()
+    query.add_argument('--query_img_name', default=None,
+                       help=f'a database image or any image file [default: {DEFAULT_QUERY}, unless --embedding_map '
+                            f'is given alone]')
+    query.add_argument('--query_dir', help='rank every image under this folder (recursively) into one CSV instead')
     add('--data_base', default='car_uncropped_resnet18_512_data_base.pth', help='a name in --results_dir, or a path')
     add('--retrieval_num', default=8, type=int, help='how many images to retrieve')
     add('--results_dir', default='results', help='where databases are found by name and {query stem}/ is written')
@@ -56,84 +66,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def resolve_database_path(name, results_dir):
-    """A bare file name is looked up in results_dir (as the original did), then in the current folder; anything
-    with a folder in it is a path. A missing database says which training run writes it."""
-    in_results, bare = os.path.join(results_dir, name), os.path.dirname(name) == ''
-    path = in_results if bare and (os.path.lexists(in_results) or not os.path.lexists(name)) else name
-    if os.path.lexists(path):  # a pipe or device goes on, to be refused as not a regular file
-        return path
-    parts = DATABASE_NAME.fullmatch(os.path.basename(path))
-    if parts is None:
-        raise UserError(f'database not found: {path} (expected a ..._data_base.pth written by train.py)')
-    folder = os.path.dirname(path)  # train.py writes into --results_dir, default 'results'
-    keys = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'results_dir')[:4 + (folder != 'results')]
-    flags = ' '.join(f'--{k} {v}' for k, v in zip(keys, parts.groups() + (folder,)))
-    raise UserError(f'database not found: {path}; train the model first: python train.py {flags} (with your '
-                    f'--data_path) writes it, or give --data_base the path of an existing database')
-
-
 def load_query(path):
     """The query as an RGB image; a folder, pipe, missing or undecodable file is a UserError saying so."""
     if os.path.isdir(path):
         raise UserError(f'the query {path} is a folder; give one image file')
     utils.read_bytes(path, 'query image')  # missing, a pipe or device (which PIL would wait on), unreadable
     return utils.load_image(path)  # undecodable: 'cannot decode image ...: reason (damaged, or not an image)'
-
-
-def load_model(db, db_path):
-    """The model the database records, with the weights of its model file (SHA-checked), strictly."""
-    state, model_path = utils.read_model_state(db, db_path)
-    try:
-        model = Model(*(db['config'][k] for k in ('backbone_type', 'feature_dim', 'num_classes', 'branches')))
-    except UserError as err:
-        raise UserError(f'{db_path} records model settings that cannot be built: {err}') from None
-    utils.load_state_dict_strict(model, state, model_path)
-    return model.eval(), model_path
-
-
-@torch.no_grad()
-def embed_image(model, path, config, device):
-    """Retrieval embedding [n*feature_dim] of an image file, preprocessed as train.py did the database's images."""
-    x = utils.eval_input(path, config['image_size'], config['mean'], config['std'])[None].to(device)  # [1, 3, s, s]
-    return model.to(device)(x)[0][0].float().cpu()
-
-
-def find_image(path, images):
-    """Index of the query in a database image list (the same path, or the same file), else None."""
-    target = os.path.normcase(os.path.abspath(path))
-    same_path = (i for i, p in enumerate(images) if os.path.normcase(os.path.abspath(p)) == target)
-    # a link to a database image: stat only the candidates with the same name (a database is large)
-    same_file = (i for i, p in enumerate(images) if os.path.basename(p) == os.path.basename(path)
-                 and os.path.exists(p) and os.path.samefile(p, path))
-    index = next(same_path, None)
-    return index if index is not None else next(same_file, None)
-
-
-def locate_query(db, query_path, isc):
-    """Where the query is in the database: (split searched, index to exclude, stored feature or None, label or None)."""
-    split = 'gallery' if isc else 'test'
-    for part in ('test', 'gallery') if isc else ('test',):
-        index = find_image(query_path, db[f'{part}_images'])
-        if index is not None:  # isc: a query-split image searches the whole gallery; else the others of its split
-            return split, index if part == split else None, db[f'{part}_features'][index], db[f'{part}_labels'][index]
-    return split, None, None, None
-
-
-def rank_gallery(query_feature, gallery_features, exclude=None, gallery_labels=None, query_label=None):
-    """Gallery indices sorted by cosine similarity to the query, best first -> (indices, scores). Ties go against
-    the query, as in metrics.py: when its label is known, other-class items first; then index order."""
-    candidates = torch.arange(len(gallery_features))
-    if exclude is not None:  # the query itself is not a result
-        candidates = candidates[candidates != exclude]
-    gallery = F.normalize(gallery_features[candidates].float(), dim=1)  # [M, D]
-    scores = gallery @ F.normalize(query_feature.float(), dim=0)  # [M]
-    order = torch.arange(len(candidates))  # [M] the tie order: index order...
-    if query_label is not None:  # ...other-class items ahead of same-class ones
-        same = torch.tensor([gallery_labels[i] == query_label for i in candidates.tolist()], dtype=torch.uint8)
-        order = torch.argsort(same, stable=True)
-    order = order[torch.sort(scores[order], descending=True, stable=True).indices]
-    return candidates[order], scores[order]
 
 
 def database_picture(path, side, db_path):
@@ -257,6 +195,79 @@ def write_result_folder(results_dir, stem, files):
     return target
 
 
+def list_images(folder):
+    """Image files (by extension) under `folder`, recursively, in sorted order; hidden entries are left out."""
+    if not os.path.isdir(folder):
+        raise UserError(f'--query_dir {folder} is not a folder' if os.path.lexists(folder) else
+                        f'--query_dir not found: {folder}')
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        found += [os.path.join(root, f) for f in sorted(files)
+                  if not f.startswith('.') and f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not found:
+        raise UserError(f'--query_dir {folder} holds no image (looked for {", ".join(IMAGE_EXTENSIONS)}, recursively)')
+    return found
+
+
+def embed_folder(database, paths, batch_size=BATCH):
+    """Per query path (stored feature [D] or None, index to exclude, label or None), embedding the images that are
+    not in the database in batches; unreadable ones -> (path, reason) in the second list, left out of the first."""
+    located = {p: locate_query(database.db, p, database.isc) for p in paths}  # -> (split, exclude, feature, label)
+    outside = [p for p in paths if located[p][2] is None]
+    unreadable, config = [], database.config
+    bar = tqdm(total=len(outside), desc='Embedding queries', dynamic_ncols=True, leave=False)
+    for begin in range(0, len(outside), batch_size):
+        inputs = {}  # path -> [3, s, s]: one batch decoded at a time (bounded memory)
+        for path in outside[begin:begin + batch_size]:  # one by one, so that a damaged file is named and skipped
+            try:
+                inputs[path] = utils.eval_input(path, config['image_size'], config['mean'], config['std'])
+            except UserError as err:
+                unreadable.append((path, str(err)))
+        if inputs:
+            features = retrieval.embed_inputs(database.model, torch.stack(list(inputs.values())), database.device)
+            for path, feature in zip(inputs, features):  # [D] each
+                located[path] = located[path][:2] + (feature, None)
+        bar.update(len(outside[begin:begin + batch_size]))
+    bar.close()
+    queries = [(p, located[p][2], located[p][1], located[p][3]) for p in paths if located[p][2] is not None]
+    return queries, unreadable
+
+
+def retrieve_folder(folder, data_base, k, results_dir, device):
+    """Rank every image under `folder` into {results_dir}/{folder name}_top{k}.csv (query, rank, path, label,
+    score; k rows per query, the rows test.py --query_img_name gives for it) -> the CSV's path."""
+    paths = list_images(folder)
+    database = retrieval.open_database(data_base, results_dir, device)
+    queries, unreadable = embed_folder(database, paths)
+    if unreadable:
+        listed = '; '.join(reason for _, reason in unreadable[:20])  # each names its file
+        more = f' and {len(unreadable) - 20} more' if len(unreadable) > 20 else ''
+        print(f'warning: {len(unreadable)} of {len(paths)} images under {folder} cannot be read and are skipped: '
+              f'{listed}{more}', file=sys.stderr, flush=True)
+    if not queries:
+        raise UserError(f'no image under --query_dir {folder} could be read; nothing was written')
+    images, labels, features = database.images, database.labels, database.features
+    searchable = len(images) - any(exclude is not None for _, _, exclude, _ in queries)
+    if k > searchable:
+        besides = ' besides a query that is one of them' if searchable < len(images) else ''
+        raise UserError(f'--retrieval_num {k} asks for more images than {database.path} can return ({searchable} '
+                        f'{database.split} images{besides})')
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator='\n')
+    writer.writerow(('query', 'rank', 'path', 'label', 'score'))
+    for path, feature, exclude, label in queries:
+        indices, scores = retrieval.top_k(feature, features, k, exclude, labels, label)
+        writer.writerows((path, rank, images[i], labels[i], score)
+                         for rank, (i, score) in enumerate(zip(indices, scores), start=1))
+    name = os.path.basename(os.path.abspath(folder)) or 'root'  # a name, never a path: the CSV stays in results_dir
+    target = os.path.join(results_dir, f'{name}_top{k}.csv')
+    utils.atomic_write({target: text.getvalue().encode()})
+    print(f'{len(queries)} queries under {folder}, top {k} of the {database.split} images of {database.path} '
+          f'each: saved to {target}')
+    return target
+
+
 # ---- the embedding map: t-SNE of the test embeddings, each image a thumbnail at its point ----
 
 def map_sample(labels, limit, seed):
@@ -346,8 +357,7 @@ def retrieve(args, query_path, db, db_path, isc, device):
     if args.retrieval_num > searchable:
         raise UserError(f'--retrieval_num {args.retrieval_num} asks for more images than {db_path} can return '
                         f'({searchable} {split} images{" besides the query" if exclude is not None else ""})')
-    ranked = rank_gallery(query_feature, features, exclude, labels, query_label)
-    indices, scores = (t[:args.retrieval_num].tolist() for t in ranked)
+    indices, scores = retrieval.top_k(query_feature, features, args.retrieval_num, exclude, labels, query_label)
     hits = []  # every picture is read and encoded before anything is written
     for rank, (i, score) in enumerate(zip(indices, scores), start=1):
         hits.append((rank, score, labels[i], database_picture(images[i], INNER, db_path), images[i]))
@@ -370,10 +380,14 @@ def main(argv=None):
     utils.check_int('--seed', args.seed, 0, utils.SEED_MAX)
     utils.check_results_dir(args.results_dir)
     device = utils.resolve_device(args.device)
+    target = None
+    if args.query_dir is not None:
+        target = retrieve_folder(args.query_dir, args.data_base, args.retrieval_num, args.results_dir, device)
+        if not args.embedding_map:
+            return target
     db_path = resolve_database_path(args.data_base, args.results_dir)
     db, isc = utils.load_database(db_path)
-    target = None
-    if args.query_img_name is not None or not args.embedding_map:  # --embedding_map alone runs no query
+    if args.query_img_name is not None or not (args.embedding_map or args.query_dir):  # a map alone runs no query
         target = retrieve(args, args.query_img_name or DEFAULT_QUERY, db, db_path, isc, device)
     if args.embedding_map:
         map_path = write_embedding_map(db, db_path, args.results_dir, args.map_images, args.seed)

@@ -4,8 +4,11 @@ database to results/, with a checkpoint each epoch so a killed run resumes where
 
 Single process: `python train.py ...`; several GPUs or nodes: `torchrun --nproc_per_node=N train.py ...`."""
 import argparse
+import contextlib
+import errno
 import math
 import os
+import stat
 import time
 
 import torch
@@ -36,7 +39,7 @@ RANKING_METRICS = (('MAP@R', 'map@r', 'MAP@R'), ('R-Precision', 'r_precision', '
 # flags a resumed run must share with its checkpoint: they change the numbers it produces
 RESUME_KEYS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'branches', 'recalls',
                'batch_size', 'num_epochs', 'image_size', 'seed', 'pretrained', 'lr', 'val_split')
-OUTPUTS = ('statistics.csv', 'settings.json', 'model.pth', 'data_base.pth', 'checkpoint.pth', 'curves.png')
+OUTPUTS = ('statistics.csv', 'model.pth', 'data_base.pth', 'checkpoint.pth', 'curves.png', 'settings.json')
 VAL_STREAM = 0x76616C  # mixed into --seed for the choice of validation classes, apart from every epoch's draws
 INTERRUPTED = 'stopped at once; the last checkpoint is intact: run the same command with --resume auto to continue'
 DIVERGED = ('training stopped; the best model and database on disk are from earlier epochs and unchanged. Try a '
@@ -248,13 +251,16 @@ def train_set_line(batches, batch_size, world_size, num_images):
     return f'Train set: {images} images, {step} of {batch_size} per epoch ({num_images} training images)'
 
 
-def train_one_epoch(model, images, criterion, optimizer, rt, epoch, num_epochs):
-    """One pass over the training images -> {'loss', 'accuracy' (%), 'seconds'} over all processes."""
+def train_one_epoch(model, images, criterion, optimizer, rt, epoch, num_epochs, writer=None):
+    """One pass over the training images -> {'loss', 'accuracy' (%), 'seconds'} over all processes; stops at
+    the first step after a background write of `writer` failed."""
     model.train()  # Model keeps the backbone BatchNorm in eval mode when freeze_backbone_bn is set
     start, first_step, loss_sum, correct, seen = time.time(), 0.0, 0.0, 0.0, 0
     batches = images.epoch_batches(epoch)
     bar = tqdm(images.train_batches(batches), total=len(batches), disable=not rt.main, dynamic_ncols=True, leave=False)
     for step, (x, targets) in enumerate(bar, start=1):
+        if writer is not None:
+            writer.check()  # a full disk stops the run now, not after another epoch without a checkpoint
         loss, hits = train_step(model, x, targets, criterion, optimizer, rt)
         # one device sync per step: the NaN check and the bar need the values anyway
         loss_value, hits = torch.stack([loss, hits.float()]).tolist()
@@ -343,40 +349,106 @@ def selection_text(best, statistics, config):
 
 # ---- files: one run per results name, its outputs, checkpoints written in the background ----
 
-def claim_results(config, paths):
-    """Hold this results name for the run (an OS lock, released even when the process is killed)
-    and refuse to replace a run that has a checkpoint unless asked -> the open lock file."""
+def claim_results(config, paths, resumed):
+    """Hold this results name for the run (an OS lock, released even when the process is killed) and
+    refuse to replace another run's outputs unless asked (check_outputs) -> the open lock file."""
     import fcntl
     folder = config['results_dir']
+    check_outputs(config, paths, resumed)  # a refusal creates nothing: checked again once the lock is held
+    lock_path = os.path.join(folder, f'.{config["name"]}.lock')
     try:
         os.makedirs(folder, exist_ok=True)
-        lock = open(os.path.join(folder, f'.{config["name"]}.lock'), 'a+')
+        # never through a link planted there: O_NOFOLLOW fails on one (ELOOP) before anything is written
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(f'{lock_path} is a symbolic link: train.py writes nothing through a link in the '
+                            f'results folder; remove it (nothing written)') from None
         raise UserError(f'cannot write to results folder {folder}: {err.strerror or err}; nothing written') from None
+    lock = os.fdopen(fd, 'r+')
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        holder = lock.read().strip() or 'process id unknown'
-        raise UserError(f'another train.py is running on {os.path.join(folder, config["name"])}_* ({holder}); '
-                        f'wait for it or use another --results_dir') from None
-    try:
-        lock.truncate(0)
-        print(f'process {os.getpid()}', file=lock, flush=True)
-        if os.path.exists(paths['checkpoint.pth']) and not config['resume'] and not config['overwrite']:
-            state = utils.safe_load(paths['checkpoint.pth'], 'checkpoint')
-            done = f'epoch {state["epoch"]}, best R@1 {100 * state["best_recall"]:.2f}%' if isinstance(state, dict) \
-                and {'epoch', 'best_recall'} <= set(state) else 'unreadable contents'
-            raise UserError(f'{paths["checkpoint.pth"]} holds a run of this name ({done}); continue it with '
-                            f'--resume auto, or start over with --overwrite (replaces its files)')
-        for path in paths.values():
-            if config['overwrite'] and os.path.isfile(path):
-                os.remove(path)
-        utils.remove_temporaries(paths.values())  # left by a killed run: the real files are whole
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a hard link writes into another file too
+                raise UserError(f'{lock_path} is not a plain file of its own (a hard link, pipe or device?): '
+                                f'remove it (nothing written)')
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = lock.read().strip() or 'process id unknown'
+                raise UserError(f'another train.py is running on {os.path.join(folder, config["name"])}_* '
+                                f'({holder}); wait for it or use another --results_dir') from None
+            lock.truncate(0)
+            print(f'process {os.getpid()}', file=lock, flush=True)
+            check_outputs(config, paths, resumed)  # another run may have ended in between
+            for path in paths.values():
+                if config['overwrite'] and os.path.lexists(path):
+                    os.remove(path)  # a link itself, never its target
+            utils.remove_temporaries(paths.values())  # left by a killed run: the real files are whole
+        except OSError as err:
+            raise UserError(f'cannot replace the files of {os.path.join(folder, config["name"])}_*: '
+                            f'{err.strerror or err}') from None
     except BaseException:
         lock.close()
         raise
     return lock
+
+
+def check_outputs(config, paths, resumed):
+    """Refuse to replace any output of this name (a link counts: atomic writes replace links, never
+    write through them) unless --overwrite, or --resume continuing it (`resumed`: the checkpoint's
+    os.stat when read), or --resume auto starting fresh over what a killed first epoch left."""
+    found = [path for path in paths.values() if os.path.lexists(path)]
+    checkpoint = paths['checkpoint.pth']
+    if not found or config['overwrite'] or config['resume'] not in (None, 'auto'):
+        return
+    if config['resume'] == 'auto':
+        now = os.stat(checkpoint) if os.path.isfile(checkpoint) else None
+        if resumed is not None or now is not None:
+            if now is None or resumed is None or (now.st_ino, now.st_size, now.st_mtime_ns) != \
+                    (resumed.st_ino, resumed.st_size, resumed.st_mtime_ns):
+                raise UserError(f'{checkpoint} changed while this run started (another train.py?); run it again')
+            return
+        if first_epoch_remains(config, paths):
+            return
+        raise UserError(f'{", ".join(found)} hold a run of this name without a checkpoint (removed, or made with '
+                        f'other settings): it cannot be continued; start over with --overwrite (replaces its files)')
+    if checkpoint in found:
+        done = describe_checkpoint(checkpoint)
+        raise UserError(f'{checkpoint} holds a run of this name ({done}); continue it with --resume auto, or start '
+                        f'over with --overwrite (replaces its files)' if done else f'{checkpoint} holds a run of this '
+                        f'name, but it is damaged or unreadable; start over with --overwrite (replaces its files)')
+    raise UserError(f'{", ".join(found)} hold a run of this name without a checkpoint; start over with --overwrite '
+                    f'(replaces its files), or choose another --results_dir')
+
+
+def describe_checkpoint(path):
+    """'epoch 3, best R@1 61.20%' of a readable checkpoint, else None."""
+    with contextlib.suppress(UserError):
+        state = utils.safe_load(path, 'checkpoint')
+        if isinstance(state, dict) and type(state.get('epoch')) is int and isinstance(state.get('best_recall'), float):
+            return f'epoch {state["epoch"]}, best R@1 {100 * state["best_recall"]:.2f}%'
+    return None
+
+
+def first_epoch_remains(config, paths):
+    """Whether outputs without a checkpoint can be what this command's first epoch wrote before a kill
+    (the checkpoint is written last): at most one statistics row, a database of these settings or none."""
+    if os.path.lexists(paths['statistics.csv']):
+        try:
+            with open(paths['statistics.csv'], 'rb') as f:
+                if len(f.read().splitlines()) > 2:  # the header and epoch 1
+                    return False
+        except OSError:
+            return False
+    if not os.path.lexists(paths['data_base.pth']):
+        return True  # the model is renamed into place before its database
+    try:
+        database = utils.safe_load(paths['data_base.pth'], 'feature database')
+    except UserError:
+        return False
+    recorded = database.get('config') if isinstance(database, dict) else None
+    return isinstance(recorded, dict) and recorded.get('settings') == run_settings(config)
 
 
 def statistics_csv(statistics, recalls, val=False):
@@ -390,7 +462,7 @@ def settings_json(config):
     """The settings that make a run's numbers (RESUME_KEYS), written beside its statistics: summarize.py pools
     only runs that differ in --seed alone."""
     import json
-    return (json.dumps({key: config[key] for key in RESUME_KEYS}, indent=1, sort_keys=True) + '\n').encode()
+    return (json.dumps(run_settings(config), indent=1, sort_keys=True) + '\n').encode()
 
 
 def make_database(images, features, config):
@@ -402,7 +474,7 @@ def make_database(images, features, config):
                          f'{prefix}_features': features[split]})
     keys = ('backbone_type', 'feature_dim', 'branches', 'num_classes', 'image_size', 'data_name', 'crop_type')
     database['config'] = dict({key: config[key] for key in keys}, mean=list(images.normalize.mean),
-                              std=list(images.normalize.std))
+                              std=list(images.normalize.std), settings=run_settings(config))
     return database
 
 
@@ -415,7 +487,7 @@ def epoch_files(epoch, trained, best, statistics, config, images, features):
     state = utils.to_cpu({'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                           'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
                           'best_recall': best['recall'], 'best_epoch': best['epoch'], 'statistics': list(statistics),
-                          'config': {key: config[key] for key in RESUME_KEYS}})
+                          'config': run_settings(config)})
 
     def write():  # best model and database first, checkpoint last: a kill in between repeats this epoch on resume
         if best_files is not None:
@@ -427,18 +499,33 @@ def epoch_files(epoch, trained, best, statistics, config, images, features):
     return write
 
 
+def run_settings(config):
+    """The flags a run's numbers depend on (RESUME_KEYS), as its checkpoint and database record them."""
+    return {key: config[key] for key in RESUME_KEYS}
+
+
 def output_paths(config):
     return {kind: os.path.join(config['results_dir'], f'{config["name"]}_{kind}') for kind in OUTPUTS}
 
 
-def resume(config, rt, paths, model, optimizer, scheduler):
-    """Continue from the checkpoint when asked and there is one -> (statistics rows, best, first epoch to run)."""
-    path = paths['checkpoint.pth'] if config['resume'] == 'auto' else config['resume']
-    # rank 0 reads the checkpoint and hands it to the others: results/ may be on node 0's disk only
-    state = utils.safe_load(path, 'checkpoint') if rt.main and path and os.path.isfile(path) else None
-    state = utils.broadcast_object(state)
-    if state is None:
-        return [], {'recall': -1.0, 'epoch': 0}, 1
+def read_checkpoint(config, rt, paths):
+    """The checkpoint to continue from, checked (check_checkpoint) -> (state, path, its os.stat on rank 0), or
+    (None, path, None) to start fresh. Rank 0 reads it and hands it to the others: results/ may be on its disk only."""
+    auto = config['resume'] == 'auto'
+    path = paths['checkpoint.pth'] if auto else config['resume']
+    state, read = None, None
+    if rt.main and path and os.path.isfile(path):
+        read = os.stat(path)
+        try:
+            state = utils.safe_load(path, 'checkpoint')
+        except UserError as err:
+            raise UserError(f'{err}; start over with --overwrite (replaces its files)' if auto else str(err)) from None
+        check_checkpoint(state, path, config)
+    return utils.broadcast_object(state), path, read
+
+
+def check_checkpoint(state, path, config):
+    """Refuse a checkpoint that cannot continue this run: other settings, or any field of the wrong type or range."""
     if not isinstance(state, dict) or not isinstance(state.get('config'), dict):
         raise UserError(f'{path} is not a train.py checkpoint')
     differ = [f'{key}: checkpoint {state["config"].get(key)!r}, now {config[key]!r}'
@@ -446,22 +533,54 @@ def resume(config, rt, paths, model, optimizer, scheduler):
     if differ:
         raise UserError(f'cannot resume from {path}: it was made with other settings ({"; ".join(differ)}); '
                         f'use the same flags, or start over with --overwrite')
+    problem = checkpoint_problem(state, config)
+    if problem:  # the settings matched, so the contents were altered or come from another version of train.py
+        raise UserError(f'cannot resume from {path}: {problem} (altered, or written by another version of '
+                        f'train.py); start over with --overwrite')
+
+
+def checkpoint_problem(state, config):
+    """What is wrong with a checkpoint's fields (the tensors are checked when loaded), or None."""
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    missing = [key for key in ('epoch', 'model', 'optimizer', 'scheduler', 'scaler', 'best_recall', 'best_epoch',
+                               'statistics') if key not in state]
+    if missing:
+        return f'it lacks {", ".join(missing)}'
+    epoch, best_epoch, best_recall, rows = (state[key] for key in ('epoch', 'best_epoch', 'best_recall', 'statistics'))
+    if type(epoch) is not int or not 1 <= epoch <= config['num_epochs']:
+        return f'its epoch {epoch!r} is not one of 1..{config["num_epochs"]}'
+    if type(best_epoch) is not int or not 1 <= best_epoch <= epoch:
+        return f'its best_epoch {best_epoch!r} is not one of 1..{epoch}'
+    if not isinstance(best_recall, float) or not 0 <= best_recall <= 1:
+        return f'its best_recall {best_recall!r} is not a fraction'
+    if not isinstance(rows, list) or len(rows) != epoch:
+        return f'its statistics are not a list of {epoch} rows, one per epoch done'
+    columns = [*STAT_COLUMNS, *(f'test_recall@{k}' for k in config['recalls']), 'test_map@r']
+    for k, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not all(number(row.get(c)) for c in columns) or row['epoch'] != k:
+            return f'its statistics row {k} is not epoch {k} with numbers for {", ".join(columns)}'
+    wrong = [key for key in ('model', 'optimizer', 'scheduler', 'scaler') if not isinstance(state[key], dict)]
+    return f'its {", ".join(wrong)} not state dicts' if wrong else None
+
+
+def resume(config, rt, state, path, trained):
+    """Load a checked checkpoint into (model, optimizer, scheduler) -> (statistics rows, best, first epoch to run)."""
+    if state is None:
+        return [], {'recall': -1.0, 'epoch': 0}, 1
+    model, optimizer, scheduler = trained
     try:
         utils.load_state_dict_strict(model, state['model'], path)
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
         if state['scaler'] and rt.scaler.is_enabled():  # empty when saved without fp16 (CPU, bf16, --no_amp)
             rt.scaler.load_state_dict(state['scaler'])
-        best = {'recall': float(state['best_recall']), 'epoch': int(state['best_epoch'])}
-        statistics, first_epoch = list(state['statistics']), int(state['epoch']) + 1
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError):
-        # the settings matched, so the contents were altered or come from another version of train.py
         raise UserError(f'cannot resume from {path}: its contents do not fit this run (altered, or written by '
                         f'another version of train.py); start over with --overwrite') from None
-    if rt.main:
-        print(f'Resuming from {path}: epoch {first_epoch - 1} of {config["num_epochs"]} done, best R@1 '
-              f'{100 * best["recall"]:.2f}% (epoch {best["epoch"]})', flush=True)
-    return statistics, best, first_epoch
+    best = {'recall': state['best_recall'], 'epoch': state['best_epoch']}
+    return list(state['statistics']), best, state['epoch'] + 1
 
 
 # ---- main ----
@@ -486,9 +605,17 @@ def main(argv=None):
     if config['batch_size'] % rt.world_size or config['batch_size'] // rt.world_size < 2:
         raise UserError(f'--batch_size {config["batch_size"]} is the global batch: it must split evenly into at '
                         f'least 2 images for each of the {rt.world_size} processes')
-    paths = output_paths(config)
-    lock = claim_results(config, paths) if rt.main else None  # rank 0 holds the results name for the run
+    paths, lock = output_paths(config), None
     try:
+        # whatever can refuse the run is read and checked before results/ is touched or anything printed:
+        # the checkpoint, the weights (downloaded if need be), the resume itself
+        state, path, read = read_checkpoint(config, rt, paths)
+        model, runner = build_model(config, rt)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config['lr'], weight_decay=WEIGHT_DECAY)
+        scheduler = make_scheduler(optimizer, config['num_epochs'])
+        progress = resume(config, rt, state, path, (model, optimizer, scheduler))
+        del state  # its tensors are in the model and optimizer now
+        lock = claim_results(config, paths, read) if rt.main else None  # rank 0 holds the name for the run
         if rt.main:
             shown = dict(config, device=str(rt.device), world_size=rt.world_size,
                          amp=str(rt.amp_dtype).replace('torch.', '') if rt.amp_dtype else 'off')
@@ -498,8 +625,12 @@ def main(argv=None):
                                               branches=config['branches'])
             params, flops = model_lib.count_params_flops(shape_model, config['image_size'])
             print(f'Params: {params / 1e6:.2f}M | FLOPs: {flops / 1e9:.2f}G (at {config["image_size"]}px)', flush=True)
+            _, best, first_epoch = progress
+            if first_epoch > 1:
+                print(f'Resuming from {path}: epoch {first_epoch - 1} of {config["num_epochs"]} done, best R@1 '
+                      f'{100 * best["recall"]:.2f}% (epoch {best["epoch"]})', flush=True)
         utils.barrier()
-        run(config, dicts, rt, paths)
+        run(config, dicts, rt, paths, (model, runner, optimizer, scheduler), progress)
     except torch.OutOfMemoryError:
         raise UserError(f'out of memory on {rt.device}: lower --batch_size (now {config["batch_size"]}) or '
                         f'--image_size (now {config["image_size"]}), or use --cache off') from None
@@ -509,11 +640,9 @@ def main(argv=None):
     utils.cleanup_distributed()
 
 
-def run(config, dicts, rt, paths):
-    model, runner = build_model(config, rt)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config['lr'], weight_decay=WEIGHT_DECAY)
-    scheduler = make_scheduler(optimizer, config['num_epochs'])
-    statistics, best, first_epoch = resume(config, rt, paths, model, optimizer, scheduler)
+def run(config, dicts, rt, paths, trained, progress):
+    """Train from progress = (statistics rows, best, first epoch) to the last epoch, writing each epoch's files."""
+    (model, runner, optimizer, scheduler), (statistics, best, first_epoch) = trained, progress
     images = Images(dicts, config, rt)
     criterion = utils.LabelSmoothingCrossEntropy(SMOOTHING, TEMPERATURE, utils.class_balanced_weights(
         images.targets, config['num_classes'])).to(rt.device)
@@ -533,7 +662,7 @@ def run(config, dicts, rt, paths):
     try:
         for epoch in range(first_epoch, config['num_epochs'] + 1):
             utils.seed_everything(utils.derive_seed(config['seed'], epoch, rt.rank))
-            stats = train_one_epoch(runner, images, criterion, optimizer, rt, epoch, config['num_epochs'])
+            stats = train_one_epoch(runner, images, criterion, optimizer, rt, epoch, config['num_epochs'], writer)
             utils.broadcast_buffers(model)  # every shard embedded by the model rank 0 saves
             eval_start = time.time()
             features = extract_features(runner, images, rt, dim)

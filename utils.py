@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import threading
 import warnings
@@ -26,20 +27,84 @@ class UserError(Exception):
     """A mistake the user can fix (bad flag, missing or unreadable file); printed without traceback."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster pre-empting the job, torchrun stopping its workers): stops a script as Ctrl-C does."""
+
+
 def run_cli(main, interrupted='stopped at once; files already written are intact'):
-    """Run a script's main(): a UserError is one 'error: ...' line on stderr and exit status 1, Ctrl-C
-    one 'interrupted: ...' line and status 130."""
-    rank = int(os.environ.get('RANK', '0'))
+    """Run a script's main(): a UserError is one 'error: ...' line on stderr (under torchrun from the first
+    process to fail) and exit status 1; Ctrl-C (status 130) or SIGTERM (status 143, restored after) stop it
+    at once with one 'interrupted: ...' line."""
+    rank, received, stopping, pid = int(os.environ.get('RANK', '0')), [], [], os.getpid()
+
+    def on_sigterm(signum, frame):
+        if os.getpid() != pid:  # a forked child (a loader worker) ends quietly, as it would without this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        received.append(signum)
+        if not stopping:  # once the script is ending, a SIGTERM (torchrun stopping the others) changes nothing
+            raise Terminated()
+
+    handle = threading.current_thread() is threading.main_thread()  # Python runs handlers there only
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if handle else None
     try:
-        return main()
-    except UserError as err:  # every process finds those of before the process group: rank 0 tells them
-        if rank == 0 or is_distributed():
-            print(f'{f"[rank {rank}] " if rank else ""}error: {err}', file=sys.stderr, flush=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        if rank == 0:
+        try:
+            return main()
+        except UserError as err:
+            stopping.append(err)
+            if _first_to_report(rank):
+                print(f'{f"[rank {rank}] " if rank else ""}error: {err}', file=sys.stderr, flush=True)
+            sys.exit(1)
+    except (KeyboardInterrupt, Exception) as stop:  # Ctrl-C, or SIGTERM as Terminated
+        stopping.append(stop)
+        told = _error_reported()  # under torchrun: another process stopped with a user error it printed
+        if not isinstance(stop, KeyboardInterrupt) and not received:
+            if told:  # a collective broke as that process left: its error line is the one to read
+                sys.exit(1)
+            raise
+        # a SIGTERM sent to the whole process group also ends the loader workers: whatever that raised is the stop
+        if rank == 0 and not told:
             print(f'interrupted: {interrupted}', file=sys.stderr, flush=True)
-        sys.exit(130)
+        sys.exit(143 if received else 130)
+    finally:
+        if handle:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _report_store():
+    """(torchrun agent's key-value store, key) where a job's processes count their user errors, or None
+    without one: the agent serves it before its workers start and until they have all ended."""
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
+        return None
+    try:
+        store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
+                              timeout=datetime.timedelta(seconds=5))
+    except Exception:  # no store to reach (another launcher): the rank-0 rule applies
+        return None
+    return store, f'clf/user-error/{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}'
+
+
+def _first_to_report(rank):
+    """Whether this process prints its user error: under torchrun the first process of the job to fail,
+    whichever rank and node it is, so the line appears once even when torchrun stops the others at once."""
+    found = _report_store()
+    if found is None:  # errors of before the process group are every process's: rank 0 tells them
+        return rank == 0 or is_distributed()
+    store, key = found
+    try:
+        return store.add(key, 1) == 1
+    except Exception:  # reporting an error must never raise one of its own
+        return rank == 0
+
+
+def _error_reported():
+    """Whether a process of this torchrun job has printed a user error (and torchrun is stopping the rest)."""
+    found = _report_store()
+    if found is None:
+        return False
+    with contextlib.suppress(Exception):
+        return found[0].check([found[1]])
+    return False
 
 
 SEED_MAX = 2 ** 32 - 1  # NumPy's seed range, 0 .. 2**32 - 1: one range for every script's --seed
@@ -132,7 +197,7 @@ def to_cpu(obj):
 
 class BackgroundWriter:
     """Runs write jobs one at a time in a thread, so the GPU need not wait for the disk; a failed job's
-    error surfaces at the next wait."""
+    error surfaces at the next check() (cheap: called at every training step) or wait."""
 
     def __init__(self):
         self.pool, self.job = concurrent.futures.ThreadPoolExecutor(1), None
@@ -140,6 +205,11 @@ class BackgroundWriter:
     def submit(self, write):
         self.wait()
         self.job = self.pool.submit(write)
+
+    def check(self):
+        """Raise the error of a finished job that failed (a full disk): the run stops at its next step."""
+        if self.job is not None and self.job.done():
+            self.wait()
 
     def wait(self):
         job, self.job = self.job, None
@@ -436,14 +506,14 @@ class Runtime:
 _OPEN_LOCK = threading.Lock()  # the warning filters are global: decoder threads take turns at changing them
 
 
-def _open_image(path):
-    """PIL's open (the header only) of an image file within PIL's pixel limit
+def _open_image(path, data=None):
+    """PIL's open (the header only) of an image file, or of its bytes `data`, within PIL's pixel limit
     (Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); a larger one is a UserError giving its size."""
     limit = Image.MAX_IMAGE_PIXELS
     with _OPEN_LOCK, warnings.catch_warnings():
         warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # PIL's two-line warning: checked below
         try:
-            img = Image.open(path)
+            img = Image.open(path if data is None else io.BytesIO(data))
         except Image.DecompressionBombError as err:  # over twice the limit: PIL states only the pixel count
             found = re.search(r'\((\d+) pixels\)', str(err))
             size = f'{int(found[1]):,} pixels' if found else 'too many pixels'
@@ -457,11 +527,12 @@ def _open_image(path):
                     f'Image.MAX_IMAGE_PIXELS (a guard against decompression bombs); shrink it first')
 
 
-def load_image(path):
-    """Open and fully decode an image as RGB (PIL); an unreadable or oversized file is a UserError naming it."""
+def load_image(path, data=None):
+    """Open and fully decode an image as RGB (PIL); an unreadable or oversized file is a UserError naming it. `data`:
+    the file's bytes when already in memory (an upload; `path` then only names it)."""
     path = os.fspath(path)
     try:
-        with _open_image(path) as img:
+        with _open_image(path, data) as img:
             img.load()  # decode now, inside the try, so a damaged file fails here and not later
             return _to_rgb(img)
     except (UserError, MemoryError):  # MemoryError: no fault of the file (build_cache says what to do)
@@ -509,12 +580,13 @@ def _within_limit(size):
     return size is not None and (limit is None or size[0] * size[1] <= limit)
 
 
-def load_image_uint8(path):
-    """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels)."""
+def load_image_uint8(path, data=None):
+    """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels); `data` as load_image's."""
     path = os.fspath(path)
     try:  # plain JPEGs: torchvision's libjpeg-turbo, whole file at once, ~25 % faster than PIL, same pixels
-        with open(path, 'rb') as f:
-            data = f.read()
+        if data is None:
+            with open(path, 'rb') as f:
+                data = f.read()
         # JPEG, not an Adobe CMYK one, within PIL's pixel limit (a larger one: load_image says so)
         if data[:3] == b'\xff\xd8\xff' and b'Adobe' not in data[:4096] and _within_limit(_jpeg_size(data)):
             with warnings.catch_warnings(action='ignore', category=DeprecationWarning):  # 0.29: "torchcodec"
@@ -522,7 +594,7 @@ def load_image_uint8(path):
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (ImportError, RuntimeError, OSError, ValueError):
         pass  # a later torchvision without it, a file it refuses, or one the OS refuses: PIL names the error
-    return torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)
+    return torch.from_numpy(np.array(load_image(path, data))).permute(2, 0, 1)
 
 
 def resize_uint8(x, side):
@@ -587,9 +659,10 @@ def gather_crops(images, indices, draws, side):
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def eval_input(path, side, mean, std):
-    """An image file as train.py evaluates it: the full decode resized to side x side, normalised -> float [3, s, s]."""
-    return Normalize(mean, std)(resize_uint8(load_image_uint8(path), side))
+def eval_input(path, side, mean, std, data=None):
+    """An image file (or its bytes `data`) as train.py evaluates it: the full decode resized to side x side,
+    normalised -> float [3, s, s]."""
+    return Normalize(mean, std)(resize_uint8(load_image_uint8(path, data), side))
 
 
 class ImageListDataset(torch.utils.data.Dataset):

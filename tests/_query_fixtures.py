@@ -24,6 +24,18 @@ def load_script():
     return module
 
 
+def run_test_script(script, argv, capsys):
+    """test.py's main through run_cli, as `python test.py ...` runs it: (exit status, stdout, stderr)."""
+    from utils import run_cli
+    try:
+        run_cli(lambda: script.main(argv))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def make_image(path, seed, size=40):
     """A picture with a plain, muted background (so frames are easy to read back) and a noisy centre."""
     rng = np.random.default_rng(seed)

@@ -9,6 +9,8 @@ FAULTS is a comma-separated list (works under torchrun too: every process applie
   nan:E:S             the loss of step S of epoch E is NaN          (train.py)
   kill:E:S            SIGKILL right after step S of epoch E          (train.py)
   interrupt:E:S       SIGINT (what Ctrl-C sends) after step S of epoch E (train.py)
+  terminate:E:S       SIGTERM (a cluster's pre-emption) after step S of epoch E, to torchrun when under
+                      it (which forwards it to every process), else to this process (train.py)
 """
 import errno
 import functools
@@ -79,6 +81,8 @@ def patch_steps(train, faults):
             os.kill(os.getpid(), signal.SIGKILL)
         if now in faults.get('interrupt', ()):
             os.kill(os.getpid(), signal.SIGINT)
+        if now in faults.get('terminate', ()):
+            os.kill(os.getppid() if 'TORCHELASTIC_RUN_ID' in os.environ else os.getpid(), signal.SIGTERM)
         return result
 
     train.train_one_epoch, train.train_step = train_one_epoch, train_step
@@ -93,7 +97,7 @@ def main():
     module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
     if hasattr(module, 'train_step'):
         patch_steps(module, faults)
-    utils.run_cli(module.main)
+    utils.run_cli(module.main, *[module.INTERRUPTED] if hasattr(module, 'INTERRUPTED') else [])
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
 """Multi-process training with torchrun: 2 CPU processes over gloo on the tiny dataset, killed and resumed."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -73,9 +74,11 @@ def torchrun():
 
 def test_torchrun_two_cpu_processes_with_kill_and_resume(dataset, reference, tmp_path):
     results = tmp_path / 'results'
-    # both processes are killed during epoch 2; the relaunch with --resume auto finishes the run
-    killed = run_script(flags(dataset, results), fault='kill:2:1', timeout=420, launcher=torchrun())
+    # pre-empted during epoch 2: SIGTERM to torchrun, which forwards it to both processes; they stop at once
+    # and the relaunch with --resume auto finishes the run
+    killed = run_script(flags(dataset, results), fault='terminate:2:1', timeout=420, launcher=torchrun())
     assert killed.returncode != 0
+    assert killed.stderr.count('interrupted: stopped at once; the last checkpoint is intact') == 1, killed.stderr
     # epoch 1's files are written in the background: none yet, or whole
     assert not os.path.exists(out(results, 'checkpoint.pth')) or tensors(out(results, 'checkpoint.pth'))['epoch'] == 1
     assert 'Cache: ' in killed.stdout and 'in RAM, shared by the processes of each node' in killed.stdout
@@ -127,3 +130,38 @@ def test_torchrun_user_error_printed_once(dataset, tmp_path):
     result = run_script(flags(dataset, tmp_path, '--recalls', '1,x'), timeout=300, launcher=torchrun())
     assert result.returncode != 0
     assert result.stderr.count("error: --recalls '1,x'") == 1  # one process speaks for both
+
+
+SLOW_RANK_SCRIPT = '''
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import train, utils
+
+def main():
+    if os.environ['RANK'] == '0':
+        time.sleep(5)  # rank 1 finds the error, exits first and torchrun stops rank 0 (SIGTERM) meanwhile
+    train.main(sys.argv[2:])
+
+utils.run_cli(main, train.INTERRUPTED)
+'''
+
+
+def test_torchrun_user_error_printed_once_when_another_rank_exits_first(dataset, tmp_path):
+    script = tmp_path / 'slow_rank_0.py'
+    script.write_text(SLOW_RANK_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run([*torchrun(), str(script), str(REPO), *flags(dataset, tmp_path, '--recalls', '1,x')],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("error: --recalls '1,x'") == 1, result.stderr[-3000:]
+    assert 'interrupted:' not in result.stderr  # rank 0, stopped by torchrun, knows the error was told
+
+
+def test_torchrun_error_of_rank_0_alone_printed_once_without_tracebacks(dataset, reference, tmp_path):
+    # rank 0 refuses to replace a finished run after the process group exists; rank 1, waiting at a barrier,
+    # loses its peer: its broken collective is no second report
+    results = shutil.copytree(reference[0], tmp_path / 'copy')
+    result = run_script(flags(dataset, results), timeout=300, launcher=torchrun())
+    assert result.returncode != 0
+    assert result.stderr.count('error: ') == 1 and 'holds a run of this name' in result.stderr, result.stderr[-3000:]
+    assert 'Connection closed by peer' not in result.stderr and 'interrupted:' not in result.stderr

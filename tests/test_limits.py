@@ -14,25 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
-from _query_fixtures import load_script, make_database, make_split
+from _query_fixtures import load_script, make_database, make_split, run_test_script
 from _train_fixtures import NAME, REPO, flags, out, run_script
 import data_utils
+import serve
 import train
 import utils
-from utils import UserError, run_cli
+from utils import UserError
 
 script = load_script()
 
 
 def run(argv, capsys):
-    """test.py's main through run_cli: (exit status, stdout, stderr)."""
-    try:
-        run_cli(lambda: script.main(argv))
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_test_script(script, argv, capsys)
 
 
 @pytest.fixture(scope='module')
@@ -95,7 +89,7 @@ def test_readme_table_lists_every_flag_with_the_code_ranges():
     table = readme_ranges()
     switches = {'--no_amp', '--compile', '--overwrite', '--eval_untrained', '--embedding_map'}  # no value, named under the table
     for name, parse in (('data_utils.py', data_utils.main), ('train.py', train.parse_args),
-                        ('test.py', script.parse_args)):
+                        ('test.py', script.parse_args), ('serve.py', serve.parse_args)):
         assert script_flags(parse) - switches == {flag for s, flag in table if s == name}, name
     for flag, (low, high) in train.INT_RANGES.items():
         assert table['train.py', f'--{flag}'].startswith(f'{low}–{high}'), flag

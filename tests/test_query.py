@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from _query_fixtures import (IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, REPO, brute_force, copy_database, load_script,
-                             make_database, make_image, make_split, snapshot)
+                             make_database, make_image, make_split, run_test_script, snapshot)
+import retrieval
 import utils
-from utils import run_cli
 
 script = load_script()
 LABELS = ['1', '1', '1', '2', '2', '2', '3', '3', '3']
@@ -35,14 +35,7 @@ def tiny(tmp_path_factory):
 
 
 def run(argv, capsys):
-    """test.py's main through run_cli, as `python test.py ...` runs it: (exit status, stdout, stderr)."""
-    try:
-        run_cli(lambda: script.main(argv))
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_test_script(script, argv, capsys)
 
 
 def stem(path):
@@ -149,8 +142,8 @@ def test_query_by_own_photo_is_embedded_with_the_model(tiny, tmp_path, capsys):
 
     # the feature test.py uses is the model's embedding of the photo after the database's test transform
     db, _ = utils.load_database(tiny['db'])
-    model, _ = script.load_model(db, tiny['db'])
-    feature = script.embed_image(model, photo, db['config'], torch.device('cpu'))
+    model, _ = retrieval.load_model(db, tiny['db'])
+    feature = retrieval.embed_image(model, photo, db['config'], torch.device('cpu'))
     with torch.no_grad():
         x = utils.eval_input(photo, IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD)[None]
         expected = tiny['model'].eval()(x)[0][0]
@@ -441,14 +434,14 @@ def test_ranking_is_cosine_with_ties_against_the_query():
     """Hand-worked: equal similarities put other-class items first when the query's label is known, else keep
     database order; the excluded query never appears."""
     features = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-3.0, 0.0], [0.5, 0.0], [1.0, 1.0]])
-    order, scores = script.rank_gallery(torch.tensor([4.0, 0.0]), features, exclude=2)
+    order, scores = retrieval.rank_gallery(torch.tensor([4.0, 0.0]), features, exclude=2)
     assert order.tolist() == [0, 4, 5, 1, 3]
     assert scores.tolist() == pytest.approx([1.0, 1.0, 2 ** -0.5, 0.0, -1.0])
     labels = ['a', 'b', 'a', 'b', 'b', 'a']  # 0 (a) and 4 (b) tie at 1.0 for a query of class a: 4 first
-    order, scores = script.rank_gallery(torch.tensor([4.0, 0.0]), features, 2, labels, 'a')
+    order, scores = retrieval.rank_gallery(torch.tensor([4.0, 0.0]), features, 2, labels, 'a')
     assert order.tolist() == [4, 0, 5, 1, 3]
     assert scores.tolist() == pytest.approx([1.0, 1.0, 2 ** -0.5, 0.0, -1.0])
-    order, _ = script.rank_gallery(torch.tensor([4.0, 0.0]), features, 2, labels, 'b')  # class b: 0 first
+    order, _ = retrieval.rank_gallery(torch.tensor([4.0, 0.0]), features, 2, labels, 'b')  # class b: 0 first
     assert order.tolist() == [0, 4, 5, 1, 3]
 
 

@@ -2,6 +2,8 @@
 
 Faults are injected from outside: tests/fault_launcher.py for subprocesses, the inject fixture in-process.
 """
+import concurrent.futures
+import errno
 import glob
 import os
 import shutil
@@ -28,6 +30,7 @@ def temporaries(results):
     ('kill:2:2', 0, None),  # mid-epoch, after a step; epoch 1's files may still be in the background writer
     ('kill-write:checkpoint:2', 2, 1),         # halfway through writing epoch 2's checkpoint
     ('kill-write:data_base:2', 0, 1),          # halfway through epoch 2's database (model already new)
+    ('kill-write:checkpoint:1', 0, None),      # epoch 1's model and statistics, no checkpoint: starts fresh
 ])
 def test_sigkill_then_resume_matches_uninterrupted(dataset, reference, tmp_path, fault, workers, epoch_on_disk):
     kill_then_resume(dataset, reference[0], tmp_path / 'results', fault, workers, epoch_on_disk)
@@ -99,6 +102,178 @@ def test_ctrl_c_stops_and_keeps_last_checkpoint(dataset, tmp_path, inject, capsy
     assert state['epoch'] == 1 and len(state['statistics']) == 1 and temporaries(results) == []
 
 
+def test_sigterm_stops_like_ctrl_c_then_resume_matches_uninterrupted(dataset, reference, tmp_path):
+    # a cluster pre-empts the job: SIGTERM to the whole process group, loader workers included
+    results = tmp_path / 'results'
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    args = flags(dataset, results, '--cache', 'off', workers=2)
+    process = subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in process.stdout:
+            if line.startswith('Epoch 1/'):
+                os.killpg(process.pid, signal.SIGTERM)
+                break
+        stderr = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert process.returncode == 143, stderr[-2000:]
+    assert stderr.count('interrupted: stopped at once; the last checkpoint is intact') == 1
+    assert 'Traceback' not in stderr and 'error' not in stderr
+    assert tensors(out(results, 'checkpoint.pth'))['epoch'] >= 1 and temporaries(results) == []
+    train.main(flags(dataset, results, '--resume', 'auto'))
+    with open(out(reference[0], 'statistics.csv'), 'rb') as a, open(out(results, 'statistics.csv'), 'rb') as b:
+        assert a.read() == b.read()
+    assert_same_tensors(tensors(out(reference[0], 'model.pth')), tensors(out(results, 'model.pth')))
+
+
+def test_sigterm_handler_installed_by_run_cli_and_restored(capsys):
+    def main():
+        assert signal.getsignal(signal.SIGTERM) is not before  # else the SIGTERM below would end pytest itself
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError('not stopped')  # Python runs the handler before the next line
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as err:
+        utils.run_cli(main, 'files written so far are intact')
+    assert err.value.code == 143
+    assert capsys.readouterr().err == 'interrupted: files written so far are intact\n'
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_failed_background_write_stops_at_the_next_step(dataset, tmp_path, inject, monkeypatch):
+    # epoch 1's checkpoint cannot be written: the run stops at the first step after the failure is known,
+    # not after training epoch 2 without a checkpoint
+    results = tmp_path / 'results'
+    inject('fail-write:checkpoint:1')
+    jobs, steps = [], []
+    submit, step = utils.BackgroundWriter.submit, train.train_step
+
+    def kept(writer, write):
+        submit(writer, write)
+        jobs.append(writer.job)
+
+    def counted_step(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 4:  # epoch 2's first step (3 per epoch): the writer has failed by its end
+            concurrent.futures.wait(jobs[:1])
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(utils.BackgroundWriter, 'submit', kept)
+    monkeypatch.setattr(train, 'train_step', counted_step)
+    with pytest.raises(UserError) as err:
+        train.main(flags(dataset, results))
+    assert f'cannot write {out(results, "checkpoint.pth")}: No space left on device' in str(err.value)
+    assert len(steps) == 4  # epoch 2's second step never started
+    assert not os.path.exists(out(results, 'checkpoint.pth')) and temporaries(results) == []
+
+
+@pytest.mark.parametrize('field, value, expected', [
+    ('statistics', [1, 2, 3], 'its statistics are not a list of 1 rows'),
+    ('statistics', [{'epoch': 1, 'train_loss': 'x'}], 'its statistics row 1 is not epoch 1 with numbers for epoch'),
+    ('epoch', 7, 'its epoch 7 is not one of 1..2'),
+    ('best_epoch', 2, 'its best_epoch 2 is not one of 1..1'),
+    ('best_recall', None, 'its best_recall None is not a fraction'),
+    ('optimizer', [], 'its optimizer not state dicts'),
+    ('scaler', None, 'its scaler not state dicts'),
+])
+def test_hand_edited_checkpoint_refused_before_anything_runs(dataset, reference, tmp_path, capsys, field, value,
+                                                             expected):
+    results = shutil.copytree(reference[0], tmp_path / 'copy')
+    state = tensors(out(results, 'checkpoint.pth'))
+    state['epoch'], state['best_epoch'], state['statistics'] = 1, 1, state['statistics'][:1]  # epoch 2 to run
+    state[field] = value
+    torch.save(state, out(results, 'checkpoint.pth'))
+    before = {p: (results / p).read_bytes() for p in os.listdir(results)}
+    with pytest.raises(UserError) as err:
+        train.main(flags(dataset, results, '--resume', 'auto'))
+    assert str(err.value).startswith(f'cannot resume from {out(results, "checkpoint.pth")}: {expected}')
+    assert str(err.value).endswith('start over with --overwrite')
+    assert {p: (results / p).read_bytes() for p in os.listdir(results)} == before
+    assert capsys.readouterr().out == ''  # refused before the configuration is printed
+
+
+def test_truncated_auto_checkpoint_suggests_overwrite(dataset, reference, tmp_path, capsys):
+    results = shutil.copytree(reference[0], tmp_path / 'copy')
+    data = (results / os.path.basename(out(results, 'checkpoint.pth'))).read_bytes()
+    with open(out(results, 'checkpoint.pth'), 'wb') as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(UserError) as err:
+        train.main(flags(dataset, results, '--resume', 'auto'))
+    assert str(err.value) == (f'cannot read checkpoint {out(results, "checkpoint.pth")}: the file is damaged or '
+                              f'truncated; start over with --overwrite (replaces its files)')
+    assert capsys.readouterr().out == ''
+
+
+@pytest.mark.parametrize('flag', ['--pretrained', 'download'])
+def test_bad_weights_refused_before_results_folder_exists(dataset, tmp_path, monkeypatch, capsys, flag):
+    results = tmp_path / 'results'
+    if flag == 'download':  # no network and nothing in the hub cache
+        monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
+
+        def offline(url, *args, **kwargs):
+            raise OSError(errno.ENETUNREACH, 'Network is unreachable')
+        monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
+        extra, expected = ['--pretrained', 'imagenet'], 'cannot download the ImageNet weights of resnet18'
+    else:
+        (tmp_path / 'weights.pth').write_bytes(b'not weights')
+        extra, expected = ['--pretrained', str(tmp_path / 'weights.pth')], 'not a PyTorch file'
+    with pytest.raises(UserError, match=expected):
+        train.main(flags(dataset, results, *extra))
+    assert not results.exists() and capsys.readouterr().out == ''
+
+
+def test_resume_with_other_settings_touches_nothing(dataset, reference, tmp_path, capsys):
+    results = shutil.copytree(reference[0], tmp_path / 'copy')
+    os.remove(results / f'.{RUN_NAME}.lock')
+    before = {p: (results / p).read_bytes() for p in os.listdir(results)}
+    with pytest.raises(UserError, match='it was made with other settings'):
+        train.main(flags(dataset, results, '--resume', 'auto', '--seed', '5'))
+    assert {p: (results / p).read_bytes() for p in os.listdir(results)} == before  # no lock file either
+    assert capsys.readouterr().out == ''
+
+
+@pytest.mark.parametrize('resume', [[], ['--resume', 'auto']])
+def test_run_without_checkpoint_not_replaced(dataset, reference, tmp_path, resume):
+    # the checkpoint was removed (or never written by a run of other settings): its model, database and
+    # statistics are not replaced by a run of other settings, with or without --resume auto
+    results = shutil.copytree(reference[0], tmp_path / 'copy')
+    os.remove(out(results, 'checkpoint.pth'))
+    before = {p: (results / p).read_bytes() for p in os.listdir(results)}
+    with pytest.raises(UserError) as err:
+        train.main(flags(dataset, results, '--seed', '5', *resume))
+    assert f'{out(results, "statistics.csv")}, {out(results, "model.pth")}' in str(err.value)
+    assert 'hold a run of this name without a checkpoint' in str(err.value) and '--overwrite' in str(err.value)
+    assert {p: (results / p).read_bytes() for p in os.listdir(results)} == before
+
+
+def test_symlinks_in_results_folder_never_written_through(dataset, tmp_path):
+    results, victim = tmp_path / 'results', tmp_path / 'victim.txt'
+    results.mkdir()
+    victim.write_bytes(b'precious')
+    lock = results / f'.{RUN_NAME}.lock'
+    lock.symlink_to(victim)
+    with pytest.raises(UserError) as err:
+        train.main(flags(dataset, results, epochs=1))
+    assert str(err.value).startswith(f'{lock} is a symbolic link')
+    assert victim.read_bytes() == b'precious'
+    os.remove(lock)
+    # outputs planted as links: an existing output refuses the run; --overwrite removes the links themselves
+    for kind in train.OUTPUTS:
+        os.symlink(victim, out(results, kind))
+    with pytest.raises(UserError, match='holds a run of this name, but it is damaged or unreadable'):
+        train.main(flags(dataset, results, epochs=1))
+    train.main(flags(dataset, results, '--overwrite', epochs=1))
+    assert victim.read_bytes() == b'precious'
+    assert not any(os.path.islink(out(results, kind)) for kind in train.OUTPUTS)
+    # an atomic write replaces a link in place of its target
+    link = tmp_path / 'link.csv'
+    link.symlink_to(victim)
+    utils.atomic_write({link: b'new'})
+    assert not link.is_symlink() and link.read_bytes() == b'new' and victim.read_bytes() == b'precious'
+
+
 def test_malicious_checkpoint_refused_payload_never_runs(dataset, tmp_path):
     marker = tmp_path / 'payload_ran'
 
@@ -117,8 +292,8 @@ def test_malicious_checkpoint_refused_payload_never_runs(dataset, tmp_path):
         with pytest.raises(UserError, match='refusing to load'):
             utils.safe_load(out(results, 'checkpoint.pth'), what)
     assert not marker.exists()
-    # only the run's hidden lock file beside it (see train.claim_results)
-    assert sorted(os.listdir(results)) == [f'.{RUN_NAME}.lock', os.path.basename(out(results, 'checkpoint.pth'))]
+    # refused before the results folder is touched: not even the run's lock file is created
+    assert os.listdir(results) == [os.path.basename(out(results, 'checkpoint.pth'))]
 
 
 def test_damaged_checkpoint_clear_message(dataset, tmp_path):
@@ -139,7 +314,7 @@ def test_altered_checkpoint_contents_clear_message(dataset, reference, tmp_path)
     # the right settings, but a model that is not this network's: refused before anything is written
     results = shutil.copytree(reference[0], tmp_path / 'copy')
     state = tensors(out(results, 'checkpoint.pth'))
-    state['epoch'], state['model'] = 1, {'fc.weight': torch.zeros(2, 2)}
+    state['model'] = {'fc.weight': torch.zeros(2, 2)}
     torch.save(state, out(results, 'checkpoint.pth'))
     before = {p: (results / p).read_bytes() for p in os.listdir(results)}
     with pytest.raises(UserError) as err:
@@ -224,7 +399,8 @@ def test_read_only_results_folder(tmp_path):
         previous = os.path.join(results, f'{RUN_NAME}_statistics.csv')
         with open(previous, 'wb') as f:
             f.write(b'epoch\n1\n')
-        command = [sys.executable, 'train.py', *flags(data, results, epochs=1)]
+        # even asked to replace that run (--overwrite), nothing is removed before the lock is held
+        command = [sys.executable, 'train.py', *flags(data, results, '--overwrite', epochs=1)]
         if how == 'read-only mount':
             command = ['unshare', '--mount', 'sh', '-c', 'mount --bind "$0" "$0" && '
                        'mount -o remount,bind,ro "$0" "$0" && exec "$@"', results, *command]

@@ -159,7 +159,8 @@ def test_end_to_end_outputs_consistent(reference):
                       'image_size': 32, 'mean': list(mean), 'std': list(std),
                       'data_name': NAME, 'crop_type': 'uncropped',
                       'model_file': os.path.basename(out(results, 'model.pth')),
-                      'model_sha256': hashlib.sha256(open(out(results, 'model.pth'), 'rb').read()).hexdigest()}
+                      'model_sha256': hashlib.sha256(open(out(results, 'model.pth'), 'rb').read()).hexdigest(),
+                      'settings': tensors(out(results, 'checkpoint.pth'))['config']}  # the run's, as resume checks them
 
     # the model file is that epoch's model: it re-embeds the test images into the stored features
     state = tensors(os.path.join(results, config['model_file']))
