@@ -3,11 +3,14 @@ of a folder, written as one CSV.
 
     python test.py --query_img_name PATH [--data_base NAME_OR_PATH] [--retrieval_num K]
     python test.py --query_dir DIR [--data_base NAME_OR_PATH] [--retrieval_num K]
+    python test.py --data_base NAME_OR_PATH --embedding_map
 
 The first writes results/{query stem}/query_img.jpg, retrieval_img_{rank}_{score}.jpg and retrieval.png, the
 second results/{DIR's name}_top{K}.csv. A query image that is not in the database is embedded with the
-database's model file."""
+database's model file. The third writes results/{database stem}_map.png: a t-SNE of the database's test
+embeddings, each image drawn as a thumbnail at its point, framed in its class's colour."""
 import argparse
+import colorsys
 import contextlib
 import csv
 import fcntl
@@ -17,6 +20,7 @@ import re
 import secrets
 import shutil
 import sys
+import time
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -36,6 +40,10 @@ ROW_MAX = 11  # tiles per line of the row picture (query + 10); a longer top-K w
 BATCH = 32  # --query_dir: images decoded and embedded per forward pass
 MARKER = '.written_by_test_py'  # inside every folder test.py writes: only a folder holding it is ever replaced
 MARKER_TEXT = b'CLF test.py results; the next run for the same query name replaces this folder whole\n'
+DEFAULT_QUERY = '/home/data/car/uncropped/008055.jpg'  # the original's default query
+MAP_SIDE, THUMB, FRAME = 2000, 40, 3  # embedding map: canvas side, thumbnail side with its class-coloured frame
+MAP_PER_CLASS = 5  # the sample takes at least this many images of each class it shows (where a class has them)
+TSNE_PCA_DIMS = 50  # embeddings are reduced to this many dimensions by PCA before t-SNE (the usual practice)
 
 
 def parse_args(argv=None):
@@ -43,13 +51,18 @@ def parse_args(argv=None):
                                                  '(or for each image of a folder)')
     add = parser.add_argument
     query = parser.add_mutually_exclusive_group()
-    query.add_argument('--query_img_name', default='/home/data/car/uncropped/008055.jpg',
-                       help='a database image or any image file')
+    query.add_argument('--query_img_name', default=None,
+                       help=f'a database image or any image file [default: {DEFAULT_QUERY}, unless --embedding_map '
+                            f'is given alone]')
     query.add_argument('--query_dir', help='rank every image under this folder (recursively) into one CSV instead')
     add('--data_base', default='car_uncropped_resnet18_512_data_base.pth', help='a name in --results_dir, or a path')
     add('--retrieval_num', default=8, type=int, help='how many images to retrieve')
     add('--results_dir', default='results', help='where databases are found by name and {query stem}/ is written')
     add('--device', default=None, help='device for a query not in the database [default: cuda if there, else cpu]')
+    add('--embedding_map', action='store_true',
+        help='write {results_dir}/{database stem}_map.png: a 2-D t-SNE of the test embeddings drawn as thumbnails')
+    add('--map_images', default=1500, type=int, help='at most this many images on the map [default: %(default)s]')
+    add('--seed', default=0, type=int, help="seed of the map's sample and of t-SNE [default: %(default)s]")
     return parser.parse_args(argv)
 
 
@@ -59,6 +72,13 @@ def load_query(path):
         raise UserError(f'the query {path} is a folder; give one image file')
     utils.read_bytes(path, 'query image')  # missing, a pipe or device (which PIL would wait on), unreadable
     return utils.load_image(path)  # undecodable: 'cannot decode image ...: reason (damaged, or not an image)'
+
+
+def database_picture(path, side, db_path):
+    """A database image shrunk to side x side (bounded memory); a missing one says the dataset may have moved."""
+    if not os.path.isfile(path):
+        raise UserError(f'database image not found: {path} (listed in {db_path}; was the dataset moved?)')
+    return utils.load_image(path).resize((side, side), resample=Image.BILINEAR)
 
 
 def _fit(draw, text, font):
@@ -248,17 +268,83 @@ def retrieve_folder(folder, data_base, k, results_dir, device):
     return target
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.retrieval_num <= 0:
-        raise UserError(f'--retrieval_num must be a positive integer, got {args.retrieval_num}')
-    utils.check_results_dir(args.results_dir)
-    device = utils.resolve_device(args.device)
-    if args.query_dir is not None:
-        return retrieve_folder(args.query_dir, args.data_base, args.retrieval_num, args.results_dir, device)
-    db_path = resolve_database_path(args.data_base, args.results_dir)
-    db, isc = utils.load_database(db_path)
-    query_path = args.query_img_name
+# ---- the embedding map: t-SNE of the test embeddings, each image a thumbnail at its point ----
+
+def map_sample(labels, limit, seed):
+    """Indices of at most `limit` images, class-balanced and drawn from the seed: the classes in a random order,
+    each with the same number of random images (or all it has), the number chosen so the sample fills `limit`
+    while showing at least MAP_PER_CLASS images of a class -> sorted list."""
+    generator = torch.Generator().manual_seed(utils.derive_seed(seed))
+    members = {}
+    for i, label in enumerate(labels):
+        members.setdefault(label, []).append(i)
+    classes = sorted(members)
+    quota = max(limit // len(classes), MAP_PER_CLASS)
+    chosen = []
+    for c in torch.randperm(len(classes), generator=generator).tolist():
+        images = members[classes[c]]
+        take = min(quota, len(images), limit - len(chosen))
+        chosen += [images[k] for k in torch.randperm(len(images), generator=generator)[:take].tolist()]
+        if len(chosen) == limit:
+            break
+    return sorted(chosen)
+
+
+def embedding_coordinates(features, seed):
+    """2-D t-SNE of embeddings [N, D] (PCA to TSNE_PCA_DIMS first when D is larger) -> float64 numpy [N, 2]."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    x = torch.nn.functional.normalize(features.float(), dim=1).numpy().astype('float64')
+    if x.shape[1] > TSNE_PCA_DIMS and len(x) > TSNE_PCA_DIMS:
+        x = PCA(TSNE_PCA_DIMS, random_state=seed).fit_transform(x)
+    perplexity = min(30.0, (len(x) - 1) / 3)  # t-SNE needs perplexity < N; 30 is its usual value
+    return TSNE(2, perplexity=perplexity, init='pca', random_state=seed).fit_transform(x)
+
+
+def class_colours(labels):
+    """{label: RGB}: hues spread by the golden ratio, so classes next in the sorted order differ clearly."""
+    return {label: tuple(round(255 * v) for v in colorsys.hsv_to_rgb((k * 0.618034) % 1.0, 0.9, 0.95))
+            for k, label in enumerate(sorted(set(labels)))}
+
+
+def draw_embedding_map(coordinates, thumbnails, labels):
+    """PNG bytes of a MAP_SIDE x MAP_SIDE picture: thumbnail k (a PIL image) at coordinates[k] (scaled to the
+    canvas), framed in its label's colour."""
+    canvas = Image.new('RGB', (MAP_SIDE, MAP_SIDE), 'white')
+    low, high = coordinates.min(axis=0), coordinates.max(axis=0)
+    room = MAP_SIDE - THUMB  # top-left corners range over [0, room]
+    scale = room / max(float((high - low).max()), 1e-12)  # one scale for both axes: distances kept
+    offset = (room - (high - low) * scale) / 2  # [2]: the shorter axis centred
+    colours = class_colours(labels)
+    for point, thumbnail, label in zip(coordinates, thumbnails, labels):
+        tile = Image.new('RGB', (THUMB, THUMB), colours[label])
+        tile.paste(thumbnail, (FRAME, FRAME))
+        x, y = (point - low) * scale + offset
+        canvas.paste(tile, (int(x), int(y)))
+    return encode(canvas, 'PNG')
+
+
+def write_embedding_map(db, db_path, results_dir, limit, seed):
+    """results_dir/{database stem}_map.png of the database's test embeddings (a sample of at most `limit`)."""
+    images, labels, features = (db[f'test_{k}'] for k in ('images', 'labels', 'features'))
+    chosen = map_sample(labels, limit, seed)
+    if len(chosen) < 5:
+        raise UserError(f'an embedding map needs at least 5 images; {db_path} gives {len(chosen)} '
+                        f'(--map_images {limit})')
+    target = os.path.join(results_dir, f'{os.path.splitext(os.path.basename(db_path))[0]}_map.png')
+    # every picture is read before the slow part, so a moved dataset is found at once
+    thumbnails = [database_picture(images[i], THUMB - 2 * FRAME, db_path) for i in chosen]
+    start = time.time()
+    print(f'Embedding map: t-SNE of {len(chosen)} of the {len(images)} test images '
+          f'({len({labels[i] for i in chosen})} classes), running...', flush=True)
+    coordinates = embedding_coordinates(features[chosen], seed)
+    utils.atomic_write({target: draw_embedding_map(coordinates, thumbnails, [labels[i] for i in chosen])})
+    print(f'Embedding map: t-SNE {time.time() - start:.1f}s, saved to {target}', flush=True)
+    return target
+
+
+def retrieve(args, query_path, db, db_path, isc, device):
+    """The top --retrieval_num images of the database for one query, written to results_dir/{query stem}/."""
     query_image = load_query(query_path)
     stem = os.path.splitext(os.path.basename(query_path))[0]
     check_replaceable(os.path.join(args.results_dir, stem))  # fail before the work, not after
@@ -274,10 +360,7 @@ def main(argv=None):
     indices, scores = retrieval.top_k(query_feature, features, args.retrieval_num, exclude, labels, query_label)
     hits = []  # every picture is read and encoded before anything is written
     for rank, (i, score) in enumerate(zip(indices, scores), start=1):
-        if not os.path.isfile(images[i]):
-            raise UserError(f'database image not found: {images[i]} (listed in {db_path}; was the dataset moved?)')
-        picture = utils.load_image(images[i]).resize((INNER, INNER), resample=Image.BILINEAR)  # bounded memory
-        hits.append((rank, score, labels[i], picture, images[i]))
+        hits.append((rank, score, labels[i], database_picture(images[i], INNER, db_path), images[i]))
     target = write_result_folder(args.results_dir, stem, render(query_image, query_label, hits))
     source = (f'label {query_label}, feature from {db_path}' if query_label is not None
               else f'not in the database: embedded with {model_path}')
@@ -285,6 +368,30 @@ def main(argv=None):
     for rank, score, label, _, path in hits:
         print(f'{rank:>4}  {score:.4f}  {label:<12} {path}')
     print(f'saved to {target}/')
+    return target
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.retrieval_num <= 0:
+        raise UserError(f'--retrieval_num must be a positive integer, got {args.retrieval_num}')
+    if args.map_images < 5:
+        raise UserError(f'--map_images must be at least 5, got {args.map_images}')
+    utils.check_int('--seed', args.seed, 0, utils.SEED_MAX)
+    utils.check_results_dir(args.results_dir)
+    device = utils.resolve_device(args.device)
+    target = None
+    if args.query_dir is not None:
+        target = retrieve_folder(args.query_dir, args.data_base, args.retrieval_num, args.results_dir, device)
+        if not args.embedding_map:
+            return target
+    db_path = resolve_database_path(args.data_base, args.results_dir)
+    db, isc = utils.load_database(db_path)
+    if args.query_img_name is not None or not (args.embedding_map or args.query_dir):  # a map alone runs no query
+        target = retrieve(args, args.query_img_name or DEFAULT_QUERY, db, db_path, isc, device)
+    if args.embedding_map:
+        map_path = write_embedding_map(db, db_path, args.results_dir, args.map_images, args.seed)
+        target = target or map_path
     return target
 
 

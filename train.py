@@ -34,10 +34,13 @@ INT_RANGES = {'feature_dim': (1, 8192), 'batch_size': (2, 65536), 'num_epochs': 
 LR_MAX = 1.0  # far above any rate Adam trains with; 1e38 overflows float32 inside its step
 
 STAT_COLUMNS = ('epoch', 'train_loss', 'train_accuracy')  # then test_recall@k per k, test_map@r, test_r_precision
+# evaluate's figures after R@k, as (key in its dict, CSV column suffix, printed name): the columns {split}_{suffix}
+RANKING_METRICS = (('MAP@R', 'map@r', 'MAP@R'), ('R-Precision', 'r_precision', 'RP'))
 # flags a resumed run must share with its checkpoint: they change the numbers it produces
 RESUME_KEYS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'branches', 'recalls',
-               'batch_size', 'num_epochs', 'image_size', 'seed', 'pretrained', 'lr')
-OUTPUTS = ('statistics.csv', 'model.pth', 'data_base.pth', 'checkpoint.pth', 'curves.png')
+               'batch_size', 'num_epochs', 'image_size', 'seed', 'pretrained', 'lr', 'val_split')
+OUTPUTS = ('statistics.csv', 'model.pth', 'data_base.pth', 'checkpoint.pth', 'curves.png', 'settings.json')
+VAL_STREAM = 0x76616C  # mixed into --seed for the choice of validation classes, apart from every epoch's draws
 INTERRUPTED = 'stopped at once; the last checkpoint is intact: run the same command with --resume auto to continue'
 DIVERGED = ('training stopped; the best model and database on disk are from earlier epochs and unchanged. Try a '
             'lower --lr (or --no_amp), then continue with --resume auto')
@@ -70,6 +73,9 @@ def parse_args(argv=None):
     add('--overwrite', action='store_true', help='start over, replacing a run of this name that has a checkpoint')
     add('--results_dir', default='results', help='where outputs are written [default: %(default)s]')
     add('--eval_untrained', action='store_true', help='also print the R@K before the first epoch (not saved)')
+    add('--val_split', default=0.0, type=float,
+        help='hold out this fraction of the training classes to choose the best epoch by [default: %(default)s: '
+             'choose by test R@1, as the original]')
     return parser.parse_args(argv)
 
 
@@ -93,6 +99,8 @@ def resolve_config(args):
     if args.resume and args.overwrite:
         raise UserError('--resume continues a run and --overwrite replaces it: pass one of them')
     utils.check_results_dir(args.results_dir)
+    if not 0 <= args.val_split < 1:  # NaN fails too
+        raise UserError(f'--val_split must be a fraction of the training classes, 0 <= F < 1, got {args.val_split}')
 
     dicts, dict_path = data_utils.load_data_dicts(args.data_path, args.data_name, args.crop_type)
     eval_splits = ('query', 'gallery') if 'gallery' in dicts else ('test',)
@@ -100,6 +108,12 @@ def resolve_config(args):
     if recalls[-1] > candidates:
         raise UserError(f'--recalls {args.recalls}: R@{recalls[-1]} needs {recalls[-1]} candidates per query, but '
                         f'{dict_path} offers {candidates}')
+    if args.val_split:
+        dicts = dict(dicts, **split_validation(dicts['train'], args.val_split, args.seed, dict_path))
+        candidates = sum(map(len, dicts['val'].values())) - 1
+        if recalls[-1] > candidates:
+            raise UserError(f'--recalls {args.recalls}: R@{recalls[-1]} needs {recalls[-1]} candidates per query, '
+                            f'but the validation classes (--val_split {args.val_split}) offer {candidates}')
     weights = args.pretrained != 'none'
     config = dict(vars(args), recalls=recalls, branches=branches, freeze_backbone_bn=weights,
                   lr=args.lr or (LR_WITH_WEIGHTS if weights else LR_FROM_SCRATCH), amp=not args.no_amp,
@@ -108,6 +122,23 @@ def resolve_config(args):
                   name=f'{args.data_name}_{args.crop_type}_{args.backbone_type}_{args.feature_dim}')
     del config['no_amp']
     return config, dicts
+
+
+def split_validation(train, fraction, seed, dict_path):
+    """Hold out round(fraction x C) of the C training classes, drawn from the seed over the sorted class names
+    (every process and a resumed run draw the same) -> {'train': the rest, 'val': the held-out classes}."""
+    classes = sorted(train)
+    held = math.floor(fraction * len(classes) + 0.5)
+    if held < 2:
+        raise UserError(f'--val_split {fraction} holds out {held} of the {len(classes)} training classes of '
+                        f'{dict_path}; validation needs at least 2: raise --val_split')
+    if len(classes) - held < 2:
+        raise UserError(f'--val_split {fraction} holds out {held} of the {len(classes)} training classes of '
+                        f'{dict_path}, leaving {len(classes) - held} to train on; at least 2 must remain')
+    order = torch.randperm(len(classes), generator=torch.Generator().manual_seed(utils.derive_seed(seed, VAL_STREAM)))
+    val = {classes[i] for i in order[:held].tolist()}
+    return {'train': {c: paths for c, paths in train.items() if c not in val},
+            'val': {c: paths for c, paths in train.items() if c in val}}
 
 
 # ---- images: decoded once into a cache, or loaded by DataLoader workers each epoch ----
@@ -123,9 +154,11 @@ class Images:
         # a loader per epoch, its workers ending with it: none linger at exit
         workers = config['num_workers']
         self.loader_kwargs = dict(num_workers=workers, pin_memory=rt.cuda, prefetch_factor=4 if workers else None)
-        # training images at the resize the crops are cut from, round(8s/7); evaluation images at s
+        # training images at the resize the crops are cut from, round(8s/7); evaluation images at s: the test
+        # splits, then the validation classes held out of training (--val_split)
         self.train = utils.ImageListDataset(dicts['train'], round(self.size * 8 / 7))
-        self.eval = {s: utils.ImageListDataset(dicts[s], self.size) for s in config['eval_splits']}
+        self.eval = {s: utils.ImageListDataset(dicts[s], self.size)
+                     for s in config['eval_splits'] + (('val',) if 'val' in dicts else ())}
         self.targets = torch.tensor(self.train.targets)
         self.caches = self.build_caches(config['cache'], config['name'])
 
@@ -271,17 +304,47 @@ def check_finite(model, features, epoch):
 
 
 def retrieval_metrics(features, labels, ks, device):
-    """R@k, MAP@R and R-Precision (fractions): test against itself, or query against gallery, on `device`."""
-    features = [features[split].to(device) for split in labels]
-    if len(features) == 2:
-        return metrics_lib.evaluate(features[0], labels['query'], ks, features[1], labels['gallery'])
-    return metrics_lib.evaluate(features[0], labels['test'], ks)
+    """R@k, MAP@R and R-Precision (fractions) on `device`: labels {split: labels} of one split searched against
+    itself (test, val), or {'query': ..., 'gallery': ...}."""
+    splits = list(labels)  # [split] or ['query', 'gallery']
+    vectors = [features[split].to(device) for split in splits]
+    if len(splits) == 2:
+        return metrics_lib.evaluate(vectors[0], labels[splits[0]], ks, vectors[1], labels[splits[1]])
+    return metrics_lib.evaluate(vectors[0], labels[splits[0]], ks)
+
+
+def metric_columns(prefix, recalls):
+    """The CSV columns of one evaluated split: {prefix}_recall@k per k, {prefix}_map@r, {prefix}_r_precision."""
+    return [f'{prefix}_recall@{k}' for k in recalls] + [f'{prefix}_{suffix}' for _, suffix, _ in RANKING_METRICS]
+
+
+def metric_row(prefix, metrics, recalls):
+    """evaluate's fractions -> {column: percent} of metric_columns."""
+    keys = [f'R@{k}' for k in recalls] + [key for key, _, _ in RANKING_METRICS]
+    return {column: 100.0 * metrics[key] for column, key in zip(metric_columns(prefix, recalls), keys)}
+
+
+def row_text(row, prefix, recalls):
+    """'R@1 62.50% R@2 74.31% | MAP@R 18.20% RP 21.05%': a statistics row's {prefix}_* columns (percent, two
+    decimals; RP: R-Precision)."""
+    recall_text = ' '.join(f'R@{k} {row[f"{prefix}_recall@{k}"]:.2f}%' for k in recalls)
+    ranking_text = ' '.join(f'{name} {row[f"{prefix}_{suffix}"]:.2f}%' for _, suffix, name in RANKING_METRICS)
+    return f'{recall_text} | {ranking_text}'
 
 
 def metrics_text(metrics, recalls):
-    """'R@1 62.50% R@2 74.31% | MAP@R 18.20% RP 21.05%' (percent, two decimals; RP: R-Precision)."""
-    recall_text = ' '.join(f'R@{k} {100 * metrics[f"R@{k}"]:.2f}%' for k in recalls)
-    return f'{recall_text} | MAP@R {100 * metrics["MAP@R"]:.2f}% RP {100 * metrics["R-Precision"]:.2f}%'
+    """'R@1 62.50% R@2 74.31% | MAP@R 18.20% RP 21.05%' of evaluate's fractions."""
+    return row_text(metric_row('', metrics, recalls), '', recalls)
+
+
+def selection_text(best, statistics, config):
+    """How the saved epoch was chosen: 'Best R@1 62.50% at epoch 3' (test R@1, the original's protocol), or by
+    validation R@1, with the test figures at that epoch."""
+    if not config['val_split']:
+        return f'Best R@1 {100 * best["recall"]:.2f}% at epoch {best["epoch"]}'
+    row = next(row for row in statistics if row['epoch'] == best['epoch'])
+    return (f'Selected epoch {best["epoch"]} by validation R@1 {100 * best["recall"]:.2f}%; test at that epoch: '
+            f'{row_text(row, "test", config["recalls"])}')
 
 
 # ---- files: one run per results name, its outputs, checkpoints written in the background ----
@@ -388,11 +451,18 @@ def first_epoch_remains(config, paths):
     return isinstance(recorded, dict) and recorded.get('settings') == run_settings(config)
 
 
-def statistics_csv(statistics, recalls):
-    """Rows -> CSV bytes (pandas; floats at full precision)."""
+def statistics_csv(statistics, recalls, val=False):
+    """Rows -> CSV bytes (pandas; floats at full precision); val: with the validation columns."""
     import pandas as pd
-    columns = list(STAT_COLUMNS) + [f'test_recall@{k}' for k in recalls] + ['test_map@r', 'test_r_precision']
+    columns = list(STAT_COLUMNS) + metric_columns('test', recalls) + (metric_columns('val', recalls) if val else [])
     return pd.DataFrame(statistics, columns=columns).to_csv(index=False).encode()
+
+
+def settings_json(config):
+    """The settings that make a run's numbers (RESUME_KEYS), written beside its statistics: summarize.py pools
+    only runs that differ in --seed alone."""
+    import json
+    return (json.dumps(run_settings(config), indent=1, sort_keys=True) + '\n').encode()
 
 
 def make_database(images, features, config):
@@ -411,6 +481,7 @@ def make_database(images, features, config):
 def epoch_files(epoch, trained, best, statistics, config, images, features):
     """CPU copies of what epoch `epoch` writes (trained: model, optimizer, scheduler, scaler) -> their writer."""
     (model, optimizer, scheduler, scaler), paths, recalls = trained, output_paths(config), config['recalls']
+    val = config['val_split'] > 0  # the statistics hold validation columns
     best_files = (utils.to_cpu(model.state_dict()), make_database(images, features, config)) \
         if best['epoch'] == epoch else None
     state = utils.to_cpu({'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
@@ -421,7 +492,8 @@ def epoch_files(epoch, trained, best, statistics, config, images, features):
     def write():  # best model and database first, checkpoint last: a kill in between repeats this epoch on resume
         if best_files is not None:
             utils.save_model_and_database(*best_files, paths['model.pth'], paths['data_base.pth'])
-        utils.atomic_write({paths['statistics.csv']: statistics_csv(state['statistics'], recalls),
+        utils.atomic_write({paths['settings.json']: settings_json(config),
+                            paths['statistics.csv']: statistics_csv(state['statistics'], recalls, val),
                             paths['curves.png']: utils.plot_curves(state['statistics'], recalls, config['name'])})
         utils.atomic_write({paths['checkpoint.pth']: utils.torch_bytes(state)})
     return write
@@ -575,6 +647,7 @@ def run(config, dicts, rt, paths, trained, progress):
     criterion = utils.LabelSmoothingCrossEntropy(SMOOTHING, TEMPERATURE, utils.class_balanced_weights(
         images.targets, config['num_classes'])).to(rt.device)
     labels = {split: images.eval[split].labels for split in config['eval_splits']}
+    val_labels = {'val': images.eval['val'].labels} if 'val' in images.eval else None
     dim, recalls = len(config['branches']) * config['feature_dim'], config['recalls']
     if rt.main:
         print(train_set_line(images.epoch_batches(first_epoch), config['batch_size'], rt.world_size,
@@ -597,18 +670,23 @@ def run(config, dicts, rt, paths, trained, progress):
             scheduler.step()
             if rt.main:
                 metrics = retrieval_metrics(features, labels, sorted({1, *recalls}), rt.device)
+                row = {'epoch': epoch, 'train_loss': stats['loss'], 'train_accuracy': stats['accuracy'],
+                       **metric_row('test', metrics, recalls)}
+                chosen_by = metrics  # the original's protocol: the epoch of the best test R@1
+                if val_labels:  # the held-out training classes choose instead, never a test figure
+                    chosen_by = retrieval_metrics(features, val_labels, sorted({1, *recalls}), rt.device)
+                    row.update(metric_row('val', chosen_by, recalls))
                 eval_seconds, write_start = time.time() - eval_start, time.time()
-                statistics.append({'epoch': epoch, 'train_loss': stats['loss'], 'train_accuracy': stats['accuracy'],
-                                   **{f'test_recall@{k}': 100.0 * metrics[f'R@{k}'] for k in recalls},
-                                   'test_map@r': 100.0 * metrics['MAP@R'],
-                                   'test_r_precision': 100.0 * metrics['R-Precision']})
-                if metrics['R@1'] > best['recall']:  # strictly better: the first maximum wins
-                    best = {'recall': metrics['R@1'], 'epoch': epoch}
+                statistics.append(row)
+                if chosen_by['R@1'] > best['recall']:  # strictly better: the first maximum wins
+                    best = {'recall': chosen_by['R@1'], 'epoch': epoch}
                 writer.submit(epoch_files(epoch, (model, optimizer, scheduler, rt.scaler), best, statistics, config,
                                           images, features))
                 seconds = stats['seconds'] + eval_seconds + time.time() - write_start
+                figures = f'val {row_text(row, "val", recalls)} | test {row_text(row, "test", recalls)}' \
+                    if val_labels else row_text(row, 'test', recalls)
                 print(f'Epoch {epoch}/{config["num_epochs"]} | train loss {stats["loss"]:.4f} acc '
-                      f'{stats["accuracy"]:.2f}% | {metrics_text(metrics, recalls)} | {seconds:.2f}s (train '
+                      f'{stats["accuracy"]:.2f}% | {figures} | {seconds:.2f}s (train '
                       f'{stats["seconds"]:.2f}s, eval {eval_seconds:.2f}s, writes {time.time() - write_start:.2f}s)',
                       flush=True)
                 if config['compile'] and epoch == first_epoch:
@@ -619,7 +697,7 @@ def run(config, dicts, rt, paths, trained, progress):
         writer.close()  # every submitted write is on disk before the process ends
     if rt.main:
         print(f'Nothing to do: all {config["num_epochs"]} epochs are done.' if first_epoch > config['num_epochs'] else
-              f'Best R@1 {100 * best["recall"]:.2f}% at epoch {best["epoch"]}; model {paths["model.pth"]}, '
+              f'{selection_text(best, statistics, config)}; model {paths["model.pth"]}, '
               f'database {paths["data_base.pth"]}, statistics {paths["statistics.csv"]}', flush=True)
 
 

@@ -18,6 +18,8 @@ import data_utils  # noqa: E402
 NAME = 'tiny'
 RUN_NAME = 'tiny_uncropped_resnet18_8'  # {data_name}_{crop_type}_{backbone_type}_{feature_dim}
 EPOCHS = 2
+# the validation-split runs: 10 classes, of whose 5 training classes --val_split 0.4 holds out 2 and trains on 3
+VAL_CLASSES, VAL_FLAGS = 10, ('--val_split', '0.4')
 
 
 def write_noisy_classes(root, name=NAME, num_classes=6, per_class=4, size=40, seed=0):
@@ -35,10 +37,10 @@ def write_noisy_classes(root, name=NAME, num_classes=6, per_class=4, size=40, se
             Image.fromarray(pixels, 'RGB').save(os.path.join(folder, f'img_{j}.png'))
 
 
-def make_dataset(root):
-    """Write and process the dataset with data_utils: 3 training classes x 4, 3 test classes x 4."""
+def make_dataset(root, num_classes=6):
+    """Write and process the dataset with data_utils: num_classes / 2 training classes x 4, as many test classes."""
     root = os.fspath(root)
-    write_noisy_classes(root)
+    write_noisy_classes(root, num_classes=num_classes)
     data_utils.process_dataset(root, NAME)
     return root
 

@@ -32,14 +32,32 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope='session')
 def reference(tmp_path_factory, dataset):
     """An uninterrupted in-process run of EPOCHS epochs: (results dir, what it printed)."""
+    return reference_run(tmp_path_factory.mktemp('reference'), dataset)
+
+
+@pytest.fixture(scope='session')
+def val_dataset(tmp_path_factory):
+    """The tiny dataset with VAL_CLASSES classes, enough training classes for a validation split."""
+    from _train_fixtures import VAL_CLASSES, make_dataset
+    return make_dataset(tmp_path_factory.mktemp('val_data'), VAL_CLASSES)
+
+
+@pytest.fixture(scope='session')
+def val_reference(tmp_path_factory, val_dataset):
+    """An uninterrupted in-process run with VAL_FLAGS: (results dir, what it printed)."""
+    from _train_fixtures import VAL_FLAGS
+    return reference_run(tmp_path_factory.mktemp('val_reference'), val_dataset, *VAL_FLAGS)
+
+
+def reference_run(results, data_path, *extra):
+    """train.py in this process on `data_path` -> (results, what it printed)."""
     import train
     from _train_fixtures import flags
-    results = tmp_path_factory.mktemp('reference')
     saved, sys.stdout = sys.stdout, io.StringIO()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as every test runs (session fixtures start before one_thread)
     try:
-        train.main(flags(dataset, results))
+        train.main(flags(data_path, results, *extra))
         text = sys.stdout.getvalue()
     finally:
         sys.stdout = saved

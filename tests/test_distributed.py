@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from _train_fixtures import EPOCHS, REPO, RUN_NAME, flags, free_port, out, run_script, tensors
+from _train_fixtures import EPOCHS, REPO, RUN_NAME, VAL_FLAGS, flags, free_port, out, run_script, tensors
 import metrics
 import model as model_lib
 import train
@@ -110,6 +110,20 @@ def test_torchrun_two_cpu_processes_with_kill_and_resume(dataset, reference, tmp
     best = stats['test_recall@1'].idxmax()
     assert 100 * found['R@1'] == stats['test_recall@1'][best]
     assert tensors(out(results, 'checkpoint.pth'))['epoch'] == EPOCHS
+
+
+def test_torchrun_with_a_validation_split(val_dataset, tmp_path):
+    # every process draws the same held-out classes from the seed: one classifier of the 3 remaining classes
+    results = tmp_path / 'results'
+    result = run_script(flags(val_dataset, results, *VAL_FLAGS, epochs=1), timeout=420, launcher=torchrun())
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = pd.read_csv(out(results, 'statistics.csv'))
+    assert list(stats.columns)[-4:] == ['val_recall@1', 'val_recall@2', 'val_map@r', 'val_r_precision']
+    assert result.stdout.count('Epoch 1/1 | ') == 1 and f'| val R@1 {stats["val_recall@1"][0]:.2f}% ' in result.stdout
+    assert f'Selected epoch 1 by validation R@1 {stats["val_recall@1"][0]:.2f}%' in result.stdout
+    database = tensors(out(results, 'data_base.pth'))
+    assert database['config']['num_classes'] == 3 and len(database['test_images']) == 20
+    assert tensors(out(results, 'model.pth'))['classifier.1.weight'].shape[0] == 3
 
 
 def test_torchrun_user_error_printed_once(dataset, tmp_path):

@@ -87,7 +87,7 @@ def script_flags(parser_of):
 
 def test_readme_table_lists_every_flag_with_the_code_ranges():
     table = readme_ranges()
-    switches = {'--no_amp', '--compile', '--overwrite', '--eval_untrained'}  # no value, named under the table
+    switches = {'--no_amp', '--compile', '--overwrite', '--eval_untrained', '--embedding_map'}  # no value, named under the table
     for name, parse in (('data_utils.py', data_utils.main), ('train.py', train.parse_args),
                         ('test.py', script.parse_args), ('serve.py', serve.parse_args)):
         assert script_flags(parse) - switches == {flag for s, flag in table if s == name}, name

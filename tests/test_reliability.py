@@ -15,7 +15,8 @@ import tempfile
 import pytest
 import torch
 
-from _train_fixtures import REPO, RUN_NAME, assert_same_tensors, flags, make_dataset, out, run_script, tensors
+from _train_fixtures import (REPO, RUN_NAME, VAL_FLAGS, assert_same_tensors, flags, make_dataset, out, run_script,
+                             tensors)
 import train
 import utils
 from utils import UserError
@@ -32,9 +33,18 @@ def temporaries(results):
     ('kill-write:checkpoint:1', 0, None),      # epoch 1's model and statistics, no checkpoint: starts fresh
 ])
 def test_sigkill_then_resume_matches_uninterrupted(dataset, reference, tmp_path, fault, workers, epoch_on_disk):
-    results = tmp_path / 'results'
+    kill_then_resume(dataset, reference[0], tmp_path / 'results', fault, workers, epoch_on_disk)
+
+
+def test_sigkill_then_resume_with_a_validation_split(val_dataset, val_reference, tmp_path):
+    # the held-out classes are drawn again from the seed on resume: the same split, the same numbers
+    kill_then_resume(val_dataset, val_reference[0], tmp_path / 'results', 'kill:2:1', 0, None, VAL_FLAGS)
+
+
+def kill_then_resume(dataset, ref, results, fault, workers, epoch_on_disk, extra=()):
+    """Kill a run with `fault`, resume it in this process: every output equals the reference run's in `ref`."""
     cache = ['--cache', 'off'] if workers else []  # the loader path too
-    killed = run_script(flags(dataset, results, *cache, workers=workers), fault=fault)
+    killed = run_script(flags(dataset, results, *cache, *extra, workers=workers), fault=fault)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     if epoch_on_disk is None:  # none yet, or epoch 1's whole
         assert not os.path.exists(out(results, 'checkpoint.pth')) or tensors(out(results, 'checkpoint.pth'))['epoch'] == 1
@@ -48,10 +58,10 @@ def test_sigkill_then_resume_matches_uninterrupted(dataset, reference, tmp_path,
 
     # resume in this process (same flags + --resume auto); the worker count may differ from the
     # reference's 0: each image's augmentation depends only on (seed, epoch, index)
-    train.main(flags(dataset, results, '--resume', 'auto', *cache, workers=workers))
-    ref = reference[0]
-    with open(out(ref, 'statistics.csv'), 'rb') as a, open(out(results, 'statistics.csv'), 'rb') as b:
-        assert a.read() == b.read()
+    train.main(flags(dataset, results, '--resume', 'auto', *cache, *extra, workers=workers))
+    for kind in ('statistics.csv', 'settings.json'):
+        with open(out(ref, kind), 'rb') as a, open(out(results, kind), 'rb') as b:
+            assert a.read() == b.read(), kind
     assert_same_tensors(tensors(out(ref, 'model.pth')), tensors(out(results, 'model.pth')))
     db_ref, db = tensors(out(ref, 'data_base.pth')), tensors(out(results, 'data_base.pth'))
     assert torch.equal(db_ref['test_features'], db['test_features']) and db_ref['config'] == db['config']
