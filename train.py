@@ -427,7 +427,8 @@ def describe_checkpoint(path):
     with contextlib.suppress(UserError):
         state = utils.safe_load(path, 'checkpoint')
         if isinstance(state, dict) and type(state.get('epoch')) is int and isinstance(state.get('best_recall'), float):
-            return f'epoch {state["epoch"]}, best R@1 {100 * state["best_recall"]:.2f}%'
+            chosen = 'validation ' if isinstance(state.get('config'), dict) and state['config'].get('val_split') else ''
+            return f'epoch {state["epoch"]}, best {chosen}R@1 {100 * state["best_recall"]:.2f}%'
     return None
 
 
@@ -451,11 +452,15 @@ def first_epoch_remains(config, paths):
     return isinstance(recorded, dict) and recorded.get('settings') == run_settings(config)
 
 
+def statistics_columns(recalls, val=False):
+    """The statistics CSV's columns; val: with the validation columns."""
+    return list(STAT_COLUMNS) + metric_columns('test', recalls) + (metric_columns('val', recalls) if val else [])
+
+
 def statistics_csv(statistics, recalls, val=False):
     """Rows -> CSV bytes (pandas; floats at full precision); val: with the validation columns."""
     import pandas as pd
-    columns = list(STAT_COLUMNS) + metric_columns('test', recalls) + (metric_columns('val', recalls) if val else [])
-    return pd.DataFrame(statistics, columns=columns).to_csv(index=False).encode()
+    return pd.DataFrame(statistics, columns=statistics_columns(recalls, val)).to_csv(index=False).encode()
 
 
 def settings_json(config):
@@ -557,7 +562,7 @@ def checkpoint_problem(state, config):
         return f'its best_recall {best_recall!r} is not a fraction'
     if not isinstance(rows, list) or len(rows) != epoch:
         return f'its statistics are not a list of {epoch} rows, one per epoch done'
-    columns = [*STAT_COLUMNS, *(f'test_recall@{k}' for k in config['recalls']), 'test_map@r']
+    columns = statistics_columns(config['recalls'], config['val_split'] > 0)
     for k, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not all(number(row.get(c)) for c in columns) or row['epoch'] != k:
             return f'its statistics row {k} is not epoch {k} with numbers for {", ".join(columns)}'
@@ -627,8 +632,9 @@ def main(argv=None):
             print(f'Params: {params / 1e6:.2f}M | FLOPs: {flops / 1e9:.2f}G (at {config["image_size"]}px)', flush=True)
             _, best, first_epoch = progress
             if first_epoch > 1:
-                print(f'Resuming from {path}: epoch {first_epoch - 1} of {config["num_epochs"]} done, best R@1 '
-                      f'{100 * best["recall"]:.2f}% (epoch {best["epoch"]})', flush=True)
+                chosen = 'validation ' if config['val_split'] else ''
+                print(f'Resuming from {path}: epoch {first_epoch - 1} of {config["num_epochs"]} done, best {chosen}'
+                      f'R@1 {100 * best["recall"]:.2f}% (epoch {best["epoch"]})', flush=True)
         utils.barrier()
         run(config, dicts, rt, paths, (model, runner, optimizer, scheduler), progress)
     except torch.OutOfMemoryError:
