@@ -2,13 +2,11 @@
 sub-folders, or a generated demo set into image lists: {data_path}/{name}/{crop_type}_data_dicts.pth."""
 import argparse
 import contextlib
-import errno
 import filecmp
 import io
 import math
 import os
 import shutil
-import stat
 import sys
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from utils import (TEMPORARY_EXTRA, UserError, atomic_write, check_int, load_image, read_bytes, remove_temporaries,
-                   run_cli, safe_load, torch_bytes, SEED_MAX)
+from utils import (SEED_MAX, TEMPORARY_EXTRA, UserError, atomic_write, check_int, hold_lock, load_image, read_bytes,
+                   remove_temporaries, run_cli, safe_load, torch_bytes)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # own folders and the demo
 NORMALIZATION = {  # per-dataset mean/std the published models were trained with
@@ -433,48 +431,17 @@ def _folder_error(root, name):
             f'or an own dataset laid out as\n{_layout(name)}')
 
 
-def _open_lock(path):
-    """The lock file's descriptor, never through a link; read-only where the folder is (None: no lock file can be
-    made there, so this run can create nothing beside the dataset either)."""
-    flags = os.O_NOFOLLOW | os.O_NONBLOCK  # a planted link fails (ELOOP); a planted pipe does not block the open
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644), True
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise UserError(f'{path} is a symbolic link, not the lock file data_utils.py makes; remove it') from None
-        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise UserError(f'cannot create the lock file {path}: {err.strerror or err}') from None
-    try:  # a folder this user may only read: the lock file an earlier run left still excludes the writers
-        return os.open(path, os.O_RDONLY | flags), False
-    except FileNotFoundError:
-        return None, False
-    except OSError as err:
-        raise UserError(f'cannot open the lock file {path}: {err.strerror or err}') from None
-
-
 @contextlib.contextmanager
 def dataset_lock(data_path, name):
     """Hold {data_path}/.{name}.lock while a dataset is processed (an OS lock, released even when the process is
     killed): a second run on the same folder stops at once instead of mixing its files with the first's."""
-    import fcntl
     path = os.path.join(data_path, f'.{name}.lock')  # beside the folder: the demo redraw replaces the folder
-    fd, writable = _open_lock(path)
     try:
-        if fd is not None:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a pipe, device or hard link planted there
-                raise UserError(f'{path} is not the lock file data_utils.py makes (not a regular file of its own); '
-                                f'remove it')
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = os.pread(fd, 64, 0).decode(errors='replace').strip() or 'process id unknown'
-                raise UserError(f'another data_utils.py is processing {os.path.join(data_path, name)} ({holder}); '
-                                f'wait for it') from None
-            if writable:
-                with contextlib.suppress(OSError):  # the holder's name only informs a second run
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, f'process {os.getpid()}\n'.encode(), 0)
+        fd = hold_lock(path, 'data_utils.py', lambda holder: f'another data_utils.py is processing '
+                       f'{os.path.join(data_path, name)} ({holder}); wait for it', read_only_ok=True)
+    except OSError as err:
+        raise UserError(f'cannot create the lock file {path}: {err.strerror or err}') from None
+    try:
         yield
     finally:
         if fd is not None:

@@ -5,10 +5,8 @@ database to results/, with a checkpoint each epoch so a killed run resumes where
 Single process: `python train.py ...`; several GPUs or nodes: `torchrun --nproc_per_node=N train.py ...`."""
 import argparse
 import contextlib
-import errno
 import math
 import os
-import stat
 import time
 
 import torch
@@ -351,35 +349,19 @@ def selection_text(best, statistics, config):
 
 def claim_results(config, paths, resumed):
     """Hold this results name for the run (an OS lock, released even when the process is killed) and
-    refuse to replace another run's outputs unless asked (check_outputs) -> the open lock file."""
-    import fcntl
+    refuse to replace another run's outputs unless asked (check_outputs) -> the lock file's descriptor."""
     folder = config['results_dir']
     check_outputs(config, paths, resumed)  # a refusal creates nothing: checked again once the lock is held
     lock_path = os.path.join(folder, f'.{config["name"]}.lock')
     try:
         os.makedirs(folder, exist_ok=True)
-        # never through a link planted there: O_NOFOLLOW fails on one (ELOOP) before anything is written
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        lock = utils.hold_lock(lock_path, 'train.py', lambda holder: f'another train.py is running on '
+                               f'{os.path.join(folder, config["name"])}_* ({holder}); wait for it or use another '
+                               f'--results_dir')
     except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise UserError(f'{lock_path} is a symbolic link: train.py writes nothing through a link in the '
-                            f'results folder; remove it (nothing written)') from None
         raise UserError(f'cannot write to results folder {folder}: {err.strerror or err}; nothing written') from None
-    lock = os.fdopen(fd, 'r+')
     try:
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a hard link writes into another file too
-                raise UserError(f'{lock_path} is not a plain file of its own (a hard link, pipe or device?): '
-                                f'remove it (nothing written)')
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = lock.read().strip() or 'process id unknown'
-                raise UserError(f'another train.py is running on {os.path.join(folder, config["name"])}_* '
-                                f'({holder}); wait for it or use another --results_dir') from None
-            lock.truncate(0)
-            print(f'process {os.getpid()}', file=lock, flush=True)
             check_outputs(config, paths, resumed)  # another run may have ended in between
             for path in paths.values():
                 if config['overwrite'] and os.path.lexists(path):
@@ -389,7 +371,7 @@ def claim_results(config, paths, resumed):
             raise UserError(f'cannot replace the files of {os.path.join(folder, config["name"])}_*: '
                             f'{err.strerror or err}') from None
     except BaseException:
-        lock.close()
+        os.close(lock)
         raise
     return lock
 
@@ -642,7 +624,7 @@ def main(argv=None):
                         f'--image_size (now {config["image_size"]}), or use --cache off') from None
     finally:
         if lock is not None:
-            lock.close()
+            os.close(lock)
     utils.cleanup_distributed()
 
 

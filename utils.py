@@ -3,6 +3,7 @@ image lists and the decode-once cache, the training loss and curves (the retriev
 import concurrent.futures
 import contextlib
 import datetime
+import errno
 import glob
 import hashlib
 import io
@@ -11,6 +12,7 @@ import os
 import random
 import re
 import signal
+import stat
 import sys
 import threading
 import warnings
@@ -219,6 +221,45 @@ class BackgroundWriter:
     def close(self):
         self.wait()
         self.pool.shutdown()
+
+
+def hold_lock(path, script, busy, read_only_ok=False):
+    """Hold an exclusive OS lock (released when the process ends, even killed) on `path`, a plain file of its own,
+    created if missing and never opened through a link -> its descriptor, `process PID` written in it. A link,
+    hard link, pipe or device planted there is a UserError, and so is another holder: busy(its note). With
+    read_only_ok, in a folder this user may only read, an existing lock file is locked read-only and a missing
+    one means no lock (-> None): such a run can create nothing there either. Other OS errors propagate."""
+    import fcntl
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK  # a planted link fails (ELOOP); a planted pipe does not block the open
+    writable = True
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(f'{path} is a symbolic link, not the lock file {script} makes; remove it') from None
+        if not read_only_ok or err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        try:  # the lock file an earlier run left still excludes the writers
+            fd, writable = os.open(path, os.O_RDONLY | flags), False
+        except FileNotFoundError:
+            return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a hard link would write into another file too
+            raise UserError(f'{path} is not the lock file {script} makes (not a regular file of its own); remove it')
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(busy(os.pread(fd, 64, 0).decode(errors='replace').strip() or 'process id unknown')) \
+                from None
+        if writable:
+            with contextlib.suppress(OSError):  # the holder's note only informs a second run
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f'process {os.getpid()}\n'.encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def remove_temporaries(paths):
