@@ -872,7 +872,8 @@ class LabelSmoothingCrossEntropy(torch.nn.Module):
 # ---- training curves ----
 
 def plot_curves(statistics, recalls, title):
-    """Loss, accuracy, R@K and MAP@R per epoch -> PNG bytes."""
+    """Loss, accuracy, test R@K, MAP@R and R-Precision per epoch (and validation R@1 where the rows hold it)
+    -> PNG bytes."""
     from matplotlib.figure import Figure  # not pyplot: no display, no global backend
 
     epochs = [row['epoch'] for row in statistics]
@@ -882,10 +883,13 @@ def plot_curves(statistics, recalls, title):
     axes[1].plot(epochs, [row['train_accuracy'] for row in statistics], marker='o')
     for k in recalls:
         axes[2].plot(epochs, [row[f'test_recall@{k}'] for row in statistics], marker='o', label=f'R@{k}')
-    axes[2].plot(epochs, [row['test_map@r'] for row in statistics], marker='s', linestyle='--', label='MAP@R')
+    for column, label in (('test_map@r', 'MAP@R'), ('test_r_precision', 'R-Precision'), ('val_recall@1', 'val R@1')):
+        if all(column in row for row in statistics):  # R-Precision: not in rows of a checkpoint from before it
+            axes[2].plot(epochs, [row[column] for row in statistics], marker='s', linestyle='--', label=label)
     # beside the panel, not on it: inside, it covered the R@1 markers and the MAP@R line
     axes[2].legend(loc='upper left', bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    for ax, name in zip(axes, ('train loss', 'train accuracy (%)', 'test retrieval (%)')):
+    retrieval = 'test and validation retrieval (%)' if 'val_recall@1' in statistics[0] else 'test retrieval (%)'
+    for ax, name in zip(axes, ('train loss', 'train accuracy (%)', retrieval)):
         ax.set(title=name, xlabel='epoch')
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
