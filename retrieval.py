@@ -1,10 +1,8 @@
 """Retrieval from a saved feature database, shared by test.py and serve.py: find the database, load it with its
 model, embed query images (one, a batch, or uploaded bytes) as train.py embedded the database, and rank."""
 import dataclasses
-import io
 import os
 import re
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -98,24 +96,19 @@ def embed_image(model, path, config, device, data=None):
 
 
 def check_upload(data, name):
-    """An uploaded image's bytes before any decode: not empty, and within PIL's MAX_IMAGE_PIXELS (PIL itself
-    refuses only above twice that, and the JPEG decoder used for the embedding not at all)."""
+    """An uploaded image's bytes before any decode: not empty, an image, and within PIL's MAX_IMAGE_PIXELS (read
+    from its header: PIL itself only warns up to twice that, and the JPEG decoder used for embedding not at all)."""
     if not data:
         raise UserError(f'{name} is empty (0 bytes)')
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('error', Image.DecompressionBombWarning)  # 1x to 2x the limit: only a warning
-            with Image.open(io.BytesIO(data)) as img:  # reads the header only
-                width, height = img.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        width = height = None
+        utils.open_image(name, data).close()  # reads the header only
+    except UserError:  # over the pixel limit
+        raise
     except Image.UnidentifiedImageError:
         raise UserError(f'{name} is not an image (or not in a format Pillow reads)') from None
-    except Exception as err:  # PIL raises UnidentifiedImageError, SyntaxError, ValueError...
+    except Exception as err:  # PIL raises SyntaxError, ValueError... on a damaged header
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f'cannot decode image {name}: {reason} (damaged, or not an image)') from None
-    if width is None or width * height > Image.MAX_IMAGE_PIXELS:
-        raise UserError(f'{name} is too large: more than {Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?)')
 
 
 def find_image(path, images):

@@ -547,7 +547,7 @@ class Runtime:
 _OPEN_LOCK = threading.Lock()  # the warning filters are global: decoder threads take turns at changing them
 
 
-def _open_image(path, data=None):
+def open_image(path, data=None):
     """PIL's open (the header only) of an image file, or of its bytes `data`, within PIL's pixel limit
     (Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); a larger one is a UserError giving its size."""
     limit = Image.MAX_IMAGE_PIXELS
@@ -573,7 +573,7 @@ def load_image(path, data=None):
     the file's bytes when already in memory (an upload; `path` then only names it)."""
     path = os.fspath(path)
     try:
-        with _open_image(path, data) as img:
+        with open_image(path, data) as img:
             img.load()  # decode now, inside the try, so a damaged file fails here and not later
             return _to_rgb(img)
     except (UserError, MemoryError):  # MemoryError: no fault of the file (build_cache says what to do)
