@@ -132,6 +132,15 @@ def locate_query(db, query_path, isc):
     return split, None, None, None
 
 
+def check_k(k, images, exclude, asked, source, split):
+    """k results exist for a query among `images` of `split` (less the query itself when `exclude` is set, i.e. it
+    is one of them), else a UserError saying how many there are; `asked` names the request, e.g. '--retrieval_num 9'."""
+    searchable = images - (exclude is not None)
+    if k > searchable:
+        raise UserError(f'{asked} asks for more images than {source} can return ({searchable} {split} images'
+                        f'{" besides the query" if exclude is not None else ""})')
+
+
 def rank_gallery(query_feature, gallery_features, exclude=None, gallery_labels=None, query_label=None):
     """Gallery indices sorted by cosine similarity to the query, best first -> (indices, scores). Ties go against
     the query, as in metrics.py: when its label is known, other-class items first; then index order."""

@@ -61,10 +61,7 @@ class Searcher:
                 'k_default': K_DEFAULT, 'k_max': K_MAX}
 
     def check_k(self, k, exclude):
-        searchable = len(self.database.images) - (exclude is not None)
-        if k > searchable:
-            raise UserError(f'k = {k} asks for more images than the database can return ({searchable} '
-                            f'{self.database.split} images{" besides the query" if exclude is not None else ""})')
+        retrieval.check_k(k, len(self.database.images), exclude, f'k = {k}', 'the database', self.database.split)
 
     def check_index(self, index):
         if not 0 <= index < len(self.database.images):

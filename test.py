@@ -248,11 +248,8 @@ def retrieve_folder(folder, data_base, k, results_dir, device):
     if not queries:
         raise UserError(f'no image under --query_dir {folder} could be read; nothing was written')
     images, labels, features = database.images, database.labels, database.features
-    searchable = len(images) - any(exclude is not None for _, _, exclude, _ in queries)
-    if k > searchable:
-        besides = ' besides a query that is one of them' if searchable < len(images) else ''
-        raise UserError(f'--retrieval_num {k} asks for more images than {database.path} can return ({searchable} '
-                        f'{database.split} images{besides})')
+    excluded = next((exclude for _, _, exclude, _ in queries if exclude is not None), None)  # a database image
+    retrieval.check_k(k, len(images), excluded, f'--retrieval_num {k}', database.path, database.split)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator='\n')
     writer.writerow(('query', 'rank', 'path', 'label', 'score'))
@@ -353,10 +350,7 @@ def retrieve(args, query_path, db, db_path, isc, device):
     if query_feature is None:  # query by your own photo: embed it as the database images were
         query_feature = embed_image(model, query_path, db['config'], device)
     images, labels, features = (db[f'{split}_{k}'] for k in ('images', 'labels', 'features'))
-    searchable = len(images) - (exclude is not None)
-    if args.retrieval_num > searchable:
-        raise UserError(f'--retrieval_num {args.retrieval_num} asks for more images than {db_path} can return '
-                        f'({searchable} {split} images{" besides the query" if exclude is not None else ""})')
+    retrieval.check_k(args.retrieval_num, len(images), exclude, f'--retrieval_num {args.retrieval_num}', db_path, split)
     indices, scores = retrieval.top_k(query_feature, features, args.retrieval_num, exclude, labels, query_label)
     hits = []  # every picture is read and encoded before anything is written
     for rank, (i, score) in enumerate(zip(indices, scores), start=1):
@@ -364,7 +358,8 @@ def retrieve(args, query_path, db, db_path, isc, device):
     target = write_result_folder(args.results_dir, stem, render(query_image, query_label, hits))
     source = (f'label {query_label}, feature from {db_path}' if query_label is not None
               else f'not in the database: embedded with {model_path}')
-    print(f'query {query_path} ({source}); top {args.retrieval_num} of {searchable} {split} images:')
+    searched = len(images) - (exclude is not None)  # the query itself is no result
+    print(f'query {query_path} ({source}); top {args.retrieval_num} of {searched} {split} images:')
     for rank, score, label, _, path in hits:
         print(f'{rank:>4}  {score:.4f}  {label:<12} {path}')
     print(f'saved to {target}/')
