@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from utils import UserError, load_state_dict_strict, run_cli, safe_load
+from cli import UserError, run_cli
+from files import safe_load
 
 
 # ---- backbones: stem + layer1..layer4, no avgpool/fc; stage 3 (layer3) keeps its input resolution ----
@@ -256,3 +257,21 @@ def main():
 
 if __name__ == '__main__':
     run_cli(main)
+
+
+
+def load_state_dict_strict(module, state, source, what='weights of this model'):
+    """Load `state` into `module` strictly; else a UserError saying that `source` does not hold `what`,
+    listing up to 8 missing, unexpected and mis-shaped tensors each."""
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f'{source} does not hold {what}: expected a state dict (parameter name -> tensor)')
+    expected = module.state_dict()
+    problems = {'missing': [k for k in expected if k not in state],
+                'unexpected': [k for k in state if k not in expected],
+                'with the wrong shape': [f'{k} {list(state[k].shape)} (expected {list(v.shape)})'
+                                         for k, v in expected.items() if k in state and state[k].shape != v.shape]}
+    listed = [f'{len(names)} {kind}: {", ".join(names[:8])}{f" and {len(names) - 8} more" if len(names) > 8 else ""}'
+              for kind, names in problems.items() if names]
+    if listed:
+        raise UserError(f'{source} does not hold {what} ({"; ".join(listed)})')
+    module.load_state_dict(state, strict=True)

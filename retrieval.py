@@ -1,6 +1,14 @@
-"""Retrieval from a saved feature database, shared by test.py and serve.py: find the database, load it with its
-model, embed query images (one, a batch, or uploaded bytes) as train.py embedded the database, and rank."""
+"""The feature database, and nothing else writes, reads or checks it: its fields and format version, save (beside
+its model file, tied to it by SHA-256), load and validation, which split a query searches (a dataset with a gallery
+searches the gallery), the model rebuilt from it, and the search itself: queries embedded as train.py embedded the
+database's images, ranked with ties against the query. test.py and serve.py answer through it.
+
+A database: {'version': VERSION, 'test_images': [paths], 'test_labels': [str], 'test_features': float [N, D],
+('gallery_images', 'gallery_labels', 'gallery_features': a query/gallery dataset's gallery, its query split under
+test_*, as the original stored it), 'config': {DATABASE_CONFIG, 'settings': the run's settings}}."""
 import dataclasses
+import hashlib
+import math
 import os
 import re
 
@@ -8,11 +16,108 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import utils
-from model import Model
-from utils import UserError
+import imaging
+from cli import UserError
+from files import atomic_write, load_bytes, read_bytes, safe_load, torch_bytes
+from model import Model, load_state_dict_strict
 
+VERSION = 1  # of the format; a database that records none is of version 1 (the fields are the same)
+FIELDS = ('images', 'labels', 'features')
+MODEL_KEYS = ('backbone_type', 'feature_dim', 'branches', 'num_classes', 'image_size', 'data_name', 'crop_type')
+DATABASE_CONFIG = MODEL_KEYS + ('mean', 'std', 'model_file', 'model_sha256')
 DATABASE_NAME = re.compile(r'(.+)_(uncropped|cropped)_(.+)_(\d+)_data_base\.pth')  # as train.py names it
+
+
+def make_database(splits, config, mean, std, settings):
+    """A database of splits [(image paths, labels, features [N, D])]: the test split (a query/gallery dataset's
+    query split), then the gallery if there is one; `config` holds MODEL_KEYS. The model file is added on save."""
+    database = {f'{prefix}_{field}': value for prefix, split in zip(('test', 'gallery'), splits)
+                for field, value in zip(FIELDS, split)}
+    config = dict({key: config[key] for key in MODEL_KEYS}, mean=list(mean), std=list(std), settings=settings)
+    return dict(database, version=VERSION, config=config)
+
+
+def save_model_and_database(state_dict, database, model_path, database_path):
+    """Write a state dict and its feature database together (atomic_write), the database recording the
+    model file's name and SHA-256."""
+    model_bytes = torch_bytes(state_dict)
+    config = dict(database['config'], model_file=os.path.basename(model_path),
+                  model_sha256=hashlib.sha256(model_bytes).hexdigest())
+    atomic_write({model_path: model_bytes, database_path: torch_bytes(dict(database, config=config))})
+
+
+def _problem(db):
+    """What makes a loaded object no usable database, or None."""
+    if not isinstance(db, dict):
+        return f'it holds a {type(db).__name__}, not a dict'
+    if db.get('version', VERSION) != VERSION:
+        return (f'it is of format version {db["version"]!r}, this CLF reads version {VERSION}; rebuild it with '
+                f'train.py (the same flags and --overwrite)')
+    splits = ('test', 'gallery') if has_gallery(db) else ('test',)
+    config = db.get('config')
+    missing = [f'{s}_{f}' for s in splits for f in FIELDS if f'{s}_{f}' not in db]
+    missing += ['config'] if not isinstance(config, dict) else [k for k in DATABASE_CONFIG if k not in config]
+    if missing:
+        return f'missing {", ".join(missing)}'
+    for key in ('feature_dim', 'num_classes', 'image_size'):
+        if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] <= 0:
+            return f'config {key} must be a positive integer, got {config[key]!r}'
+    for key in ('mean', 'std'):
+        values = list(config[key]) if isinstance(config[key], (list, tuple)) else []
+        if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values) \
+                or (key == 'std' and min(values) <= 0):
+            return f'config {key} must be three numbers (std positive), got {config[key]!r}'
+    dim = len(str(config['branches'])) * config['feature_dim']  # one feature_dim block per branch
+    for split in splits:
+        images, labels, features = (db[f'{split}_{f}'] for f in FIELDS)
+        if not isinstance(images, (list, tuple)) or not all(isinstance(p, str) for p in images) or \
+                not isinstance(labels, (list, tuple)) or not all(isinstance(v, (str, int)) for v in labels):
+            return f'{split}_images and {split}_labels must be lists of paths and labels'
+        if not torch.is_tensor(features) or not features.is_floating_point() or features.shape[1:] != (dim,):
+            return f'{split}_features must be a float tensor [N, {dim}] (branches x feature_dim)'
+        if not len(images) == len(labels) == len(features) or not images:
+            return f'{split}: {len(images)} images, {len(labels)} labels, {len(features)} features (unequal or 0)'
+        if not torch.isfinite(features).all() or not (features.norm(dim=1) > 0).all():
+            return f'{split}_features hold NaN, infinite or all-zero vectors (from a diverged model?)'
+    return None
+
+
+def has_gallery(db):
+    """Whether a database searches a separate gallery (In-shop's protocol) rather than its test split itself."""
+    return any(key.startswith('gallery_') for key in db)
+
+
+def load_database(path):
+    """Read and check a feature database -> (database, has a gallery). Labels become str."""
+    db = safe_load(path, 'feature database')
+    problem = _problem(db)
+    if problem:
+        raise UserError(f'{path} is not a usable CLF feature database: {problem} (expected the '
+                        f'..._data_base.pth that train.py writes)')
+    for key in ('test_labels', 'gallery_labels'):
+        if key in db:
+            db[key] = [str(v) for v in db[key]]
+    return db, has_gallery(db)
+
+
+def recorded_settings(path):
+    """The run settings a readable database records, else None."""
+    try:
+        db = safe_load(path, 'feature database')
+    except UserError:
+        return None
+    config = db.get('config') if isinstance(db, dict) else None
+    return config.get('settings') if isinstance(config, dict) else None
+
+
+def read_model_state(db, db_path):
+    """The state dict of the model file beside a database, checked against its recorded SHA-256 -> (state, path)."""
+    model_path = os.path.join(os.path.dirname(db_path), os.path.basename(str(db['config']['model_file'])))
+    data = read_bytes(model_path, 'model file')
+    if hashlib.sha256(data).hexdigest() != db['config']['model_sha256']:
+        raise UserError(f'the model file {model_path} is not the one the database {db_path} was written '
+                        f'with (its SHA-256 differs); use the database and model file of the same training run')
+    return load_bytes(data, model_path, 'model file'), model_path
 
 
 def resolve_database_path(name, results_dir):
@@ -34,28 +139,28 @@ def resolve_database_path(name, results_dir):
 
 def load_model(db, db_path):
     """The model the database records, with the weights of its model file (SHA-checked), strictly."""
-    state, model_path = utils.read_model_state(db, db_path)
+    state, model_path = read_model_state(db, db_path)
     try:
         model = Model(*(db['config'][k] for k in ('backbone_type', 'feature_dim', 'num_classes', 'branches')))
     except UserError as err:
         raise UserError(f'{db_path} records model settings that cannot be built: {err}') from None
-    utils.load_state_dict_strict(model, state, model_path)
+    load_state_dict_strict(model, state, model_path)
     return model.eval(), model_path
 
 
 @dataclasses.dataclass
 class Database:
-    """A checked feature database with its model; `split` is the one searched (isc: the gallery)."""
+    """A checked feature database with its model; `split` is the one a query searches."""
     path: str
     db: dict
-    isc: bool
+    has_gallery: bool
     model: torch.nn.Module
     model_path: str
     device: torch.device
 
     @property
     def split(self):
-        return 'gallery' if self.isc else 'test'
+        return 'gallery' if self.has_gallery else 'test'
 
     @property
     def images(self):
@@ -73,13 +178,32 @@ class Database:
     def config(self):
         return self.db['config']
 
+    def locate(self, query_path):
+        """Where a query file is in the database: (index to exclude from the searched split, stored feature or
+        None, label or None). A query-split image searches the whole gallery; a test image the rest of its split."""
+        for part in ('test', 'gallery') if self.has_gallery else ('test',):
+            index = find_image(query_path, self.db[f'{part}_images'])
+            if index is not None:
+                feature, label = self.db[f'{part}_features'][index], self.db[f'{part}_labels'][index]
+                return (index if part == self.split else None), feature, label
+        return None, None, None
 
-def open_database(name, results_dir, device):
+    def embed(self, inputs):
+        """Retrieval embeddings [B, D] (CPU, float) of preprocessed images [B, 3, s, s]."""
+        return embed_inputs(self.model, inputs, self.device)
+
+    def embed_file(self, path, data=None):
+        """Retrieval embedding [D] of an image file (or its bytes `data`), preprocessed as train.py did the
+        database's images."""
+        return embed_image(self.model, path, self.config, self.device, data)
+
+
+def open_database(name, results_dir, device, with_model=True):
     """Find, read and check a database (test.py's lookup) and build its model on `device` -> Database."""
     path = resolve_database_path(name, results_dir)
-    db, isc = utils.load_database(path)
-    model, model_path = load_model(db, path)
-    return Database(path, db, isc, model.to(device), model_path, device)
+    db, gallery = load_database(path)
+    model, model_path = load_model(db, path) if with_model else (None, None)
+    return Database(path, db, gallery, model and model.to(device), model_path, device)
 
 
 @torch.no_grad()
@@ -91,7 +215,7 @@ def embed_inputs(model, inputs, device):
 def embed_image(model, path, config, device, data=None):
     """Retrieval embedding [n*feature_dim] of an image file (or its bytes `data`), preprocessed as train.py did the
     database's images."""
-    x = utils.eval_input(path, config['image_size'], config['mean'], config['std'], data)  # [3, s, s]
+    x = imaging.eval_input(path, config['image_size'], config['mean'], config['std'], data)  # [3, s, s]
     return embed_inputs(model, x[None], device)[0]
 
 
@@ -101,7 +225,7 @@ def check_upload(data, name):
     if not data:
         raise UserError(f'{name} is empty (0 bytes)')
     try:
-        utils.open_image(name, data).close()  # reads the header only
+        imaging.open_image(name, data).close()  # reads the header only
     except UserError:  # over the pixel limit
         raise
     except Image.UnidentifiedImageError:
@@ -120,16 +244,6 @@ def find_image(path, images):
                  and os.path.exists(p) and os.path.samefile(p, path))
     index = next(same_path, None)
     return index if index is not None else next(same_file, None)
-
-
-def locate_query(db, query_path, isc):
-    """Where the query is in the database: (split searched, index to exclude, stored feature or None, label or None)."""
-    split = 'gallery' if isc else 'test'
-    for part in ('test', 'gallery') if isc else ('test',):
-        index = find_image(query_path, db[f'{part}_images'])
-        if index is not None:  # isc: a query-split image searches the whole gallery; else the others of its split
-            return split, index if part == split else None, db[f'{part}_features'][index], db[f'{part}_labels'][index]
-    return split, None, None, None
 
 
 def check_k(k, images, exclude, asked, source, split):

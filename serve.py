@@ -21,9 +21,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import cli
+import distributed
+import imaging
 import retrieval
-import utils
-from utils import UserError
+from cli import UserError
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.html')  # the page, inline CSS and JS
 MAX_UPLOAD = 20 * 2 ** 20  # bytes of one uploaded image
@@ -85,7 +87,7 @@ class Searcher:
             raise UserError(TOO_LARGE)
         retrieval.check_upload(data, 'the upload')
         d = self.database
-        x = utils.eval_input('the upload', d.config['image_size'], d.config['mean'], d.config['std'], data)
+        x = imaging.eval_input('the upload', d.config['image_size'], d.config['mean'], d.config['std'], data)
         with self.lock:
             feature = retrieval.embed_inputs(d.model, x[None], d.device)[0]  # [D]
         return self.answer(feature, k, None, None, start)
@@ -103,7 +105,7 @@ class Searcher:
         path = self.database.images[index]
         if not os.path.isfile(path):
             raise UserError(f'database image {index} not found: {path} (was the dataset moved?)')
-        image = utils.load_image(path)
+        image = imaging.load_image(path)
         image.thumbnail((THUMBNAIL, THUMBNAIL))
         buffer = io.BytesIO()
         image.save(buffer, format='JPEG', quality=85)
@@ -189,7 +191,7 @@ def create_app(database):
 
 def listen(host, port):
     """A socket bound to host:port; taken, or not an address of this machine, is a UserError."""
-    utils.check_int('--port', port, 0, 65535)
+    cli.check_int('--port', port, 0, 65535)
     sock = None
     try:
         family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][:3]
@@ -208,7 +210,7 @@ def listen(host, port):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = utils.resolve_device(args.device)
+    device = distributed.resolve_device(args.device)
     with contextlib.closing(listen(args.host, args.port)) as sock:  # first: a taken port is reported at once
         database = retrieval.open_database(args.data_base, args.results_dir, device)
         host, port = sock.getsockname()[:2]
@@ -220,4 +222,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, interrupted='server stopped')
+    cli.run_cli(main, interrupted='server stopped')

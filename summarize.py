@@ -9,8 +9,9 @@ import json
 import math
 import os
 
-import utils
-from utils import UserError
+import cli
+import files
+from cli import UserError
 
 # The original's published test figures (percent), transcribed from its tables (README, "Retrieval results
 # published by the original"): {(data_name, crop_type, backbone_type, feature_dim): R@k for k in RECALLS}.
@@ -66,7 +67,7 @@ def read_settings(csv_path):
         raise UserError(f'settings file not found: {path} (train.py writes it beside {os.path.basename(csv_path)}; '
                         f'without it the runs cannot be checked to differ only in --seed)')
     try:
-        settings = json.loads(utils.read_bytes(path, 'settings file'))
+        settings = json.loads(files.read_bytes(path, 'settings file'))
     except (UnicodeDecodeError, ValueError):
         settings = None
     if not isinstance(settings, dict) or 'seed' not in settings:
@@ -77,7 +78,7 @@ def read_settings(csv_path):
 def read_statistics(path):
     """A statistics CSV -> pandas DataFrame with an epoch column and numeric test_* (and val_*) columns."""
     import pandas as pd
-    data = utils.read_bytes(path, 'statistics file')  # missing, a folder or unreadable: named
+    data = files.read_bytes(path, 'statistics file')  # missing, a folder or unreadable: named
     try:
         table = pd.read_csv(io.BytesIO(data))
     except pd.errors.EmptyDataError:
@@ -203,4 +204,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main)
+    cli.run_cli(main)

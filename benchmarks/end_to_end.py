@@ -30,6 +30,9 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import utils  # noqa: E402
+import cli  # noqa: E402
+import distributed  # noqa: E402
+import imaging  # noqa: E402
 
 WORK = 'e2e'                  # the benchmark's own folder inside --data_path
 MARKER = '.clf_end_to_end'    # marks WORK as ours, so a re-run may replace it
@@ -179,13 +182,13 @@ def reference(args):
     import data_utils
     import model as model_lib
     from benchmarks import original
-    device = utils.resolve_device(args.device)
+    device = distributed.resolve_device(args.device)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     torch.manual_seed(args.seed)
     data_path = os.path.join(args.data_path, WORK)
     dicts = torch.load(data_utils.data_dict_path(data_path, 'cub', 'uncropped'), weights_only=True)
-    mean, std = data_utils.normalization('cub')
+    mean, std = imaging.normalization('cub')
     train_set = OriginalDataset(dicts['train'], original.train_transform(args.image_size, mean, std))
     test_set = OriginalDataset(dicts['test'], original.test_transform(args.image_size, mean, std))
     loader = dict(num_workers=args.workers, pin_memory=device.type == 'cuda')
@@ -279,7 +282,7 @@ def run_timed(command, label, log):
     if code != 0:
         with open(log) as f:
             tail = f.read()[-1500:]
-        raise utils.UserError(f'{label} failed (exit {code}): {" ".join(command)}\n{tail}')
+        raise cli.UserError(f'{label} failed (exit {code}): {" ".join(command)}\n{tail}')
     return launch, lines, end
 
 
@@ -294,10 +297,10 @@ def timings(launch, lines, end):
     epochs = [(t, m) for t, line in lines if (m := EPOCH_RE.match(line))]
     if start is None or not epochs:
         missing = "'Train set:'" if start is None else "'Epoch e/E | ... (train ..s, eval ..s, writes ..s)'"
-        raise utils.UserError(f'no {missing} line in the output: cannot time this run')
+        raise cli.UserError(f'no {missing} line in the output: cannot time this run')
     recalls = dict(re.findall(r'R@(\d+) ([\d.]+)%', epochs[-1][1]['recalls']))
     if '1' not in recalls:
-        raise utils.UserError(f'no R@1 in the last epoch line: {epochs[-1][1].group(0)}')
+        raise cli.UserError(f'no R@1 in the last epoch line: {epochs[-1][1].group(0)}')
     t0, images = start[0], int(start[1].group(1))
     times = [{key: float(m[key]) for key in ('train', 'eval', 'writes')} for _, m in epochs]
     later = times[1:] or times  # epoch 1 carries the warm-up (workers, cuDNN, compile): reported apart
@@ -371,16 +374,16 @@ def parse_args(argv=None):
 def check_args(args):
     import model as model_lib
     if args.backbone not in model_lib.BACKBONES:
-        raise utils.UserError(f'unknown --backbone {args.backbone!r}; valid: {", ".join(sorted(model_lib.BACKBONES))}')
+        raise cli.UserError(f'unknown --backbone {args.backbone!r}; valid: {", ".join(sorted(model_lib.BACKBONES))}')
     if not (2 <= args.classes <= 200 and args.classes % 2 == 0):
-        raise utils.UserError(f'--classes must be even, from 2 to 200 (CUB\'s split at class 100), got {args.classes}')
+        raise cli.UserError(f'--classes must be even, from 2 to 200 (CUB\'s split at class 100), got {args.classes}')
     checks = {'--per_class': (args.per_class, 2), '--image_width': (args.image_width, 16),
               '--image_height': (args.image_height, 16), '--epochs': (args.epochs, 1),
               '--feature_dim': (args.feature_dim, 1), '--batch_size': (args.batch_size, 2),
               '--image_size': (args.image_size, 8), '--workers': (8 if args.workers is None else args.workers, 0)}
     for flag, (value, low) in checks.items():
         if value < low:
-            raise utils.UserError(f'{flag} must be at least {low}, got {value}')
+            raise cli.UserError(f'{flag} must be at least {low}, got {value}')
 
 
 def main(argv=None):
@@ -389,7 +392,7 @@ def main(argv=None):
         args.workers = 8 if args.workers is None else args.workers
         return reference(args)
     check_args(args)
-    device = utils.resolve_device(args.device)
+    device = distributed.resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
     print(f'device: {name} ({os.cpu_count()} CPU cores); torch {torch.__version__}', flush=True)
 
@@ -398,7 +401,7 @@ def main(argv=None):
     work = os.path.join(data_path, WORK)
     if os.path.exists(work):
         if not os.path.exists(os.path.join(work, MARKER)):
-            raise utils.UserError(f'{work} exists and was not made by this benchmark: move it or pick another '
+            raise cli.UserError(f'{work} exists and was not made by this benchmark: move it or pick another '
                                   f'--data_path')
         shutil.rmtree(work)
     os.makedirs(work)
@@ -450,4 +453,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main)
+    cli.run_cli(main)

@@ -121,7 +121,7 @@ def faiss_installed():
 
 
 def main(args):
-    from utils import UserError  # here, not at the top: the faiss child stays free of torch
+    from cli import UserError  # here, not at the top: the faiss child stays free of torch
     if args.num < 2 or args.dim < 1 or args.class_size < 2 or args.noise < 0:
         raise UserError(f'--num must be >= 2, --dim >= 1, --class_size >= 2 and --noise >= 0; got --num {args.num} '
                         f'--dim {args.dim} --class_size {args.class_size} --noise {args.noise}')
@@ -203,5 +203,5 @@ if __name__ == '__main__':
         child(arguments)
     else:
         sys.path.insert(0, ROOT)
-        import utils
-        sys.exit(utils.run_cli(lambda: main(arguments)))
+        import cli
+        sys.exit(cli.run_cli(lambda: main(arguments)))

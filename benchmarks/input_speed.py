@@ -1,7 +1,7 @@
 """Decoded + transformed training images per second on one worker (one process, one thread):
 the original's pipeline (PIL decode, torchvision Resize -> RandomCrop -> flip -> ToTensor ->
-Normalize) against the project's (utils.ImageListDataset: full decode and uint8 resize;
-utils.crop_flip_batch; utils.Normalize: one fused normalisation), on generated JPEGs of the datasets'
+Normalize) against the project's (imaging.ImageListDataset: full decode and uint8 resize;
+imaging.crop_flip_batch; imaging.Normalize: one fused normalisation), on generated JPEGs of the datasets'
 typical sizes. Both decode every pixel (no JPEG draft mode). Also checks that both give the same
 output shape and per-channel mean/std within 1 %.
 
@@ -20,7 +20,8 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import utils  # noqa: E402
+import cli  # noqa: E402
+import imaging  # noqa: E402
 from benchmarks.original import train_transform as original_train_transform  # noqa: E402
 
 # ImageNet statistics: the value only matters for un-normalising before comparing statistics
@@ -76,12 +77,12 @@ class ProjectPipeline:
     round(8s/7)), the crop and flip of `seed` (the same draws as the original's), the normalisation."""
 
     def __init__(self, paths, image_size):
-        self.dataset = utils.ImageListDataset({'images': paths}, round(image_size * 8 / 7))
-        self.size, self.normalize = image_size, utils.Normalize(MEAN, STD)
+        self.dataset = imaging.ImageListDataset({'images': paths}, round(image_size * 8 / 7))
+        self.size, self.normalize = image_size, imaging.Normalize(MEAN, STD)
 
     def __call__(self, k, seed):
         image, _ = self.dataset[k]  # uint8 [3, r, r]
-        return self.normalize(utils.crop_flip_batch(image[None], [(0, seed)], self.size)[0])
+        return self.normalize(imaging.crop_flip_batch(image[None], [(0, seed)], self.size)[0])
 
 
 def images_per_second(pipeline, count, repeats):
@@ -128,9 +129,9 @@ def main():
         sizes = [tuple(int(v) for v in s.lower().split('x')) for s in args.sizes.split(',')]
         assert all(len(s) == 2 and min(s) > 0 for s in sizes)
     except (ValueError, AssertionError):
-        raise utils.UserError(f'--sizes must be a comma list of WIDTHxHEIGHT, got {args.sizes!r}') from None
+        raise cli.UserError(f'--sizes must be a comma list of WIDTHxHEIGHT, got {args.sizes!r}') from None
     if args.num_images < 1 or args.image_size < 8 or args.repeats < 1 or args.stat_seeds < 1:
-        raise utils.UserError('--num_images, --repeats and --stat_seeds must be >= 1 and --image_size >= 8')
+        raise cli.UserError('--num_images, --repeats and --stat_seeds must be >= 1 and --image_size >= 8')
 
     torch.set_num_threads(1)  # one worker = one core
     print(f'one process, torch threads: {torch.get_num_threads()}, speed in images per CPU-second, '
@@ -172,4 +173,4 @@ def main():
 
 
 if __name__ == '__main__':
-    utils.run_cli(main)
+    cli.run_cli(main)

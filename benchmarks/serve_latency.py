@@ -28,8 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import retrieval  # noqa: E402
 import serve  # noqa: E402
-import utils  # noqa: E402
 from model import Model  # noqa: E402
+import cli  # noqa: E402
 
 SOP_SIZE, SOP_CLASSES, SOP_IMAGE_SIZE = 60502, 11318, 224
 SOP_MEAN, SOP_STD = (0.5807, 0.5396, 0.5044), (0.2901, 0.2974, 0.3095)
@@ -94,7 +94,7 @@ def make_sop_database(folder, seed=0):
                      'image_size': SOP_IMAGE_SIZE, 'mean': list(SOP_MEAN), 'std': list(SOP_STD),
                      'data_name': 'sop', 'crop_type': 'uncropped'}}
     stem = os.path.join(folder, 'sop_uncropped_resnet18_512')
-    utils.save_model_and_database(model.state_dict(), db, f'{stem}_model.pth', f'{stem}_data_base.pth')
+    retrieval.save_model_and_database(model.state_dict(), db, f'{stem}_model.pth', f'{stem}_data_base.pth')
     return f'{stem}_data_base.pth'
 
 
@@ -201,11 +201,11 @@ def main(argv=None):
     print('| database | clients | p50 ms | p95 ms | searches/s | compute p50 ms | p50 / compute |')
     print('| --- | ---: | ---: | ---: | ---: | ---: | ---: |')
     db = retrieval.resolve_database_path(args.data_base, 'results')
-    bench(utils.load_database(db)[0]['config']['data_name'], db, bodies, args)
+    bench(retrieval.load_database(db)[0]['config']['data_name'], db, bodies, args)
     if not args.skip_sop:
         with tempfile.TemporaryDirectory() as folder:
             bench('sop-synthetic', make_sop_database(folder), bodies, args)
 
 
 if __name__ == '__main__':
-    utils.run_cli(main)
+    cli.run_cli(main)

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import utils  # noqa: E402
+import cli  # noqa: E402
+import distributed  # noqa: E402
 
 
 def synthetic_task(num_batches, batch_size, image_size, num_classes, seed):
@@ -167,12 +169,12 @@ def main():
     backbones = [b.strip() for b in args.backbones.split(',') if b.strip()]
     unknown = [b for b in backbones if b not in model_module.BACKBONES]
     if not backbones or unknown:
-        raise utils.UserError(f'unknown backbone(s) {unknown or args.backbones!r}; '
+        raise cli.UserError(f'unknown backbone(s) {unknown or args.backbones!r}; '
                               f'valid: {", ".join(sorted(model_module.BACKBONES))}')
     if min(args.batch_size, args.image_size, args.steps, args.data_batches, args.smooth, args.num_classes) < 1:
-        raise utils.UserError('--batch_size, --image_size, --steps, --data_batches, --smooth and '
+        raise cli.UserError('--batch_size, --image_size, --steps, --data_batches, --smooth and '
                               '--num_classes must be >= 1')
-    device = utils.resolve_device(args.device)
+    device = distributed.resolve_device(args.device)
     if args.threads > 0 or device.type == 'cpu':
         torch.set_num_threads(max(1, args.threads))
     original, project = settings_for(device, args.amp, args.channels_last, args.compile)
@@ -220,8 +222,8 @@ def main():
         print(f'peak memory includes the {data_mib:.0f} MiB of synthetic batches kept on the GPU')
     nonfinite = [r[0] for r in rows if not all(math.isfinite(v) for v in r[5] + r[6])]
     if nonfinite:
-        raise utils.UserError(f'non-finite loss for {", ".join(nonfinite)}')
+        raise cli.UserError(f'non-finite loss for {", ".join(nonfinite)}')
 
 
 if __name__ == '__main__':
-    utils.run_cli(main)
+    cli.run_cli(main)

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from model import Model  # the repository is on sys.path: tests/conftest.py
-import utils
+import imaging
+import retrieval
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def load_script():
 
 def run_test_script(script, argv, capsys):
     """test.py's main through run_cli, as `python test.py ...` runs it: (exit status, stdout, stderr)."""
-    from utils import run_cli
+    from cli import run_cli
     try:
         run_cli(lambda: script.main(argv))
         code = 0
@@ -61,14 +62,14 @@ def make_split(folder, labels, seed):
 @torch.no_grad()
 def embed(model, paths, image_size=IMAGE_SIZE):
     """Features of images as test.py would compute them: model(eval_input(image)) -> [N, D]."""
-    batch = torch.stack([utils.eval_input(p, image_size, IMAGENET_MEAN, IMAGENET_STD) for p in paths])  # [N, 3, s, s]
+    batch = torch.stack([imaging.eval_input(p, image_size, IMAGENET_MEAN, IMAGENET_STD) for p in paths])  # [N, 3, s, s]
     return model.eval()(batch)[0]
 
 
 def make_database(folder, test, gallery=None, backbone_type='resnet18', feature_dim=8, branches='SMG',
                   num_classes=3, name='tiny_uncropped', seed=0):
     """Random-init model + its feature database in `folder`, written by train.py's writer
-    (utils.save_model_and_database); returns (database path, model)."""
+    (retrieval.save_model_and_database); returns (database path, model)."""
     torch.manual_seed(seed)
     model = Model(backbone_type, feature_dim, num_classes, branches, pretrained=False).eval()
     db = {'test_images': test[0], 'test_labels': test[1], 'test_features': embed(model, test[0])}
@@ -78,7 +79,7 @@ def make_database(folder, test, gallery=None, backbone_type='resnet18', feature_
                     'num_classes': num_classes, 'image_size': IMAGE_SIZE, 'mean': list(IMAGENET_MEAN),
                     'std': list(IMAGENET_STD), 'data_name': name.split('_')[0], 'crop_type': 'uncropped'}
     stem = os.path.join(folder, f'{name}_{backbone_type}_{feature_dim}')
-    utils.save_model_and_database(model.state_dict(), db, f'{stem}_model.pth', f'{stem}_data_base.pth')
+    retrieval.save_model_and_database(model.state_dict(), db, f'{stem}_model.pth', f'{stem}_data_base.pth')
     return f'{stem}_data_base.pth', model
 
 
@@ -89,7 +90,7 @@ def copy_database(db_path, folder, change):
     state = torch.load(os.path.join(os.path.dirname(db_path), db['config']['model_file']), weights_only=True)
     change(db)
     copy = os.path.join(folder, os.path.basename(db_path))
-    utils.save_model_and_database(state, db, os.path.join(folder, db['config']['model_file']), copy)
+    retrieval.save_model_and_database(state, db, os.path.join(folder, db['config']['model_file']), copy)
     return copy
 
 

@@ -70,13 +70,13 @@ def inject(monkeypatch):
     """inject('nan:2:1,fail-write:checkpoint:2') applies faults in this process as
     tests/fault_launcher.py does for a subprocess; undone after the test."""
     import fault_launcher
+    import files
     import train
-    import utils
 
     def apply(text):
-        for module, name in ((utils, 'write_temporary'), (train, 'train_one_epoch'), (train, 'train_step')):
+        for module, name in ((files, 'write_temporary'), (train, 'train_one_epoch'), (train, 'train_step')):
             monkeypatch.setattr(module, name, getattr(module, name))  # restored at teardown
         faults = fault_launcher.parse(text)
-        fault_launcher.patch_writes(utils, faults)
+        fault_launcher.patch_writes(files, faults)
         fault_launcher.patch_steps(train, faults)
     return apply

@@ -32,8 +32,8 @@ def parse(text):
     return faults
 
 
-def patch_writes(utils, faults):
-    original, counts = utils.write_temporary, {}
+def patch_writes(files, faults):
+    original, counts = files.write_temporary, {}
 
     @functools.wraps(original)
     def write_temporary(data, path):
@@ -49,7 +49,7 @@ def patch_writes(utils, faults):
                     os.kill(os.getpid(), signal.SIGKILL)
         return original(data, path)
 
-    utils.write_temporary = write_temporary
+    files.write_temporary = write_temporary
 
 
 def patch_steps(train, faults):
@@ -92,12 +92,13 @@ def main():
     faults, script, args = parse(sys.argv[1]), sys.argv[2], sys.argv[3:]
     sys.path.insert(0, REPO)
     sys.argv = [script, *args]
-    import utils
-    patch_writes(utils, faults)
+    import cli
+    import files
+    patch_writes(files, faults)
     module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
     if hasattr(module, 'train_step'):
         patch_steps(module, faults)
-    utils.run_cli(module.main, *[module.INTERRUPTED] if hasattr(module, 'INTERRUPTED') else [])
+    cli.run_cli(module.main, *[module.INTERRUPTED] if hasattr(module, 'INTERRUPTED') else [])
 
 
 if __name__ == '__main__':

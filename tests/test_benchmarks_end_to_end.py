@@ -15,7 +15,7 @@ SCRIPT = os.path.join(ROOT, 'benchmarks', 'end_to_end.py')
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import end_to_end  # noqa: E402
-import utils  # noqa: E402
+import cli  # noqa: E402
 
 TINY = ['--classes', '4', '--per_class', '6', '--image_width', '64', '--image_height', '48', '--epochs', '2',
         '--backbone', 'resnet18', '--batch_size', '4', '--image_size', '32', '--feature_dim', '8',
@@ -62,7 +62,7 @@ def test_timings_reference_lines_without_map_and_one_epoch():
 @pytest.mark.parametrize('drop', ['Train set', 'Epoch'])
 def test_timings_name_the_missing_line(drop):
     lines = [(t, line) for t, line in TRAIN_PY_LINES if not line.startswith(drop)]
-    with pytest.raises(utils.UserError, match=f"no '{drop}"):
+    with pytest.raises(cli.UserError, match=f"no '{drop}"):
         end_to_end.timings(100.0, lines, 110.5)
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,15 +97,13 @@ def test_train_speed_project_setting_description():
 def test_train_speed_unknown_backbone_is_a_clear_error(monkeypatch):
     """main() raises UserError listing the valid ones (run_cli turns it into one 'error:' line)."""
     module = load_benchmark('train_speed')
-    import utils
     monkeypatch.setattr(sys, 'argv', ['train_speed.py', '--device', 'cpu', '--backbones', 'resnet18,vgg'])
-    with pytest.raises(utils.UserError, match="unknown backbone.*vgg.*valid: resnet18, resnet50, seresnet50"):
+    with pytest.raises(cli.UserError, match="unknown backbone.*vgg.*valid: resnet18, resnet50, seresnet50"):
         module.main()
 
 
 def test_train_speed_bad_device_is_a_clear_error(monkeypatch):
     module = load_benchmark('train_speed')
-    import utils
     monkeypatch.setattr(sys, 'argv', ['train_speed.py', '--device', 'gpu', '--backbones', 'resnet18'])
-    with pytest.raises(utils.UserError, match="gpu"):
+    with pytest.raises(cli.UserError, match="gpu"):
         module.main()

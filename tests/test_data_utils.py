@@ -17,10 +17,13 @@ from PIL import Image
 from scipy.io import savemat
 
 import data_utils
-import utils
 from _data_fixtures import make_tiny_dataset, write_class_folders, write_image
 from _train_fixtures import run_script
-from utils import UserError
+from cli import UserError
+import cli
+import demo
+import files
+import imaging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,13 +47,13 @@ def p(root, name, crop, file):
 
 def fail_writes(monkeypatch, name):
     """In-process fault: every atomic write of a file whose name contains `name` fails (disk full)."""
-    write = utils.write_temporary
+    write = files.write_temporary
 
     def write_temporary(data, path):
         if name in os.path.basename(path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return write(data, path)
-    monkeypatch.setattr(utils, 'write_temporary', write_temporary)
+    monkeypatch.setattr(files, 'write_temporary', write_temporary)
 
 
 def temporaries(folder):
@@ -289,8 +292,8 @@ def test_own_folders_split_names_and_reserved(tmp_path):
     assert list(d['train']) == ['class_00'] and list(d['test']) == [f'class_{c:02d}' for c in range(1, 5)]
     assert data_utils.split_classes(['b', 'a', 'c', 'd'], 0.5) == (['a', 'b'], ['c', 'd'])
     assert data_utils.split_classes(['a', 'b'], 0.01) == (['a'], ['b'])  # never an empty side
-    assert data_utils.normalization('shoes') == (data_utils.IMAGENET_MEAN, data_utils.IMAGENET_STD)
-    assert data_utils.normalization('car') == data_utils.NORMALIZATION['car']
+    assert imaging.normalization('shoes') == (imaging.IMAGENET_MEAN, imaging.IMAGENET_STD)
+    assert imaging.normalization('car') == imaging.NORMALIZATION['car']
 
 
 def test_image_modes_accepted(tmp_path):
@@ -453,7 +456,7 @@ def test_long_names_refused_before_writing(tmp_path):
     write_class_folders(root, 'own', num_classes=2, per_class=1, size=8)
     long_class = os.path.join(root, 'own', 'c' * 250)
     write_image(os.path.join(long_class, 'img_0.jpg'))
-    fits = 255 - utils.TEMPORARY_EXTRA - len('_img_0.jpg')  # the longest class name that still fits
+    fits = 255 - files.TEMPORARY_EXTRA - len('_img_0.jpg')  # the longest class name that still fits
     write_image(os.path.join(root, 'own', 'd' * (fits + 1), 'img_0.jpg'))  # one byte too long
     write_image(os.path.join(root, 'own', 'e' * fits, 'img_0.jpg'))
     with pytest.raises(UserError) as err:
@@ -479,7 +482,7 @@ def test_cli_errors_without_traceback(tmp_path, capsys):
                           (['--data_name', 'demo', '--seed', '-1'], 'error: --seed must be between 0 and 4294967295'),
                           (['--data_name', 'demo', '--seed', str(2 ** 32)], 'error: --seed must be between 0 and')]:
         with pytest.raises(SystemExit) as exit_:
-            utils.run_cli(lambda: data_utils.main(['--data_path', root, *argv]))
+            cli.run_cli(lambda: data_utils.main(['--data_path', root, *argv]))
         assert exit_.value.code == 1 and capsys.readouterr().err.startswith(message)
     assert not os.path.exists(os.path.join(root, 'demo'))
 
@@ -659,7 +662,7 @@ def test_empty_split_refused(tmp_path):
 def run_cli(capsys, *argv):
     """data_utils.py's command line in-process, through run_cli -> (exit status, stderr)."""
     with pytest.raises(SystemExit) as exit_:
-        utils.run_cli(lambda: sys.exit(data_utils.main(list(argv))))
+        cli.run_cli(lambda: sys.exit(data_utils.main(list(argv))))
     return exit_.value.code or 0, capsys.readouterr().err
 
 
@@ -718,7 +721,7 @@ def test_interrupted_write_keeps_previous_lists(tmp_path, monkeypatch):
     # a crop killed the same way; the next run removes both leftovers, whatever else it does
     crop = p(root, 'cub', 'cropped', 'White_Pelican_0025_97604.jpg')
     os.remove(crop)
-    utils.write_temporary(b'half', crop)  # what a killed write leaves, named as the writer names it
+    files.write_temporary(b'half', crop)  # what a killed write leaves, named as the writer names it
     # a write that fails (disk full): an error, the previous file is untouched, no temporary left
     fail_writes(monkeypatch, 'cropped_data_dicts')
     os.remove(data_utils.data_dict_path(root, 'cub', 'cropped'))
@@ -757,7 +760,7 @@ def test_written_files_follow_umask(tmp_path):
     # is never changed
     script = (f'import os, sys; sys.path.insert(0, {REPO!r}); os.umask(0o027)\n'
               f'os.link = lambda *a: (_ for _ in ()).throw(OSError(18, "cross-device"))\n'
-              f'import data_utils; data_utils.DEMO_CLASSES, data_utils.DEMO_PER_CLASS = 4, 3\n'
+              f'import data_utils, demo; demo.DEMO_CLASSES, demo.DEMO_PER_CLASS = 4, 3\n'
               f'data_utils.main(["--data_path", {str(tmp_path)!r}, "--data_name", "demo"])\n'
               f'print(oct(os.umask(0)))')
     run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO)
@@ -889,9 +892,9 @@ def tree_bytes(root):
 
 def test_demo_deterministic_and_processed(tmp_path):
     small = dict(num_classes=6, per_class=3, size=48)
-    a = data_utils.make_demo(str(tmp_path / 'a' / 'demo'), seed=3, **small)
-    b = data_utils.make_demo(str(tmp_path / 'b' / 'demo'), seed=3, **small)
-    c = data_utils.make_demo(str(tmp_path / 'c' / 'demo'), seed=4, **small)
+    a = demo.make_demo(str(tmp_path / 'a' / 'demo'), seed=3, **small)
+    b = demo.make_demo(str(tmp_path / 'b' / 'demo'), seed=3, **small)
+    c = demo.make_demo(str(tmp_path / 'c' / 'demo'), seed=4, **small)
     ta, tb, tc = tree_bytes(a), tree_bytes(b), tree_bytes(c)
     assert len(ta) == 6 * 3 + 5 and ta == tb and ta != tc
     # CUB's layout: the real CUB reader and pipeline process it
@@ -911,8 +914,8 @@ def test_demo_deterministic_and_processed(tmp_path):
 
 @pytest.fixture
 def small_demo(monkeypatch):
-    monkeypatch.setattr(data_utils, 'DEMO_CLASSES', 4)
-    monkeypatch.setattr(data_utils, 'DEMO_PER_CLASS', 2)
+    monkeypatch.setattr(demo, 'DEMO_CLASSES', 4)
+    monkeypatch.setattr(demo, 'DEMO_PER_CLASS', 2)
 
 
 def test_demo_command(tmp_path, small_demo):
@@ -921,7 +924,7 @@ def test_demo_command(tmp_path, small_demo):
     data_utils.main(['--data_path', data_path, '--data_name', 'demo', '--seed', '1'])
     d = load(data_path, 'demo', 'uncropped')
     assert list(d['train']) == ['1', '2'] and list(d['test']) == ['3', '4']
-    assert data_utils.normalization('demo') == (data_utils.IMAGENET_MEAN, data_utils.IMAGENET_STD)
+    assert imaging.normalization('demo') == (imaging.IMAGENET_MEAN, imaging.IMAGENET_STD)
     with pytest.raises(UserError, match='--split applies to own'):
         data_utils.main(['--data_path', data_path, '--data_name', 'demo', '--split', '0.3'])
     # a file where the data folder should be: an error naming it, no traceback
@@ -938,24 +941,24 @@ def test_demo_redraw_interrupted_heals(tmp_path, monkeypatch, small_demo):
     seed0 = data_utils.process_dataset(root, 'demo', seed=0)
     drawn0 = tree_bytes(os.path.join(root, 'demo'))
     # Ctrl-C while drawing seed 1: the seed-0 demo and its lists stay whole and in use
-    draw = data_utils._draw_demo_image
+    draw = demo._draw_demo_image
     calls = iter(range(5))
-    monkeypatch.setattr(data_utils, '_draw_demo_image', lambda *a: draw(*a) if next(calls) < 4 else 1 / 0)
+    monkeypatch.setattr(demo, '_draw_demo_image', lambda *a: draw(*a) if next(calls) < 4 else 1 / 0)
     with pytest.raises(ZeroDivisionError):
         data_utils.process_dataset(root, 'demo', seed=1)
     assert tree_bytes(os.path.join(root, 'demo')) == drawn0
     assert data_utils.load_data_dicts(root, 'demo', 'uncropped')[0] == seed0['uncropped']
     # killed while deleting the drawing it replaced (the old code: the seed-0 marker outlived its images)
-    monkeypatch.setattr(data_utils, '_draw_demo_image', draw)
+    monkeypatch.setattr(demo, '_draw_demo_image', draw)
     rmtree = shutil.rmtree
 
     def killed_rmtree(path, *args, **kwargs):
         rmtree(os.path.join(path, 'images'))
         raise KeyboardInterrupt
-    monkeypatch.setattr(data_utils.shutil, 'rmtree', killed_rmtree)
+    monkeypatch.setattr(demo.shutil, 'rmtree', killed_rmtree)
     with pytest.raises(KeyboardInterrupt):
         data_utils.process_dataset(root, 'demo', seed=1)
-    monkeypatch.setattr(data_utils.shutil, 'rmtree', rmtree)
+    monkeypatch.setattr(demo.shutil, 'rmtree', rmtree)
     assert data_utils.process_dataset(root, 'demo', seed=0) == seed0
     assert tree_bytes(os.path.join(root, 'demo')) == drawn0 and sorted(os.listdir(root)) == ['.demo.lock', 'demo']
 
@@ -968,7 +971,7 @@ def test_demo_bad_targets(tmp_path, monkeypatch):
 
     def disk_full(*args, **kwargs):
         raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(data_utils.Image.Image, 'save', disk_full)
+    monkeypatch.setattr(demo.Image.Image, 'save', disk_full)
     with pytest.raises(UserError, match=r'demo: cannot write the demo images to .*No space left on device'):
         data_utils.process_dataset(str(tmp_path / 'other'), 'demo')
     assert not os.path.exists(tmp_path / 'other' / 'demo')  # never looks complete
@@ -984,7 +987,7 @@ def test_demo_folder_linked_to_another_disk(tmp_path, small_demo):
     seed1 = data_utils.process_dataset(root, 'demo', seed=1)  # a redraw: into the link's target, the link kept
     assert os.readlink(data / 'demo') == str(disk / 'demo')
     assert sorted(os.listdir(data)) == ['.demo.lock', 'demo'] and os.listdir(disk) == ['demo']
-    assert (disk / 'demo' / data_utils.DEMO_MARKER).read_text().startswith('seed 1 ')
+    assert (disk / 'demo' / demo.DEMO_MARKER).read_text().startswith('seed 1 ')
     assert data_utils.process_dataset(root, 'demo', seed=1) == seed1  # later runs work
     assert data_utils.load_data_dicts(root, 'demo', 'uncropped')[0] == seed1['uncropped']
     assert seed1['uncropped']['train']['1'][0].startswith(os.path.join(root, 'demo', 'uncropped', ''))

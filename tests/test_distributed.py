@@ -11,47 +11,50 @@ import torch
 from _train_fixtures import EPOCHS, REPO, RUN_NAME, VAL_FLAGS, flags, free_port, out, run_script, tensors
 import metrics
 import model as model_lib
+import cli
+import distributed
+import imaging
+import runs
 import train
-import utils
 
 
 def test_shard_range_and_gather_without_torchrun():
     # contiguous shards concatenate back to the whole range, whatever the sizes
     for n, world in [(12, 2), (7, 3), (2, 4), (0, 2)]:
-        shards = [utils.shard_range(n, r, world) for r in range(world)]
+        shards = [distributed.shard_range(n, r, world) for r in range(world)]
         assert [i for shard in shards for i in shard] == list(range(n))
         assert max(len(s) for s in shards) - min(len(s) for s in shards) <= (-(-n // world) if n else 0)
     x = torch.arange(6.0).view(3, 2)
-    rt = utils.Runtime(torch.device('cpu'), False)
-    assert utils.all_gather_rows(x) is x and (rt.rank, rt.world_size, rt.main) == (0, 1, True)
-    assert utils.all_reduce_sum([1.0, 2.0], torch.device('cpu')) == [1.0, 2.0]
+    rt = distributed.Runtime(torch.device('cpu'), False)
+    assert distributed.all_gather_rows(x) is x and (rt.rank, rt.world_size, rt.main) == (0, 1, True)
+    assert distributed.all_reduce_sum([1.0, 2.0], torch.device('cpu')) == [1.0, 2.0]
 
 
 
 def test_resolve_device_names_what_is_wrong():
-    assert utils.resolve_device('cpu') == torch.device('cpu')
+    assert distributed.resolve_device('cpu') == torch.device('cpu')
     count = torch.cuda.device_count()  # 0 here without CUDA: cuda:0 is then refused like cuda:{count}
-    with pytest.raises(utils.UserError, match=rf'--device cuda:{count}: this machine has {count} CUDA device\(s\); '
+    with pytest.raises(cli.UserError, match=rf'--device cuda:{count}: this machine has {count} CUDA device\(s\); '
                                               r'use --device cpu, or cuda:N below that count'):
-        utils.resolve_device(f'cuda:{count}')
+        distributed.resolve_device(f'cuda:{count}')
     for bad in ('tpu', 'cuda:x', 'mps'):
-        with pytest.raises(utils.UserError, match=f"unknown --device '{bad}': expected cpu, cuda or cuda:N"):
-            utils.resolve_device(bad)
+        with pytest.raises(cli.UserError, match=f"unknown --device '{bad}': expected cpu, cuda or cuda:N"):
+            distributed.resolve_device(bad)
 
 GATHER_SCRIPT = '''
 import sys
 import torch
 sys.path.insert(0, sys.argv[1])
-import utils
-rt = utils.Runtime(utils.init_distributed('cpu'), False)
+import distributed
+rt = distributed.Runtime(distributed.init_distributed('cpu'), False)
 rank, world = rt.rank, rt.world_size
-rows = utils.shard_range(5, rank, world)                    # rank 0: 0, 1, 2; rank 1: 3, 4
+rows = distributed.shard_range(5, rank, world)                    # rank 0: 0, 1, 2; rank 1: 3, 4
 mine = torch.tensor([[float(i), 10.0 * i] for i in rows])   # [n_rank, 2], unequal n_rank
-gathered = utils.all_gather_rows(mine)
-totals = utils.all_reduce_sum([len(rows), rank], torch.device('cpu'))
+gathered = distributed.all_gather_rows(mine)
+totals = distributed.all_reduce_sum([len(rows), rank], torch.device('cpu'))
 if rank == 0:
     torch.save({'gathered': gathered, 'totals': totals}, sys.argv[2])
-utils.cleanup_distributed()
+distributed.cleanup_distributed()
 '''
 
 
@@ -88,7 +91,7 @@ def test_torchrun_two_cpu_processes_with_kill_and_resume(dataset, reference, tmp
     result = run_script(flags(dataset, results, '--resume', 'auto'), timeout=420, launcher=torchrun())
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(f'Epoch 2/{EPOCHS} |') == 1
-    assert sorted(os.listdir(results)) == sorted([f'.{RUN_NAME}.lock'] + [f'{RUN_NAME}_{kind}' for kind in train.OUTPUTS])
+    assert sorted(os.listdir(results)) == sorted([f'.{RUN_NAME}.lock'] + [f'{RUN_NAME}_{kind}' for kind in runs.OUTPUTS])
     stats = pd.read_csv(out(results, 'statistics.csv'))
     assert stats['epoch'].tolist() == list(range(1, EPOCHS + 1))
     first = [line for line in killed.stdout.splitlines() if f'Epoch 1/{EPOCHS} |' in line][0]
@@ -103,7 +106,7 @@ def test_torchrun_two_cpu_processes_with_kill_and_resume(dataset, reference, tmp
     model.eval()
     mean, std = database['config']['mean'], database['config']['std']
     with torch.no_grad():
-        again, _ = model(torch.stack([utils.eval_input(p, 32, mean, std) for p in database['test_images']]))
+        again, _ = model(torch.stack([imaging.eval_input(p, 32, mean, std) for p in database['test_images']]))
     assert torch.allclose(again, database['test_features'], atol=1e-5)
     ids = {label: k for k, label in enumerate(sorted(set(database['test_labels'])))}
     found = metrics.evaluate(database['test_features'], [ids[label] for label in database['test_labels']], [1, 2])
@@ -142,7 +145,7 @@ def main():
         time.sleep(5)  # rank 1 finds the error, exits first and torchrun stops rank 0 (SIGTERM) meanwhile
     train.main(sys.argv[2:])
 
-utils.run_cli(main, train.INTERRUPTED)
+cli.run_cli(main, train.INTERRUPTED)
 '''
 
 

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from _query_fixtures import copy_database, load_script, make_database, make_split
+import pictures
 
 script = load_script()
 
@@ -21,7 +22,7 @@ def separated(num_classes, per_class, dim=24, seed=0):
 
 def test_coordinates_keep_each_class_together():
     features, labels = separated(6, 40)
-    xy = script.embedding_coordinates(features, seed=0)
+    xy = pictures.embedding_coordinates(features, seed=0)
     assert xy.shape == (240, 2) and np.isfinite(xy).all()
     same = np.array(labels)[:, None] == np.array(labels)[None, :]
     distances = np.linalg.norm(xy[:, None] - xy[None, :], axis=-1)  # [N, N]
@@ -31,20 +32,20 @@ def test_coordinates_keep_each_class_together():
     # every point's nearest other point is of its own class
     np.fill_diagonal(distances, np.inf)
     assert (np.array(labels)[distances.argmin(1)] == np.array(labels)).all()
-    assert np.array_equal(xy, script.embedding_coordinates(features, seed=0))  # the seed repeats it
+    assert np.array_equal(xy, pictures.embedding_coordinates(features, seed=0))  # the seed repeats it
 
 
 def test_sample_is_class_balanced_and_seeded():
     labels = [f'c{c}' for c in range(12) for _ in range(20)]
     for limit, classes, per_class in ((120, 12, 10), (30, 6, 5), (500, 12, 20)):
-        chosen = script.map_sample(labels, limit, seed=0)
+        chosen = pictures.map_sample(labels, limit, seed=0)
         counts = {}
         for i in chosen:
             counts[labels[i]] = counts.get(labels[i], 0) + 1
         assert chosen == sorted(set(chosen)) and len(counts) == classes, limit
         assert set(counts.values()) == {per_class}, limit
-    assert script.map_sample(labels, 30, seed=0) == script.map_sample(labels, 30, seed=0)
-    assert script.map_sample(labels, 30, seed=0) != script.map_sample(labels, 30, seed=1)
+    assert pictures.map_sample(labels, 30, seed=0) == pictures.map_sample(labels, 30, seed=0)
+    assert pictures.map_sample(labels, 30, seed=0) != pictures.map_sample(labels, 30, seed=1)
 
 
 def test_embedding_map_alone_writes_the_picture_and_runs_no_query(tmp_path, capsys):
@@ -60,11 +61,11 @@ def test_embedding_map_alone_writes_the_picture_and_runs_no_query(tmp_path, caps
     out = capsys.readouterr().out
     assert 'Embedding map: t-SNE of 40 of the 48 test images (4 classes), running...' in out and 'query' not in out
     with Image.open(target) as picture:
-        assert picture.size == (script.MAP_SIDE, script.MAP_SIDE)
+        assert picture.size == (pictures.MAP_SIDE, pictures.MAP_SIDE)
         pixels = np.asarray(picture.convert('RGB')).reshape(-1, 3)
     # each class's frame colour is on the picture, and the background is white
-    for colour in script.class_colours(labels).values():
-        assert (pixels == colour).all(1).sum() >= 4 * script.THUMB, colour
+    for colour in pictures.class_colours(labels).values():
+        assert (pixels == colour).all(1).sum() >= 4 * pictures.THUMB, colour
     assert (pixels == 255).all(1).mean() > 0.5
 
     # with a query named, the retrieval runs as well

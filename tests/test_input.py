@@ -1,4 +1,4 @@
-"""Image loading, the dataset, training crops and normalisation, the decode-once cache (utils.py)."""
+"""Image loading, the dataset, training crops and normalisation, the decode-once cache (imaging.py)."""
 import os
 import sys
 
@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 import utils
+import cli
+import imaging
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
 import original as original_pipeline  # noqa: E402  (the original's torchvision pipelines)
 
@@ -37,8 +39,8 @@ def jpegs(tmp_path_factory):
 
 def train_input(path, size, seed):
     """train.py's training input of one image: the dataset's uint8 resize, the crop and flip of `seed`, normalised."""
-    image, _ = utils.ImageListDataset({'a': [path]}, round(size * 8 / 7))[0]
-    return utils.Normalize(MEAN, STD)(utils.crop_flip_batch(image[None], [(0, seed)], size))[0]
+    image, _ = imaging.ImageListDataset({'a': [path]}, round(size * 8 / 7))[0]
+    return imaging.Normalize(MEAN, STD)(imaging.crop_flip_batch(image[None], [(0, seed)], size))[0]
 
 
 def save_png(folder, name, image):
@@ -50,25 +52,25 @@ def save_png(folder, name, image):
 def test_inputs_shape_dtype_and_values(tmp_path):
     path = save_png(tmp_path, 'img.png', Image.fromarray(textured(100, 80, 0)))
     for size in (32, 64, 120):  # 120 > image: the resize enlarges
-        image, target = utils.ImageListDataset({'a': [path]}, size)[0]
+        image, target = imaging.ImageListDataset({'a': [path]}, size)[0]
         assert image.shape == (3, size, size) and image.dtype == torch.uint8 and target == 0
-        x, y = train_input(path, size, seed=0), utils.eval_input(path, size, MEAN, STD)
+        x, y = train_input(path, size, seed=0), imaging.eval_input(path, size, MEAN, STD)
         assert x.shape == y.shape == (3, size, size)
         assert x.dtype == y.dtype == torch.float32
         assert x.is_contiguous() and y.is_contiguous()
     exact = save_png(tmp_path, 'exact.png', Image.fromarray(textured(32, 32, 1)))
-    image, _ = utils.ImageListDataset({'a': [exact]}, 32)[0]
-    assert torch.equal(image, utils.load_image_uint8(exact))  # no resize needed: the decoded pixels
-    assert utils.eval_input(exact, 32, MEAN, STD).is_contiguous()  # still a contiguous float tensor
+    image, _ = imaging.ImageListDataset({'a': [exact]}, 32)[0]
+    assert torch.equal(image, imaging.load_image_uint8(exact))  # no resize needed: the decoded pixels
+    assert imaging.eval_input(exact, 32, MEAN, STD).is_contiguous()  # still a contiguous float tensor
     # a flat grey image normalises to exactly (v/255 - mean)/std per channel
     grey = save_png(tmp_path, 'grey.png', Image.new('RGB', (50, 40), (100, 150, 200)))
     want = (torch.tensor([100, 150, 200]) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
-    for x in (utils.eval_input(grey, 16, MEAN, STD), train_input(grey, 16, seed=3)):
+    for x in (imaging.eval_input(grey, 16, MEAN, STD), train_input(grey, 16, seed=3)):
         assert torch.allclose(x.mean((1, 2)), want, atol=1e-5) and x.std((1, 2)).max() < 1e-6
     # a channels-last batch (as Runtime.inputs gives CUDA) keeps its layout and its values
-    batch = torch.stack([utils.load_image_uint8(exact), utils.resize_uint8(utils.load_image_uint8(grey), 32)])
-    plain = utils.Normalize(MEAN, STD)(batch)
-    last = utils.Normalize(MEAN, STD)(batch.contiguous(memory_format=torch.channels_last))
+    batch = torch.stack([imaging.load_image_uint8(exact), imaging.resize_uint8(imaging.load_image_uint8(grey), 32)])
+    plain = imaging.Normalize(MEAN, STD)(batch)
+    last = imaging.Normalize(MEAN, STD)(batch.contiguous(memory_format=torch.channels_last))
     assert plain.is_contiguous() and last.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(plain, last) and torch.allclose(plain[1].mean((1, 2)), want, atol=1e-5)
 
@@ -85,9 +87,9 @@ def test_same_crops_and_pixels_as_original_for_a_seed(tmp_path):
         assert (a - b).abs().max().item() <= ONE_LEVEL + 1e-5
         # both consumed the same draws: i, j, then the flip
         generator = torch.Generator().manual_seed(seed)
-        utils.crop_flip_draws(73, 64, generator)  # 73 = round(64 * 8 / 7)
+        imaging.crop_flip_draws(73, 64, generator)  # 73 = round(64 * 8 / 7)
         assert torch.rand(1, generator=generator).item() == _rng_after(seed, original, img)
-    assert (utils.eval_input(path, 64, MEAN, STD)
+    assert (imaging.eval_input(path, 64, MEAN, STD)
             - original_pipeline.test_transform(64, MEAN, STD)(img)).abs().max().item() <= ONE_LEVEL + 1e-5
 
 
@@ -99,7 +101,7 @@ def _rng_after(seed, transform, img):
 
 def test_statistics_match_original(jpegs):
     """Per-channel mean and std of the outputs within 1 % of the original's on full JPEG decodes."""
-    dataset = utils.ImageListDataset({'a': jpegs}, 73)
+    dataset = imaging.ImageListDataset({'a': jpegs}, 73)
     images = torch.stack([dataset[k][0] for k in range(len(jpegs))])  # uint8 [4, 3, 73, 73], as loaded
     original = original_pipeline.train_transform(64, MEAN, STD)
     outs_o, outs_p = [], []
@@ -107,7 +109,7 @@ def test_statistics_match_original(jpegs):
         for k, path in enumerate(jpegs):
             torch.manual_seed(seed)
             outs_o.append(original(Image.open(path).convert('RGB')))
-        outs_p.append(utils.Normalize(MEAN, STD)(utils.crop_flip_batch(images, [(k, seed) for k in range(4)], 64)))
+        outs_p.append(imaging.Normalize(MEAN, STD)(imaging.crop_flip_batch(images, [(k, seed) for k in range(4)], 64)))
     std, mean = torch.tensor(STD)[:, None], torch.tensor(MEAN)[:, None]
     o = torch.stack(outs_o).transpose(0, 1).flatten(1) * std + mean  # [3, N] pixels in [0, 1]
     p = torch.cat(outs_p).transpose(0, 1).flatten(1) * std + mean
@@ -118,8 +120,8 @@ def test_statistics_match_original(jpegs):
 
 def test_uint8_loading_paths_agree_with_pil(jpegs, tmp_path):
     for path in jpegs:  # full decode (torchvision's libjpeg-turbo) gives PIL's pixels
-        x = utils.load_image_uint8(path)
-        want = torch.from_numpy(np.array(utils.load_image(path))).permute(2, 0, 1)
+        x = imaging.load_image_uint8(path)
+        want = torch.from_numpy(np.array(imaging.load_image(path))).permute(2, 0, 1)
         assert x.dtype == torch.uint8 and x.shape == want.shape
         assert (x.int() - want.int()).abs().max() <= 1 and (x != want).float().mean() < 0.01
     # CMYK JPEG and PNG take the PIL path and agree with load_image
@@ -127,20 +129,20 @@ def test_uint8_loading_paths_agree_with_pil(jpegs, tmp_path):
     Image.fromarray(rgb).convert('CMYK').save(tmp_path / 'cmyk.jpg', quality=95)
     Image.fromarray(rgb).save(tmp_path / 'rgb.png')
     for name in ('cmyk.jpg', 'rgb.png'):
-        want = torch.from_numpy(np.array(utils.load_image(tmp_path / name))).permute(2, 0, 1)
-        assert torch.equal(utils.load_image_uint8(tmp_path / name), want)
+        want = torch.from_numpy(np.array(imaging.load_image(tmp_path / name))).permute(2, 0, 1)
+        assert torch.equal(imaging.load_image_uint8(tmp_path / name), want)
 
 
 def test_seed_gives_identical_batches_with_workers(jpegs):
     """train.py's loader path: batches of index lists loaded by workers, cropped from the images' seeds."""
-    dataset = utils.ImageListDataset({'a': jpegs[:2], 'b': jpegs[2:]}, 37)
+    dataset = imaging.ImageListDataset({'a': jpegs[:2], 'b': jpegs[2:]}, 37)
 
     def batches(seed, workers):
         order = utils.epoch_order(len(dataset), seed, epoch=1)
         batches = [order[:2], order[2:]]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=[[k for k, _ in b] for b in batches],
                                              num_workers=workers)
-        return [(utils.crop_flip_batch(x, [(k, s) for k, (_, s) in enumerate(b)], 32), y)
+        return [(imaging.crop_flip_batch(x, [(k, s) for k, (_, s) in enumerate(b)], 32), y)
                 for (x, y), b in zip(loader, batches)]
 
     first, again, other = batches(0, workers=2), batches(0, workers=0), batches(1, workers=2)
@@ -164,25 +166,25 @@ def test_load_image_converts_every_mode(tmp_path):
     Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(tmp_path / 'grey16.png')
 
     for name in ('grey.jpg', 'cmyk.jpg', 'palette.png', 'rgba.png', 'la.png', 'palette_t.png', 'grey16.png'):
-        img = utils.load_image(tmp_path / name)
+        img = imaging.load_image(tmp_path / name)
         assert img.mode == 'RGB' and img.size == (40, 30), name
-    g = np.asarray(utils.load_image(tmp_path / 'grey.jpg')).astype(int)
+    g = np.asarray(imaging.load_image(tmp_path / 'grey.jpg')).astype(int)
     assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()
     assert np.abs(g[..., 0] - rgb[..., 0]).mean() < 5  # JPEG error only
-    c = np.asarray(utils.load_image(tmp_path / 'cmyk.jpg')).astype(int)
+    c = np.asarray(imaging.load_image(tmp_path / 'cmyk.jpg')).astype(int)
     assert np.abs(c - rgb).mean() < 6  # CMYK JPEG comes back as the original colours
-    g16 = np.asarray(utils.load_image(tmp_path / 'grey16.png'))
+    g16 = np.asarray(imaging.load_image(tmp_path / 'grey16.png'))
     assert np.array_equal(g16[..., 0], rgb[..., 0])  # 16-bit scaled to 8 bits, not clipped to white
-    a = np.asarray(utils.load_image(tmp_path / 'rgba.png')).astype(int)
+    a = np.asarray(imaging.load_image(tmp_path / 'rgba.png')).astype(int)
     assert (a[:, :20] == 255).all()                               # transparent -> white background
     assert np.array_equal(a[:, 30:], rgb[:, 30:])                  # opaque -> unchanged
     assert np.abs(a[:, 20:30] - (rgb[:, 20:30].astype(int) * 128 + 255 * 127) / 255).max() <= 1  # blended
-    la = np.asarray(utils.load_image(tmp_path / 'la.png')).astype(int)
+    la = np.asarray(imaging.load_image(tmp_path / 'la.png')).astype(int)
     assert (la[:, :20] == 255).all()
     # the same picture loads the same way as a dataset item and through load_image
-    dataset = utils.ImageListDataset({'x': [str(tmp_path / 'rgba.png')]}, 16)
-    pixels = torch.from_numpy(np.array(utils.load_image(tmp_path / 'rgba.png'))).permute(2, 0, 1)
-    assert torch.equal(dataset[0][0], utils.resize_uint8(pixels, 16))
+    dataset = imaging.ImageListDataset({'x': [str(tmp_path / 'rgba.png')]}, 16)
+    pixels = torch.from_numpy(np.array(imaging.load_image(tmp_path / 'rgba.png'))).permute(2, 0, 1)
+    assert torch.equal(dataset[0][0], imaging.resize_uint8(pixels, 16))
 
 
 def test_damaged_and_missing_files_raise_user_error_naming_them(tmp_path, jpegs):
@@ -192,34 +194,34 @@ def test_damaged_and_missing_files_raise_user_error_naming_them(tmp_path, jpegs)
     text = tmp_path / 'notes.jpg'
     text.write_text('not an image')
     for path in (truncated, text):
-        with pytest.raises(utils.UserError, match='cannot decode image') as err:
-            utils.load_image(str(path))
+        with pytest.raises(cli.UserError, match='cannot decode image') as err:
+            imaging.load_image(str(path))
         assert str(path) in str(err.value) and '(damaged, or not an image)' in str(err.value)
-    with pytest.raises(utils.UserError, match='not found') as err:
-        utils.load_image(str(tmp_path / 'gone.jpg'))
+    with pytest.raises(cli.UserError, match='not found') as err:
+        imaging.load_image(str(tmp_path / 'gone.jpg'))
     assert str(tmp_path / 'gone.jpg') in str(err.value)
-    with pytest.raises(utils.UserError, match=f'{tmp_path} is a folder, not an image file'):
-        utils.load_image(str(tmp_path))  # an OS error is reported as such, not as a damaged file
+    with pytest.raises(cli.UserError, match=f'{tmp_path} is a folder, not an image file'):
+        imaging.load_image(str(tmp_path))  # an OS error is reported as such, not as a damaged file
 
     # inside a DataLoader worker: the error reaches the main process still naming the file
-    dataset = utils.ImageListDataset({'a': [jpegs[0], str(truncated)]}, 37)
+    dataset = imaging.ImageListDataset({'a': [jpegs[0], str(truncated)]}, 37)
     batches = iter(torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1))
     try:
         next(batches)
         raise AssertionError('the damaged file was not reported')
-    except utils.UserError as caught:
+    except cli.UserError as caught:
         text = str(caught)
     finally:
         # the re-raised exception keeps the iterator in a reference cycle; left to the garbage
         # collector, its worker shutdown waits out a 5 s timeout: stop the worker now
         getattr(batches, '_shutdown_workers', lambda: None)()
-    message = utils.worker_error_message(text)
+    message = imaging.worker_error_message(text)
     assert message.startswith(f'cannot decode image {truncated}:') and '\n' not in message
 
 
 def test_dataset_order_and_targets():
     split = {'b': ['b1.jpg', 'b2.jpg'], '10': ['t1.jpg'], 'a': ['a1.jpg'], '9': ['n1.jpg', 'n2.jpg']}
-    dataset = utils.ImageListDataset(split, side=32)
+    dataset = imaging.ImageListDataset(split, side=32)
     assert dataset.classes == ['10', '9', 'a', 'b']  # sorted label strings
     assert dataset.images == ['b1.jpg', 'b2.jpg', 't1.jpg', 'a1.jpg', 'n1.jpg', 'n2.jpg']
     assert dataset.labels == ['b', 'b', '10', 'a', '9', '9']
@@ -230,32 +232,32 @@ def test_dataset_order_and_targets():
 def test_default_num_workers(monkeypatch):
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
-    assert utils.default_num_workers() == 8
+    assert imaging.default_num_workers() == 8
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
-    assert utils.default_num_workers() == 4
+    assert imaging.default_num_workers() == 4
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '16')
-    assert utils.default_num_workers() == 0
+    assert imaging.default_num_workers() == 0
 
 
 def test_cache_place_and_crops(jpegs, monkeypatch):
     cpu = torch.device('cpu')
-    monkeypatch.setattr(utils, 'available_ram', lambda: 1000)
-    assert utils.cache_place('auto', 400, cpu) == 'ram' and utils.cache_place('auto', 401, cpu) is None
-    assert utils.cache_place('off', 10, cpu) is None and utils.cache_place('ram', 10, cpu) == 'ram'
-    with pytest.raises(utils.UserError, match='--cache gpu: the decoded images take'):
-        utils.cache_place('gpu', 10, cpu)  # no GPU memory on the CPU
+    monkeypatch.setattr(imaging, 'available_ram', lambda: 1000)
+    assert imaging.cache_place('auto', 400, cpu) == 'ram' and imaging.cache_place('auto', 401, cpu) is None
+    assert imaging.cache_place('off', 10, cpu) is None and imaging.cache_place('ram', 10, cpu) == 'ram'
+    with pytest.raises(cli.UserError, match='--cache gpu: the decoded images take'):
+        imaging.cache_place('gpu', 10, cpu)  # no GPU memory on the CPU
     # decoded once at the resize: the cache holds the loader's images, so its crops are the loader path's
-    dataset = utils.ImageListDataset({'a': jpegs}, 37)
-    cache = utils.build_cache(dataset, 'ram', cpu, 'test', show_bar=False)  # decoded by a thread per core
+    dataset = imaging.ImageListDataset({'a': jpegs}, 37)
+    cache = imaging.build_cache(dataset, 'ram', cpu, 'test', show_bar=False)  # decoded by a thread per core
     assert cache.shape == (4, 3, 37, 37) and cache.dtype == torch.uint8
     assert torch.equal(cache, torch.stack([dataset[k][0] for k in range(4)]))  # each image in its own row
-    crops = utils.crop_flip_batch(cache, [(k, 100 + k) for k in range(4)], 32)
+    crops = imaging.crop_flip_batch(cache, [(k, 100 + k) for k in range(4)], 32)
     assert crops.shape == (4, 3, 32, 32) and crops.dtype == torch.uint8 and crops.is_contiguous()
     loaded = torch.stack([dataset[3][0], dataset[1][0]])  # a loaded batch: its seeds re-indexed to positions
-    assert torch.equal(utils.crop_flip_batch(loaded, [(0, 103), (1, 101)], 32), crops[[3, 1]])
-    draws = [utils.crop_flip_draws(37, 32, torch.Generator().manual_seed(100 + k)) for k in range(4)]
+    assert torch.equal(imaging.crop_flip_batch(loaded, [(0, 103), (1, 101)], 32), crops[[3, 1]])
+    draws = [imaging.crop_flip_draws(37, 32, torch.Generator().manual_seed(100 + k)) for k in range(4)]
     assert any(flip for _, _, flip in draws) and not all(flip for _, _, flip in draws)
-    assert torch.equal(utils.gather_crops(cache, range(4), draws, 32), crops)  # the GPU's way, run on the CPU
+    assert torch.equal(imaging.gather_crops(cache, range(4), draws, 32), crops)  # the GPU's way, run on the CPU
     for k, (i, j, flip) in enumerate(draws):  # the crop and flip, cut by hand from the decoded image
-        crop = utils.resize_uint8(utils.load_image_uint8(jpegs[k]), 37)[:, i:i + 32, j:j + 32]
+        crop = imaging.resize_uint8(imaging.load_image_uint8(jpegs[k]), 37)[:, i:i + 32, j:j + 32]
         assert torch.equal(crops[k], crop.flip(-1) if flip else crop)

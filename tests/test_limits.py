@@ -19,8 +19,12 @@ from _train_fixtures import NAME, REPO, flags, out, run_script
 import data_utils
 import serve
 import train
-import utils
-from utils import UserError
+from cli import UserError
+import cli
+import imaging
+import retrieval
+import files
+import runs
 
 script = load_script()
 
@@ -50,16 +54,16 @@ def test_lr_outside_its_range_is_one_line(dataset, tmp_path, value, shown):
 
 
 def test_one_seed_range_for_data_utils_and_train(dataset, tmp_path):
-    assert utils.SEED_MAX == 2 ** 32 - 1
-    for seed in (utils.SEED_MAX + 1, -1):
-        message = f'--seed must be between 0 and {utils.SEED_MAX}, got {seed}'
+    assert cli.SEED_MAX == 2 ** 32 - 1
+    for seed in (cli.SEED_MAX + 1, -1):
+        message = f'--seed must be between 0 and {cli.SEED_MAX}, got {seed}'
         with pytest.raises(UserError, match=f'^{message}$'):
             data_utils.main(['--data_path', str(tmp_path / 'data'), '--data_name', 'demo', '--seed', str(seed)])
         with pytest.raises(UserError, match=f'^{message}$'):
             train.resolve_config(train.parse_args(flags(dataset, tmp_path / 'results', '--seed', str(seed))))
     config, _ = train.resolve_config(train.parse_args(flags(dataset, tmp_path / 'results', '--seed',
-                                                            str(utils.SEED_MAX))))
-    assert config['seed'] == utils.SEED_MAX
+                                                            str(cli.SEED_MAX))))
+    assert config['seed'] == cli.SEED_MAX
     assert not (tmp_path / 'data').exists() and not (tmp_path / 'results').exists()
 
 
@@ -94,12 +98,12 @@ def test_readme_table_lists_every_flag_with_the_code_ranges():
     for flag, (low, high) in train.INT_RANGES.items():
         assert table['train.py', f'--{flag}'].startswith(f'{low}–{high}'), flag
     assert table['data_utils.py', '--seed'] == table['train.py', '--seed'] == \
-        f'0–{utils.SEED_MAX} (2³²−1, NumPy\'s seed range)'
+        f'0–{cli.SEED_MAX} (2³²−1, NumPy\'s seed range)'
     assert table['train.py', '--lr'] == f'greater than 0, at most {train.LR_MAX:g}'
     assert table['data_utils.py', '--split'].startswith('a number strictly between 0 and 1')
     for value, ok in (('0.0001', True), ('1', True), ('1.0000001', False), ('0', False)):
         try:
-            utils.check_float('--lr', float(value), 0, train.LR_MAX)
+            cli.check_float('--lr', float(value), 0, train.LR_MAX)
         except UserError:
             assert not ok, value
         else:
@@ -131,8 +135,8 @@ def jpeg_claiming(path, width, height):
     return path
 
 
-@pytest.mark.parametrize('make, loader', [(png_claiming, utils.load_image), (png_claiming, utils.load_image_uint8),
-                                          (jpeg_claiming, utils.load_image_uint8), (jpeg_claiming, utils.load_image)])
+@pytest.mark.parametrize('make, loader', [(png_claiming, imaging.load_image), (png_claiming, imaging.load_image_uint8),
+                                          (jpeg_claiming, imaging.load_image_uint8), (jpeg_claiming, imaging.load_image)])
 @pytest.mark.parametrize('side', [11000, 20000])  # PIL warns above MAX_IMAGE_PIXELS, refuses above twice that
 def test_image_over_pils_pixel_limit_is_refused_in_one_line(tmp_path, make, loader, side):
     path = make(tmp_path / f'huge.{"png" if make is png_claiming else "jpg"}', side, side)
@@ -153,12 +157,12 @@ def test_image_at_pils_pixel_limit_is_decoded(tmp_path):
     the truncated file it is; a real picture 1 pixel short of it in area is decoded (1-bit: small on disk)."""
     assert 9459 ** 2 <= Image.MAX_IMAGE_PIXELS < 9460 ** 2
     with pytest.raises(UserError, match=r'^cannot decode image .*edge.png: '):
-        utils.load_image(png_claiming(tmp_path / 'edge.png', 9459, 9459))
+        imaging.load_image(png_claiming(tmp_path / 'edge.png', 9459, 9459))
     real = tmp_path / 'real.png'
     Image.new('1', (9459, 4000)).save(real)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        assert utils.load_image(real).size == (9459, 4000)
+        assert imaging.load_image(real).size == (9459, 4000)
 
 
 def test_oversized_query_and_database_image_with_test_py(tiny, tmp_path, capsys):
@@ -172,7 +176,7 @@ def test_oversized_query_and_database_image_with_test_py(tiny, tmp_path, capsys)
     db['test_images'][3] = str(huge)
     copy = tmp_path / 'copy'
     state = torch.load(os.path.join(os.path.dirname(tiny['db']), db['config']['model_file']), weights_only=True)
-    utils.save_model_and_database(state, db, str(copy / db['config']['model_file']),
+    retrieval.save_model_and_database(state, db, str(copy / db['config']['model_file']),
                                   str(copy / os.path.basename(tiny['db'])))
     argv[1] = str(copy / os.path.basename(tiny['db']))
     code, stdout, err = run(['--query_img_name', tiny['paths'][0]] + argv, capsys)
@@ -189,10 +193,10 @@ def test_out_of_memory_while_building_the_cache_is_one_line(dataset, tmp_path):
     big = {'train': {label: [one] * 125 for label in list(dicts['train'])[:2]}, 'test': dicts['test']}
     (tmp_path / 'big').mkdir()
     torch.save(big, tmp_path / 'big' / 'uncropped_data_dicts.pth')
-    limit = ('import resource, sys; import train, utils; '
+    limit = ('import resource, sys; import train, cli; '
              'vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize")); '
              'resource.setrlimit(resource.RLIMIT_AS, (vm + 2 ** 29, resource.getrlimit(resource.RLIMIT_AS)[1])); '
-             'utils.run_cli(lambda: train.main(sys.argv[1:]))')
+             'cli.run_cli(lambda: train.main(sys.argv[1:]))')
     args = flags(tmp_path, tmp_path / 'results', '--data_name', 'big', '--image_size', '1024', '--cache', 'ram',
                  epochs=1)
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(REPO))
@@ -208,17 +212,17 @@ def test_out_of_memory_while_building_the_cache_is_one_line(dataset, tmp_path):
 @pytest.mark.parametrize('error', [MemoryError(), torch.OutOfMemoryError('CUDA out of memory. Tried to allocate'),
                                    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")])
 def test_cache_memory_errors_become_one_line(dataset, monkeypatch, error):
-    dataset_list = utils.ImageListDataset({'a': [os.path.join(dataset, NAME, 'x.png')] * 3}, 40)
+    dataset_list = imaging.ImageListDataset({'a': [os.path.join(dataset, NAME, 'x.png')] * 3}, 40)
 
     def fail(out, data, show_bar):
         raise error
-    monkeypatch.setattr(utils, '_decode_into', fail)
+    monkeypatch.setattr(imaging, '_decode_into', fail)
     with pytest.raises(UserError, match=r"^out of memory while decoding 3 images of 40x40 into the cache \(0.00 GiB "
                                         r"in RAM\): use --cache off, or a smaller --image_size$"):
-        utils.build_cache(dataset_list, 'ram', torch.device('cpu'), 'key', show_bar=False)
+        imaging.build_cache(dataset_list, 'ram', torch.device('cpu'), 'key', show_bar=False)
     error = RuntimeError('other failure')
     with pytest.raises(RuntimeError, match='other failure'):  # not every RuntimeError is memory
-        utils.build_cache(dataset_list, 'ram', torch.device('cpu'), 'key', show_bar=False)
+        imaging.build_cache(dataset_list, 'ram', torch.device('cpu'), 'key', show_bar=False)
 
 
 # ---- test.py: its results folder, its hidden temporary folders ----
@@ -247,25 +251,25 @@ def test_killed_test_py_leaves_folders_the_next_run_removes(tiny, tmp_path, caps
     assert killed.returncode == -9, killed.stderr
     left = os.listdir(results)
     assert len(left) == 1 and re.fullmatch(re.escape(f'.{stem}.') + r'[0-9a-f]{8}\.tmp', left[0])
-    assert (results / left[0] / script.MARKER).is_file()  # the marker goes in first: the folder is test.py's
+    assert (results / left[0] / files.MARKER).is_file()  # the marker goes in first: the folder is test.py's
     # what else may lie there: a replaced set a kill left (removed), and folders that are not test.py's to remove
     (results / f'.{stem}.0123abcd.old.tmp').mkdir()
-    (results / f'.{stem}.0123abcd.old.tmp' / script.MARKER).write_bytes(script.MARKER_TEXT)
+    (results / f'.{stem}.0123abcd.old.tmp' / files.MARKER).write_bytes(files.MARKER_TEXT)
     kept = [f'.{stem}.89abcdef.tmp', f'.{stem}.notours.tmp', f'.other_{stem}.0123abcd.tmp', f'.{stem}.fedcba98.tmp']
     for name in kept[:3]:
         (results / name).mkdir()
-        (results / name / script.MARKER).write_bytes(b'')
+        (results / name / files.MARKER).write_bytes(b'')
     (results / kept[3]).mkdir()  # named like test.py's, but no marker: someone else's
     (results / kept[3] / 'notes.txt').write_text('mine')
     import fcntl
-    with open(results / kept[0] / script.MARKER, 'rb') as held:  # a test.py still writing holds its marker
+    with open(results / kept[0] / files.MARKER, 'rb') as held:  # a test.py still writing holds its marker
         fcntl.flock(held, fcntl.LOCK_EX)
         code, _, err = run(argv, capsys)
     assert code == 0, err
     assert sorted(os.listdir(results)) == sorted([stem] + kept)
     assert (results / kept[3] / 'notes.txt').read_text() == 'mine'
     written = os.listdir(results / stem)  # the whole new set: 3 retrievals, the query, the row, the marker
-    assert len(written) == 6 and {script.MARKER, 'query_img.jpg', 'retrieval.png'} < set(written)
+    assert len(written) == 6 and {files.MARKER, 'query_img.jpg', 'retrieval.png'} < set(written)
 
 
 # ---- train.py: the Train set line; the curves ----
@@ -307,7 +311,7 @@ def test_curves_legend_outside_the_panels(monkeypatch):
     monkeypatch.setattr(Figure, 'savefig', lambda self, *a, **k: (figures.append(self), save(self, *a, **k))[1])
     rows = [{'epoch': e, 'train_loss': 3.0 / e, 'train_accuracy': 10.0 * e, 'test_map@r': 5.0 + e,
              **{f'test_recall@{k}': 40.0 + 5 * e + k for k in (1, 2, 4, 8)}} for e in range(1, 9)]
-    png = utils.plot_curves(rows, [1, 2, 4, 8], 'demo_uncropped_resnet18_512')
+    png = runs.plot_curves(rows, [1, 2, 4, 8], 'demo_uncropped_resnet18_512')
     assert png.startswith(b'\x89PNG') and len(figures) == 1
     fig = figures[0]
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import model as M  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
+from cli import UserError, run_cli  # noqa: E402
 
 # the seed README's table: Params | FLOPs at feature_dim 512, one 224x224 image
 PUBLISHED = {
@@ -297,7 +297,7 @@ def test_failed_download_through_run_cli_has_no_traceback(tmp_path):
     env = dict(os.environ, TORCH_HOME=str(tmp_path), http_proxy='http://127.0.0.1:9',
                https_proxy='http://127.0.0.1:9', HTTP_PROXY='http://127.0.0.1:9',
                HTTPS_PROXY='http://127.0.0.1:9', no_proxy='', NO_PROXY='')
-    code = "import model, utils; utils.run_cli(lambda: model.Model('seresnet50', 8, 4, pretrained=True))"
+    code = "import model, cli; cli.run_cli(lambda: model.Model('seresnet50', 8, 4, pretrained=True))"
     result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 1

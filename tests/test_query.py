@@ -15,13 +15,15 @@ from PIL import Image
 from _query_fixtures import (IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, REPO, brute_force, copy_database, load_script,
                              make_database, make_image, make_split, run_test_script, snapshot)
 import retrieval
-import utils
+import pictures
+import files
+import imaging
 
 script = load_script()
 LABELS = ['1', '1', '1', '2', '2', '2', '3', '3', '3']
 SCORE_FILE = re.compile(r'retrieval_img_(\d+)_(-?\d+\.\d{4})\.jpg$')
 GREEN, RED, WHITE = (0, 255, 0), (255, 0, 0), (255, 255, 255)
-B = script.BORDER
+B = pictures.BORDER
 
 
 @pytest.fixture(scope='module')
@@ -58,7 +60,7 @@ def frame_colour(picture):
 def check_tile(row, index, colour, background):
     """Tile `index` of retrieval.png (lossless PNG): an exact frame of `colour`, BORDER px wide, with the
     picture's own edge (its plain background) just inside it, not painted over."""
-    x, y = script.PAD + index * (224 + script.PAD), script.PAD
+    x, y = pictures.PAD + index * (224 + pictures.PAD), pictures.PAD
     t = row[y:y + 224, x:x + 224]
     for strip in (t[:B], t[-B:], t[:, :B], t[:, -B:]):
         assert (strip == colour).all()
@@ -74,15 +76,15 @@ def result_files(folder):
         if m:
             ranks[int(m.group(1))] = float(m.group(2))
         else:
-            assert name in ('query_img.jpg', 'retrieval.png', script.MARKER), name
+            assert name in ('query_img.jpg', 'retrieval.png', files.MARKER), name
     return ranks
 
 
 def row_size(tiles, per_line=None):
     """Expected (width, height) of retrieval.png for `tiles` pictures (query included)."""
-    per_line = per_line or script.ROW_MAX
+    per_line = per_line or pictures.ROW_MAX
     cols, lines = min(tiles, per_line), -(-tiles // per_line)
-    return cols * 224 + (cols + 1) * script.PAD, lines * (224 + script.CAPTION + script.PAD) + script.PAD
+    return cols * 224 + (cols + 1) * pictures.PAD, lines * (224 + pictures.CAPTION + pictures.PAD) + pictures.PAD
 
 
 def printed_ranking(out):
@@ -103,7 +105,7 @@ def test_query_in_database_matches_brute_force(tiny, tmp_path, capsys):
     assert code == 0, err
     order, scores = brute_force(tiny['features'][query], tiny['features'], query, tiny['labels'], '2')
     folder = results / stem(tiny['paths'][query])
-    assert sorted(os.listdir(folder)) == sorted([script.MARKER, 'query_img.jpg', 'retrieval.png'] + [
+    assert sorted(os.listdir(folder)) == sorted([files.MARKER, 'query_img.jpg', 'retrieval.png'] + [
         f'retrieval_img_{rank}_{score:.4f}.jpg' for rank, score in enumerate(scores, start=1)])
     assert result_files(folder) == pytest.approx(dict(enumerate(scores, start=1)), abs=5.1e-5)
     assert [(r[0], r[3]) for r in printed_ranking(out)] == [(k + 1, tiny['paths'][i]) for k, i in enumerate(order)]
@@ -120,12 +122,12 @@ def test_query_in_database_matches_brute_force(tiny, tmp_path, capsys):
     assert query_picture.shape == (224, 224, 3) and frame_colour(query_picture) == 'white'
 
     row = Image.open(folder / 'retrieval.png')
-    assert row.size == (9 * 224 + 10 * script.PAD, 224 + script.CAPTION + 2 * script.PAD) == row_size(9)
+    assert row.size == (9 * 224 + 10 * pictures.PAD, 224 + pictures.CAPTION + 2 * pictures.PAD) == row_size(9)
     row = np.asarray(row.convert('RGB')).astype(int)
     check_tile(row, 0, WHITE, tiny['backgrounds'][query])  # tile 0: the query, unframed (white)
     for k, i in enumerate(order, start=1):  # then the results in rank order
         check_tile(row, k, GREEN if expected[k - 1] == 'green' else RED, tiny['backgrounds'][i])
-    caption = row[script.PAD + 224:, :]
+    caption = row[pictures.PAD + 224:, :]
     assert (caption < 128).any()  # the labels and scores are written under the tiles
 
 
@@ -141,11 +143,11 @@ def test_query_by_own_photo_is_embedded_with_the_model(tiny, tmp_path, capsys):
                                   f'top 3 of 9 test images:'
 
     # the feature test.py uses is the model's embedding of the photo after the database's test transform
-    db, _ = utils.load_database(tiny['db'])
+    db, _ = retrieval.load_database(tiny['db'])
     model, _ = retrieval.load_model(db, tiny['db'])
     feature = retrieval.embed_image(model, photo, db['config'], torch.device('cpu'))
     with torch.no_grad():
-        x = utils.eval_input(photo, IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD)[None]
+        x = imaging.eval_input(photo, IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD)[None]
         expected = tiny['model'].eval()(x)[0][0]
     assert feature.shape == (3 * 8,)
     assert torch.allclose(feature, expected, atol=1e-6)
@@ -228,8 +230,8 @@ def test_failed_write_leaves_previous_results_intact(tiny, tmp_path, capsys, mon
             raise OSError(errno.ENOSPC, 'No space left on device')
         return original(data, path)
 
-    original = utils.write_temporary
-    monkeypatch.setattr(utils, 'write_temporary', failing_write)
+    original = files.write_temporary
+    monkeypatch.setattr(files, 'write_temporary', failing_write)
     code, _, err = run(argv + ['--retrieval_num', '2'], capsys)
     assert code == 1 and err.startswith(f'error: cannot write {results}{os.sep}.') and err.count('\n') == 1
     assert 'No space left on device' in err
@@ -253,7 +255,7 @@ def test_never_replaces_what_it_did_not_write(case, tiny, tmp_path, capsys):
     code, out, err = run(['--query_img_name', str(query), '--data_base', tiny['db'], '--retrieval_num', '2',
                           '--results_dir', str(results)], capsys)
     assert (code, out) == (1, '')
-    assert err == (f'error: {victim} exists and was not written by test.py (it holds no {script.MARKER}); nothing '
+    assert err == (f'error: {victim} exists and was not written by test.py (it holds no {files.MARKER}); nothing '
                    f'was removed: move it away, rename the query image or pass another --results_dir\n')
     assert snapshot(results) == before
 
@@ -347,9 +349,9 @@ BAD_INPUTS = {  # case -> f(tmp folder, tiny) -> (flags to change, texts the mes
     'retrieval_num negative': _flag('--retrieval_num', '-2', '--retrieval_num must be a positive integer, got -2'),
     'retrieval_num over gallery': _flag('--retrieval_num', '9', '--retrieval_num 9', '(8 test images besides '
                                                                                      'the query)'),
-    'not a database (keys)': _database_file(lambda p: p.write_bytes(utils.torch_bytes({'w': torch.zeros(2)})),
+    'not a database (keys)': _database_file(lambda p: p.write_bytes(files.torch_bytes({'w': torch.zeros(2)})),
                                             'not a usable CLF feature database: missing test_images'),
-    'not a database (tensor)': _database_file(lambda p: p.write_bytes(utils.torch_bytes(torch.zeros(3))),
+    'not a database (tensor)': _database_file(lambda p: p.write_bytes(files.torch_bytes(torch.zeros(3))),
                                               'it holds a Tensor, not a dict'),
     'not a database (text)': _database_file(lambda p: p.write_text('some text\n'), 'not a PyTorch file'),
     'database is a FIFO': _database_file(os.mkfifo, 'is not a regular file'),
@@ -370,7 +372,7 @@ def test_bad_input_one_message_exit_1_results_untouched(case, tiny, tmp_path, ca
     results = tmp_path / 'results'
     earlier = results / stem(tiny['paths'][0])  # an earlier test.py result for this query: kept as it is
     earlier.mkdir(parents=True)
-    (earlier / script.MARKER).write_bytes(script.MARKER_TEXT)
+    (earlier / files.MARKER).write_bytes(files.MARKER_TEXT)
     (earlier / 'retrieval_img_1_0.5000.jpg').write_bytes(b'earlier result')
     (results / 'other.txt').write_text('keep me')
     before = snapshot(results)
@@ -405,7 +407,7 @@ def test_database_written_by_train_py(reference, tmp_path, capsys):
     an own photo: embedded by test.py with the saved model, it finds the original at cosine 1.0."""
     from _train_fixtures import out as train_output
     db_path = train_output(reference[0], 'data_base.pth')
-    db, _ = utils.load_database(db_path)
+    db, _ = retrieval.load_database(db_path)
     results, query = tmp_path / 'results', 5
     code, out, err = run(['--query_img_name', db['test_images'][query], '--data_base', db_path,
                           '--retrieval_num', '4', '--results_dir', str(results)], capsys)

@@ -18,8 +18,10 @@ import torch
 from _train_fixtures import (REPO, RUN_NAME, VAL_FLAGS, assert_same_tensors, flags, make_dataset, out, run_script,
                              tensors)
 import train
-import utils
-from utils import UserError
+from cli import UserError
+import cli
+import files
+import runs
 
 
 def temporaries(results):
@@ -96,7 +98,7 @@ def test_ctrl_c_stops_and_keeps_last_checkpoint(dataset, tmp_path, inject, capsy
     results = tmp_path / 'results'
     inject('interrupt:2:1')
     with pytest.raises(SystemExit) as err:
-        utils.run_cli(lambda: train.main(flags(dataset, results)), train.INTERRUPTED)
+        cli.run_cli(lambda: train.main(flags(dataset, results)), train.INTERRUPTED)
     assert err.value.code == 130 and 'with --resume auto to continue' in capsys.readouterr().err
     state = tensors(out(results, 'checkpoint.pth'))
     assert state['epoch'] == 1 and len(state['statistics']) == 1 and temporaries(results) == []
@@ -136,7 +138,7 @@ def test_sigterm_handler_installed_by_run_cli_and_restored(capsys):
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as err:
-        utils.run_cli(main, 'files written so far are intact')
+        cli.run_cli(main, 'files written so far are intact')
     assert err.value.code == 143
     assert capsys.readouterr().err == 'interrupted: files written so far are intact\n'
     assert signal.getsignal(signal.SIGTERM) is before
@@ -148,7 +150,7 @@ def test_failed_background_write_stops_at_the_next_step(dataset, tmp_path, injec
     results = tmp_path / 'results'
     inject('fail-write:checkpoint:1')
     jobs, steps = [], []
-    submit, step = utils.BackgroundWriter.submit, train.train_step
+    submit, step = files.BackgroundWriter.submit, train.train_step
 
     def kept(writer, write):
         submit(writer, write)
@@ -160,7 +162,7 @@ def test_failed_background_write_stops_at_the_next_step(dataset, tmp_path, injec
             concurrent.futures.wait(jobs[:1])
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(utils.BackgroundWriter, 'submit', kept)
+    monkeypatch.setattr(files.BackgroundWriter, 'submit', kept)
     monkeypatch.setattr(train, 'train_step', counted_step)
     with pytest.raises(UserError) as err:
         train.main(flags(dataset, results))
@@ -260,17 +262,17 @@ def test_symlinks_in_results_folder_never_written_through(dataset, tmp_path):
     assert victim.read_bytes() == b'precious'
     os.remove(lock)
     # outputs planted as links: an existing output refuses the run; --overwrite removes the links themselves
-    for kind in train.OUTPUTS:
+    for kind in runs.OUTPUTS:
         os.symlink(victim, out(results, kind))
     with pytest.raises(UserError, match='holds a run of this name, but it is damaged or unreadable'):
         train.main(flags(dataset, results, epochs=1))
     train.main(flags(dataset, results, '--overwrite', epochs=1))
     assert victim.read_bytes() == b'precious'
-    assert not any(os.path.islink(out(results, kind)) for kind in train.OUTPUTS)
+    assert not any(os.path.islink(out(results, kind)) for kind in runs.OUTPUTS)
     # an atomic write replaces a link in place of its target
     link = tmp_path / 'link.csv'
     link.symlink_to(victim)
-    utils.atomic_write({link: b'new'})
+    files.atomic_write({link: b'new'})
     assert not link.is_symlink() and link.read_bytes() == b'new' and victim.read_bytes() == b'precious'
 
 
@@ -290,7 +292,7 @@ def test_malicious_checkpoint_refused_payload_never_runs(dataset, tmp_path):
     assert 'posix.system' in str(err.value)
     for what in ('data dict', 'database'):
         with pytest.raises(UserError, match='refusing to load'):
-            utils.safe_load(out(results, 'checkpoint.pth'), what)
+            files.safe_load(out(results, 'checkpoint.pth'), what)
     assert not marker.exists()
     # refused before the results folder is touched: not even the run's lock file is created
     assert os.listdir(results) == [os.path.basename(out(results, 'checkpoint.pth'))]
@@ -307,7 +309,7 @@ def test_damaged_checkpoint_clear_message(dataset, tmp_path):
     with open(out(results, 'checkpoint.pth'), 'w') as f:
         f.write('# notes\n')
     with pytest.raises(UserError, match='not a PyTorch file|damaged or truncated'):
-        utils.safe_load(out(results, 'checkpoint.pth'), 'checkpoint')
+        files.safe_load(out(results, 'checkpoint.pth'), 'checkpoint')
 
 
 def test_altered_checkpoint_contents_clear_message(dataset, reference, tmp_path):
@@ -441,14 +443,14 @@ def test_group_write_all_or_nothing(tmp_path, inject):
     database.write_bytes(b'old database')
     inject('fail-write:data_base:1')  # the second file of the pair fails
     with pytest.raises(UserError, match=f'cannot write {database}: No space left on device'):
-        utils.atomic_write({model: b'new model', database: b'new database'})
+        files.atomic_write({model: b'new model', database: b'new database'})
     assert model.read_bytes() == b'old model' and database.read_bytes() == b'old database'
     assert sorted(os.listdir(tmp_path)) == ['run_data_base.pth', 'run_model.pth']
-    utils.atomic_write({model: b'new model', database: b'new database'})
+    files.atomic_write({model: b'new model', database: b'new database'})
     assert model.read_bytes() == b'new model' and database.read_bytes() == b'new database'
     umask = os.umask(0o027)  # a file gets what a plain open() would give under the umask
     try:
-        utils.atomic_write({model: b'newer'})
+        files.atomic_write({model: b'newer'})
     finally:
         os.umask(umask)
     assert oct(os.stat(model).st_mode & 0o777) == oct(0o640)
@@ -459,7 +461,7 @@ def test_bare_pickle_refused_in_one_line(tmp_path, recwarn):
     path = tmp_path / 'raw.pth'
     path.write_bytes(pickle.dumps({'epoch': 1}, protocol=4))
     with pytest.raises(UserError) as err:
-        utils.safe_load(path, 'checkpoint')
+        files.safe_load(path, 'checkpoint')
     assert str(err.value) == f'refusing to load {path}: a bare Python pickle, not a torch.save file (nothing was run)'
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]  # torch never saw it
 

@@ -22,7 +22,7 @@ from _serve_fixtures import (expected, multipart, request, rss_bytes, script, se
 from _train_fixtures import out
 import retrieval
 import serve
-from utils import run_cli
+from cli import run_cli
 
 CPU = torch.device('cpu')
 

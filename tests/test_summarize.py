@@ -8,7 +8,8 @@ import pytest
 
 import summarize
 import train
-from utils import UserError
+from cli import UserError
+import runs
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {'data_name': 'car', 'crop_type': 'uncropped', 'backbone_type': 'resnet50', 'feature_dim': 512,
@@ -128,7 +129,7 @@ def test_train_writes_the_settings_summarize_reads(val_reference):
     results = val_reference[0]
     csv = str(results / 'tiny_uncropped_resnet18_8_statistics.csv')
     settings = summarize.read_settings(csv)
-    assert set(settings) == set(train.RESUME_KEYS) and settings['val_split'] == 0.4
+    assert set(settings) == set(runs.RESUME_KEYS) and settings['val_split'] == 0.4
     text = summarize.main([csv])
     assert table_row(text, 'val R@1')[2:4] == ['-', 'needs two runs']
 

@@ -19,7 +19,10 @@ import metrics
 import model as model_lib
 import train
 import utils
-from utils import UserError
+from cli import UserError
+import distributed
+import imaging
+import retrieval
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,8 +105,8 @@ def test_backbone_batchnorm_frozen_with_loaded_weights(tmp_path, dataset):
     conv_before = model.backbone.conv1.weight.detach().clone()
     head_bn_before = model.classifier[0].running_mean.clone()
 
-    rt = utils.Runtime(torch.device('cpu'), amp=False)
-    images = train.Images(dicts, dict(config, cache='off'), rt)
+    rt = distributed.Runtime(torch.device('cpu'), amp=False)
+    images = imaging.Images(dicts, dict(config, cache='off'), rt)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     stats = train.train_one_epoch(model, images, utils.LabelSmoothingCrossEntropy(), optimizer, rt, 1, 1)
     assert stats['loss'] > 0.5  # 3 classes, untrained: near ln 3
@@ -154,7 +157,7 @@ def test_end_to_end_outputs_consistent(reference):
     assert 100 * found['MAP@R'] == stats['test_map@r'][best]
     assert 100 * found['R-Precision'] == stats['test_r_precision'][best]
     config = database['config']
-    mean, std = data_utils.normalization(NAME)
+    mean, std = imaging.normalization(NAME)
     assert config == {'backbone_type': 'resnet18', 'feature_dim': 8, 'branches': 'SMG', 'num_classes': 3,
                       'image_size': 32, 'mean': list(mean), 'std': list(std),
                       'data_name': NAME, 'crop_type': 'uncropped',
@@ -168,7 +171,7 @@ def test_end_to_end_outputs_consistent(reference):
     model.load_state_dict(state)
     model.eval()
     with torch.no_grad():
-        batch = torch.stack([utils.eval_input(p, 32, config['mean'], config['std']) for p in database['test_images']])
+        batch = torch.stack([imaging.eval_input(p, 32, config['mean'], config['std']) for p in database['test_images']])
         again, _ = model(batch)
     assert torch.allclose(again, features, atol=1e-5)
 
@@ -201,7 +204,7 @@ def test_eval_untrained_baseline_leaves_the_run_unchanged(dataset, reference, tm
     torch.manual_seed(0)
     model = model_lib.Model('resnet18', 8, 3, branches='SMG').eval()
     with torch.no_grad():
-        features, _ = model(torch.stack([utils.eval_input(p, 32, config['mean'], config['std'])
+        features, _ = model(torch.stack([imaging.eval_input(p, 32, config['mean'], config['std'])
                                          for p in database['test_images']]))
     ids = {label: k for k, label in enumerate(sorted(set(database['test_labels'])))}
     found = metrics.evaluate(features, torch.tensor([ids[label] for label in database['test_labels']]), [1, 2])
@@ -316,9 +319,9 @@ def test_query_gallery_dataset(dataset, tmp_path):
 def test_cached_batches_equal_loaded_batches(dataset, tmp_path):
     """The same pixels, crops and flips from the cache as from full decodes by the loader's workers."""
     config, dicts = train.resolve_config(train.parse_args(flags(dataset, tmp_path)))
-    rt = utils.Runtime(torch.device('cpu'), amp=False)
-    cached = train.Images(dicts, dict(config, cache='ram'), rt)
-    loaded = train.Images(dicts, dict(config, cache='off', num_workers=2), rt)
+    rt = distributed.Runtime(torch.device('cpu'), amp=False)
+    cached = imaging.Images(dicts, dict(config, cache='ram'), rt)
+    loaded = imaging.Images(dicts, dict(config, cache='off', num_workers=2), rt)
     assert cached.caches['train'].shape == (12, 3, 37, 37) and loaded.caches is None  # round(32 * 8 / 7)
     for epoch in (1, 2):
         pairs = list(zip(cached.train_batches(cached.epoch_batches(epoch)),
@@ -336,7 +339,7 @@ def test_cached_batches_equal_loaded_batches(dataset, tmp_path):
 @pytest.mark.parametrize('batch, sizes', [(5, [5, 5, 2]), (11, [11]), (4, [4, 4, 4])])
 def test_last_batch_kept_unless_single(dataset, tmp_path, batch, sizes):
     config, dicts = train.resolve_config(train.parse_args(flags(dataset, tmp_path, '--batch_size', str(batch))))
-    images = train.Images(dicts, dict(config, cache='off'), utils.Runtime(torch.device('cpu'), amp=False))
+    images = imaging.Images(dicts, dict(config, cache='off'), distributed.Runtime(torch.device('cpu'), amp=False))
     assert [len(b) for b in images.epoch_batches(1)] == sizes  # 12 images; 11 + 1 drops the single one
 
 
@@ -404,7 +407,7 @@ def test_diverged_embeddings_stop_the_run_best_files_kept(dataset, reference, tm
         first_epoch = ''.join(f.readlines()[:2])
     with open(out(results, 'statistics.csv')) as f:
         assert f.read() == first_epoch
-    database, _ = utils.load_database(out(results, 'data_base.pth'))  # what test.py accepts
+    database, _ = retrieval.load_database(out(results, 'data_base.pth'))  # what test.py accepts
     assert_same_tensors(tensors(out(results, 'model.pth')), state['model'])
     assert torch.isfinite(database['test_features']).all() and (database['test_features'].norm(dim=1) > 0).all()
 

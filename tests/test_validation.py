@@ -11,8 +11,11 @@ import data_utils
 import metrics
 import model as model_lib
 import train
-import utils
-from utils import UserError
+from cli import UserError
+import demo
+import distributed
+import imaging
+import runs
 
 
 def figures(row, split):
@@ -68,7 +71,7 @@ def test_config_trains_only_the_remaining_classes(val_dataset, tmp_path):
     config, dicts = train.resolve_config(train.parse_args(flags(val_dataset, tmp_path, *VAL_FLAGS)))
     assert len(dicts['val']) == 2 and len(dicts['train']) == 3 and config['num_classes'] == 3
     assert len(dicts['test']) == 5 and config['eval_splits'] == ('test',)  # the test split is untouched
-    images = train.Images(dicts, dict(config, cache='off'), utils.Runtime(torch.device('cpu'), amp=False))
+    images = imaging.Images(dicts, dict(config, cache='off'), distributed.Runtime(torch.device('cpu'), amp=False))
     assert list(images.eval) == ['test', 'val'] and len(images.eval['val']) == 8 and len(images.train) == 12
     assert images.targets.max() == 2  # the classifier covers the 3 classes trained on
 
@@ -81,7 +84,7 @@ def test_val_split_run_selects_by_validation_and_saves_the_test_database(val_dat
                                    'val_r_precision']
     with open(out(results, 'settings.json')) as f:
         settings = json.load(f)
-    assert set(settings) == set(train.RESUME_KEYS) and settings['val_split'] == 0.4 and settings['seed'] == 0
+    assert set(settings) == set(runs.RESUME_KEYS) and settings['val_split'] == 0.4 and settings['seed'] == 0
 
     # chosen by validation R@1, the first maximum; the epoch lines show both splits
     best = int(stats['val_recall@1'].idxmax())
@@ -100,11 +103,11 @@ def test_val_split_run_selects_by_validation_and_saves_the_test_database(val_dat
     _, dicts = train.resolve_config(train.parse_args(flags(val_dataset, tmp_path, *VAL_FLAGS)))
     model = model_lib.Model('resnet18', 8, 3)
     model.load_state_dict(tensors(out(results, 'model.pth')))
-    mean, std = data_utils.normalization('tiny')
+    mean, std = imaging.normalization('tiny')
     for split, images in (('test', database['test_images']), ('val', [p for ps in dicts['val'].values() for p in ps])):
         labels = database['test_labels'] if split == 'test' else [c for c, ps in dicts['val'].items() for _ in ps]
         with torch.no_grad():
-            features, _ = model.eval()(torch.stack([utils.eval_input(p, 32, mean, std) for p in images]))
+            features, _ = model.eval()(torch.stack([imaging.eval_input(p, 32, mean, std) for p in images]))
         figures_now = metrics.evaluate(features, labels, [1, 2])  # each image against the others of its split
         assert math.isclose(100 * figures_now['R@1'], chosen[f'{split}_recall@1'], abs_tol=1e-9), split
         assert math.isclose(100 * figures_now['MAP@R'], chosen[f'{split}_map@r'], rel_tol=1e-5), split
@@ -114,8 +117,8 @@ def test_val_split_run_selects_by_validation_and_saves_the_test_database(val_dat
 def test_demo_selects_the_best_validation_epoch_never_a_test_figure(tmp_path, monkeypatch, capsys):
     """A (shrunk) demo run with --val_split 0.25 whose validation R@1 is scripted as 1 - test R@1: the epoch
     saved and reported is validation's best, which is test's worst."""
-    monkeypatch.setattr(data_utils, 'DEMO_CLASSES', 16)
-    monkeypatch.setattr(data_utils, 'DEMO_PER_CLASS', 4)
+    monkeypatch.setattr(demo, 'DEMO_CLASSES', 16)
+    monkeypatch.setattr(demo, 'DEMO_PER_CLASS', 4)
     data_utils.process_dataset(str(tmp_path / 'data'), 'demo')
     real, test_r1 = train.retrieval_metrics, []
 

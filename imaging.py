@@ -1,0 +1,408 @@
+"""Images on their way to the model: decode (within PIL's pixel limit), resize, normalise, crop and flip, the
+decode-once cache, the image-list datasets and the batches train.py trains and evaluates on."""
+import concurrent.futures
+import io
+import math
+import os
+import re
+import threading
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
+
+import utils
+from cli import UserError
+from distributed import is_distributed, shard_range
+
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # own folders and the demo
+
+
+NORMALIZATION = {  # per-dataset mean/std the published models were trained with
+    'car': ((0.4853, 0.4965, 0.4295), (0.2237, 0.2193, 0.2568)),
+    'cub': ((0.4707, 0.4601, 0.4549), (0.2767, 0.2760, 0.2850)),
+    'sop': ((0.5807, 0.5396, 0.5044), (0.2901, 0.2974, 0.3095)),
+    'isc': ((0.8324, 0.8109, 0.8041), (0.2206, 0.2378, 0.2444)),
+}
+
+
+def normalization(name):
+    """(mean, std) for a dataset name; ImageNet's for own folders and the demo."""
+    return NORMALIZATION.get(name, (IMAGENET_MEAN, IMAGENET_STD))
+
+
+_OPEN_LOCK = threading.Lock()  # the warning filters are global: decoder threads take turns at changing them
+
+
+def open_image(path, data=None):
+    """PIL's open (the header only) of an image file, or of its bytes `data`, within PIL's pixel limit
+    (Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); a larger one is a UserError giving its size."""
+    limit = Image.MAX_IMAGE_PIXELS
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # PIL's two-line warning: checked below
+        try:
+            img = Image.open(path if data is None else io.BytesIO(data))
+        except Image.DecompressionBombError as err:  # over twice the limit: PIL states only the pixel count
+            found = re.search(r'\((\d+) pixels\)', str(err))
+            size = f'{int(found[1]):,} pixels' if found else 'too many pixels'
+            img = None
+    if img is not None:
+        if _within_limit(img.size):
+            return img
+        img.close()
+        size = f'{img.width} x {img.height} = {img.width * img.height:,} pixels'
+    raise UserError(f'image {path} is too large to decode: {size}, more than the {limit:,} of PIL\'s '
+                    f'Image.MAX_IMAGE_PIXELS (a guard against decompression bombs); shrink it first')
+
+
+def load_image(path, data=None):
+    """Open and fully decode an image as RGB (PIL); an unreadable or oversized file is a UserError naming it. `data`:
+    the file's bytes when already in memory (an upload; `path` then only names it)."""
+    path = os.fspath(path)
+    try:
+        with open_image(path, data) as img:
+            img.load()  # decode now, inside the try, so a damaged file fails here and not later
+            return _to_rgb(img)
+    except (UserError, MemoryError):  # MemoryError: no fault of the file (build_cache says what to do)
+        raise
+    except FileNotFoundError:
+        raise UserError(f'image not found: {path}') from None
+    except IsADirectoryError:
+        raise UserError(f'{path} is a folder, not an image file') from None
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        if isinstance(err, OSError) and err.errno is not None:  # the OS refused (permissions, I/O)
+            raise UserError(f'cannot read image {path}: {err.strerror or err}') from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f'cannot decode image {path}: {reason} (damaged, or not an image)') from None
+
+
+def _to_rgb(img):
+    if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F'):
+        # 16-bit / 32-bit greys: rescale to 8 bits instead of clipping everything above 255 to white
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith('I;16') or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), 'L')
+    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (img.mode == 'P' and 'transparency' in img.info):
+        # transparent pixels on white, the background of product photos
+        white = Image.new('RGBA', img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert('RGBA')).convert('RGB')
+    # L, 1, CMYK (PIL undoes Adobe's inverted CMYK JPEGs), YCbCr, LAB, P
+    return img if img.mode == 'RGB' else img.convert('RGB')
+
+
+def _jpeg_size(data):
+    """(width, height) from a JPEG's frame header (SOFn), or None where none is found: the markers before it only."""
+    k = 2  # after the start-of-image marker
+    while k + 9 <= len(data) and data[k] == 0xFF:
+        marker = data[k + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame; not DHT, JPG, DAC
+            height, width = int.from_bytes(data[k + 5:k + 7], 'big'), int.from_bytes(data[k + 7:k + 9], 'big')
+            return width, height
+        k += 1 if marker == 0xFF else 2 + int.from_bytes(data[k + 2:k + 4], 'big')  # fill byte, or a segment
+    return None
+
+
+def _within_limit(size):
+    """Whether a (width, height) is known and within PIL's Image.MAX_IMAGE_PIXELS."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return size is not None and (limit is None or size[0] * size[1] <= limit)
+
+
+def load_image_uint8(path, data=None):
+    """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels); `data` as load_image's."""
+    path = os.fspath(path)
+    try:  # plain JPEGs: torchvision's libjpeg-turbo, whole file at once, ~25 % faster than PIL, same pixels
+        if data is None:
+            with open(path, 'rb') as f:
+                data = f.read()
+        # JPEG, not an Adobe CMYK one, within PIL's pixel limit (a larger one: load_image says so)
+        if data[:3] == b'\xff\xd8\xff' and b'Adobe' not in data[:4096] and _within_limit(_jpeg_size(data)):
+            with warnings.catch_warnings(action='ignore', category=DeprecationWarning):  # 0.29: "torchcodec"
+                from torchvision.io import ImageReadMode, decode_jpeg
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (ImportError, RuntimeError, OSError, ValueError):
+        pass  # a later torchvision without it, a file it refuses, or one the OS refuses: PIL names the error
+    return torch.from_numpy(np.array(load_image(path, data))).permute(2, 0, 1)
+
+
+def resize_uint8(x, side):
+    """uint8 [..., 3, H, W] -> [..., 3, side, side]: bilinear, antialiased (PIL's BILINEAR to +-1 grey level)."""
+    if tuple(x.shape[-2:]) == (side, side):
+        return x
+    batch = x if x.dim() == 4 else x[None]
+    out = torch.nn.functional.interpolate(batch, size=(side, side), mode='bilinear', antialias=True)
+    return out if x.dim() == 4 else out[0]
+
+
+class Normalize:
+    """uint8 [..., 3, H, W] -> float32 as (x / 255 - mean) / std in one fused pass, on x's device."""
+
+    def __init__(self, mean, std):
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f'mean and std need 3 values each, std > 0; got {mean}, {std}')
+        mean64, std64 = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in (self.mean, self.std))
+        self.scale, self.shift = (1.0 / (255.0 * std64)).float(), (-mean64 / std64).float()  # [3, 1, 1] each
+
+    def __call__(self, x):
+        if self.shift.device != x.device:  # moved once, not copied to the GPU every batch
+            self.scale, self.shift = self.scale.to(x.device), self.shift.to(x.device)
+        # a channels-last batch (Runtime.inputs on CUDA) stays channels-last for the convolutions; anything
+        # else, e.g. the permuted view of one decoded image, becomes contiguous
+        layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            else torch.contiguous_format
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=layout)
+        return torch.addcmul(self.shift, x, self.scale, out=out)  # shift + x * scale
+
+
+def crop_flip_draws(resize_side, side, generator=None):
+    """One training image's random crop offsets and flip, drawn in torchvision's order (RandomCrop's
+    i, j, then RandomHorizontalFlip) -> (i, j, flip)."""
+    room = resize_side - side + 1
+    i = int(torch.randint(0, room, (1,), generator=generator)) if room > 1 else 0
+    j = int(torch.randint(0, room, (1,), generator=generator)) if room > 1 else 0
+    return i, j, bool(torch.rand(1, generator=generator) < 0.5)
+
+
+def crop_flip_batch(images, batch, side):
+    """The training crops and flips, each drawn from its image's seed: images uint8 [N, 3, r, r] (the cache, or
+    a loaded batch), batch [(index into images, seed)] * B -> uint8 [B, 3, side, side] on the images' device."""
+    draws = [crop_flip_draws(images.shape[-1], side, torch.Generator().manual_seed(seed)) for _, seed in batch]
+    if images.is_cuda:
+        return gather_crops(images, [k for k, _ in batch], draws, side)
+    # on a CPU slices and copies are faster: 128 crops of 224 px in 0.01 s, the gather 0.05 s (2 cores)
+    crops = [images[k, :, i:i + side, j:j + side] for (k, _), (i, j, _) in zip(batch, draws)]
+    return torch.stack([crop.flip(-1) if flip else crop for crop, (_, _, flip) in zip(crops, draws)])
+
+
+def gather_crops(images, indices, draws, side):
+    """crop_flip_batch's crops in one gather kernel (a GPU then launches one kernel, not B copies)."""
+    device = images.device
+    i, j, flip = torch.tensor(draws, device=device).unbind(1)                        # [B] each
+    steps = torch.arange(side, device=device)
+    rows, cols = i[:, None] + steps, j[:, None] + steps                               # [B, s]
+    cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)                      # reversed where flipped
+    index = torch.tensor(indices, device=device)
+    return images[index[:, None, None, None], torch.arange(3, device=device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def eval_input(path, side, mean, std, data=None):
+    """An image file (or its bytes `data`) as train.py evaluates it: the full decode resized to side x side,
+    normalised -> float [3, s, s]."""
+    return Normalize(mean, std)(resize_uint8(load_image_uint8(path, data), side))
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """Images of a data-dict split {label: [paths]}; targets index the sorted labels. Item `index` ->
+    (uint8 [3, side, side]: the full decode resized, as the cache holds it, target)."""
+
+    def __init__(self, data_dict_split, side):
+        self.classes = sorted(data_dict_split)
+        self.images, self.labels, self.targets = [], [], []
+        for label, paths in data_dict_split.items():
+            self.images += [os.fspath(p) for p in paths]
+            self.labels += [label] * len(paths)
+            self.targets += [self.classes.index(label)] * len(paths)
+        self.side = side
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return resize_uint8(load_image_uint8(self.images[index]), self.side), self.targets[index]
+
+
+def _cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
+def default_num_workers():
+    """Loader workers per process: its CPUs shared among torchrun's processes on this node, at most 8."""
+    per_process = _cpus() // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
+    return 0 if per_process <= 1 else min(8, per_process)  # more rarely helps and costs memory
+
+
+def worker_error_message(err):
+    """The one-line message of a UserError raised in a DataLoader worker (re-raised in the main process
+    with the worker's traceback glued in front)."""
+    text = str(err).strip()
+    return text.splitlines()[-1].split('UserError: ', 1)[-1] if 'DataLoader worker' in text else text
+
+
+# Decoding a JPEG costs far more than a training step's share of the GPU, and the inputs are fixed-size
+# resizes of fixed files: they are decoded once into uint8 [N, 3, side, side], on the GPU within
+# CACHE_GPU_SHARE of its free memory, else in RAM within CACHE_RAM_SHARE of the available memory.
+# Under torchrun one process per node decodes into /dev/shm and the others map the same pages.
+CACHE_GPU_SHARE, CACHE_RAM_SHARE = 0.4, 0.4
+
+
+CACHE_CHOICES = ('auto', 'gpu', 'ram', 'off')
+
+
+def available_ram():
+    """Bytes of memory available for new allocations (MemAvailable), or None when unknown."""
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def cache_place(choice, nbytes, device):
+    """Where a cache of `nbytes` goes for --cache `choice`: 'gpu', 'ram' or None (the loader)."""
+    gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == 'cuda' else 0
+    ram = available_ram()
+    fits = {'gpu': nbytes <= CACHE_GPU_SHARE * gpu_free,
+            'ram': ram is None or nbytes <= CACHE_RAM_SHARE * ram}
+    if choice == 'auto':
+        return 'gpu' if fits['gpu'] else 'ram' if fits['ram'] else None
+    if choice in fits and not fits[choice]:
+        where = f'{CACHE_GPU_SHARE:.0%} of the free memory of {device}' if choice == 'gpu' else \
+            f'{CACHE_RAM_SHARE:.0%} of the available RAM'
+        raise UserError(f'--cache {choice}: the decoded images take {nbytes / 2 ** 30:.2f} GiB, more than '
+                        f'{where}; use --cache auto or off, or a smaller --image_size')
+    return None if choice == 'off' else choice
+
+
+def _decode_into(out, dataset, show_bar):
+    """The dataset's image k into out[k], a thread per core (decoders and resize release the GIL)."""
+    from tqdm import tqdm
+
+    def one(k):
+        out[k] = dataset[k][0]
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # parallel over images, not inside each resize
+    try:
+        with concurrent.futures.ThreadPoolExecutor(_cpus()) as pool:
+            list(tqdm(pool.map(one, range(len(out))), total=len(out), unit='img', disable=not show_bar,
+                      desc=f'Decoding {len(out)} images once', leave=False))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _out_of_memory(err):
+    """Whether an exception says that memory ran out: Python's, torch's CUDA one, or its CPU allocator's."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or \
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+def build_cache(dataset, place, device, key, show_bar=True):
+    """uint8 [N, 3, side, side]: an ImageListDataset's images, decoded once per node, on `device` for place
+    'gpu', in host memory for 'ram'. `key` names the /dev/shm file under torchrun. Running out of memory
+    on the way (a ulimit, other processes) is a UserError that offers the ways around it."""
+    try:
+        return _build_cache(dataset, place, device, key, show_bar)
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        nbytes = len(dataset) * 3 * dataset.side ** 2
+        where = device if place == 'gpu' else 'RAM'
+        raise UserError(f'out of memory while decoding {len(dataset)} images of {dataset.side}x{dataset.side} '
+                        f'into the cache ({nbytes / 2 ** 30:.2f} GiB in {where}): use --cache off, or a smaller '
+                        f'--image_size') from None
+
+
+def _build_cache(dataset, place, device, key, show_bar):
+    shape = (len(dataset), 3, dataset.side, dataset.side)
+    if not is_distributed():
+        host = torch.empty(shape, dtype=torch.uint8)
+        _decode_into(host, dataset, show_bar)
+    else:
+        shm = os.path.join('/dev/shm', f'clf-cache-{key}-{os.environ.get("TORCHELASTIC_RUN_ID", "run")}.u8')
+        local_main = int(os.environ.get('LOCAL_RANK', '0')) == 0
+        try:
+            if local_main:
+                host = torch.from_file(shm, shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)
+                _decode_into(host, dataset, show_bar)
+            dist.barrier()  # decoded: the node's other processes map the same pages
+            if not local_main:
+                host = torch.from_file(shm, shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)
+            dist.barrier()  # everyone has it mapped: the name can go, the pages stay while mapped
+        finally:
+            if local_main and os.path.exists(shm):
+                os.remove(shm)
+    return host.to(device) if place == 'gpu' else host
+
+
+class Images:
+    """The training set and evaluation splits, from a decode-once cache or a loader: uint8-exact batches either
+    way, as both hold the same resized pixels and crop_flip_batch draws each crop and flip from (seed, epoch, index)."""
+
+    def __init__(self, dicts, config, rt):
+        mean, std = normalization(config['data_name'])
+        self.normalize, self.rt, self.seed = Normalize(mean, std), rt, config['seed']
+        self.size, self.batch = config['image_size'], config['batch_size'] // rt.world_size
+        # a loader per epoch, its workers ending with it: none linger at exit
+        workers = config['num_workers']
+        self.loader_kwargs = dict(num_workers=workers, pin_memory=rt.cuda, prefetch_factor=4 if workers else None)
+        # training images at the resize the crops are cut from, round(8s/7); evaluation images at s: the test
+        # splits, then the validation classes held out of training (--val_split)
+        self.train = ImageListDataset(dicts['train'], round(self.size * 8 / 7))
+        self.eval = {s: ImageListDataset(dicts[s], self.size)
+                     for s in config['eval_splits'] + (('val',) if 'val' in dicts else ())}
+        self.targets = torch.tensor(self.train.targets)
+        self.caches = self.build_caches(config['cache'], config['name'])
+
+    def build_caches(self, choice, name):
+        """{split: uint8 [N, 3, side, side]} for 'train' (at the crop's resize) and the evaluation splits."""
+        sets = {'train': self.train, **self.eval}
+        nbytes = sum(len(d) * 3 * d.side ** 2 for d in sets.values())
+        place = cache_place(choice, nbytes, self.rt.device)
+        if place is None:
+            return None
+        start = time.time()
+        caches = {s: build_cache(d, place, self.rt.device, f'{name}-{s}', self.rt.main)
+                  for s, d in sets.items()}
+        if self.rt.main:
+            shared = ', shared by the processes of each node' if self.rt.world_size > 1 else ''
+            where = self.rt.device if place == 'gpu' else f'RAM{shared}'
+            shapes = ', '.join(f'{s} {len(d)}x{d.side}x{d.side}' for s, d in sets.items())
+            print(f'Cache: {nbytes / 2 ** 30:.2f} GiB of decoded images ({shapes}) in {where}, decoded in '
+                  f'{time.time() - start:.1f}s', flush=True)
+        return caches
+
+    def epoch_batches(self, epoch):
+        """This process's [(index, seed)] batches of an epoch. The last one is kept, as the original
+        kept it, unless it holds a single image (BatchNorm needs two)."""
+        items = utils.epoch_order(len(self.train), self.seed, epoch, self.rt.world_size, self.rt.rank)
+        batches = [items[k:k + self.batch] for k in range(0, len(items), self.batch)]
+        return batches[:-1] if len(batches[-1]) == 1 else batches
+
+    def train_batches(self, batches):
+        """Yields (images [B, 3, s, s] float on the device, targets [B] on the device) of epoch_batches."""
+        if self.caches is None:  # loaded batch k: batch k's images in order, copied as loaded (pinned: no wait)
+            loader = DataLoader(self.train, batch_sampler=[[k for k, _ in b] for b in batches], **self.loader_kwargs)
+            loaded = (images.to(self.rt.device, non_blocking=True) for images in self._loaded(loader))
+            sources = zip(loaded, ([(k, seed) for k, (_, seed) in enumerate(b)] for b in batches))
+        else:
+            sources = ((self.caches['train'], batch) for batch in batches)
+        for batch, (images, items) in zip(batches, sources):
+            crops = crop_flip_batch(images, items, self.size)  # uint8 [B, 3, s, s]
+            yield self.normalize(self.rt.inputs(crops, len(batch) == self.batch)), \
+                self.targets[[index for index, _ in batch]].to(self.rt.device, non_blocking=True)
+
+    def eval_batches(self, split):
+        """Yields this process's shard of a split in order: images [B, 3, s, s] float on the device."""
+        shard = shard_range(len(self.eval[split]), self.rt.rank, self.rt.world_size)
+        size = 2 * self.batch  # no gradients: twice the training batch fits
+        if self.caches is None:
+            batches = self._loaded(DataLoader(Subset(self.eval[split], shard), batch_size=size, **self.loader_kwargs))
+        else:
+            batches = (self.caches[split][k:min(k + size, shard.stop)] for k in range(shard.start, shard.stop, size))
+        for images in batches:  # uint8 [B, 3, s, s]
+            yield self.normalize(self.rt.inputs(images, len(images) == size))
+
+    def _loaded(self, loader):
+        """The loader's uint8 images, batch by batch."""
+        try:
+            yield from (images for images, _ in loader)
+        except UserError as err:  # raised in a loader worker: keep the message, drop the worker traceback
+            raise UserError(worker_error_message(err)) from None
