@@ -10,7 +10,6 @@ import threading
 import torch.distributed as dist
 
 
-
 class UserError(Exception):
     """A mistake the user can fix (bad flag, missing or unreadable file); printed without traceback."""
 

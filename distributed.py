@@ -9,7 +9,6 @@ import torch.distributed as dist
 from cli import UserError
 
 
-
 def resolve_device(device_arg=None):
     """The --device flag as a torch.device (default CUDA when available); a bad name is a UserError."""
     device_arg = device_arg or ('cuda' if torch.cuda.is_available() else 'cpu')

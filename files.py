@@ -18,7 +18,6 @@ import torch
 from cli import UserError
 
 
-
 TEMPORARY_EXTRA = len('..') + 16 + len('.tmp')  # what write_temporary adds to a file name
 
 
@@ -197,8 +196,6 @@ def safe_load(path, what='file'):
 
 
 MARKER = '.written_by_test_py'  # inside every folder test.py writes: only a folder holding it is ever replaced
-
-
 MARKER_TEXT = b'CLF test.py results; the next run for the same query name replaces this folder whole\n'
 
 

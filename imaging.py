@@ -20,10 +20,7 @@ from cli import UserError
 from distributed import is_distributed, shard_range
 
 
-
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # own folders and the demo
-
-
 NORMALIZATION = {  # per-dataset mean/std the published models were trained with
     'car': ((0.4853, 0.4965, 0.4295), (0.2237, 0.2193, 0.2568)),
     'cub': ((0.4707, 0.4601, 0.4549), (0.2767, 0.2760, 0.2850)),
@@ -241,8 +238,6 @@ def worker_error_message(err):
 # CACHE_GPU_SHARE of its free memory, else in RAM within CACHE_RAM_SHARE of the available memory.
 # Under torchrun one process per node decodes into /dev/shm and the others map the same pages.
 CACHE_GPU_SHARE, CACHE_RAM_SHARE = 0.4, 0.4
-
-
 CACHE_CHOICES = ('auto', 'gpu', 'ram', 'off')
 
 

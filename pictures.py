@@ -9,28 +9,13 @@ from PIL import Image, ImageDraw, ImageFont
 import utils
 
 
-
 TILE = 224  # side of every written picture, as the original
-
-
 BORDER = 8  # width of the frame around the picture: match (green), mismatch (red), no label known (white)
-
-
 INNER = TILE - 2 * BORDER  # side of the picture inside the frame
-
-
 PAD, CAPTION = 8, 44  # row picture: gap around tiles, room for two caption lines under each tile
-
-
 ROW_MAX = 11  # tiles per line of the row picture (query + 10); a longer top-K wraps onto more lines
-
-
 MAP_SIDE, THUMB, FRAME = 2000, 40, 3  # embedding map: canvas side, thumbnail side with its class-coloured frame
-
-
 MAP_PER_CLASS = 5  # the sample takes at least this many images of each class it shows (where a class has them)
-
-
 TSNE_PCA_DIMS = 50  # embeddings are reduced to this many dimensions by PCA before t-SNE (the usual practice)
 
 

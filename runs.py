@@ -17,14 +17,13 @@ import retrieval
 from cli import UserError
 from model import load_state_dict_strict
 
-
-
 STAT_COLUMNS = ('epoch', 'train_loss', 'train_accuracy')  # then test_recall@k per k, test_map@r, test_r_precision
 # evaluate's figures after R@k, as (key in its dict, CSV column suffix, printed name): the columns {split}_{suffix}
 RANKING_METRICS = (('MAP@R', 'map@r', 'MAP@R'), ('R-Precision', 'r_precision', 'RP'))
 # flags a resumed run must share with its checkpoint: they change the numbers it produces
 RESUME_KEYS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'branches', 'recalls',
                'batch_size', 'num_epochs', 'image_size', 'seed', 'pretrained', 'lr', 'val_split')
+VERSION = 1  # of the checkpoint's format; a checkpoint that records none is of version 1
 OUTPUTS = ('statistics.csv', 'model.pth', 'data_base.pth', 'checkpoint.pth', 'curves.png', 'settings.json')
 
 
@@ -159,6 +158,8 @@ def checkpoint_problem(state, config):
                                'statistics') if key not in state]
     if missing:
         return f'it lacks {", ".join(missing)}'
+    if state.get('version', VERSION) != VERSION:
+        return f'its format version {state["version"]!r} is not {VERSION}'
     epoch, best_epoch, best_recall, rows = (state[key] for key in ('epoch', 'best_epoch', 'best_recall', 'statistics'))
     if type(epoch) is not int or not 1 <= epoch <= config['num_epochs']:
         return f'its epoch {epoch!r} is not one of 1..{config["num_epochs"]}'
@@ -176,22 +177,94 @@ def checkpoint_problem(state, config):
     return f'its {", ".join(wrong)} not state dicts' if wrong else None
 
 
-def resume(config, rt, state, path, trained):
-    """Load a checked checkpoint into (model, optimizer, scheduler) -> (statistics rows, best, first epoch to run)."""
-    if state is None:
-        return [], {'recall': -1.0, 'epoch': 0}, 1
-    model, optimizer, scheduler = trained
-    try:
-        load_state_dict_strict(model, state['model'], path)
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        if state['scaler'] and rt.scaler.is_enabled():  # empty when saved without fp16 (CPU, bf16, --no_amp)
-            rt.scaler.load_state_dict(state['scaler'])
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError):
-        raise UserError(f'cannot resume from {path}: its contents do not fit this run (altered, or written by '
-                        f'another version of train.py); start over with --overwrite') from None
-    best = {'recall': state['best_recall'], 'epoch': state['best_epoch']}
-    return list(state['statistics']), best, state['epoch'] + 1
+class Run:
+    """One training run's outputs and progress, from the checkpoint it continues (if any) to its last write:
+    the statistics rows, the best epoch, the lock on its name (rank 0) and the background writer of its files."""
+
+    def __init__(self, config, rt):
+        """Read and check the checkpoint to continue from; nothing is written yet."""
+        self.config, self.rt, self.paths = config, rt, output_paths(config)
+        self.state, self.checkpoint, self.read = read_checkpoint(config, rt, self.paths)
+        self.statistics, self.best, self.first_epoch = [], {'recall': -1.0, 'epoch': 0}, 1
+        self.lock, self.writer = None, files.BackgroundWriter()
+
+    def resume(self, model, optimizer, scheduler):
+        """Load the checkpoint (if any) into the model, optimizer, scheduler and loss scaler."""
+        state, path, scaler = self.state, self.checkpoint, self.rt.scaler
+        self.state = None  # its tensors are in the model and optimizer now
+        if state is None:
+            return
+        try:
+            load_state_dict_strict(model, state['model'], path)
+            optimizer.load_state_dict(state['optimizer'])
+            scheduler.load_state_dict(state['scheduler'])
+            if state['scaler'] and scaler.is_enabled():  # empty when saved without fp16 (CPU, bf16, --no_amp)
+                scaler.load_state_dict(state['scaler'])
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError):
+            raise UserError(f'cannot resume from {path}: its contents do not fit this run (altered, or written by '
+                            f'another version of train.py); start over with --overwrite') from None
+        self.statistics, self.first_epoch = list(state['statistics']), state['epoch'] + 1
+        self.best = {'recall': state['best_recall'], 'epoch': state['best_epoch']}
+
+    def claim(self):
+        """Hold the results name (rank 0) and clear what --overwrite replaces; the resume line, if resuming."""
+        if not self.rt.main:
+            return None
+        self.lock = claim_results(self.config, self.paths, self.read)
+        if self.first_epoch > 1:
+            chosen = 'validation ' if self.config['val_split'] else ''
+            return (f'Resuming from {self.checkpoint}: epoch {self.first_epoch - 1} of {self.config["num_epochs"]} '
+                    f'done, best {chosen}R@1 {100 * self.best["recall"]:.2f}% (epoch {self.best["epoch"]})')
+        return None
+
+    def record(self, epoch, stats, test_metrics, val_metrics=None):
+        """An epoch's statistics row from its training stats and evaluate's fractions; the epoch becomes the best
+        when its selection R@1 (validation's if held out, else test's, the original's protocol) is strictly higher
+        (the first maximum wins) -> the row."""
+        recalls = self.config['recalls']
+        row = {'epoch': epoch, 'train_loss': stats['loss'], 'train_accuracy': stats['accuracy'],
+               **metric_row('test', test_metrics, recalls), **(metric_row('val', val_metrics, recalls)
+                                                                  if val_metrics else {})}
+        self.statistics.append(row)
+        chosen_by = val_metrics or test_metrics
+        if chosen_by['R@1'] > self.best['recall']:
+            self.best = {'recall': chosen_by['R@1'], 'epoch': epoch}
+        return row
+
+    def save(self, epoch, model, optimizer, scheduler, database):
+        """Write epoch `epoch`'s files in the background from CPU copies (training goes on changing the originals):
+        the model and `database` when the epoch is the best, the statistics, settings and curves, the checkpoint."""
+        config, paths, recalls, val = self.config, self.paths, self.config['recalls'], self.config['val_split'] > 0
+        best_files = (files.to_cpu(model.state_dict()), database) if self.best['epoch'] == epoch else None
+        state = files.to_cpu({'version': VERSION, 'epoch': epoch, 'model': model.state_dict(),
+                              'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+                              'scaler': self.rt.scaler.state_dict(), 'best_recall': self.best['recall'],
+                              'best_epoch': self.best['epoch'], 'statistics': list(self.statistics),
+                              'config': run_settings(config)})
+
+        def write():  # best model and database first, checkpoint last: a kill in between repeats this epoch on resume
+            if best_files is not None:
+                retrieval.save_model_and_database(*best_files, paths['model.pth'], paths['data_base.pth'])
+            files.atomic_write({paths['settings.json']: settings_json(config),
+                                paths['statistics.csv']: statistics_csv(state['statistics'], recalls, val),
+                                paths['curves.png']: plot_curves(state['statistics'], recalls, config['name'])})
+            files.atomic_write({paths['checkpoint.pth']: files.torch_bytes(state)})
+        self.writer.submit(write)
+
+    def final_line(self):
+        """How the saved epoch was chosen and where the outputs are."""
+        if self.first_epoch > self.config['num_epochs']:
+            return f'Nothing to do: all {self.config["num_epochs"]} epochs are done.'
+        return (f'{selection_text(self.best, self.statistics, self.config)}; model {self.paths["model.pth"]}, '
+                f'database {self.paths["data_base.pth"]}, statistics {self.paths["statistics.csv"]}')
+
+    def close(self):
+        """Every submitted write on disk, then the name released."""
+        try:
+            self.writer.close()
+        finally:
+            if self.lock is not None:
+                os.close(self.lock)
 
 
 def statistics_columns(recalls, val=False):
@@ -244,30 +317,6 @@ def selection_text(best, statistics, config):
             f'{row_text(row, "test", config["recalls"])}')
 
 
-def epoch_files(epoch, trained, best, statistics, config, images, features):
-    """CPU copies of what epoch `epoch` writes (trained: model, optimizer, scheduler, scaler) -> their writer."""
-    (model, optimizer, scheduler, scaler), paths, recalls = trained, output_paths(config), config['recalls']
-    val = config['val_split'] > 0  # the statistics hold validation columns
-    best_files = None
-    if best['epoch'] == epoch:
-        splits = [(images.eval[s].images, images.eval[s].labels, features[s]) for s in config['eval_splits']]
-        best_files = (files.to_cpu(model.state_dict()), retrieval.make_database(
-            splits, config, images.normalize.mean, images.normalize.std, run_settings(config)))
-    state = files.to_cpu({'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                          'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
-                          'best_recall': best['recall'], 'best_epoch': best['epoch'], 'statistics': list(statistics),
-                          'config': run_settings(config)})
-
-    def write():  # best model and database first, checkpoint last: a kill in between repeats this epoch on resume
-        if best_files is not None:
-            retrieval.save_model_and_database(*best_files, paths['model.pth'], paths['data_base.pth'])
-        files.atomic_write({paths['settings.json']: settings_json(config),
-                            paths['statistics.csv']: statistics_csv(state['statistics'], recalls, val),
-                            paths['curves.png']: plot_curves(state['statistics'], recalls, config['name'])})
-        files.atomic_write({paths['checkpoint.pth']: files.torch_bytes(state)})
-    return write
-
-
 def plot_curves(statistics, recalls, title):
     """Loss, accuracy, test R@K, MAP@R and R-Precision per epoch (and validation R@1 where the rows hold it)
     -> PNG bytes."""
@@ -279,7 +328,7 @@ def plot_curves(statistics, recalls, title):
     for k in recalls:
         axes[2].plot(epochs, [row[f'test_recall@{k}'] for row in statistics], marker='o', label=f'R@{k}')
     for column, label in (('test_map@r', 'MAP@R'), ('test_r_precision', 'R-Precision'), ('val_recall@1', 'val R@1')):
-        if all(column in row for row in statistics):  # R-Precision: not in rows of a checkpoint from before it
+        if all(column in row for row in statistics):
             axes[2].plot(epochs, [row[column] for row in statistics], marker='s', linestyle='--', label=label)
     # beside the panel, not on it: inside, it covered the R@1 markers and the MAP@R line
     axes[2].legend(loc='upper left', bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)

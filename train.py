@@ -14,10 +14,10 @@ from tqdm import tqdm
 import cli
 import data_utils
 import distributed
-import files
 import imaging
 import metrics as metrics_lib
 import model as model_lib
+import retrieval
 import runs
 import utils
 from cli import UserError
@@ -29,7 +29,7 @@ WEIGHT_DECAY = 1e-5
 SMOOTHING, TEMPERATURE = 0.1, 1.0  # label smoothing and logit temperature of the loss
 MILESTONES, GAMMA = (0.6, 0.8), 0.1  # LR x 0.1 after int(0.6 E) and int(0.8 E) epochs
 
-# accepted ranges of the numeric flags, listed in README's flag table: integers low..high, --lr in (0, LR_MAX]
+# accepted ranges of the numeric flags: integers low..high, --lr in (0, LR_MAX]
 INT_RANGES = {'feature_dim': (1, 8192), 'batch_size': (2, 65536), 'num_epochs': (1, 100000), 'image_size': (16, 1024),
               'seed': (0, cli.SEED_MAX), 'num_workers': (0, 256)}
 LR_MAX = 1.0  # far above any rate Adam trains with; 1e38 overflows float32 inside its step
@@ -135,9 +135,6 @@ def split_validation(train, fraction, seed, dict_path):
             'val': {c: paths for c, paths in train.items() if c in val}}
 
 
-# ---- images: decoded once into a cache, or loaded by DataLoader workers each epoch ----
-
-
 # ---- training and evaluation ----
 
 def make_scheduler(optimizer, num_epochs):
@@ -232,9 +229,6 @@ def retrieval_metrics(features, labels, ks, device):
     return metrics_lib.evaluate(vectors[0], labels[splits[0]], ks)
 
 
-# ---- files: one run per results name, its outputs, checkpoints written in the background ----
-
-
 # ---- main ----
 
 def build_model(config, rt):
@@ -257,17 +251,15 @@ def main(argv=None):
     if config['batch_size'] % rt.world_size or config['batch_size'] // rt.world_size < 2:
         raise UserError(f'--batch_size {config["batch_size"]} is the global batch: it must split evenly into at '
                         f'least 2 images for each of the {rt.world_size} processes')
-    paths, lock = runs.output_paths(config), None
+    # whatever can refuse the run is read and checked before results/ is touched or anything printed:
+    # the checkpoint, the weights (downloaded if need be), the resume itself
+    run = runs.Run(config, rt)
     try:
-        # whatever can refuse the run is read and checked before results/ is touched or anything printed:
-        # the checkpoint, the weights (downloaded if need be), the resume itself
-        state, path, read = runs.read_checkpoint(config, rt, paths)
         model, runner = build_model(config, rt)
         optimizer = torch.optim.Adam(model.parameters(), lr=config['lr'], weight_decay=WEIGHT_DECAY)
         scheduler = make_scheduler(optimizer, config['num_epochs'])
-        progress = runs.resume(config, rt, state, path, (model, optimizer, scheduler))
-        del state  # its tensors are in the model and optimizer now
-        lock = runs.claim_results(config, paths, read) if rt.main else None  # rank 0 holds the name for the run
+        run.resume(model, optimizer, scheduler)
+        resuming = run.claim()
         if rt.main:
             shown = dict(config, device=str(rt.device), world_size=rt.world_size,
                          amp=str(rt.amp_dtype).replace('torch.', '') if rt.amp_dtype else 'off')
@@ -277,81 +269,69 @@ def main(argv=None):
                                               branches=config['branches'])
             params, flops = model_lib.count_params_flops(shape_model, config['image_size'])
             print(f'Params: {params / 1e6:.2f}M | FLOPs: {flops / 1e9:.2f}G (at {config["image_size"]}px)', flush=True)
-            _, best, first_epoch = progress
-            if first_epoch > 1:
-                chosen = 'validation ' if config['val_split'] else ''
-                print(f'Resuming from {path}: epoch {first_epoch - 1} of {config["num_epochs"]} done, best {chosen}'
-                      f'R@1 {100 * best["recall"]:.2f}% (epoch {best["epoch"]})', flush=True)
+            if resuming:
+                print(resuming, flush=True)
         distributed.barrier()
-        run(config, dicts, rt, paths, (model, runner, optimizer, scheduler), progress)
+        train(config, dicts, rt, run, model, runner, optimizer, scheduler)
     except torch.OutOfMemoryError:
         raise UserError(f'out of memory on {rt.device}: lower --batch_size (now {config["batch_size"]}) or '
                         f'--image_size (now {config["image_size"]}), or use --cache off') from None
     finally:
-        if lock is not None:
-            os.close(lock)
+        run.close()  # every submitted write is on disk before the process ends
     distributed.cleanup_distributed()
 
 
-def run(config, dicts, rt, paths, trained, progress):
-    """Train from progress = (statistics rows, best, first epoch) to the last epoch, writing each epoch's files."""
-    (model, runner, optimizer, scheduler), (statistics, best, first_epoch) = trained, progress
+def train(config, dicts, rt, run, model, runner, optimizer, scheduler):
+    """Train from the run's first epoch to the last, evaluating and handing each epoch's files to the run."""
     images = imaging.Images(dicts, config, rt)
     criterion = utils.LabelSmoothingCrossEntropy(SMOOTHING, TEMPERATURE, utils.class_balanced_weights(
         images.targets, config['num_classes'])).to(rt.device)
     labels = {split: images.eval[split].labels for split in config['eval_splits']}
     val_labels = {'val': images.eval['val'].labels} if 'val' in images.eval else None
-    dim, recalls = len(config['branches']) * config['feature_dim'], config['recalls']
+    dim, recalls, ks = len(config['branches']) * config['feature_dim'], config['recalls'], sorted({1, *config['recalls']})
     if rt.main:
-        print(train_set_line(images.epoch_batches(first_epoch), config['batch_size'], rt.world_size,
+        print(train_set_line(images.epoch_batches(run.first_epoch), config['batch_size'], rt.world_size,
                              len(images.train)), flush=True)
-    if config['eval_untrained'] and first_epoch == 1:
+    if config['eval_untrained'] and run.first_epoch == 1:
         # a baseline, not saved; every epoch reseeds its RNGs, so the run that follows is the same without it
         features = extract_features(runner, images, rt, dim)
         if rt.main:
             print(f'Before training | {runs.metrics_text(retrieval_metrics(features, labels, recalls, rt.device), recalls)}',
                   flush=True)
-    writer = files.BackgroundWriter()
-    try:
-        for epoch in range(first_epoch, config['num_epochs'] + 1):
-            utils.seed_everything(utils.derive_seed(config['seed'], epoch, rt.rank))
-            stats = train_one_epoch(runner, images, criterion, optimizer, rt, epoch, config['num_epochs'], writer)
-            distributed.broadcast_buffers(model)  # every shard embedded by the model rank 0 saves
-            eval_start = time.time()
-            features = extract_features(runner, images, rt, dim)
-            check_finite(model, features, epoch)
-            scheduler.step()
-            if rt.main:
-                metrics = retrieval_metrics(features, labels, sorted({1, *recalls}), rt.device)
-                row = {'epoch': epoch, 'train_loss': stats['loss'], 'train_accuracy': stats['accuracy'],
-                       **runs.metric_row('test', metrics, recalls)}
-                chosen_by = metrics  # the original's protocol: the epoch of the best test R@1
-                if val_labels:  # the held-out training classes choose instead, never a test figure
-                    chosen_by = retrieval_metrics(features, val_labels, sorted({1, *recalls}), rt.device)
-                    row.update(runs.metric_row('val', chosen_by, recalls))
-                eval_seconds, write_start = time.time() - eval_start, time.time()
-                statistics.append(row)
-                if chosen_by['R@1'] > best['recall']:  # strictly better: the first maximum wins
-                    best = {'recall': chosen_by['R@1'], 'epoch': epoch}
-                writer.submit(runs.epoch_files(epoch, (model, optimizer, scheduler, rt.scaler), best, statistics, config,
-                                          images, features))
-                seconds = stats['seconds'] + eval_seconds + time.time() - write_start
-                figures = f'val {runs.row_text(row, "val", recalls)} | test {runs.row_text(row, "test", recalls)}' \
-                    if val_labels else runs.row_text(row, 'test', recalls)
-                print(f'Epoch {epoch}/{config["num_epochs"]} | train loss {stats["loss"]:.4f} acc '
-                      f'{stats["accuracy"]:.2f}% | {figures} | {seconds:.2f}s (train '
-                      f'{stats["seconds"]:.2f}s, eval {eval_seconds:.2f}s, writes {time.time() - write_start:.2f}s)',
-                      flush=True)
-                if config['compile'] and epoch == first_epoch:
-                    print(f'Compile: {stats["first_step"]:.1f}s (the first training step, compilation included; '
-                          f'extraction compiles in its first epoch too)', flush=True)
-            distributed.barrier()  # the others wait while rank 0 evaluates
-    finally:
-        writer.close()  # every submitted write is on disk before the process ends
+    for epoch in range(run.first_epoch, config['num_epochs'] + 1):
+        utils.seed_everything(utils.derive_seed(config['seed'], epoch, rt.rank))
+        stats = train_one_epoch(runner, images, criterion, optimizer, rt, epoch, config['num_epochs'], run.writer)
+        distributed.broadcast_buffers(model)  # every shard embedded by the model rank 0 saves
+        eval_start = time.time()
+        features = extract_features(runner, images, rt, dim)
+        check_finite(model, features, epoch)
+        scheduler.step()
+        if rt.main:
+            # the held-out training classes choose the epoch when there are some, never a test figure
+            val = retrieval_metrics(features, val_labels, ks, rt.device) if val_labels else None
+            row = run.record(epoch, stats, retrieval_metrics(features, labels, ks, rt.device), val)
+            eval_seconds, write_start = time.time() - eval_start, time.time()
+            run.save(epoch, model, optimizer, scheduler, database(images, features, config))
+            seconds = stats['seconds'] + eval_seconds + time.time() - write_start
+            figures = f'val {runs.row_text(row, "val", recalls)} | test {runs.row_text(row, "test", recalls)}' \
+                if val_labels else runs.row_text(row, 'test', recalls)
+            print(f'Epoch {epoch}/{config["num_epochs"]} | train loss {stats["loss"]:.4f} acc '
+                  f'{stats["accuracy"]:.2f}% | {figures} | {seconds:.2f}s (train '
+                  f'{stats["seconds"]:.2f}s, eval {eval_seconds:.2f}s, writes {time.time() - write_start:.2f}s)',
+                  flush=True)
+            if config['compile'] and epoch == run.first_epoch:
+                print(f'Compile: {stats["first_step"]:.1f}s (the first training step, compilation included; '
+                      f'extraction compiles in its first epoch too)', flush=True)
+        distributed.barrier()  # the others wait while rank 0 evaluates
     if rt.main:
-        print(f'Nothing to do: all {config["num_epochs"]} epochs are done.' if first_epoch > config['num_epochs'] else
-              f'{runs.selection_text(best, statistics, config)}; model {paths["model.pth"]}, '
-              f'database {paths["data_base.pth"]}, statistics {paths["statistics.csv"]}', flush=True)
+        print(run.final_line(), flush=True)
+
+
+def database(images, features, config):
+    """The feature database of an epoch: the evaluation splits' images, labels and embeddings."""
+    splits = [(images.eval[s].images, images.eval[s].labels, features[s]) for s in config['eval_splits']]
+    return retrieval.make_database(splits, config, images.normalize.mean, images.normalize.std,
+                                   runs.run_settings(config))
 
 
 if __name__ == '__main__':

@@ -138,7 +138,7 @@ def test_torchrun_user_error_printed_once(dataset, tmp_path):
 SLOW_RANK_SCRIPT = '''
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
-import train, utils
+import train, cli
 
 def main():
     if os.environ['RANK'] == '0':
