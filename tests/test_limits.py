@@ -68,8 +68,8 @@ def test_one_seed_range_for_data_utils_and_train(dataset, tmp_path):
 
 
 def readme_ranges():
-    """README's table of accepted values -> {(script, flag): text}."""
-    rows = re.findall(r'^\| (\w+\.py) \| (`--[^|]+`) \| (.+) \|$', (REPO / 'README.md').read_text(), re.M)
+    """docs/flags.md's table of accepted values -> {(script, flag): text}."""
+    rows = re.findall(r'^\| (\w+\.py) \| (`--[^|]+`) \| (.+) \|$', (REPO / 'docs' / 'flags.md').read_text(), re.M)
     table = {}
     for name, flag_cell, text in rows:
         for flag in re.findall(r'`(--\w+)`', flag_cell):
