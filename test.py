@@ -84,7 +84,7 @@ def list_images(folder):
 
 
 def embed_folder(database, paths, batch_size=BATCH):
-    """[(path, index to exclude or None, feature [D], label or None)] of the readable queries: a database image's
+    """[(path, feature [D], index to exclude or None, label or None)] of the readable queries: a database image's
     stored feature, else its embedding, in batches; unreadable ones -> (path, reason) in the second list."""
     located = {p: database.locate(p) for p in paths}  # -> (exclude, feature, label)
     outside = [p for p in paths if located[p][1] is None]
@@ -99,7 +99,7 @@ def embed_folder(database, paths, batch_size=BATCH):
         if inputs:
             for path, feature in zip(inputs, database.embed(torch.stack(list(inputs.values())))):  # [D] each
                 located[path] = (None, feature, None)
-    queries = [(p, *located[p]) for p in paths if located[p][1] is not None]
+    queries = [(p, located[p][1], located[p][0], located[p][2]) for p in paths if located[p][1] is not None]
     return queries, unreadable
 
 
@@ -116,12 +116,12 @@ def retrieve_folder(database, folder, k, results_dir):
     if not queries:
         raise UserError(f'no image under --query_dir {folder} could be read; nothing was written')
     images, labels, features = database.images, database.labels, database.features
-    excluded = next((exclude for _, exclude, _, _ in queries if exclude is not None), None)  # a database image
+    excluded = next((exclude for _, _, exclude, _ in queries if exclude is not None), None)  # a database image
     retrieval.check_k(k, len(images), excluded, f'--retrieval_num {k}', database.path, database.split)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator='\n')
     writer.writerow(('query', 'rank', 'path', 'label', 'score'))
-    for path, exclude, feature, label in queries:
+    for path, feature, exclude, label in queries:
         indices, scores = retrieval.top_k(feature, features, k, exclude, labels, label)
         writer.writerows((path, rank, images[i], labels[i], score)
                          for rank, (i, score) in enumerate(zip(indices, scores), start=1))

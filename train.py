@@ -307,9 +307,10 @@ def train(config, dicts, rt, run, model, runner, optimizer, scheduler):
         check_finite(model, features, epoch)
         scheduler.step()
         if rt.main:
+            test = retrieval_metrics(features, labels, ks, rt.device)
             # the held-out training classes choose the epoch when there are some, never a test figure
             val = retrieval_metrics(features, val_labels, ks, rt.device) if val_labels else None
-            row = run.record(epoch, stats, retrieval_metrics(features, labels, ks, rt.device), val)
+            row = run.record(epoch, stats, test, val)
             eval_seconds, write_start = time.time() - eval_start, time.time()
             run.save(epoch, model, optimizer, scheduler, database(images, features, config))
             seconds = stats['seconds'] + eval_seconds + time.time() - write_start

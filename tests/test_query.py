@@ -207,7 +207,7 @@ def test_data_base_name_is_looked_up_in_results_dir(tiny, tmp_path, capsys):
 def test_rerun_replaces_the_whole_previous_set(tiny, tmp_path, capsys, monkeypatch):
     results = tmp_path / 'results'
     argv = ['--query_img_name', tiny['paths'][0], '--data_base', tiny['db'], '--results_dir', str(results)]
-    monkeypatch.setattr(script, 'ROW_MAX', 4)  # 7 tiles wrap onto two lines of 4
+    monkeypatch.setattr(pictures, 'ROW_MAX', 4)  # 7 tiles wrap onto two lines of 4
     assert run(argv + ['--retrieval_num', '6'], capsys)[0] == 0
     folder = results / stem(tiny['paths'][0])
     assert sorted(result_files(folder)) == [1, 2, 3, 4, 5, 6]

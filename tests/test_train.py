@@ -145,7 +145,8 @@ def test_end_to_end_outputs_consistent(reference):
     # the database holds the best epoch (first strict maximum of R@1) and re-evaluates to its row
     best = int(stats['test_recall@1'].idxmax())
     database = tensors(out(results, 'data_base.pth'))
-    assert set(database) == {'test_images', 'test_labels', 'test_features', 'config'}
+    assert set(database) == {'version', 'test_images', 'test_labels', 'test_features', 'config'}
+    assert database['version'] == retrieval.VERSION
     features, labels = database['test_features'], database['test_labels']
     assert features.shape == (12, 24) and features.dtype == torch.float32
     assert torch.allclose(features.norm(dim=1), torch.ones(12), atol=1e-5)
