@@ -208,20 +208,6 @@ DATASETS = {
 
 # ---- the shared pipeline: check every name and source, place files, write the lists ----
 
-def _check_paths(items, root, name):
-    """Annotations come from elsewhere: every output name a plain file name, every source inside the dataset
-    folder (checked lexically: links the dataset itself holds, e.g. images/ on another disk, are followed)."""
-    top, unsafe = os.path.normpath(os.path.abspath(root)), {'/', '\0', os.sep, os.altsep} - {None}
-    for item in items:
-        if item.name in ('', os.curdir, os.pardir) or any(c in item.name for c in unsafe):
-            raise UserError(f'{name}: {item.origin}: output file name {item.name!r} is not a plain file name (a path '
-                            f'separator, ".." or an absolute path in the annotation would place it outside '
-                            f'{os.path.join(root, "<crop_type>")}); nothing was written')
-        if '\0' in item.src or os.path.commonpath([top, os.path.normpath(os.path.abspath(item.src))]) != top:
-            raise UserError(f'{name}: {item.origin}: image {item.src!r} is outside the dataset folder {root} '
-                            f'(".." or an absolute path in the annotation); nothing was written')
-
-
 def _describe_classes(labels):
     """'classes 1-100' for a run of class numbers, else a count and the first and last label."""
     if all(label.isdecimal() for label in labels):
@@ -234,11 +220,21 @@ def _describe_classes(labels):
     return f'{len(ordered)} classes ({ordered[0]} ... {ordered[-1]})' if len(ordered) > 1 else f'class {ordered[0]}'
 
 
-def _check_splits(items, splits, name):
-    """Every split has images (an empty one trains or evaluates nothing), else a UserError saying what was found."""
+def _check_annotations(items, splits, root, name):
+    """What annotations (data from elsewhere) say, before any file is touched: every output name a plain file name,
+    every source inside the dataset folder (lexically: links the dataset holds are followed), no empty split."""
+    top, unsafe = os.path.normpath(os.path.abspath(root)), {'/', '\0', os.sep, os.altsep} - {None}
+    for item in items:
+        if item.name in ('', os.curdir, os.pardir) or any(c in item.name for c in unsafe):
+            raise UserError(f'{name}: {item.origin}: output file name {item.name!r} is not a plain file name (a path '
+                            f'separator, ".." or an absolute path in the annotation would place it outside '
+                            f'{os.path.join(root, "<crop_type>")}); nothing was written')
+        if '\0' in item.src or os.path.commonpath([top, os.path.normpath(os.path.abspath(item.src))]) != top:
+            raise UserError(f'{name}: {item.origin}: image {item.src!r} is outside the dataset folder {root} '
+                            f'(".." or an absolute path in the annotation); nothing was written')
     found = {split: {i.label for i in items if i.split == split} for split in splits}
     empty = [split for split in splits if not found[split]]
-    if empty:
+    if empty:  # an empty split trains or evaluates nothing
         labels, present = set().union(*found.values()), ' and '.join(s for s in splits if found[s])
         were = 'were' if len(labels) > 1 else 'was'
         have = f'{_describe_classes(labels)} {were} found, all {present}' if labels else 'no image is listed'
@@ -360,8 +356,7 @@ def process_items(items, data_path, name, splits=('train', 'test')):
     """Check all names and sources, place them in {name}/uncropped (and crops in {name}/cropped when all have
     boxes), then write the .pth lists atomically, together (else the previous ones stay) -> {crop_type: dicts}."""
     root = os.path.join(data_path, name)
-    _check_paths(items, root, name)
-    _check_splits(items, splits, name)
+    _check_annotations(items, splits, root, name)
     items, sources = _check_items(items, root, name)
     crop_types = CROP_TYPES if all(i.box is not None for i in items) else ('uncropped',)
     remove_temporaries([data_dict_path(data_path, name, c) for c in CROP_TYPES])
@@ -419,7 +414,7 @@ def process_dataset(data_path, name, split=None, seed=0):
         raise UserError(_folder_error(root, name))
     try:  # released when the process ends, even killed
         fd = hold_lock(lock, 'data_utils.py', lambda holder: f'another data_utils.py is processing {root} ({holder}); '
-                       f'wait for it', read_only_ok=True)
+                       'wait for it', read_only_ok=True)
     except OSError as err:
         raise UserError(f'cannot create the lock file {lock}: {err.strerror or err}') from None
     try:
