@@ -4,12 +4,11 @@ import argparse
 import contextlib
 import filecmp
 import io
-import math
 import os
+import pathlib
 import sys
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import numpy as np
 from PIL import Image
@@ -23,16 +22,14 @@ from imaging import load_image
 CROP_TYPES = ('uncropped', 'cropped')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
 MAX_LISTED = 20  # bad files listed by name in one error; the rest are counted
+# One image: source file, file name in {crop_type}/, label string, split, box (x1, y1, x2, y2) in pixels or None,
+# and where it was listed ('FILE line N', a .mat record or a class folder) for errors.
+Item = namedtuple('Item', 'src name label split box origin')
 
 
 def data_dict_path(data_path, data_name, crop_type):
     """Where the image lists of one dataset and crop type are stored."""
     return os.path.join(data_path, data_name, f'{crop_type}_data_dicts.pth')
-
-
-# One image: source file, file name in {crop_type}/, label string, split, box (x1, y1, x2, y2) in pixels or None,
-# and where it was listed ('FILE line N', a .mat record or a class folder) for errors.
-Item = namedtuple('Item', 'src name label split box origin', defaults=(None,))
 
 
 def _listing(paths, what):
@@ -42,11 +39,9 @@ def _listing(paths, what):
 
 
 def _layout(name):
-    """The folder layout a dataset needs, as error messages show it."""
-    if name == 'demo':
-        return DATASETS['cub'].layout.replace('cub/', 'demo/')
-    if name in DATASETS:
-        return DATASETS[name].layout
+    """The folder layout a dataset needs, as error messages show it (the demo's is CUB's)."""
+    if name in DATASETS or name == 'demo':
+        return DATASETS.get(name, DATASETS['cub']).layout.replace('cub/', f'{name}/')
     return f'  {name}/<class>/<image>  (one sub-folder per class; images {", ".join(IMAGE_EXTENSIONS)})'
 
 
@@ -132,8 +127,7 @@ def read_cub(root, num_train_classes=100, name='cub'):
             if image_id not in table:
                 raise UserError(f'{name}: image id {image_id} ({rel}) has no line in {file}')
         try:
-            x, y, w, h = (int(float(v)) for v in boxes[image_id])
-            label = int(labels[image_id])
+            label, (x, y, w, h) = int(labels[image_id]), (int(float(v)) for v in boxes[image_id])
         except (ValueError, OverflowError):  # OverflowError: int() of an inf
             raise UserError(f'{name}: image id {image_id}: expected an integer class id and numbers x y w h') from None
         items.append(Item(os.path.join(root, 'images', rel), os.path.basename(rel), str(label),
@@ -157,21 +151,19 @@ def read_isc(root):
     file = _require('isc', os.path.join(root, 'Eval', 'list_eval_partition.txt'))
     # the list's paths start with img/; they live under Img/ in the official download
     image_root = os.path.join(root, 'Img') if os.path.isdir(os.path.join(root, 'Img')) else root
-    items = []
-    for origin, (rel, item_id, status) in _read_rows(file, 'isc', ('image_name', 'item_id', 'evaluation_status'),
-                                                      skip=2):
+    rows = _read_rows(file, 'isc', ('image_name', 'item_id', 'evaluation_status'), skip=2)
+    for origin, (rel, _, status) in rows:
         if status not in ('train', 'query', 'gallery'):
             raise UserError(f'isc: {origin}: evaluation_status of {rel} is {status!r}, '
                             f'expected train, query or gallery')
-        items.append(Item(os.path.join(image_root, rel), f'{item_id}_{os.path.basename(rel)}', item_id, status, None,
-                          origin))
-    return items
+    return [Item(os.path.join(image_root, rel), f'{item_id}_{os.path.basename(rel)}', item_id, status, None, origin)
+            for origin, (rel, item_id, status) in rows]
 
 
 def split_classes(classes, split=0.5):
     """Deterministic class split: sorted names, the first round(split * n) (at least 1, at most n-1) train."""
     classes = sorted(classes)
-    n_train = min(max(int(math.floor(split * len(classes) + 0.5)), 1), len(classes) - 1)
+    n_train = min(max(int(split * len(classes) + 0.5), 1), len(classes) - 1)  # int() floors: x >= 0
     return classes[:n_train], classes[n_train:]
 
 
@@ -216,28 +208,6 @@ DATASETS = {
 
 # ---- the shared pipeline: check every name and source, place files, write the lists ----
 
-def _plain_name(name):
-    """True for a name that stays inside its folder: no path separator or NUL, not '', '.' or '..'."""
-    return name not in ('', os.curdir, os.pardir) and '\0' not in name and \
-        not any(sep in name for sep in {'/', os.sep, os.altsep} - {None})
-
-
-def _check_paths(items, root, name):
-    """Every output name a plain file name and every source inside the dataset folder: annotations come from
-    elsewhere, and '..' or an absolute path in them must neither write nor read outside (checked lexically:
-    links the dataset itself holds, e.g. images/ on another disk, are followed as before)."""
-    top = os.path.normpath(os.path.abspath(root))
-    for item in items:
-        where = item.origin or item.src
-        if not _plain_name(item.name):
-            raise UserError(f'{name}: {where}: output file name {item.name!r} is not a plain file name (a path '
-                            f'separator, ".." or an absolute path in the annotation would place it outside '
-                            f'{os.path.join(root, "<crop_type>")}); nothing was written')
-        if '\0' in item.src or os.path.commonpath([top, os.path.normpath(os.path.abspath(item.src))]) != top:
-            raise UserError(f'{name}: {where}: image {item.src!r} is outside the dataset folder {root} '
-                            f'(".." or an absolute path in the annotation); nothing was written')
-
-
 def _describe_classes(labels):
     """'classes 1-100' for a run of class numbers, else a count and the first and last label."""
     if all(label.isdecimal() for label in labels):
@@ -250,11 +220,21 @@ def _describe_classes(labels):
     return f'{len(ordered)} classes ({ordered[0]} ... {ordered[-1]})' if len(ordered) > 1 else f'class {ordered[0]}'
 
 
-def _check_splits(items, splits, name):
-    """Every split has images (an empty one trains or evaluates nothing), else a UserError saying what was found."""
+def _check_annotations(items, splits, root, name):
+    """What annotations (data from elsewhere) say, before any file is touched: every output name a plain file name,
+    every source inside the dataset folder (lexically: links the dataset holds are followed), no empty split."""
+    top, unsafe = os.path.normpath(os.path.abspath(root)), {'/', '\0', os.sep, os.altsep} - {None}
+    for item in items:
+        if item.name in ('', os.curdir, os.pardir) or any(c in item.name for c in unsafe):
+            raise UserError(f'{name}: {item.origin}: output file name {item.name!r} is not a plain file name (a path '
+                            f'separator, ".." or an absolute path in the annotation would place it outside '
+                            f'{os.path.join(root, "<crop_type>")}); nothing was written')
+        if '\0' in item.src or os.path.commonpath([top, os.path.normpath(os.path.abspath(item.src))]) != top:
+            raise UserError(f'{name}: {item.origin}: image {item.src!r} is outside the dataset folder {root} '
+                            f'(".." or an absolute path in the annotation); nothing was written')
     found = {split: {i.label for i in items if i.split == split} for split in splits}
     empty = [split for split in splits if not found[split]]
-    if empty:
+    if empty:  # an empty split trains or evaluates nothing
         labels, present = set().union(*found.values()), ' and '.join(s for s in splits if found[s])
         were = 'were' if len(labels) > 1 else 'was'
         have = f'{_describe_classes(labels)} {were} found, all {present}' if labels else 'no image is listed'
@@ -288,7 +268,7 @@ def _check_items(items, root, name):
         raise UserError(f'{name}: different images would get the same file name; ' + _listing(clashes, 'names'))
     name_max = 255  # when the file system does not say
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        name_max = os.pathconf(root, 'PC_NAME_MAX') if os.pathconf(root, 'PC_NAME_MAX') > 0 else 255
+        name_max = max(os.pathconf(root, 'PC_NAME_MAX'), 0) or 255  # -1: no limit given
     too_long = [n for n in by_name if len(os.fsencode(n)) + TEMPORARY_EXTRA > name_max]
     if too_long:
         raise UserError(f'{name}: ' + _listing(too_long, f'output file name(s) longer than the file system allows '
@@ -358,7 +338,8 @@ def _place_all(sources, out, name):
             except OSError:  # another filesystem, or links not supported: an atomic copy
                 atomic_write({dst: read_bytes(src, 'image')})
     if 'cropped' in out:
-        conflicts = [d for d in _pmap(partial(_write_crop, out['cropped']), sources, f'{name}: writing crops') if d]
+        written = _pmap(lambda item: _write_crop(out['cropped'], item), sources, f'{name}: writing crops')
+        conflicts = [dst for dst in written if dst]
         if conflicts:
             raise UserError(f'{name}: ' + _listing(conflicts, 'crop(s) already exist with other content') +
                             f'\nremove {out["cropped"]} and run again')
@@ -367,30 +348,27 @@ def _place_all(sources, out, name):
 def _holds(path, data):
     """True if path is a regular file with exactly these bytes."""
     with contextlib.suppress(OSError):
-        if os.path.isfile(path) and os.path.getsize(path) == len(data):
-            with open(path, 'rb') as f:
-                return f.read() == data
+        return os.path.isfile(path) and os.path.getsize(path) == len(data) and pathlib.Path(path).read_bytes() == data
     return False
 
 
 def process_items(items, data_path, name, splits=('train', 'test')):
     """Check all names and sources, place them in {name}/uncropped (and crops in {name}/cropped when all have
     boxes), then write the .pth lists atomically, together (else the previous ones stay) -> {crop_type: dicts}."""
-    _check_paths(items, os.path.join(data_path, name), name)
-    _check_splits(items, splits, name)
-    items, sources = _check_items(items, os.path.join(data_path, name), name)
+    root = os.path.join(data_path, name)
+    _check_annotations(items, splits, root, name)
+    items, sources = _check_items(items, root, name)
     crop_types = CROP_TYPES if all(i.box is not None for i in items) else ('uncropped',)
     remove_temporaries([data_dict_path(data_path, name, c) for c in CROP_TYPES])
-    _place_all(sources, {c: os.path.join(data_path, name, c) for c in crop_types}, name)
+    _place_all(sources, {c: os.path.join(root, c) for c in crop_types}, name)
     # {crop_type: {split: {label: [paths]}}}: splits in order, labels and paths in annotation order
     result = {crop: {split: {} for split in splits} for crop in crop_types}
     for item in items:
         for crop, dicts in result.items():
-            dicts[item.split].setdefault(item.label, []).append(os.path.join(data_path, name, crop, item.name))
+            dicts[item.split].setdefault(item.label, []).append(os.path.join(root, crop, item.name))
     lists = {data_dict_path(data_path, name, crop): torch_bytes(d) for crop, d in result.items()}
-    changed = {path: data for path, data in lists.items() if not _holds(path, data)}
-    if changed:  # lists already as they would be are not rewritten: a processed read-only dataset re-runs
-        atomic_write(changed)
+    # lists already as they would be are not rewritten: a processed read-only dataset re-runs
+    atomic_write({path: data for path, data in lists.items() if not _holds(path, data)})
     for crop, dicts in result.items():
         summary = ', '.join(f'{s} {len(d)} classes / {sum(map(len, d.values()))} images' for s, d in dicts.items())
         print(f'{name} {crop}: {summary} -> {data_dict_path(data_path, name, crop)}', flush=True)
@@ -420,27 +398,12 @@ def _folder_error(root, name):
             f'or an own dataset laid out as\n{_layout(name)}')
 
 
-@contextlib.contextmanager
-def dataset_lock(data_path, name):
-    """Hold {data_path}/.{name}.lock while a dataset is processed (an OS lock, released even when the process is
-    killed): a second run on the same folder stops at once instead of mixing its files with the first's."""
-    path = os.path.join(data_path, f'.{name}.lock')  # beside the folder: the demo redraw replaces the folder
-    try:
-        fd = hold_lock(path, 'data_utils.py', lambda holder: f'another data_utils.py is processing '
-                       f'{os.path.join(data_path, name)} ({holder}); wait for it', read_only_ok=True)
-    except OSError as err:
-        raise UserError(f'cannot create the lock file {path}: {err.strerror or err}') from None
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
 def process_dataset(data_path, name, split=None, seed=0):
-    """Process one dataset by name: a benchmark, 'demo', or an own class-folder dataset."""
+    """Process one dataset by name (a benchmark, 'demo' or an own class-folder dataset) holding the OS lock
+    {data_path}/.{name}.lock: a second run on the same folder stops at once instead of mixing its files in."""
     _check_options([name], split, seed)
     root, splits = os.path.join(data_path, name), ('train', 'test')
+    lock = os.path.join(data_path, f'.{name}.lock')  # beside the folder: the demo redraw replaces the folder
     if name == 'demo':
         try:
             os.makedirs(data_path, exist_ok=True)  # the lock file lives there
@@ -449,10 +412,15 @@ def process_dataset(data_path, name, split=None, seed=0):
                             f'(check that {data_path} is a folder and writable)') from None
     elif not os.path.isdir(root):
         raise UserError(_folder_error(root, name))
-    with dataset_lock(data_path, name):
+    try:  # released when the process ends, even killed
+        fd = hold_lock(lock, 'data_utils.py', lambda holder: f'another data_utils.py is processing {root} ({holder}); '
+                       'wait for it', read_only_ok=True)
+    except OSError as err:
+        raise UserError(f'cannot create the lock file {lock}: {err.strerror or err}') from None
+    try:
         if name == 'demo':
-            try:
-                demo.make_demo(root, seed, demo.DEMO_CLASSES, demo.DEMO_PER_CLASS)  # the sizes as they are now (tests shrink them)
+            try:  # the sizes as they are now (tests shrink them)
+                demo.make_demo(root, seed, demo.DEMO_CLASSES, demo.DEMO_PER_CLASS)
             except OSError as err:  # disk full, no permission: the next run starts the drawing afresh
                 raise UserError(f'demo: cannot write the demo images to {root}: {err.strerror or err} '
                                 f'(check free disk space and that {data_path} is writable)') from None
@@ -462,6 +430,9 @@ def process_dataset(data_path, name, split=None, seed=0):
         else:
             items = read_own(root, name, 0.5 if split is None else split)
         return process_items(items, data_path, name, splits)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def load_data_dicts(data_path, data_name, crop_type):
@@ -478,26 +449,22 @@ def load_data_dicts(data_path, data_name, crop_type):
         boxes = ' (cropped lists exist only for datasets with bounding boxes: car, cub, demo)'
         raise UserError(f'data dict not found: {path}; run {command} first{boxes if crop_type == "cropped" else ""}')
     dicts = safe_load(path, 'data dict')
-    if not isinstance(dicts, dict) or 'train' not in dicts or \
-            not ('test' in dicts or ('query' in dicts and 'gallery' in dicts)):
+    splits = [s for s in ('train', 'test', 'query', 'gallery') if isinstance(dicts, dict) and s in dicts]
+    if 'train' not in splits or not ('test' in splits or 'query' in splits and 'gallery' in splits):
         raise UserError(f"data dict {path}: expected splits 'train' and 'test' (or 'query' and 'gallery'), "
                         f"found {sorted(map(str, dicts)) if isinstance(dicts, dict) else type(dicts).__name__}")
-    firsts = {}  # every split's form checked first: the clearer error
-    for split in (s for s in ('train', 'test', 'query', 'gallery') if s in dicts):
+    for split in splits:
         lists = dicts[split]  # {label: [image paths]} with at least one path
         well_formed = isinstance(lists, dict) and all(
             isinstance(paths, (list, tuple)) and all(isinstance(p, str) for p in paths) for paths in lists.values())
         if not well_formed or not any(lists.values()):
             raise UserError(f"data dict {path}: split {split!r}: empty or not {{label: [paths]}}; re-run data_utils.py")
-        firsts[split] = next(p for paths in lists.values() for p in paths)
-    for split, first in firsts.items():
+    for split in splits:  # after every split's form: the clearer error
+        first = next(p for paths in dicts[split].values() for p in paths)
         if not os.path.exists(first):
             raise UserError(f"data dict {path}: images of split '{split}' not found (first: {first}); the "
                             f"dataset moved since data_utils.py ran? re-run it with the current --data_path")
     return dicts, path
-
-
-# ---- demo: a generated shapes dataset in CUB's layout ----
 
 
 # ---- command line ----

@@ -11,21 +11,11 @@ from tqdm import tqdm
 from cli import UserError
 from files import read_bytes
 
-
-
-DEMO_CLASSES, DEMO_PER_CLASS, DEMO_SIZE = 48, 24, 112
-
-
+DEMO_CLASSES, DEMO_PER_CLASS, DEMO_SIZE = 48, 24, 112  # data_utils reads them at each run (tests shrink them)
 POLYGONS = ('square', 'triangle', 'diamond', 'hexagon', 'star', 'cross')
-
-
 SHAPES = POLYGONS + ('circle', 'ring')
-
-
 TEXTURES = ('solid', 'hstripes', 'vstripes', 'checker', 'dots')
-
-
-DEMO_MARKER = 'demo_seed.txt'
+DEMO_MARKER = 'demo_seed.txt'  # written last: the settings of a complete drawing
 
 
 def _polygon(shape, cx, cy, r, angle):
@@ -36,9 +26,8 @@ def _polygon(shape, cx, cy, r, angle):
     else:  # corners on the unit circle; a star's odd ones further in, a diamond narrowed in x
         n = {'square': 4, 'triangle': 3, 'diamond': 4, 'hexagon': 6, 'star': 10}[shape]
         offset, scale_x = math.pi / 4 if shape == 'square' else -math.pi / 2, 0.65 if shape == 'diamond' else 1.0
-        radii = [0.45 if shape == 'star' and k % 2 else 1.0 for k in range(n)]
-        angles = [offset + 2 * math.pi * k / n for k in range(n)]
-        pts = [(rad * math.cos(a) * scale_x, rad * math.sin(a)) for rad, a in zip(radii, angles)]
+        polar = [(0.45 if shape == 'star' and k % 2 else 1.0, offset + 2 * math.pi * k / n) for k in range(n)]
+        pts = [(rad * math.cos(a) * scale_x, rad * math.sin(a)) for rad, a in polar]
     c, s = math.cos(angle), math.sin(angle)
     return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
 
@@ -46,23 +35,18 @@ def _polygon(shape, cx, cy, r, angle):
 def _texture(kind, size, colour_a, colour_b, period):
     """An RGB texture of (size, size) pixels: colour_b on the odd bands (or dots) of period pixels."""
     yy, xx = np.mgrid[0:size, 0:size]
-    if kind == 'dots':  # a disc in every (2 period)^2 square
-        mask = (xx % (2 * period) - period) ** 2 + (yy % (2 * period) - period) ** 2 < (period * 0.6) ** 2
-    else:
-        mask = {'solid': 0 * xx, 'hstripes': yy // period, 'vstripes': xx // period,
-                'checker': xx // period + yy // period}[kind] % 2 == 1
+    mask = {'solid': 0 * xx, 'hstripes': yy // period % 2, 'vstripes': xx // period % 2,  # (size, size): 1 = colour_b
+            'checker': (xx // period + yy // period) % 2,  # dots: a disc in every (2 period)^2 square
+            'dots': (xx % (2 * period) - period) ** 2 + (yy % (2 * period) - period) ** 2 < (period * 0.6) ** 2}[kind]
     return Image.fromarray(np.where(mask[..., None], np.array(colour_b, np.uint8), np.array(colour_a, np.uint8)), 'RGB')
 
 
 def _demo_class(rng):
     """A class = 2-3 parts, each (shape, texture, two colours, offset dx dy and radius relative to the first)."""
-    parts = []
-    for k in range(rng.integers(2, 4)):
-        shape, texture = SHAPES[rng.integers(len(SHAPES))], TEXTURES[rng.integers(len(TEXTURES))]
-        colours = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(2)]
-        place = (0.0, 0.0, 1.0) if k == 0 else (rng.uniform(-0.6, 0.6), rng.uniform(-0.6, 0.6), rng.uniform(0.35, 0.7))
-        parts.append((shape, texture, colours, *place))
-    return parts
+    return [(SHAPES[rng.integers(len(SHAPES))], TEXTURES[rng.integers(len(TEXTURES))],  # the seed's draws, in order
+             [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(2)],
+             *((rng.uniform(-0.6, 0.6), rng.uniform(-0.6, 0.6), rng.uniform(0.35, 0.7)) if k else (0.0, 0.0, 1.0)))
+            for k in range(rng.integers(2, 4))]
 
 
 def _draw_demo_image(parts, rng, size):
@@ -78,20 +62,17 @@ def _draw_demo_image(parts, rng, size):
                                     fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
     # the object: part offsets are in units of the main radius, turned with the whole object
     radius, angle = size * rng.uniform(0.16, 0.27), rng.uniform(-0.5, 0.5)
-    extent = radius * 1.6
-    cx, cy = rng.uniform(extent, size - extent), rng.uniform(extent, size - extent)
+    cx, cy = (rng.uniform(radius * 1.6, size - radius * 1.6) for _ in range(2))  # its parts reach 1.6 radii out
     outline = Image.new('L', (size, size), 0)  # all parts' masks: its bounding box is the object's box
     for shape, texture, colours, dx, dy, r in parts:
         dx, dy, r = dx * radius, dy * radius, r * radius
-        px = cx + dx * math.cos(angle) - dy * math.sin(angle)
-        py = cy + dx * math.sin(angle) + dy * math.cos(angle)
+        px, py = cx + dx * math.cos(angle) - dy * math.sin(angle), cy + dx * math.sin(angle) + dy * math.cos(angle)
         jitter = rng.integers(-20, 21, 3)  # lighting: the same colour never renders exactly alike
         colour_a, colour_b = (tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(colour, jitter)) for colour in colours)
         mask = Image.new('L', (size, size), 0)
-        if shape in ('circle', 'ring'):
-            ImageDraw.Draw(mask).ellipse((px - r, py - r, px + r, py + r), fill=255)
-            if shape == 'ring':
-                ImageDraw.Draw(mask).ellipse((px - r * 0.5, py - r * 0.5, px + r * 0.5, py + r * 0.5), fill=0)
+        if shape in ('circle', 'ring'):  # a ring: a circle less one of half its radius
+            for rr, fill in ((r, 255), (r * 0.5, 0))[:2 if shape == 'ring' else 1]:
+                ImageDraw.Draw(mask).ellipse((px - rr, py - rr, px + rr, py + rr), fill=fill)
         else:
             ImageDraw.Draw(mask).polygon(_polygon(shape, px, py, r, angle), fill=255)
         img.paste(_texture(texture, size, colour_a, colour_b, max(2, int(r / 3))), (0, 0), mask)
@@ -113,13 +94,11 @@ def make_demo(root, seed=0, num_classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS, 
             os.remove(leftover)
         elif os.path.isdir(leftover):
             shutil.rmtree(leftover)
-    if os.path.isfile(marker):
-        if read_bytes(marker, 'demo marker') == signature.encode():
-            return root  # already drawn with these settings
-    elif os.path.lexists(root) and (not os.path.isdir(root) or os.listdir(root)):
+    if os.path.isfile(marker) and read_bytes(marker, 'demo marker') == signature.encode():
+        return root  # already drawn with these settings
+    if not os.path.isfile(marker) and os.path.lexists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise UserError(f'demo: {root} exists and was not made by this script; choose another --data_path or remove it')
-    # drawn in a side folder, marker last, then whole folders are swapped: until the last rename
-    # the old drawing (with its marker and lists) is complete, after it the new one is
+    # drawn beside root, marker last, then swapped in whole: until the last rename the old drawing is complete
     rng = np.random.default_rng(seed)
     classes = [_demo_class(rng) for _ in range(num_classes)]
     images, labels, boxes, class_lines = [], [], [], []
