@@ -18,22 +18,53 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a cluster pre-empting the job, torchrun stopping its workers): stops a script as Ctrl-C does."""
 
 
+# Signals are process-wide: so is this record of them. Within safe_points() a SIGINT or SIGTERM is only recorded
+# and the script acts on it at its next stop_point(); elsewhere it stops the script at once.
+_SIGNALS = {'depth': 0, 'pending': None}
+
+
+@contextlib.contextmanager
+def safe_points():
+    """A region whose signals wait for a stop_point(): never raised inside os.fork's hooks (a loader starting its
+    workers), where Python drops a handler's exception and the stop would be lost. A second signal acts at once."""
+    _SIGNALS['depth'] += 1
+    try:
+        yield
+        stop_point()
+    finally:
+        _SIGNALS['depth'] -= 1
+
+
+def stop_point():
+    """A safe point: stop here (as Ctrl-C does) if a SIGINT or SIGTERM has arrived."""
+    if _SIGNALS['pending'] is not None:
+        raise Terminated() if _SIGNALS['pending'] == signal.SIGTERM else KeyboardInterrupt()
+
+
 def run_cli(main, interrupted='stopped at once; files already written are intact'):
     """Run a script's main(): a UserError is one 'error: ...' line on stderr (under torchrun from the first
     process to fail) and exit status 1; Ctrl-C (status 130) or SIGTERM (status 143, restored after) stop it
-    at once with one 'interrupted: ...' line."""
+    with one 'interrupted: ...' line (at once, or within safe_points() at the next stop_point())."""
     rank, received, stopping, pid = int(os.environ.get('RANK', '0')), [], [], os.getpid()
+    _SIGNALS['pending'] = None
 
-    def on_sigterm(signum, frame):
-        if os.getpid() != pid:  # a forked child (a loader worker) ends quietly, as it would without this handler
+    def on_signal(signum, frame):
+        if os.getpid() != pid:  # a forked child (a loader worker) ends as it would without this handler
+            if signum == signal.SIGINT:
+                signal.signal(signum, signal.default_int_handler)
+                raise KeyboardInterrupt()
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         received.append(signum)
-        if not stopping:  # once the script is ending, a SIGTERM (torchrun stopping the others) changes nothing
-            raise Terminated()
+        if stopping:  # once the script is ending, a SIGTERM (torchrun stopping the others) changes nothing
+            return
+        if _SIGNALS['depth'] and _SIGNALS['pending'] is None:
+            _SIGNALS['pending'] = signum
+            return
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     handle = threading.current_thread() is threading.main_thread()  # Python runs handlers there only
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if handle else None
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if handle else {}
     try:
         try:
             return main()
@@ -49,13 +80,14 @@ def run_cli(main, interrupted='stopped at once; files already written are intact
             if told:  # a collective broke as that process left: its error line is the one to read
                 sys.exit(1)
             raise
-        # a SIGTERM sent to the whole process group also ends the loader workers: whatever that raised is the stop
+        # a signal sent to the whole process group also ends the loader workers: whatever that raised is the stop
         if rank == 0 and not told:
             print(f'interrupted: {interrupted}', file=sys.stderr, flush=True)
-        sys.exit(143 if received else 130)
+        sys.exit(143 if signal.SIGTERM in received else 130)
     finally:
-        if handle:
-            signal.signal(signal.SIGTERM, previous)
+        _SIGNALS['pending'] = None
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _report_store():

@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
 import utils
-from cli import UserError
+from cli import UserError, stop_point
 from distributed import is_distributed, shard_range
 
 
@@ -267,19 +268,20 @@ def cache_place(choice, nbytes, device):
 
 
 def _decode_into(out, dataset, show_bar):
-    """The dataset's image k into out[k], a thread per core (decoders and resize release the GIL)."""
-    from tqdm import tqdm
-
+    """The dataset's image k into out[k], a thread per core (decoders and resize release the GIL); a signal stops
+    it between images (cli.stop_point), the images not yet started cancelled."""
     def one(k):
         out[k] = dataset[k][0]
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over images, not inside each resize
+    pool = concurrent.futures.ThreadPoolExecutor(_cpus())
     try:
-        with concurrent.futures.ThreadPoolExecutor(_cpus()) as pool:
-            list(tqdm(pool.map(one, range(len(out))), total=len(out), unit='img', disable=not show_bar,
-                      desc=f'Decoding {len(out)} images once', leave=False))
+        for _ in tqdm(pool.map(one, range(len(out))), total=len(out), unit='img', disable=not show_bar,
+                      desc=f'Decoding {len(out)} images once', leave=False):
+            stop_point()
     finally:
+        pool.shutdown(cancel_futures=True)
         torch.set_num_threads(previous)
 
 
@@ -332,6 +334,7 @@ class Images:
     way, as both hold the same resized pixels and crop_flip_batch draws each crop and flip from (seed, epoch, index)."""
 
     def __init__(self, dicts, config, rt):
+        Image.preinit()  # PIL's common plugins imported now, never first on the writer's thread while workers fork
         mean, std = normalization(config['data_name'])
         self.normalize, self.rt, self.seed = Normalize(mean, std), rt, config['seed']
         self.size, self.batch = config['image_size'], config['batch_size'] // rt.world_size

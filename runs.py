@@ -9,6 +9,7 @@ import math
 import os
 
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # imported here, never lazily on the writer's thread
 from matplotlib.figure import Figure  # not pyplot: no display, no global backend
 
 import distributed
@@ -322,6 +323,7 @@ def plot_curves(statistics, recalls, title):
     -> PNG bytes."""
     epochs = [row['epoch'] for row in statistics]
     fig = Figure(figsize=(15, 4))
+    FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     axes[0].plot(epochs, [row['train_loss'] for row in statistics], marker='o')
     axes[1].plot(epochs, [row['train_accuracy'] for row in statistics], marker='o')

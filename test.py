@@ -27,7 +27,7 @@ import imaging
 import pictures
 import retrieval
 from cli import UserError
-from data_utils import IMAGE_EXTENSIONS
+from datasets import IMAGE_EXTENSIONS
 
 BATCH = 32  # --query_dir: images decoded and embedded per forward pass
 DEFAULT_QUERY = '/home/data/car/uncropped/008055.jpg'  # the original's default query

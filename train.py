@@ -175,6 +175,7 @@ def train_one_epoch(model, images, criterion, optimizer, rt, epoch, num_epochs, 
     batches = images.epoch_batches(epoch)
     bar = tqdm(images.train_batches(batches), total=len(batches), disable=not rt.main, dynamic_ncols=True, leave=False)
     for step, (x, targets) in enumerate(bar, start=1):
+        cli.stop_point()
         if writer is not None:
             writer.check()  # a full disk stops the run now, not after another epoch without a checkpoint
         loss, hits = train_step(model, x, targets, criterion, optimizer, rt)
@@ -201,6 +202,7 @@ def extract_features(model, images, rt, dim):
         parts = []
         for x in tqdm(images.eval_batches(split), desc=f'Extracting {split} features', disable=not rt.main,
                       dynamic_ncols=True, leave=False):
+            cli.stop_point()
             with rt.autocast():
                 parts.append(model(x)[0].float())  # [B, dim], L2-normalised
         shard = torch.cat(parts) if parts else torch.zeros(0, dim, device=rt.device)
@@ -272,7 +274,8 @@ def main(argv=None):
             if resuming:
                 print(resuming, flush=True)
         distributed.barrier()
-        train(config, dicts, rt, run, model, runner, optimizer, scheduler)
+        with cli.safe_points():  # a signal stops the run between steps, never inside a loader's fork
+            train(config, dicts, rt, run, model, runner, optimizer, scheduler)
     except torch.OutOfMemoryError:
         raise UserError(f'out of memory on {rt.device}: lower --batch_size (now {config["batch_size"]}) or '
                         f'--image_size (now {config["image_size"]}), or use --cache off') from None
@@ -299,6 +302,7 @@ def train(config, dicts, rt, run, model, runner, optimizer, scheduler):
             print(f'Before training | {runs.metrics_text(retrieval_metrics(features, labels, recalls, rt.device), recalls)}',
                   flush=True)
     for epoch in range(run.first_epoch, config['num_epochs'] + 1):
+        cli.stop_point()
         utils.seed_everything(utils.derive_seed(config['seed'], epoch, rt.rank))
         stats = train_one_epoch(runner, images, criterion, optimizer, rt, epoch, config['num_epochs'], run.writer)
         distributed.broadcast_buffers(model)  # every shard embedded by the model rank 0 saves

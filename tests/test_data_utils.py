@@ -21,6 +21,7 @@ from _data_fixtures import make_tiny_dataset, write_class_folders, write_image
 from _train_fixtures import run_script
 from cli import UserError
 import cli
+import datasets
 import demo
 import files
 import imaging
@@ -290,8 +291,8 @@ def test_own_folders_split_names_and_reserved(tmp_path):
     data_utils.process_dataset(root, 'shoes', split=0.2)
     d = load(root, 'shoes', 'uncropped')
     assert list(d['train']) == ['class_00'] and list(d['test']) == [f'class_{c:02d}' for c in range(1, 5)]
-    assert data_utils.split_classes(['b', 'a', 'c', 'd'], 0.5) == (['a', 'b'], ['c', 'd'])
-    assert data_utils.split_classes(['a', 'b'], 0.01) == (['a'], ['b'])  # never an empty side
+    assert datasets.split_classes(['b', 'a', 'c', 'd'], 0.5) == (['a', 'b'], ['c', 'd'])
+    assert datasets.split_classes(['a', 'b'], 0.01) == (['a'], ['b'])  # never an empty side
     assert imaging.normalization('shoes') == (imaging.IMAGENET_MEAN, imaging.IMAGENET_STD)
     assert imaging.normalization('car') == imaging.NORMALIZATION['car']
 
@@ -597,8 +598,8 @@ def test_pipeline_refuses_names_that_leave_the_folder(tmp_path):
     root = str(tmp_path)
     src = write_image(os.path.join(root, 'own', 'a', 'x.jpg'))
     for bad in ('../x.jpg', '/x.jpg', '.', '..', 'a/x.jpg', 'x\0.jpg'):
-        items = [data_utils.Item(src, bad, 'a', 'train', None, 'class folder a'),
-                 data_utils.Item(src, 'y.jpg', 'b', 'test', None, 'class folder b')]
+        items = [datasets.Item(src, bad, 'a', 'train', None, 'class folder a'),
+                 datasets.Item(src, 'y.jpg', 'b', 'test', None, 'class folder b')]
         with pytest.raises(UserError, match=f'^own: class folder a: output file name {re.escape(repr(bad))} is not'):
             data_utils.process_items(items, root, 'own')
     assert os.listdir(os.path.join(root, 'own')) == ['a']
@@ -898,7 +899,7 @@ def test_demo_deterministic_and_processed(tmp_path):
     ta, tb, tc = tree_bytes(a), tree_bytes(b), tree_bytes(c)
     assert len(ta) == 6 * 3 + 5 and ta == tb and ta != tc
     # CUB's layout: the real CUB reader and pipeline process it
-    items = data_utils.read_cub(a, num_train_classes=3, name='demo')
+    items = datasets.read_cub(a, num_train_classes=3, name='demo')
     result = data_utils.process_items(items, str(tmp_path / 'a'), 'demo')
     d = load(str(tmp_path / 'a'), 'demo', 'uncropped')
     assert d == result['uncropped']
