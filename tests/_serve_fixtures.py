@@ -18,7 +18,7 @@ script = load_script()  # test.py
 def expected(database, path, k, device='cpu'):
     """What test.py computes for a query file with its own functions, on a loaded retrieval.Database ->
     (indices, scores, label) of the top k."""
-    _, exclude, feature, label = retrieval.locate_query(database.db, path, database.isc)
+    exclude, feature, label = database.locate(path)
     if feature is None:
         feature = retrieval.embed_image(database.model, path, database.config, device)
     indices, scores = retrieval.rank_gallery(feature, database.features, exclude, database.labels, label)
