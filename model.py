@@ -85,6 +85,7 @@ BACKBONES = {  # name -> (builder, stage-4 channels, ImageNet weights: torchvisi
     'seresnet50': (_seresnet50, 2048, 'https://github.com/rwightman/pytorch-image-models/releases/download/'
                                       'v0.1-cadene/se_resnet50-ce0d4300.pth')}
 
+
 # ---- ImageNet weights (the URLs of BACKBONES) ----
 
 def imagenet_weights(backbone_type, timeout=30):

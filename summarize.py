@@ -146,8 +146,7 @@ def interval(values):
 
 
 def table_text(columns, rows, setting):
-    """The Markdown table: a line per metric, beside the original's published figure where it reported `setting`
-    (values of SETTING)."""
+    """The Markdown table: a line per metric, beside the original's published figure where it reported `setting`."""
     published = {f'test_recall@{k}': v
                  for k, v in zip(PUBLISHED_RECALLS.get(setting[0], ()), PUBLISHED.get(setting, ()))}  # {column: %}
     head = ['metric', 'mean', 'sd', '95 % CI', 'n'] + (['original', 'difference'] if published else [])
