@@ -12,7 +12,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
+from torchvision import models
 
 from cli import UserError, run_cli
 from files import safe_load
@@ -22,7 +22,7 @@ from files import safe_load
 
 def _torchvision_resnet(arch):
     """torchvision's ResNet-18/50 trunk under torchvision's parameter names: its ImageNet weights load as they are."""
-    net = getattr(torchvision.models, arch)(weights=None)
+    net = getattr(models, arch)(weights=None)
     # the first block of layer3 downsamples in its strided conv and in its shortcut: undo both, so
     # a 224 input gives a 14x14 stage-4 map instead of 7x7 (finer local features, 4x the cost)
     block = net.layer3[0]
@@ -79,21 +79,18 @@ def _seresnet50():
         ('layer4', stage(1024, 512, 3, stride=2))]))  # [B, 2048, 15, 15]
 
 
-BACKBONES = {'resnet18': (lambda: _torchvision_resnet('resnet18'), 512),  # name -> (builder, stage-4 channels)
-             'resnet50': (lambda: _torchvision_resnet('resnet50'), 2048),
-             'seresnet50': (_seresnet50, 2048)}
+BACKBONES = {  # name -> (builder, stage-4 channels, ImageNet weights: torchvision's, timm's for SE-ResNet-50)
+    'resnet18': (lambda: _torchvision_resnet('resnet18'), 512, models.ResNet18_Weights.IMAGENET1K_V1.url),
+    'resnet50': (lambda: _torchvision_resnet('resnet50'), 2048, models.ResNet50_Weights.IMAGENET1K_V1.url),
+    'seresnet50': (_seresnet50, 2048, 'https://github.com/rwightman/pytorch-image-models/releases/download/'
+                                      'v0.1-cadene/se_resnet50-ce0d4300.pth')}
 
-# ---- ImageNet weights: resnet18/50 as torchvision publishes them, SE-ResNet-50 as timm does ----
-IMAGENET_URLS = {'resnet18': torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url,
-                 'resnet50': torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url,
-                 'seresnet50': 'https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-cadene/'
-                               'se_resnet50-ce0d4300.pth'}
-CLASSIFIER_PREFIXES = ('fc.', 'last_linear.')  # ImageNet heads, never used here
 
+# ---- ImageNet weights (the URLs of BACKBONES) ----
 
 def imagenet_weights(backbone_type, timeout=30):
     """(path, state dict) of a backbone's ImageNet weights, from the torch hub cache or downloaded into it."""
-    url = IMAGENET_URLS[backbone_type]
+    url = BACKBONES[backbone_type][2]
     path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
     if os.path.isfile(path):
         return path, safe_load(path, f'ImageNet weights for {backbone_type}')
@@ -118,7 +115,24 @@ def adapt_state_dict(state_dict, backbone_type):
     """Rename an ImageNet state dict onto our backbone's names and drop its classifier."""
     if backbone_type == 'seresnet50':  # se_resnet50-ce0d4300.pth (and timm's legacy_seresnet50) names
         state_dict = {re.sub(r'^layer0\.', '', k).replace('.se_module.', '.se.'): v for k, v in state_dict.items()}
-    return {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+    return {k: v for k, v in state_dict.items() if not k.startswith(('fc.', 'last_linear.'))}  # the ImageNet heads
+
+
+def load_state_dict_strict(module, state, source, what='weights of this model'):
+    """Load `state` into `module` strictly; else a UserError saying that `source` does not hold `what`,
+    listing up to 8 missing, unexpected and mis-shaped tensors each."""
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f'{source} does not hold {what}: expected a state dict (parameter name -> tensor)')
+    expected = module.state_dict()
+    problems = {'missing': [k for k in expected if k not in state],
+                'unexpected': [k for k in state if k not in expected],
+                'with the wrong shape': [f'{k} {list(state[k].shape)} (expected {list(v.shape)})'
+                                         for k, v in expected.items() if k in state and state[k].shape != v.shape]}
+    listed = [f'{len(names)} {kind}: {", ".join(names[:8])}{f" and {len(names) - 8} more" if len(names) > 8 else ""}'
+              for kind, names in problems.items() if names]
+    if listed:
+        raise UserError(f'{source} does not hold {what} ({"; ".join(listed)})')
+    module.load_state_dict(state, strict=True)
 
 
 def build_backbone(backbone_type, pretrained):
@@ -128,10 +142,8 @@ def build_backbone(backbone_type, pretrained):
         return BACKBONES[backbone_type][0]()
     what = f'ImageNet weights for {backbone_type}'
     # read the weights first, so that a missing file fails before anything is built
-    if pretrained is True:
-        source, state_dict = imagenet_weights(backbone_type)
-    else:
-        source, state_dict = os.fspath(pretrained), safe_load(pretrained, what)
+    source, state_dict = imagenet_weights(backbone_type) if pretrained is True else \
+        (os.fspath(pretrained), safe_load(pretrained, what))
     if isinstance(state_dict, dict):  # anything else is refused by load_state_dict_strict
         state_dict = adapt_state_dict(state_dict, backbone_type)
     backbone = BACKBONES[backbone_type][0]()
@@ -192,7 +204,6 @@ class Model(nn.Module):
         self.classifier = nn.Sequential(nn.BatchNorm1d(width), nn.Linear(width, num_classes, bias=False))
 
     def train(self, mode=True):
-        """Set train/eval mode; with freeze_backbone_bn the backbone's BatchNorm stays in eval mode."""
         super().train(mode)
         if mode and self.freeze_backbone_bn:
             for m in self.backbone.modules():
@@ -237,41 +248,18 @@ DATASET_CLASSES = {'CARS196': 98, 'CUB200': 100, 'SOP': 11318, 'In-shop': 3997} 
 TABLE_NAMES = {'resnet18': 'ResNet18', 'resnet50': 'ResNet50', 'seresnet50': 'SEResNet50'}
 
 
-def params_flops_table(feature_dim=512, image_size=224):
-    """The Params | FLOPs table as markdown lines (rows: backbones, columns: datasets)."""
-    lines = ['| Backbone | ' + ' | '.join(DATASET_CLASSES) + ' |', '| --- |' + ' --- |' * len(DATASET_CLASSES)]
+def main():
+    """Print the Params | FLOPs table in Markdown (rows: backbones, columns: datasets; feature_dim 512, 224 input)."""
+    print('| Backbone | ' + ' | '.join(DATASET_CLASSES) + ' |\n| --- |' + ' --- |' * len(DATASET_CLASSES))
     for backbone_type in BACKBONES:
         cells = []
         for num_classes in DATASET_CLASSES.values():
             with torch.device('meta'):  # counts need shapes only: nothing allocated or computed, so this takes seconds
-                model = Model(backbone_type, feature_dim, num_classes)
-            params, flops = count_params_flops(model, image_size)
+                model = Model(backbone_type, 512, num_classes)
+            params, flops = count_params_flops(model)
             cells.append(f'{params / 1e6:.2f}M \\| {flops / 1e9:.2f}G')
-        lines.append(f'| {TABLE_NAMES[backbone_type]} | ' + ' | '.join(cells) + ' |')
-    return lines
-
-
-def main():
-    print('\n'.join(params_flops_table()))
+        print(f'| {TABLE_NAMES[backbone_type]} | ' + ' | '.join(cells) + ' |')
 
 
 if __name__ == '__main__':
     run_cli(main)
-
-
-
-def load_state_dict_strict(module, state, source, what='weights of this model'):
-    """Load `state` into `module` strictly; else a UserError saying that `source` does not hold `what`,
-    listing up to 8 missing, unexpected and mis-shaped tensors each."""
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f'{source} does not hold {what}: expected a state dict (parameter name -> tensor)')
-    expected = module.state_dict()
-    problems = {'missing': [k for k in expected if k not in state],
-                'unexpected': [k for k in state if k not in expected],
-                'with the wrong shape': [f'{k} {list(state[k].shape)} (expected {list(v.shape)})'
-                                         for k, v in expected.items() if k in state and state[k].shape != v.shape]}
-    listed = [f'{len(names)} {kind}: {", ".join(names[:8])}{f" and {len(names) - 8} more" if len(names) > 8 else ""}'
-              for kind, names in problems.items() if names]
-    if listed:
-        raise UserError(f'{source} does not hold {what} ({"; ".join(listed)})')
-    module.load_state_dict(state, strict=True)

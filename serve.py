@@ -16,16 +16,15 @@ import time
 from typing import Annotated
 
 import uvicorn
-from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import cli
 import distributed
 import imaging
 import retrieval
-from cli import UserError
+from cli import UserError, check_int, run_cli
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.html')  # the page, inline CSS and JS
 MAX_UPLOAD = 20 * 2 ** 20  # bytes of one uploaded image
@@ -52,52 +51,43 @@ class Searcher:
     memory flat whatever the number of clients; torch already spreads one pass over the cores)."""
 
     def __init__(self, database):
-        self.database, self.lock = database, threading.Lock()
+        self.database, self.lock, config = database, threading.Lock(), database.config
         self.thumbnail = functools.lru_cache(THUMBNAILS_KEPT)(self._thumbnail)
-
-    def info(self):
-        d, config = self.database, self.database.config
-        return {'dataset': config['data_name'], 'crop_type': config['crop_type'], 'backbone': config['backbone_type'],
-                'branches': config['branches'], 'feature_dim': int(d.features.shape[1]), 'images': len(d.images),
-                'split': d.split, 'image_size': config['image_size'], 'database': d.path, 'model_file': d.model_path,
-                'k_default': K_DEFAULT, 'k_max': K_MAX}
-
-    def check_k(self, k, exclude):
-        retrieval.check_k(k, len(self.database.images), exclude, f'k = {k}', 'the database', self.database.split)
+        self.info = {'dataset': config['data_name'], 'crop_type': config['crop_type'],
+                     'backbone': config['backbone_type'], 'branches': config['branches'],
+                     'feature_dim': int(database.features.shape[1]), 'images': len(database.images),
+                     'split': database.split, 'image_size': config['image_size'], 'database': database.path,
+                     'model_file': database.model_path, 'k_default': K_DEFAULT, 'k_max': K_MAX}  # GET /api/info
 
     def check_index(self, index):
         if not 0 <= index < len(self.database.images):
             raise UserError(f'no database image {index}: indices run from 0 to {len(self.database.images) - 1}')
 
-    def answer(self, feature, k, exclude, query_label, start):
-        """The JSON answer for a query feature: its top k, each with rank, index, path, label and score."""
-        d = self.database
-        with self.lock:
-            indices, scores = retrieval.top_k(feature, d.features, k, exclude, d.labels, query_label)
-        results = [{'rank': rank, 'index': i, 'path': d.images[i], 'label': d.labels[i], 'score': score}
-                   for rank, (i, score) in enumerate(zip(indices, scores), start=1)]
-        return {'results': results, 'query_label': query_label, 'query_index': exclude,
-                'seconds': round(time.perf_counter() - start, 6)}
-
     def search_upload(self, data, k):
         """Top k for an uploaded photo, embedded as test.py embeds a query that is not in the database."""
-        start = time.perf_counter()
-        self.check_k(k, None)
-        if len(data) > MAX_UPLOAD:
-            raise UserError(TOO_LARGE)
-        retrieval.check_upload(data, 'the upload')
-        d = self.database
-        x = imaging.eval_input('the upload', d.config['image_size'], d.config['mean'], d.config['std'], data)
-        with self.lock:
-            feature = retrieval.embed_inputs(d.model, x[None], d.device)[0]  # [D]
-        return self.answer(feature, k, None, None, start)
+        return self.search(k, data=data)
 
-    def search_index(self, index, k):
-        """Top k for database image `index` of the searched split, itself excluded (as test.py)."""
-        start = time.perf_counter()
-        self.check_index(index)
-        self.check_k(k, index)
-        return self.answer(self.database.features[index], k, index, self.database.labels[index], start)
+    def search(self, k, index=None, data=None):
+        """The JSON answer for database image `index` of the searched split (itself excluded, as test.py) or for
+        uploaded bytes `data`: its top k, each with rank, index, path, label and score."""
+        start, d = time.perf_counter(), self.database
+        if index is not None:
+            self.check_index(index)
+        retrieval.check_k(k, len(d.images), index, f'k = {k}', 'the database', d.split)
+        if data is not None:
+            if len(data) > MAX_UPLOAD:
+                raise UserError(TOO_LARGE)
+            retrieval.check_upload(data, 'the upload')
+            # decoded outside the lock: only the model and the ranking are serialised
+            x = imaging.eval_input('the upload', d.config['image_size'], d.config['mean'], d.config['std'], data)
+        label = None if index is None else d.labels[index]
+        with self.lock:
+            feature = d.features[index] if data is None else d.embed(x[None])[0]  # [D]
+            indices, scores = retrieval.top_k(feature, d.features, k, index, d.labels, label)
+        results = [{'rank': rank, 'index': i, 'path': d.images[i], 'label': d.labels[i], 'score': score}
+                   for rank, (i, score) in enumerate(zip(indices, scores), start=1)]
+        return {'results': results, 'query_label': label, 'query_index': index,
+                'seconds': round(time.perf_counter() - start, 6)}
 
     def _thumbnail(self, index):
         """Database image `index` as JPEG bytes, its longest side at most THUMBNAIL."""
@@ -113,25 +103,20 @@ class Searcher:
 
 
 def error(status, message):
-    return JSONResponse({'error': message}, status_code=status)
+    """The API's answer to a request it refuses: {'error': the first line of the message}."""
+    text = str(message).strip()
+    return JSONResponse({'error': text.splitlines()[0] if text else 'error'}, status_code=status)
 
 
-class RefuseLargeBodies:
+def refuse_large_bodies(app):
     """ASGI middleware: a request that declares more than MAX_BODY bytes is answered 413 at once, in the API's
     error style, before its body is read (a body sent without a length is cut off by the route's max_body_size)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
+    async def middleware(scope, receive, send):
         length = dict(scope.get('headers', ())).get(b'content-length', b'')
         if scope['type'] == 'http' and length.isdigit() and int(length) > MAX_BODY:
             return await error(413, TOO_LARGE)(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-def first_line(text):
-    return str(text).strip().splitlines()[0] if str(text).strip() else 'error'
+        return await app(scope, receive, send)
+    return middleware
 
 
 def create_app(database):
@@ -141,21 +126,20 @@ def create_app(database):
         yield {'searcher': Searcher(database)}  # request.state.searcher, the same object for every request
 
     app = FastAPI(title='CLF retrieval', lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(RefuseLargeBodies)
+    app.add_middleware(refuse_large_bodies)
 
     @app.exception_handler(UserError)
     async def user_error(request, err):  # a bad query: what is wrong, in one line
-        return error(400, first_line(err))
+        return error(400, err)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, err):
-        message = TOO_LARGE if err.status_code == 413 else err.detail
-        return error(err.status_code, first_line(message))
+        return error(err.status_code, TOO_LARGE if err.status_code == 413 else err.detail)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, err):  # e.g. "k: Input should be less than or equal to 100"
         problem = err.errors()[0]
-        return error(422, f'{problem["loc"][-1]}: {first_line(problem["msg"])}')
+        return error(422, f'{problem["loc"][-1]}: {problem["msg"]}')
 
     with open(PAGE, encoding='utf-8') as f:
         page = f.read()
@@ -166,12 +150,12 @@ def create_app(database):
 
     @app.get('/api/info')
     def info(request: Request):
-        return request.state.searcher.info()
+        return request.state.searcher.info
 
     @app.get('/api/search')
     def search_by_index(request: Request, index: Annotated[int, Query(ge=0)],
                         k: Annotated[int, Query(ge=1, le=K_MAX)] = K_DEFAULT):
-        return request.state.searcher.search_index(index, k)
+        return request.state.searcher.search(k, index)
 
     @app.post('/api/search', max_body_size=MAX_BODY)
     def search_by_upload(request: Request, image: Annotated[UploadFile, File()],
@@ -183,7 +167,7 @@ def create_app(database):
         try:
             data = request.state.searcher.thumbnail(index)
         except UserError as err:
-            raise HTTPException(404, first_line(err)) from None
+            return error(404, err)
         return Response(data, media_type='image/jpeg', headers={'Cache-Control': 'max-age=3600'})
 
     return app
@@ -191,7 +175,7 @@ def create_app(database):
 
 def listen(host, port):
     """A socket bound to host:port; taken, or not an address of this machine, is a UserError."""
-    cli.check_int('--port', port, 0, 65535)
+    check_int('--port', port, 0, 65535)
     sock = None
     try:
         family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][:3]
@@ -222,4 +206,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    cli.run_cli(main, interrupted='server stopped')
+    run_cli(main, interrupted='server stopped')

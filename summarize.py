@@ -9,36 +9,35 @@ import json
 import math
 import os
 
-import cli
-import files
-from cli import UserError
+import pandas as pd
 
-# The original's published test figures (percent), transcribed from its tables (README, "Retrieval results
-# published by the original"): {(data_name, crop_type, backbone_type, feature_dim): R@k for k in RECALLS}.
+import files
+import runs
+from cli import UserError, run_cli
+
+# The original's published test figures (percent), laid out as its tables: per (data_name, backbone_type), R@k for
+# k in PUBLISHED_RECALLS of the uncropped images, then of the cropped ones where it trained on those
 PUBLISHED_RECALLS = {'car': (1, 2, 4, 8), 'cub': (1, 2, 4, 8), 'sop': (1, 10, 100, 1000),
                      'isc': (1, 10, 20, 30, 40, 50)}
-PUBLISHED = {
-    ('car', 'uncropped', 'resnet18', 512): (84.3, 90.4, 94.3, 96.7),
-    ('car', 'cropped', 'resnet18', 512): (91.2, 94.9, 97.1, 98.4),
-    ('car', 'uncropped', 'resnet50', 512): (90.2, 94.5, 96.9, 98.3),
-    ('car', 'cropped', 'resnet50', 512): (94.2, 96.8, 98.1, 99.0),
-    ('car', 'uncropped', 'seresnet50', 512): (90.2, 94.3, 96.8, 98.4),
-    ('car', 'cropped', 'seresnet50', 512): (94.2, 96.8, 98.1, 98.9),
-    ('cub', 'uncropped', 'resnet18', 512): (61.9, 72.9, 82.1, 89.2),
-    ('cub', 'cropped', 'resnet18', 512): (68.3, 78.5, 86.3, 92.2),
-    ('cub', 'uncropped', 'resnet50', 512): (69.1, 79.6, 87.1, 92.1),
-    ('cub', 'cropped', 'resnet50', 512): (76.0, 84.0, 90.3, 94.3),
-    ('cub', 'uncropped', 'seresnet50', 512): (70.9, 79.9, 87.0, 92.4),
-    ('cub', 'cropped', 'seresnet50', 512): (79.8, 87.1, 91.6, 95.0),
-    ('sop', 'uncropped', 'resnet18', 512): (70.6, 84.1, 92.1, 96.9),
-    ('sop', 'uncropped', 'resnet50', 512): (77.7, 88.5, 94.0, 97.3),
-    ('sop', 'uncropped', 'seresnet50', 512): (79.7, 89.9, 95.1, 98.1),
-    ('isc', 'uncropped', 'resnet18', 512): (76.6, 92.1, 94.4, 95.4, 96.0, 96.3),
-    ('isc', 'uncropped', 'resnet50', 512): (83.7, 94.8, 96.3, 96.9, 97.4, 97.6),
-    ('isc', 'uncropped', 'seresnet50', 512): (80.8, 93.5, 95.2, 96.1, 96.7, 97.1),
+PUBLISHED_TABLES = {
+    ('car', 'resnet18'): ((84.3, 90.4, 94.3, 96.7), (91.2, 94.9, 97.1, 98.4)),
+    ('car', 'resnet50'): ((90.2, 94.5, 96.9, 98.3), (94.2, 96.8, 98.1, 99.0)),
+    ('car', 'seresnet50'): ((90.2, 94.3, 96.8, 98.4), (94.2, 96.8, 98.1, 98.9)),
+    ('cub', 'resnet18'): ((61.9, 72.9, 82.1, 89.2), (68.3, 78.5, 86.3, 92.2)),
+    ('cub', 'resnet50'): ((69.1, 79.6, 87.1, 92.1), (76.0, 84.0, 90.3, 94.3)),
+    ('cub', 'seresnet50'): ((70.9, 79.9, 87.0, 92.4), (79.8, 87.1, 91.6, 95.0)),
+    ('sop', 'resnet18'): ((70.6, 84.1, 92.1, 96.9),),
+    ('sop', 'resnet50'): ((77.7, 88.5, 94.0, 97.3),),
+    ('sop', 'seresnet50'): ((79.7, 89.9, 95.1, 98.1),),
+    ('isc', 'resnet18'): ((76.6, 92.1, 94.4, 95.4, 96.0, 96.3),),
+    ('isc', 'resnet50'): ((83.7, 94.8, 96.3, 96.9, 97.4, 97.6),),
+    ('isc', 'seresnet50'): ((80.8, 93.5, 95.2, 96.1, 96.7, 97.1),),
 }
-SPLITS = ('test', 'val')  # metric columns are {split}_{metric}, as train.py writes them
-METRIC_NAMES = {'map@r': 'MAP@R', 'r_precision': 'R-Precision'}  # recall@k reads R@k
+SETTING = ('data_name', 'crop_type', 'backbone_type', 'feature_dim')  # the settings a published row is of
+PUBLISHED = {(data, crop, backbone, 512): figures for (data, backbone), crops in PUBLISHED_TABLES.items()
+             for crop, figures in zip(('uncropped', 'cropped'), crops)}  # {SETTING values: figures}
+METRIC_NAMES = {suffix: name for name, suffix, _ in runs.RANKING_METRICS}  # map@r -> MAP@R; recall@k reads R@k
+NOT_STATISTICS = 'expected a statistics CSV written by train.py'
 CONFIDENCE = 0.95
 
 
@@ -53,16 +52,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def settings_path(csv_path):
-    """The settings file train.py writes beside a statistics CSV."""
+def read_settings(csv_path):
+    """The settings train.py wrote beside a statistics CSV (runs.settings_json) -> dict."""
     if not csv_path.endswith('_statistics.csv'):
         raise UserError(f'{csv_path}: expected a ..._statistics.csv written by train.py')
-    return csv_path[:-len('statistics.csv')] + 'settings.json'
-
-
-def read_settings(csv_path):
-    """The settings of the run that wrote `csv_path` (train.py's RESUME_KEYS) -> dict."""
-    path = settings_path(csv_path)
+    path = csv_path[:-len('statistics.csv')] + 'settings.json'
     if not os.path.isfile(path):
         raise UserError(f'settings file not found: {path} (train.py writes it beside {os.path.basename(csv_path)}; '
                         f'without it the runs cannot be checked to differ only in --seed)')
@@ -77,35 +71,31 @@ def read_settings(csv_path):
 
 def read_statistics(path):
     """A statistics CSV -> pandas DataFrame with an epoch column and numeric test_* (and val_*) columns."""
-    import pandas as pd
     data = files.read_bytes(path, 'statistics file')  # missing, a folder or unreadable: named
     try:
         table = pd.read_csv(io.BytesIO(data))
     except pd.errors.EmptyDataError:
-        raise UserError(f'{path} is empty: expected a statistics CSV written by train.py') from None
+        raise UserError(f'{path} is empty: {NOT_STATISTICS}') from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError):
-        raise UserError(f'{path} is not a CSV: expected a statistics CSV written by train.py') from None
+        raise UserError(f'{path} is not a CSV: {NOT_STATISTICS}') from None
     missing = [c for c in ('epoch', 'test_map@r') if c not in table.columns]
     if missing or not any(c.startswith('test_recall@') for c in table.columns):
-        raise UserError(f'{path} lacks the column(s) {", ".join(missing or ["test_recall@k"])}: expected a '
-                        f'statistics CSV written by train.py')
-    columns = ['epoch'] + metric_columns(table.columns)
-    if table.empty or not all(pd.api.types.is_numeric_dtype(table[c]) for c in columns) \
-            or table[columns].isna().any().any():
-        raise UserError(f'{path} holds no epoch or non-numeric figures: expected a statistics CSV written by train.py')
+        raise UserError(f'{path} lacks the column(s) {", ".join(missing or ["test_recall@k"])}: {NOT_STATISTICS}')
+    figures = table[['epoch'] + metric_columns(table.columns)]
+    if table.empty or not all(map(pd.api.types.is_numeric_dtype, figures.dtypes)) or figures.isna().any().any():
+        raise UserError(f'{path} holds no epoch or non-numeric figures: {NOT_STATISTICS}')
     return table
 
 
 def metric_columns(columns):
-    """The figures of a statistics CSV, test ones first: test_recall@k..., test_map@r..., then val_*."""
-    return [c for split in SPLITS for c in columns if c.startswith(f'{split}_')]
+    """A statistics CSV's figures, {split}_{metric} (runs.metric_columns): test_recall@k..., test_map@r..., val_*."""
+    return [c for split in ('test', 'val') for c in columns if c.startswith(f'{split}_')]
 
 
 def metric_name(column):
     """'test_recall@1' -> 'test R@1', 'val_map@r' -> 'val MAP@R'."""
     split, metric = column.split('_', 1)
-    name = 'R@' + metric[len('recall@'):] if metric.startswith('recall@') else METRIC_NAMES.get(metric, metric)
-    return f'{split} {name}'
+    return f'{split} {METRIC_NAMES.get(metric, metric.replace("recall@", "R@"))}'
 
 
 def select_row(table, path, epoch):
@@ -126,10 +116,10 @@ def select_row(table, path, epoch):
     return rows.iloc[0], f'epoch {epoch}'
 
 
-def check_poolable(runs):
+def check_poolable(pooled):
     """Runs pool only when they are independent (different seeds) and alike in every setting but the seed."""
-    (first, first_settings, first_table), seeds = runs[0], {}
-    for path, settings, table in runs:
+    (first, first_settings, first_table), seeds = pooled[0], {}
+    for path, settings, table in pooled:
         if settings['seed'] in seeds:
             raise UserError(f'{seeds[settings["seed"]]} and {path} are both seed {settings["seed"]}: not independent '
                             f'runs; pool runs of different --seed')
@@ -155,31 +145,25 @@ def interval(values):
     return mean, sd, float(t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / math.sqrt(n)
 
 
-def published_figures(settings):
-    """{column: the original's published figure} for the runs' setting, or {} when it is not in its tables."""
-    key = tuple(settings.get(k) for k in ('data_name', 'crop_type', 'backbone_type', 'feature_dim'))
-    figures = PUBLISHED.get(key, ())
-    return {f'test_recall@{k}': v for k, v in zip(PUBLISHED_RECALLS.get(key[0], ()), figures)}
-
-
-def table_text(columns, rows, published, setting):
-    """The Markdown table: a line per metric; the published column only for a setting the original reported."""
+def table_text(columns, rows, setting):
+    """The Markdown table: a line per metric, beside the original's published figure where it reported `setting`."""
+    published = {f'test_recall@{k}': v
+                 for k, v in zip(PUBLISHED_RECALLS.get(setting[0], ()), PUBLISHED.get(setting, ()))}  # {column: %}
     head = ['metric', 'mean', 'sd', '95 % CI', 'n'] + (['original', 'difference'] if published else [])
     lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
     for column in columns:
         values = [float(row[column]) for row in rows]
         mean, sd, half = interval(values)
-        cells = [metric_name(column), f'{mean:.2f}'] + (['-', 'needs two runs'] if sd is None else
-                                                        [f'{sd:.2f}', f'± {half:.2f} ({mean - half:.2f} to '
-                                                                      f'{mean + half:.2f})'])
-        cells.append(str(len(values)))
+        spread = ['-', 'needs two runs'] if sd is None else \
+            [f'{sd:.2f}', f'± {half:.2f} ({mean - half:.2f} to {mean + half:.2f})']
+        cells = [metric_name(column), f'{mean:.2f}', *spread, str(len(values))]
         if published:
-            known = column in published
-            cells += [f'{published[column]:.1f}' if known else '', f'{mean - published[column]:+.2f}' if known else '']
+            figure = published.get(column)
+            cells += ['', ''] if figure is None else [f'{figure:.1f}', f'{mean - figure:+.2f}']
         lines.append('| ' + ' | '.join(cells) + ' |')
     if published:
-        lines.append(f'\noriginal: the published figure of {setting} (its README); difference: mean - original, '
-                     f'in points')
+        lines.append(f'\noriginal: the published figure of {" ".join(map(str, setting))} (its README); difference: '
+                     f'mean - original, in points')
     return '\n'.join(lines)
 
 
@@ -187,21 +171,20 @@ def main(argv=None):
     args = parse_args(argv)
     if args.epoch not in ('selected', 'last') and not args.epoch.isdigit():
         raise UserError(f"--epoch {args.epoch}: expected 'selected', 'last' or an epoch number")
-    runs = [(path, read_settings(path), read_statistics(path)) for path in args.statistics]
-    check_poolable(runs)
-    chosen = [select_row(table, path, args.epoch) for path, _, table in runs]
-    settings = runs[0][1]
-    setting = ' '.join(str(settings.get(k)) for k in ('data_name', 'crop_type', 'backbone_type', 'feature_dim'))
-    print(f'{len(runs)} run(s) of {setting}' + (f', val_split {settings["val_split"]}' if settings.get('val_split')
-                                                  else '') + ':')
-    for (path, run_settings, _), (row, why) in zip(runs, chosen):
-        print(f'  seed {run_settings["seed"]}: epoch {int(row["epoch"])} ({why}) of {path}')
+    pooled = [(path, read_settings(path), read_statistics(path)) for path in args.statistics]
+    check_poolable(pooled)
+    chosen = [select_row(table, path, args.epoch) for path, _, table in pooled]
+    settings = pooled[0][1]
+    setting = tuple(settings.get(k) for k in SETTING)
+    val = f', val_split {settings["val_split"]}' if settings.get('val_split') else ''
+    print(f'{len(pooled)} run(s) of {" ".join(map(str, setting))}{val}:')
+    for (path, run, _), (row, why) in zip(pooled, chosen):
+        print(f'  seed {run["seed"]}: epoch {int(row["epoch"])} ({why}) of {path}')
     print()
-    text = table_text(metric_columns(runs[0][2].columns), [row for row, _ in chosen], published_figures(settings),
-                      setting)
+    text = table_text(metric_columns(pooled[0][2].columns), [row for row, _ in chosen], setting)
     print(text)
     return text
 
 
 if __name__ == '__main__':
-    cli.run_cli(main)
+    run_cli(main)
