@@ -1,6 +1,6 @@
-"""Signals only recorded by their handler and acted on at a safe point (cli.safe_points / stop_point): a SIGTERM or
-Ctrl-C that arrives while a DataLoader forks its workers (inside os.fork's hooks, where Python drops a handler's
-exception) still stops training, with one line and the conventional exit status."""
+"""Signals only recorded by their handler and acted on at a safe point (cli.safe_points / stop_point): a SIGTERM
+sent at any moment of training (before, while and after a loader forks its workers, during evaluation, during a
+background write) stops the run with one line and exit status 143, leaving no process behind; the same for Ctrl-C."""
 import os
 import signal
 import subprocess
@@ -9,41 +9,89 @@ import sys
 import pytest
 
 import cli
+import files
+import runs
 from _train_fixtures import REPO, flags, out
 
-# sends `SIGNAL` to itself from inside os.fork's first 'before' hook, i.e. as the first loader worker is forked
-FORKING = '''
-import os, signal, sys
+# train.py in a child that sends itself a signal at one moment of the run, from inside the code running then
+LAUNCHER = '''
+import functools, os, signal, sys, threading
 sys.path.insert(0, sys.argv[1])
-import cli, train
-sent = []
+import cli, files, imaging, train
+moment, signum, sent = sys.argv[2], getattr(signal, sys.argv[3]), []
+
 def send():
     if not sent:
         sent.append(1)
-        os.kill(os.getpid(), signal.{name})
-os.register_at_fork(before=send)
-cli.run_cli(lambda: train.main(sys.argv[2:]), train.INTERRUPTED)
+        os.kill(os.getpid(), signum)
+
+def before(function, when=lambda *a, **k: True):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        if when(*args, **kwargs):
+            send()
+        return function(*args, **kwargs)
+    return wrapper
+
+if moment == 'fork':  # inside os.fork's hooks, where Python drops an exception raised by a handler
+    os.register_at_fork(before=send)
+elif moment == 'before_workers':
+    imaging.Images.train_batches = before(imaging.Images.train_batches)
+elif moment == 'after_workers':
+    train.train_step = before(train.train_step)
+elif moment == 'evaluation':
+    train.retrieval_metrics = before(train.retrieval_metrics)
+elif moment == 'background_write':  # on the writer's thread, while the checkpoint of epoch 1 is written
+    files.atomic_write = before(files.atomic_write, lambda found: any('checkpoint' in p for p in found))
+cli.run_cli(lambda: train.main(sys.argv[4:]), train.INTERRUPTED)
 '''
+MOMENTS = ('fork', 'before_workers', 'after_workers', 'evaluation', 'background_write')
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('name, status', [('SIGTERM', 143), ('SIGINT', 130)])
-def test_signal_while_workers_fork_stops_the_run(dataset, tmp_path, name, status):
+def stopped_run(dataset, results, moment, name):
+    """train.py (2 loader workers, no cache) signalled at `moment` in its own session -> (status, stdout, stderr),
+    after checking that no process of the session is left."""
     env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
-    args = flags(dataset, tmp_path, '--cache', 'off', workers=2)
-    process = subprocess.Popen([sys.executable, '-c', FORKING.format(name=name), str(REPO), *args], cwd=REPO,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    args = flags(dataset, results, '--cache', 'off', workers=2)
+    process = subprocess.Popen([sys.executable, '-c', LAUNCHER, str(REPO), moment, name, *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        stdout, stderr = process.communicate(timeout=600)
+        stdout, stderr = process.communicate(timeout=600)  # a ceiling for a hang, never reached by a stop
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)  # the run and its loader workers
             process.wait()
-    assert process.returncode == status, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1] == f'interrupted: {__import__("train").INTERRUPTED}', stderr[-2000:]
-    assert 'Traceback' not in stderr and 'Epoch 1/' not in stdout  # stopped before its first epoch ended
-    assert not os.path.exists(out(tmp_path, 'checkpoint.pth'))
+    try:
+        os.killpg(process.pid, 0)
+        left = True
+    except ProcessLookupError:
+        left = False
+    assert not left, 'a process of the stopped run (a loader worker?) is still running'
+    return process.returncode, stdout, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('moment', MOMENTS)
+def test_sigterm_at_any_moment_stops_the_run(dataset, tmp_path, moment):
+    import train
+    status, stdout, stderr = stopped_run(dataset, tmp_path, moment, 'SIGTERM')
+    assert status == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == f'interrupted: {train.INTERRUPTED}' and 'Traceback' not in stderr
+    assert 'Epoch 2/' not in stdout  # stopped within the epoch it was signalled in
+    checkpoint = out(tmp_path, 'checkpoint.pth')
+    if moment in ('evaluation', 'background_write'):  # epoch 1's files were being handed over: all written
+        assert 'Epoch 1/' in stdout and os.path.isfile(checkpoint)
+        state = files.safe_load(checkpoint, 'checkpoint')
+        assert state['epoch'] == 1 and runs.checkpoint_problem(state, {'num_epochs': 2, 'recalls': [1, 2],
+                                                                       'val_split': 0.0}) is None
+    else:
+        assert 'Epoch 1/' not in stdout and not os.path.exists(checkpoint)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_workers_fork_stops_the_run(dataset, tmp_path):
+    status, stdout, stderr = stopped_run(dataset, tmp_path, 'fork', 'SIGINT')
+    assert status == 130 and 'Traceback' not in stderr and stderr.strip().splitlines()[-1].startswith('interrupted:')
 
 
 def test_safe_points_defer_a_signal_to_the_next_stop_point():
