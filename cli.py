@@ -64,7 +64,9 @@ def run_cli(main, interrupted='stopped at once; files already written are intact
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     handle = threading.current_thread() is threading.main_thread()  # Python runs handlers there only
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if handle else {}
+    # a SIGINT ignored from the start (a job started with & by a script, nohup) stays ignored
+    signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN] if handle else []
+    previous = {s: signal.signal(s, on_signal) for s in signals}
     try:
         try:
             return main()

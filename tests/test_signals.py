@@ -18,6 +18,7 @@ LAUNCHER = '''
 import functools, os, signal, sys, threading
 sys.path.insert(0, sys.argv[1])
 import cli, files, imaging, train
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under nohup
 moment, signum, sent = sys.argv[2], getattr(signal, sys.argv[3]), []
 
 def send():
@@ -109,7 +110,15 @@ def test_safe_points_defer_a_signal_to_the_next_stop_point():
     assert stop.value.code == 143 and reached == ['after the signal']
 
 
-def test_a_second_signal_acts_at_once_and_outside_safe_points_at_once():
+@pytest.fixture
+def ctrl_c():
+    """Ctrl-C's SIGINT handled as in a terminal while the test runs, even when the suite runs with it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_second_signal_acts_at_once_and_outside_safe_points_at_once(ctrl_c):
     reached = []
 
     def main():
@@ -130,3 +139,15 @@ def test_a_second_signal_acts_at_once_and_outside_safe_points_at_once():
     with pytest.raises(SystemExit) as stop:
         cli.run_cli(plain)
     assert stop.value.code == 143 and reached == ['first recorded']
+
+
+def test_an_ignored_sigint_stays_ignored():
+    """A job started with SIGINT ignored (by a script's &, or nohup) is not stopped by one."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        def main():
+            os.kill(os.getpid(), signal.SIGINT)
+            return 'finished'
+        assert cli.run_cli(main) == 'finished' and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
