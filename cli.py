@@ -75,6 +75,9 @@ def run_cli(main, interrupted='stopped at once; files already written are intact
             if _first_to_report(rank):
                 print(f'{f"[rank {rank}] " if rank else ""}error: {err}', file=sys.stderr, flush=True)
             sys.exit(1)
+    except BrokenPipeError:  # the reader of stdout left (`| head`): end quietly, as a process killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        sys.exit(128 + signal.SIGPIPE)
     except (KeyboardInterrupt, Exception) as stop:  # Ctrl-C, or SIGTERM as Terminated
         stopping.append(stop)
         told = _error_reported()  # under torchrun: another process stopped with a user error it printed

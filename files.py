@@ -113,7 +113,6 @@ def hold_lock(path, script, busy, read_only_ok=False):
     hard link, pipe or device planted there is a UserError, and so is another holder: busy(its note). With
     read_only_ok, in a folder this user may only read, an existing lock file is locked read-only and a missing
     one means no lock (-> None): such a run can create nothing there either. Other OS errors propagate."""
-    import fcntl
     flags = os.O_NOFOLLOW | os.O_NONBLOCK  # a planted link fails (ELOOP); a planted pipe does not block the open
     writable = True
     try:

@@ -3,6 +3,7 @@ ways (SPoC, MAC, GeM), each projected and L2-normalised, then concatenated into 
 embedding; a BatchNorm + Linear classifier on the same vector drives training.
 
 `python model.py` prints the Params | FLOPs table of the three backbones on the four datasets."""
+import argparse
 import os
 import re
 import socket
@@ -248,8 +249,10 @@ DATASET_CLASSES = {'CARS196': 98, 'CUB200': 100, 'SOP': 11318, 'In-shop': 3997} 
 TABLE_NAMES = {'resnet18': 'ResNet18', 'resnet50': 'ResNet50', 'seresnet50': 'SEResNet50'}
 
 
-def main():
+def main(argv=None):
     """Print the Params | FLOPs table in Markdown (rows: backbones, columns: datasets; feature_dim 512, 224 input)."""
+    argparse.ArgumentParser(description='Print the Params | FLOPs table of every backbone at feature_dim 512 and '
+                                        "224 x 224 input, one column per dataset's training classes").parse_args(argv)
     print('| Backbone | ' + ' | '.join(DATASET_CLASSES) + ' |\n| --- |' + ' --- |' * len(DATASET_CLASSES))
     for backbone_type in BACKBONES:
         cells = []

@@ -286,6 +286,10 @@ def main(argv=None):
 
 def train(config, dicts, rt, run, model, runner, optimizer, scheduler):
     """Train from the run's first epoch to the last, evaluating and handing each epoch's files to the run."""
+    if run.first_epoch > config['num_epochs']:  # a finished run: nothing to decode or train
+        if rt.main:
+            print(run.final_line(), flush=True)
+        return
     images = imaging.Images(dicts, config, rt)
     criterion = utils.LabelSmoothingCrossEntropy(SMOOTHING, TEMPERATURE, utils.class_balanced_weights(
         images.targets, config['num_classes'])).to(rt.device)
