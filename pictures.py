@@ -19,7 +19,7 @@ ROW_MAX = 11  # tiles per line of the row picture (query + 10); a longer top-K w
 MAP_SIDE, THUMB, FRAME = 2000, 40, 4  # embedding map: longer side of the points' area, thumbnail side with its frame
 MAP_MARGIN = 12  # white around the points
 # up to LEGEND_MAX classes, a legend (a swatch and the label of each class) in rows and columns of these sizes
-LEGEND_MAX, LEGEND_ROW, LEGEND_COLUMN = 60, 26, 200
+LEGEND_MAX, LEGEND_ROW, LEGEND_COLUMN, LEGEND_MIN_ROWS = 60, 26, 200, 16
 COLLAPSED = 1e-6  # embeddings (unit vectors) within this distance of one line through their mean have collapsed
 MAP_PER_CLASS = 5  # the sample takes at least this many images of each class it shows (where a class has them)
 TSNE_PCA_DIMS = 50  # embeddings are reduced to this many dimensions by PCA before t-SNE (the usual practice)
@@ -135,8 +135,8 @@ def palette(n):
 
 
 def class_colours(labels):
-    """{label: RGB}: well-separated colours (palette) in the sorted order of the labels."""
-    classes = sorted(set(labels))
+    """{label: RGB}: well-separated colours (palette) in the order of the labels (numbers by value: 9 before 10)."""
+    classes = sorted(set(labels), key=lambda v: (0, int(v), str(v)) if str(v).isdecimal() else (1, 0, str(v)))
     return dict(zip(classes, palette(len(classes))))
 
 
@@ -163,9 +163,11 @@ def draw_embedding_map(coordinates, thumbnails, labels):
     colours = class_colours(labels)
     font, small = ImageFont.load_default(size=20), ImageFont.load_default(size=17)
     legend = len(colours) <= LEGEND_MAX
-    rows = max(1, (height - 2 * MAP_MARGIN) // LEGEND_ROW)
+    # the legend's rows: as many as the points' height holds, at least LEGEND_MIN_ROWS (a flat cloud: a taller canvas)
+    rows = max((height - 2 * MAP_MARGIN) // LEGEND_ROW, min(len(colours), LEGEND_MIN_ROWS))
     columns = -(-len(colours) // rows) if legend else 0
-    canvas = Image.new('RGB', (width + columns * LEGEND_COLUMN, max(height, 2 * MAP_MARGIN + LEGEND_ROW)), 'white')
+    canvas = Image.new('RGB', (width + columns * LEGEND_COLUMN, max(height, 2 * MAP_MARGIN + rows * LEGEND_ROW)),
+                       'white')
     draw = ImageDraw.Draw(canvas)
     for (x, y), thumbnail, label in zip(corners.tolist(), thumbnails, labels):
         tile = Image.new('RGB', (THUMB, THUMB), colours[label])
