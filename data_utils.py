@@ -3,6 +3,7 @@ generated demo set into image folders and lists, {data_path}/{name}/{crop_type}_
 reads and checks that format (the datasets' own files are read by datasets.py)."""
 import argparse
 import contextlib
+import difflib
 import filecmp
 import io
 import os
@@ -20,6 +21,7 @@ from files import TEMPORARY_EXTRA, atomic_write, hold_lock, read_bytes, remove_t
 from imaging import load_image
 
 MAX_LISTED = 20  # bad files listed by name in one error; the rest are counted
+BOXED = ('car', 'cub', 'demo')  # the datasets with bounding boxes: only they get cropped lists
 
 
 def data_dict_path(data_path, data_name, crop_type):
@@ -262,18 +264,40 @@ def process_dataset(data_path, name, split=None, seed=0):
             os.close(fd)
 
 
+def _near(name, names):
+    """The closest of `names` to a mistyped `name` (difflib), else None."""
+    return next(iter(difflib.get_close_matches(name, [n for n in names if n != name], n=1)), None)
+
+
 def load_data_dicts(data_path, data_name, crop_type):
-    """Read and check the lists this script wrote -> (dicts, path); each problem is a UserError saying what to run."""
+    """Read and check the lists this script wrote -> (dicts, path); each problem is a UserError saying what to run,
+    or which near name was meant (the known datasets and the folders in data_path)."""
     _check_options([data_name])
     if crop_type not in CROP_TYPES:
-        raise UserError(f'--crop_type {crop_type!r}: expected one of {", ".join(CROP_TYPES)}')
+        near = _near(crop_type, CROP_TYPES)
+        raise UserError(f'--crop_type {crop_type!r}: expected one of {", ".join(CROP_TYPES)}'
+                        f'{f" (did you mean {near}?)" if near else ""}')
     root, path = os.path.join(data_path, data_name), data_dict_path(data_path, data_name, crop_type)
     command = f'`python data_utils.py --data_path {data_path} --data_name {data_name}`'  # makes the lists
     if not os.path.isdir(root):
+        folders = []
+        with contextlib.suppress(OSError):
+            folders = [f for f in os.listdir(data_path)
+                       if not f.startswith('.') and os.path.isdir(os.path.join(data_path, f))]
+        near = _near(data_name, [*DATASETS, 'demo', *folders]) if data_name not in (*DATASETS, 'demo') else None
+        if near:  # a typo: the near name, not a data_utils.py command for the mistyped one (which would fail too)
+            raise UserError(f'unknown dataset {data_name!r}: {root} is not a folder; did you mean --data_name {near}? '
+                            f'(known datasets: {", ".join(DATASETS)}, demo; folders in {data_path}: '
+                            f'{", ".join(sorted(folders)) or "none"})')
         raise UserError(f'demo: folder not found: {root}; the demo is generated: run {command}' if data_name == 'demo'
                         else f'{_folder_error(root, data_name)}\nthen run {command}')
     if not os.path.isfile(path):
-        boxes = ' (cropped lists exist only for datasets with bounding boxes: car, cub, demo)'
+        if crop_type == 'cropped' and data_name not in BOXED:  # data_utils.py cannot make these: say what works
+            then = '' if os.path.isfile(data_dict_path(data_path, data_name, 'uncropped')) else f', after {command}'
+            raise UserError(f'data dict not found: {path}; {data_name} has no bounding boxes, so data_utils.py '
+                            f'makes only uncropped lists for it (cropped ones exist for {", ".join(BOXED)}): use '
+                            f'--crop_type uncropped{then}')
+        boxes = f' (cropped lists exist only for datasets with bounding boxes: {", ".join(BOXED)})'
         raise UserError(f'data dict not found: {path}; run {command} first{boxes if crop_type == "cropped" else ""}')
     dicts = safe_load(path, 'data dict')
     splits = [s for s in ('train', 'test', 'query', 'gallery') if isinstance(dicts, dict) and s in dicts]

@@ -154,13 +154,43 @@ def remove_temporaries(paths):
                 os.remove(tmp)
 
 
+# An image file larger than this is refused unread: more than an uncompressed 16-bit RGB image at PIL's
+# default pixel limit (89.5 M pixels x 6 bytes = 537 MB) takes
+IMAGE_FILE_LIMIT = 2 ** 30
+
+
+def file_problem(path, what='file', limit=None):
+    """Why `path` is no regular file that may be read (within `limit` bytes), as a message naming it, or None.
+    One stat, following links: a link to a folder, pipe or device (/dev/zero, which never ends; a FIFO, which
+    waits for a writer) is refused without being opened."""
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return f'{what} not found: {path}'
+    try:
+        info = os.stat(path)
+    except OSError:  # a link to nothing, a folder we may not search
+        info = None
+    if info is None or not stat.S_ISREG(info.st_mode):
+        return f'{what} {path} is not a regular file (a folder, pipe or device?)'
+    if limit is not None and info.st_size > limit:
+        return f'{what} {path} is {info.st_size:,} bytes, more than the {limit:,} an image file may have'
+    return None
+
+
+def check_image_file(path, what='image'):
+    """A UserError unless `path` is a regular file within IMAGE_FILE_LIMIT: what every query image passes before
+    it is opened (test.py's --query_img_name and --query_dir)."""
+    problem = file_problem(path, what, IMAGE_FILE_LIMIT)
+    if problem:
+        raise UserError(problem)
+
+
 def read_bytes(path, what='file'):
     """The bytes of a regular file; a missing file, a folder, a pipe or a device is a UserError."""
     path = os.fspath(path)
-    if not os.path.lexists(path):
-        raise UserError(f'{what} not found: {path}')
-    if not os.path.isfile(path):
-        raise UserError(f'{what} {path} is not a regular file (a folder, pipe or device?)')
+    problem = file_problem(path, what)
+    if problem:
+        raise UserError(problem)
     try:
         with open(path, 'rb') as f:
             return f.read()

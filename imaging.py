@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -35,6 +35,7 @@ def normalization(name):
     return NORMALIZATION.get(name, (IMAGENET_MEAN, IMAGENET_STD))
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a stored image is turned for display
 _OPEN_LOCK = threading.Lock()  # the warning filters are global: decoder threads take turns at changing them
 
 
@@ -59,14 +60,15 @@ def open_image(path, data=None):
                     f'Image.MAX_IMAGE_PIXELS (a guard against decompression bombs); shrink it first')
 
 
-def load_image(path, data=None):
+def load_image(path, data=None, upright=False):
     """Open and fully decode an image as RGB (PIL); an unreadable or oversized file is a UserError naming it. `data`:
-    the file's bytes when already in memory (an upload; `path` then only names it)."""
+    the file's bytes when already in memory (an upload; `path` then only names it). upright: turned as its EXIF
+    orientation tag says (a query: phones store photos sideways with the tag), else the stored pixels (training)."""
     path = os.fspath(path)
     try:
         with open_image(path, data) as img:
             img.load()  # decode now, inside the try, so a damaged file fails here and not later
-            return _to_rgb(img)
+            return _to_rgb(ImageOps.exif_transpose(img) if upright and _orientation(img) != 1 else img)
     except (UserError, MemoryError):  # MemoryError: no fault of the file (build_cache says what to do)
         raise
     except FileNotFoundError:
@@ -78,6 +80,15 @@ def load_image(path, data=None):
             raise UserError(f'cannot read image {path}: {err.strerror or err}') from None
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f'cannot decode image {path}: {reason} (damaged, or not an image)') from None
+
+
+def _orientation(img):
+    """The EXIF orientation tag of an opened image: 1 (as stored) to 8; 1 where none or a damaged one is found."""
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: the pixels as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _to_rgb(img):
@@ -112,21 +123,32 @@ def _within_limit(size):
     return size is not None and (limit is None or size[0] * size[1] <= limit)
 
 
-def load_image_uint8(path, data=None):
-    """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels); `data` as load_image's."""
+def load_image_uint8(path, data=None, upright=False):
+    """A fully decoded image as uint8 [3, H, W] (a channels-last view of [H, W, 3] pixels); `data` and `upright` as
+    load_image's."""
     path = os.fspath(path)
     try:  # plain JPEGs: torchvision's libjpeg-turbo, whole file at once, ~25 % faster than PIL, same pixels
         if data is None:
             with open(path, 'rb') as f:
                 data = f.read()
         # JPEG, not an Adobe CMYK one, within PIL's pixel limit (a larger one: load_image says so)
-        if data[:3] == b'\xff\xd8\xff' and b'Adobe' not in data[:4096] and _within_limit(_jpeg_size(data)):
+        if data[:3] == b'\xff\xd8\xff' and b'Adobe' not in data[:4096] and _within_limit(_jpeg_size(data)) \
+                and not (upright and _turned(data)):
             with warnings.catch_warnings(action='ignore', category=DeprecationWarning):  # 0.29: "torchcodec"
                 from torchvision.io import ImageReadMode, decode_jpeg
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (ImportError, RuntimeError, OSError, ValueError):
         pass  # a later torchvision without it, a file it refuses, or one the OS refuses: PIL names the error
-    return torch.from_numpy(np.array(load_image(path, data))).permute(2, 0, 1)
+    return torch.from_numpy(np.array(load_image(path, data, upright))).permute(2, 0, 1)
+
+
+def _turned(data):
+    """Whether a JPEG's bytes carry an EXIF orientation other than 1 (PIL reads the header only)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return _orientation(img) != 1
+    except Exception:  # a damaged header: PIL's full decode names the problem
+        return True
 
 
 def resize_uint8(x, side):
@@ -191,10 +213,11 @@ def gather_crops(images, indices, draws, side):
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def eval_input(path, side, mean, std, data=None):
-    """An image file (or its bytes `data`) as train.py evaluates it: the full decode resized to side x side,
-    normalised -> float [3, s, s]."""
-    return Normalize(mean, std)(resize_uint8(load_image_uint8(path, data), side))
+def eval_input(path, side, mean, std, data=None, upright=True):
+    """A query image file (or its bytes `data`) as train.py evaluates its images: the full decode resized to
+    side x side, normalised -> float [3, s, s]. A query is first turned upright as its EXIF orientation tag says
+    (upright=False: the stored pixels, as the datasets of training and evaluation read every image)."""
+    return Normalize(mean, std)(resize_uint8(load_image_uint8(path, data, upright), side))
 
 
 class ImageListDataset(torch.utils.data.Dataset):

@@ -6,7 +6,9 @@ database's images, ranked with ties against the query. test.py and serve.py answ
 A database: {'version': VERSION, 'test_images': [paths], 'test_labels': [str], 'test_features': float [N, D],
 ('gallery_images', 'gallery_labels', 'gallery_features': a query/gallery dataset's gallery, its query split under
 test_*, as the original stored it), 'config': {DATABASE_CONFIG, 'settings': the run's settings}}."""
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -182,20 +184,25 @@ class Database:
         """Where a query file is in the database: (index to exclude from the searched split, stored feature or
         None, label or None). A query-split image searches the whole gallery; a test image the rest of its split."""
         for part in ('test', 'gallery') if self.has_gallery else ('test',):
-            index = find_image(query_path, self.db[f'{part}_images'])
+            index = find_image(query_path, self.db[f'{part}_images'], self._identities.setdefault(part, {}))
             if index is not None:
                 feature, label = self.db[f'{part}_features'][index], self.db[f'{part}_labels'][index]
                 return (index if part == self.split else None), feature, label
         return None, None, None
+
+    @functools.cached_property
+    def _identities(self):
+        """{split: find_image's {(st_dev, st_ino): index} of its images}, each built at its first use."""
+        return {}
 
     def embed(self, inputs):
         """Retrieval embeddings [B, D] (CPU, float) of preprocessed images [B, 3, s, s]."""
         return embed_inputs(self.model, inputs, self.device)
 
     def embed_file(self, path, data=None):
-        """Retrieval embedding [D] of an image file (or its bytes `data`), preprocessed as train.py did the
-        database's images."""
-        return embed_image(self.model, path, self.config, self.device, data)
+        """Retrieval embedding [D] of a query image file (or its bytes `data`), preprocessed as train.py did the
+        database's images, after turning it upright as its EXIF orientation tag says (phone photos)."""
+        return embed_image(self.model, path, self.config, self.device, data, upright=True)
 
 
 def open_database(name, results_dir, device, with_model=True):
@@ -212,10 +219,10 @@ def embed_inputs(model, inputs, device):
     return model.to(device)(inputs.to(device))[0].float().cpu()
 
 
-def embed_image(model, path, config, device, data=None):
+def embed_image(model, path, config, device, data=None, upright=True):
     """Retrieval embedding [n*feature_dim] of an image file (or its bytes `data`), preprocessed as train.py did the
-    database's images."""
-    x = imaging.eval_input(path, config['image_size'], config['mean'], config['std'], data)  # [3, s, s]
+    database's images; upright: turned first as its EXIF orientation tag says (imaging.eval_input)."""
+    x = imaging.eval_input(path, config['image_size'], config['mean'], config['std'], data, upright)  # [3, s, s]
     return embed_inputs(model, x[None], device)[0]
 
 
@@ -235,15 +242,26 @@ def check_upload(data, name):
         raise UserError(f'cannot decode image {name}: {reason} (damaged, or not an image)') from None
 
 
-def find_image(path, images):
-    """Index of the query in a database image list (the same path, or the same file), else None."""
+def find_image(path, images, identities=None):
+    """Index of the query in a database image list: the same path, else the same file under another name (a link or
+    a hard link: the same st_dev and st_ino), else None. `identities`: a dict kept between calls for the same list,
+    filled with {(st_dev, st_ino): index} at the first query not found by its path (one stat per image, once)."""
     target = os.path.normcase(os.path.abspath(path))
-    same_path = (i for i, p in enumerate(images) if os.path.normcase(os.path.abspath(p)) == target)
-    # a link to a database image: stat only the candidates with the same name (a database is large)
-    same_file = (i for i, p in enumerate(images) if os.path.basename(p) == os.path.basename(path)
-                 and os.path.exists(p) and os.path.samefile(p, path))
-    index = next(same_path, None)
-    return index if index is not None else next(same_file, None)
+    index = next((i for i, p in enumerate(images) if os.path.normcase(os.path.abspath(p)) == target), None)
+    if index is not None:
+        return index
+    try:
+        query = os.stat(path)
+    except OSError:  # no file: nothing to compare
+        return None
+    identities = {} if identities is None else identities
+    if not identities:
+        for i, p in enumerate(images):
+            with contextlib.suppress(OSError):  # a moved database image matches no query
+                found = os.stat(p)
+                identities.setdefault((found.st_dev, found.st_ino), i)  # the first listing of a file, as by path
+        identities.setdefault(None, None)  # built, even where no image could be found
+    return identities.get((query.st_dev, query.st_ino))
 
 
 def check_k(k, images, exclude, asked, source, split):

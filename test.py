@@ -30,6 +30,7 @@ from cli import UserError
 from datasets import IMAGE_EXTENSIONS
 
 BATCH = 32  # --query_dir: images decoded and embedded per forward pass
+FORMULA_STARTS = ('=', '+', '-', '@', '\t', '\r')  # a CSV cell starting so is a formula to a spreadsheet
 DEFAULT_QUERY = '/home/data/car/uncropped/008055.jpg'  # the original's default query
 
 
@@ -57,8 +58,9 @@ def load_query(path):
     """The query as an RGB image; a folder, pipe, missing or undecodable file is a UserError saying so."""
     if os.path.isdir(path):
         raise UserError(f'the query {path} is a folder; give one image file')
-    files.read_bytes(path, 'query image')  # missing, a pipe or device (which PIL would wait on), unreadable
-    return imaging.load_image(path)  # undecodable: 'cannot decode image ...: reason (damaged, or not an image)'
+    files.check_image_file(path, 'query image')  # missing, a pipe or device (which PIL would wait on), too large
+    # undecodable: 'cannot decode image ...: reason (damaged, or not an image)'; turned upright as EXIF says
+    return imaging.load_image(path, upright=True)
 
 
 def database_picture(path, side, db_path):
@@ -83,6 +85,13 @@ def list_images(folder):
     return found
 
 
+def regular_images(paths):
+    """The paths that are regular files within files.IMAGE_FILE_LIMIT (the check --query_img_name makes), and
+    [(path, reason)] of the others, never opened: pipes, devices, links to them (/dev/zero), larger files."""
+    problems = {path: files.file_problem(path, 'image', files.IMAGE_FILE_LIMIT) for path in paths}
+    return [p for p in paths if problems[p] is None], [(p, problems[p]) for p in paths if problems[p] is not None]
+
+
 def embed_folder(database, paths, batch_size=BATCH):
     """[(path, feature [D], index to exclude or None, label or None)] of the readable queries: a database image's
     stored feature, else its embedding, in batches; unreadable ones -> (path, reason) in the second list."""
@@ -93,7 +102,8 @@ def embed_folder(database, paths, batch_size=BATCH):
         inputs = {}  # path -> [3, s, s]: one batch decoded at a time (bounded memory)
         for path in outside[begin:begin + batch_size]:  # one by one, so that a damaged file is named and skipped
             try:
-                inputs[path] = imaging.eval_input(path, config['image_size'], config['mean'], config['std'])
+                inputs[path] = imaging.eval_input(path, config['image_size'], config['mean'], config['std'],
+                                                  upright=True)
             except UserError as err:
                 unreadable.append((path, str(err)))
         if inputs:
@@ -103,16 +113,23 @@ def embed_folder(database, paths, batch_size=BATCH):
     return queries, unreadable
 
 
+def as_text(cell):
+    """A CSV text cell (a file name, a label) that a spreadsheet shows as text: one starting with =, +, -, @, a tab
+    or a carriage return would be read as a formula, so it gets the usual leading apostrophe."""
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
+
+
 def retrieve_folder(database, folder, k, results_dir):
     """Rank every image under `folder` into {results_dir}/{folder name}_top{k}.csv (query, rank, path, label,
     score; k rows per query, the rows test.py --query_img_name gives for it) -> the CSV's path."""
-    paths = list_images(folder)
+    paths, skipped = regular_images(list_images(folder))
     queries, unreadable = embed_folder(database, paths)
+    unreadable = skipped + unreadable
     if unreadable:
         listed = '; '.join(reason for _, reason in unreadable[:20])  # each names its file
         more = f' and {len(unreadable) - 20} more' if len(unreadable) > 20 else ''
-        print(f'warning: {len(unreadable)} of {len(paths)} images under {folder} cannot be read and are skipped: '
-              f'{listed}{more}', file=sys.stderr, flush=True)
+        print(f'warning: {len(unreadable)} of {len(paths) + len(skipped)} images under {folder} cannot be read and '
+              f'are skipped: {listed}{more}', file=sys.stderr, flush=True)
     if not queries:
         raise UserError(f'no image under --query_dir {folder} could be read; nothing was written')
     images, labels, features = database.images, database.labels, database.features
@@ -123,7 +140,7 @@ def retrieve_folder(database, folder, k, results_dir):
     writer.writerow(('query', 'rank', 'path', 'label', 'score'))
     for path, feature, exclude, label in queries:
         indices, scores = retrieval.top_k(feature, features, k, exclude, labels, label)
-        writer.writerows((path, rank, images[i], labels[i], score)
+        writer.writerows((as_text(path), rank, as_text(images[i]), as_text(labels[i]), score)
                          for rank, (i, score) in enumerate(zip(indices, scores), start=1))
     name = os.path.basename(os.path.abspath(folder)) or 'root'  # a name, never a path: the CSV stays in results_dir
     target = os.path.join(results_dir, f'{name}_top{k}.csv')
@@ -141,12 +158,13 @@ def write_embedding_map(database, results_dir, limit, seed):
         raise UserError(f'an embedding map needs at least 5 images; {database.path} gives {len(chosen)} '
                         f'(--map_images {limit})')
     target = os.path.join(results_dir, f'{os.path.splitext(os.path.basename(database.path))[0]}_map.png')
+    pictures.check_spread(features[chosen], database.path)  # collapsed embeddings: one line, no map, no crash
     # every picture is read before the slow part, so a moved dataset is found at once
     thumbnails = [database_picture(images[i], pictures.THUMB - 2 * pictures.FRAME, database.path) for i in chosen]
     start = time.time()
     print(f'Embedding map: t-SNE of {len(chosen)} of the {len(images)} test images '
           f'({len({labels[i] for i in chosen})} classes), running...', flush=True)
-    coordinates = pictures.embedding_coordinates(features[chosen], seed)
+    coordinates = pictures.embedding_coordinates(features[chosen], seed, database.path)
     files.atomic_write({target: pictures.draw_embedding_map(coordinates, thumbnails, [labels[i] for i in chosen])})
     print(f'Embedding map: t-SNE {time.time() - start:.1f}s, saved to {target}', flush=True)
     return target
@@ -194,8 +212,9 @@ def main(argv=None):
         target = retrieve_folder(database, args.query_dir, args.retrieval_num, args.results_dir)
     elif query:
         target = retrieve(database, args.query_img_name or DEFAULT_QUERY, args.retrieval_num, args.results_dir)
-    if args.embedding_map:
-        target = target or write_embedding_map(database, args.results_dir, args.map_images, args.seed)
+    if args.embedding_map:  # also with a query: written as well (the query's target is returned)
+        drawn = write_embedding_map(database, args.results_dir, args.map_images, args.seed)
+        target = target or drawn
     return target
 
 

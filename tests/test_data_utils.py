@@ -856,9 +856,10 @@ SPLITS = "expected splits 'train' and 'test' (or 'query' and 'gallery'), found "
                                 "isc, demo, or an own dataset laid out as\n  nope/<class>/<image>"),
     ('raw', 'uncropped', None, 'data dict not found: {root}/raw/uncropped_data_dicts.pth; '
                                'run `python data_utils.py --data_path {root} --data_name raw` first'),
-    ('tiny', 'cropped', None, 'data dict not found: {root}/tiny/cropped_data_dicts.pth; run `python data_utils.py '
-                              '--data_path {root} --data_name tiny` first (cropped lists exist only for datasets '
-                              'with bounding boxes: car, cub, demo)'),
+    # an own folder has no boxes: data_utils.py cannot make cropped lists for it (issue 24 item 21)
+    ('tiny', 'cropped', None, 'data dict not found: {root}/tiny/cropped_data_dicts.pth; tiny has no bounding boxes, '
+                              'so data_utils.py makes only uncropped lists for it (cropped ones exist for car, cub, '
+                              'demo): use --crop_type uncropped'),
     ('bad', 'uncropped', [1, 2], BAD + SPLITS + 'list'),
     ('bad', 'uncropped', {'train': {}, 'query': {}}, BAD + SPLITS + "['query', 'train']"),
     ('bad', 'uncropped', {'train': {'a': []}, 'test': {'b': ['x.jpg']}},

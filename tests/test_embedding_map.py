@@ -61,7 +61,8 @@ def test_embedding_map_alone_writes_the_picture_and_runs_no_query(tmp_path, caps
     out = capsys.readouterr().out
     assert 'Embedding map: t-SNE of 40 of the 48 test images (4 classes), running...' in out and 'query' not in out
     with Image.open(target) as picture:
-        assert picture.size == (pictures.MAP_SIDE, pictures.MAP_SIDE)
+        # fitted to the points (issue 24): the longer extent MAP_SIDE, a legend column to the right
+        assert pictures.MAP_SIDE in (picture.height, picture.width - pictures.LEGEND_COLUMN)
         pixels = np.asarray(picture.convert('RGB')).reshape(-1, 3)
     # each class's frame colour is on the picture, and the background is white
     for colour in pictures.class_colours(labels).values():
