@@ -5,7 +5,9 @@ database's images, ranked with ties against the query. test.py and serve.py answ
 
 A database: {'version': VERSION, 'test_images': [paths], 'test_labels': [str], 'test_features': float [N, D],
 ('gallery_images', 'gallery_labels', 'gallery_features': a query/gallery dataset's gallery, its query split under
-test_*, as the original stored it), 'config': {DATABASE_CONFIG, 'settings': the run's settings}}."""
+test_*, as the original stored it), 'config': {DATABASE_CONFIG, 'settings': the run's settings, 'image_root': the
+folder the image paths are relative to, 'data_root': train.py's --data_path, both relative to the database's own
+folder (absent in a database written before: its paths are relative to the current folder)}}."""
 import dataclasses
 import hashlib
 import math
@@ -25,6 +27,7 @@ VERSION = 1  # of the format; a database that records none is of version 1 (the 
 FIELDS = ('images', 'labels', 'features')
 MODEL_KEYS = ('backbone_type', 'feature_dim', 'branches', 'num_classes', 'image_size', 'data_name', 'crop_type')
 DATABASE_CONFIG = MODEL_KEYS + ('mean', 'std', 'model_file', 'model_sha256')
+ROOTS = ('image_root', 'data_root')  # optional: where the image paths are, relative to the database's folder
 DATABASE_NAME = re.compile(r'(.+)_(uncropped|cropped)_(.+)_(\d+)_data_base\.pth')  # as train.py names it
 
 
@@ -33,7 +36,10 @@ def make_database(splits, config, mean, std, settings):
     query split), then the gallery if there is one; `config` holds MODEL_KEYS. The model file is added on save."""
     database = {f'{prefix}_{field}': value for prefix, split in zip(('test', 'gallery'), splits)
                 for field, value in zip(FIELDS, split)}
-    config = dict({key: config[key] for key in MODEL_KEYS}, mean=list(mean), std=list(std), settings=settings)
+    roots = {'image_root': os.getcwd()}  # made relative to the database's folder on save
+    if config.get('data_path') is not None:
+        roots['data_root'] = os.path.abspath(config['data_path'])
+    config = dict({key: config[key] for key in MODEL_KEYS}, mean=list(mean), std=list(std), settings=settings, **roots)
     return dict(database, version=VERSION, config=config)
 
 
@@ -41,8 +47,11 @@ def save_model_and_database(state_dict, database, model_path, database_path):
     """Write a state dict and its feature database together (atomic_write), the database recording the
     model file's name and SHA-256."""
     model_bytes = torch_bytes(state_dict)
+    folder = os.path.dirname(os.path.abspath(database_path))  # roots relative to it: results/ and data/ move together
+    roots = {key: os.path.relpath(database['config'][key], folder) for key in ROOTS
+             if os.path.isabs(str(database['config'].get(key, '')))}
     config = dict(database['config'], model_file=os.path.basename(model_path),
-                  model_sha256=hashlib.sha256(model_bytes).hexdigest())
+                  model_sha256=hashlib.sha256(model_bytes).hexdigest(), **roots)
     atomic_write({model_path: model_bytes, database_path: torch_bytes(dict(database, config=config))})
 
 
@@ -59,6 +68,8 @@ def _problem(db):
     missing += ['config'] if not isinstance(config, dict) else [k for k in DATABASE_CONFIG if k not in config]
     if missing:
         return f'missing {", ".join(missing)}'
+    if not all(isinstance(config.get(key, ''), str) for key in ROOTS):
+        return f'config {" and ".join(ROOTS)} must be folder paths'
     for key in ('feature_dim', 'num_classes', 'image_size'):
         if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] <= 0:
             return f'config {key} must be a positive integer, got {config[key]!r}'
@@ -87,8 +98,9 @@ def has_gallery(db):
     return any(key.startswith('gallery_') for key in db)
 
 
-def load_database(path):
-    """Read and check a feature database -> (database, has a gallery). Labels become str."""
+def load_database(path, data_path=None):
+    """Read and check a feature database -> (database, has a gallery). Labels become str; image paths are found
+    from the database's folder (resolve_images), under `data_path` when the dataset moved."""
     db = safe_load(path, 'feature database')
     problem = _problem(db)
     if problem:
@@ -97,7 +109,36 @@ def load_database(path):
     for key in ('test_labels', 'gallery_labels'):
         if key in db:
             db[key] = [str(v) for v in db[key]]
+    for key in ('test_images', 'gallery_images'):
+        if key in db:
+            db[key] = resolve_images(db[key], db['config'], path, data_path)
     return db, has_gallery(db)
+
+
+def resolve_images(images, config, db_path, data_path=None):
+    """A database's image paths as they are found from the current folder: relative ones under the folder they
+    were relative to when built (image_root, kept relative to the database's folder), and under `data_path` in
+    place of the recorded data root when given (the dataset moved). A path that works as stored is kept as is."""
+    folder = os.path.dirname(os.path.abspath(db_path))
+    image_root = os.path.join(folder, config['image_root']) if 'image_root' in config else os.getcwd()
+    if data_path is not None and 'data_root' not in config:
+        raise UserError(f'--data_path {data_path}: {db_path} does not record the dataset folder it was built from '
+                        f'(written by an earlier CLF); rebuild it with train.py (the same flags and --overwrite)')
+    if data_path is None and os.path.normpath(image_root) == os.getcwd():
+        return list(images)  # built from this folder: every path works as stored
+    data_root = os.path.normpath(os.path.join(folder, config.get('data_root', '')))
+    resolved = []
+    for image in images:
+        full = os.path.normpath(os.path.join(image_root, image))  # an absolute path stays itself
+        inside = os.path.relpath(full, data_root) if data_path is not None else os.pardir
+        if inside != os.pardir and not inside.startswith(os.pardir + os.sep):
+            resolved.append(os.path.join(data_path, inside))
+        else:
+            resolved.append(image if os.path.abspath(image) == full else full)
+    if data_path is not None and resolved and not os.path.isfile(resolved[0]):
+        raise UserError(f'--data_path {data_path}: the images of {db_path} are not there (first: {resolved[0]}); '
+                        f'give the folder that train.py\'s --data_path was when the database was built')
+    return resolved
 
 
 def recorded_settings(path):
@@ -198,10 +239,11 @@ class Database:
         return embed_image(self.model, path, self.config, self.device, data)
 
 
-def open_database(name, results_dir, device, with_model=True):
-    """Find, read and check a database (test.py's lookup) and build its model on `device` -> Database."""
+def open_database(name, results_dir, device, with_model=True, data_path=None):
+    """Find, read and check a database (test.py's lookup) and build its model on `device` -> Database; `data_path`:
+    where the dataset is now, when it moved since train.py ran."""
     path = resolve_database_path(name, results_dir)
-    db, gallery = load_database(path)
+    db, gallery = load_database(path, data_path)
     model, model_path = load_model(db, path) if with_model else (None, None)
     return Database(path, db, gallery, model and model.to(device), model_path, device)
 
