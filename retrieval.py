@@ -5,9 +5,9 @@ database's images, ranked with ties against the query. test.py and serve.py answ
 
 A database: {'version': VERSION, 'test_images': [paths], 'test_labels': [str], 'test_features': float [N, D],
 ('gallery_images', 'gallery_labels', 'gallery_features': a query/gallery dataset's gallery, its query split under
-test_*, as the original stored it), 'config': {DATABASE_CONFIG, 'settings': the run's settings, 'image_root': the
-folder the image paths are relative to, 'data_root': train.py's --data_path, both relative to the database's own
-folder (absent in a database written before: its paths are relative to the current folder)}}."""
+test_*, as the original stored it), 'config': {DATABASE_CONFIG, 'settings': the run's settings}}. The image paths
+are absolute (a database written before held them as train.py was given them, relative to its working folder); they
+lie under {data_path}/{data_name}/, so a moved dataset is found under a new data_path (resolve_images)."""
 import dataclasses
 import hashlib
 import math
@@ -27,7 +27,6 @@ VERSION = 1  # of the format; a database that records none is of version 1 (the 
 FIELDS = ('images', 'labels', 'features')
 MODEL_KEYS = ('backbone_type', 'feature_dim', 'branches', 'num_classes', 'image_size', 'data_name', 'crop_type')
 DATABASE_CONFIG = MODEL_KEYS + ('mean', 'std', 'model_file', 'model_sha256')
-ROOTS = ('image_root', 'data_root')  # optional: where the image paths are, relative to the database's folder
 DATABASE_NAME = re.compile(r'(.+)_(uncropped|cropped)_(.+)_(\d+)_data_base\.pth')  # as train.py names it
 
 
@@ -36,10 +35,10 @@ def make_database(splits, config, mean, std, settings):
     query split), then the gallery if there is one; `config` holds MODEL_KEYS. The model file is added on save."""
     database = {f'{prefix}_{field}': value for prefix, split in zip(('test', 'gallery'), splits)
                 for field, value in zip(FIELDS, split)}
-    roots = {'image_root': os.getcwd()}  # made relative to the database's folder on save
-    if config.get('data_path') is not None:
-        roots['data_root'] = os.path.abspath(config['data_path'])
-    config = dict({key: config[key] for key in MODEL_KEYS}, mean=list(mean), std=list(std), settings=settings, **roots)
+    for prefix in ('test', 'gallery'):  # absolute: test.py and serve.py may start in another folder
+        if f'{prefix}_images' in database:
+            database[f'{prefix}_images'] = [os.path.abspath(p) for p in database[f'{prefix}_images']]
+    config = dict({key: config[key] for key in MODEL_KEYS}, mean=list(mean), std=list(std), settings=settings)
     return dict(database, version=VERSION, config=config)
 
 
@@ -47,11 +46,8 @@ def save_model_and_database(state_dict, database, model_path, database_path):
     """Write a state dict and its feature database together (atomic_write), the database recording the
     model file's name and SHA-256."""
     model_bytes = torch_bytes(state_dict)
-    folder = os.path.dirname(os.path.abspath(database_path))  # roots relative to it: results/ and data/ move together
-    roots = {key: os.path.relpath(database['config'][key], folder) for key in ROOTS
-             if os.path.isabs(str(database['config'].get(key, '')))}
     config = dict(database['config'], model_file=os.path.basename(model_path),
-                  model_sha256=hashlib.sha256(model_bytes).hexdigest(), **roots)
+                  model_sha256=hashlib.sha256(model_bytes).hexdigest())
     atomic_write({model_path: model_bytes, database_path: torch_bytes(dict(database, config=config))})
 
 
@@ -68,8 +64,6 @@ def _problem(db):
     missing += ['config'] if not isinstance(config, dict) else [k for k in DATABASE_CONFIG if k not in config]
     if missing:
         return f'missing {", ".join(missing)}'
-    if not all(isinstance(config.get(key, ''), str) for key in ROOTS):
-        return f'config {" and ".join(ROOTS)} must be folder paths'
     for key in ('feature_dim', 'num_classes', 'image_size'):
         if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] <= 0:
             return f'config {key} must be a positive integer, got {config[key]!r}'
@@ -99,8 +93,8 @@ def has_gallery(db):
 
 
 def load_database(path, data_path=None):
-    """Read and check a feature database -> (database, has a gallery). Labels become str; image paths are found
-    from the database's folder (resolve_images), under `data_path` when the dataset moved."""
+    """Read and check a feature database -> (database, has a gallery). Labels become str; the image paths are
+    under `data_path` when given (resolve_images)."""
     db = safe_load(path, 'feature database')
     problem = _problem(db)
     if problem:
@@ -116,28 +110,21 @@ def load_database(path, data_path=None):
 
 
 def resolve_images(images, config, db_path, data_path=None):
-    """A database's image paths as they are found from the current folder: relative ones under the folder they
-    were relative to when built (image_root, kept relative to the database's folder), and under `data_path` in
-    place of the recorded data root when given (the dataset moved). A path that works as stored is kept as is."""
-    folder = os.path.dirname(os.path.abspath(db_path))
-    image_root = os.path.join(folder, config['image_root']) if 'image_root' in config else os.getcwd()
-    if data_path is not None and 'data_root' not in config:
-        raise UserError(f'--data_path {data_path}: {db_path} does not record the dataset folder it was built from '
-                        f'(written by an earlier CLF); rebuild it with train.py (the same flags and --overwrite)')
-    if data_path is None and os.path.normpath(image_root) == os.getcwd():
-        return list(images)  # built from this folder: every path works as stored
-    data_root = os.path.normpath(os.path.join(folder, config.get('data_root', '')))
-    resolved = []
-    for image in images:
-        full = os.path.normpath(os.path.join(image_root, image))  # an absolute path stays itself
-        inside = os.path.relpath(full, data_root) if data_path is not None else os.pardir
-        if inside != os.pardir and not inside.startswith(os.pardir + os.sep):
-            resolved.append(os.path.join(data_path, inside))
-        else:
-            resolved.append(image if os.path.abspath(image) == full else full)
-    if data_path is not None and resolved and not os.path.isfile(resolved[0]):
+    """A database's image paths, under `data_path` when given (the dataset moved; as train.py's --data_path, the
+    folder holding {data_name}/): each path's part after its {data_name} folder is kept."""
+    if data_path is None:
+        return list(images)
+    name = str(config['data_name'])
+    try:
+        common = os.path.commonpath(images).split(os.sep)  # the last folder named data_name in it
+        prefix = os.sep.join(common[:len(common) - common[::-1].index(name)])
+    except ValueError:  # absolute and relative paths mixed, or no folder named data_name
+        raise UserError(f'--data_path {data_path}: the images of {db_path} do not all lie in one folder named '
+                        f'{name}, so they cannot be found under another --data_path') from None
+    resolved = [os.path.join(data_path, name, os.path.relpath(p, prefix)) for p in images]
+    if not os.path.isfile(resolved[0]):
         raise UserError(f'--data_path {data_path}: the images of {db_path} are not there (first: {resolved[0]}); '
-                        f'give the folder that train.py\'s --data_path was when the database was built')
+                        f'give the folder holding {name}/, as train.py\'s --data_path')
     return resolved
 
 

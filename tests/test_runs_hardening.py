@@ -162,7 +162,7 @@ def build_database(project, data):
     paths, labels, _ = make_split(os.path.join(data, 'demo', 'uncropped'), ['a', 'a', 'b', 'b'], seed=1)
     model = Model('resnet18', 8, 2, 'SMG', pretrained=False)
     config = {'backbone_type': 'resnet18', 'feature_dim': 8, 'branches': 'SMG', 'num_classes': 2, 'image_size': 32,
-              'data_name': 'demo', 'crop_type': 'uncropped', 'data_path': data}
+              'data_name': 'demo', 'crop_type': 'uncropped'}
     database = retrieval.make_database([(paths, labels, torch.randn(4, 24))], config, (0.5,) * 3, (0.25,) * 3, {})
     os.makedirs('results')
     db_path = os.path.join(project, 'results', 'demo_uncropped_resnet18_8_data_base.pth')
@@ -170,44 +170,44 @@ def build_database(project, data):
     return db_path, paths
 
 
-def test_database_images_found_from_another_folder_and_a_moved_dataset(tmp_path, monkeypatch, capsys):
+def test_database_images_found_from_another_folder_and_a_moved_dataset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     project, elsewhere = tmp_path / 'project', tmp_path / 'elsewhere'
     project.mkdir(), elsewhere.mkdir()
-    db_path, stored = build_database(project, 'data')
-    assert stored[0] == os.path.join('data', 'demo', 'uncropped', 'a_1_000.png')  # relative to project
-    assert retrieval.open_database(db_path, 'results', torch.device('cpu'), False).images == stored  # as stored
+    db_path, given = build_database(project, 'data')  # train.py's --data_path data, from project
+    assert given[0] == os.path.join('data', 'demo', 'uncropped', 'a_1_000.png')
+    stored = [str(project / p) for p in given]  # absolute
     os.chdir(elsewhere)
     images = retrieval.open_database(db_path, 'results', torch.device('cpu'), False).images
-    assert images == [str(project / p) for p in stored] and all(map(os.path.isfile, images))
-    shutil.move(project / 'data', tmp_path / 'moved')  # the dataset moved: given with --data_path
+    assert images == stored and all(map(os.path.isfile, images))
+    shutil.move(project / 'data', tmp_path / 'moved')  # the dataset moved: given as train.py's --data_path
     images = retrieval.open_database(db_path, 'results', torch.device('cpu'), False, data_path='../moved').images
-    assert images == [os.path.join('../moved', os.path.relpath(p, 'data')) for p in stored]
+    assert images == [os.path.join('../moved', 'demo', os.path.relpath(p, project / 'data' / 'demo')) for p in stored]
     assert all(map(os.path.isfile, images))
-    with pytest.raises(UserError, match=r"^--data_path \.\./project: the images of .* are not there \(first: "):
+    with pytest.raises(UserError, match=r"^--data_path \.\./project: the images of .* are not there \(first: "
+                                        r"\.\./project/demo/uncropped/a_1_000\.png\); give the folder holding demo/"):
         retrieval.open_database(db_path, 'results', torch.device('cpu'), False, data_path='../project')
-    shutil.move(tmp_path / 'project', tmp_path / 'renamed')  # results and data together: still found
-    shutil.move(tmp_path / 'moved', tmp_path / 'renamed' / 'data')
-    db_path = str(tmp_path / 'renamed' / 'results' / os.path.basename(db_path))
-    assert all(map(os.path.isfile, retrieval.open_database(db_path, 'results', torch.device('cpu'), False).images))
-    script = load_script()  # test.py passes --data_path on
-    shutil.move(tmp_path / 'renamed' / 'data', tmp_path / 'moved')
-    out = tmp_path / 'out'
-    script.main(['--query_img_name', str(tmp_path / 'moved' / 'demo' / 'uncropped' / 'a_1_000.png'), '--data_base',
-                 db_path, '--data_path', str(tmp_path / 'moved'), '--retrieval_num', '2', '--results_dir', str(out)])
+    out = tmp_path / 'out'  # test.py passes its --data_path on
+    load_script().main(['--query_img_name', str(tmp_path / 'moved' / 'demo' / 'uncropped' / 'a_1_000.png'),
+                        '--data_base', db_path, '--data_path', '../moved', '--retrieval_num', '2',
+                        '--results_dir', str(out)])
     assert (out / 'a_1_000' / 'retrieval.png').is_file()
 
 
-def test_data_path_on_a_database_without_roots_refused(tmp_path, monkeypatch):
+def test_data_path_with_an_older_database_of_relative_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    db_path, _ = build_database(tmp_path, 'data')
+    db_path, given = build_database(tmp_path, 'data')
     db = torch.load(db_path, weights_only=True)
-    del db['config']['image_root'], db['config']['data_root']  # written before the roots were recorded
+    db['test_images'] = given  # as written before: relative to train.py's working folder
     torch.save(db, db_path)
-    assert retrieval.load_database(db_path)[0]['test_images'][0] == 'data/demo/uncropped/a_1_000.png'
-    with pytest.raises(UserError, match=r'^--data_path x: .* does not record the dataset folder it was built from '
-                                        r'\(written by an earlier CLF\); rebuild it with train.py'):
-        retrieval.load_database(db_path, 'x')
+    assert retrieval.load_database(db_path)[0]['test_images'] == given  # as before: from the current folder
+    shutil.move(tmp_path / 'data', tmp_path / 'moved')
+    assert retrieval.load_database(db_path, 'moved')[0]['test_images'] == [p.replace('data', 'moved', 1) for p in given]
+    db['config']['data_name'] = 'cub'  # images not under a folder of the database's dataset name
+    torch.save(db, db_path)
+    with pytest.raises(UserError, match=r'^--data_path moved: the images of .* do not all lie in one folder named '
+                                        r'cub, so they cannot be found under another --data_path$'):
+        retrieval.load_database(db_path, 'moved')
 
 
 def test_serve_passes_data_path_on(monkeypatch):
