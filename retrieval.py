@@ -6,8 +6,8 @@ database's images, ranked with ties against the query. test.py and serve.py answ
 A database: {'version': VERSION, 'test_images': [paths], 'test_labels': [str], 'test_features': float [N, D],
 ('gallery_images', 'gallery_labels', 'gallery_features': a query/gallery dataset's gallery, its query split under
 test_*, as the original stored it), 'config': {DATABASE_CONFIG, 'settings': the run's settings}}. The image paths
-are absolute (a database written before held them as train.py was given them, relative to its working folder); they
-lie under {data_path}/{data_name}/, so a moved dataset is found under a new data_path (resolve_images)."""
+are as train.py was given them (relative ones to the folder it ran in, found from the database's folder when read
+from elsewhere); they lie under {data_path}/{data_name}/, so a moved dataset is found under a new data_path."""
 import dataclasses
 import hashlib
 import math
@@ -35,9 +35,6 @@ def make_database(splits, config, mean, std, settings):
     query split), then the gallery if there is one; `config` holds MODEL_KEYS. The model file is added on save."""
     database = {f'{prefix}_{field}': value for prefix, split in zip(('test', 'gallery'), splits)
                 for field, value in zip(FIELDS, split)}
-    for prefix in ('test', 'gallery'):  # absolute: test.py and serve.py may start in another folder
-        if f'{prefix}_images' in database:
-            database[f'{prefix}_images'] = [os.path.abspath(p) for p in database[f'{prefix}_images']]
     config = dict({key: config[key] for key in MODEL_KEYS}, mean=list(mean), std=list(std), settings=settings)
     return dict(database, version=VERSION, config=config)
 
@@ -94,7 +91,7 @@ def has_gallery(db):
 
 def load_database(path, data_path=None):
     """Read and check a feature database -> (database, has a gallery). Labels become str; the image paths are
-    under `data_path` when given (resolve_images)."""
+    found from this folder (resolve_images), under `data_path` when given."""
     db = safe_load(path, 'feature database')
     problem = _problem(db)
     if problem:
@@ -110,9 +107,19 @@ def load_database(path, data_path=None):
 
 
 def resolve_images(images, config, db_path, data_path=None):
-    """A database's image paths, under `data_path` when given (the dataset moved; as train.py's --data_path, the
-    folder holding {data_name}/): each path's part after its {data_name} folder is kept."""
+    """A database's image paths as found from the current folder. Relative ones are relative to the folder
+    train.py ran in: when they are not found from here, they are looked up from the database's folder and each
+    folder above it (results/ usually lies in that folder). Under `data_path` when given (the dataset moved; as
+    train.py's --data_path, the folder holding {data_name}/): each path's part after its {data_name} folder."""
     if data_path is None:
+        first = images[0]
+        folder = os.path.dirname(os.path.abspath(db_path))
+        while not (os.path.isabs(first) or os.path.exists(first)):
+            if os.path.exists(os.path.join(folder, first)):  # the folder train.py ran in
+                return [os.path.join(folder, p) for p in images]
+            folder, above = os.path.dirname(folder), folder
+            if folder == above:
+                break  # not found anywhere: as stored, for the error that names it
         return list(images)
     name = str(config['data_name'])
     try:

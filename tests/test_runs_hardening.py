@@ -174,15 +174,15 @@ def test_database_images_found_from_another_folder_and_a_moved_dataset(tmp_path,
     monkeypatch.chdir(tmp_path)
     project, elsewhere = tmp_path / 'project', tmp_path / 'elsewhere'
     project.mkdir(), elsewhere.mkdir()
-    db_path, given = build_database(project, 'data')  # train.py's --data_path data, from project
+    db_path, given = build_database(project, 'data')  # train.py's --data_path data, run in project
     assert given[0] == os.path.join('data', 'demo', 'uncropped', 'a_1_000.png')
-    stored = [str(project / p) for p in given]  # absolute
+    assert retrieval.open_database(db_path, 'results', torch.device('cpu'), False).images == given  # as stored
     os.chdir(elsewhere)
     images = retrieval.open_database(db_path, 'results', torch.device('cpu'), False).images
-    assert images == stored and all(map(os.path.isfile, images))
+    assert images == [str(project / p) for p in given] and all(map(os.path.isfile, images))
     shutil.move(project / 'data', tmp_path / 'moved')  # the dataset moved: given as train.py's --data_path
     images = retrieval.open_database(db_path, 'results', torch.device('cpu'), False, data_path='../moved').images
-    assert images == [os.path.join('../moved', 'demo', os.path.relpath(p, project / 'data' / 'demo')) for p in stored]
+    assert images == [os.path.join('../moved', os.path.relpath(p, 'data')) for p in given]
     assert all(map(os.path.isfile, images))
     with pytest.raises(UserError, match=r"^--data_path \.\./project: the images of .* are not there \(first: "
                                         r"\.\./project/demo/uncropped/a_1_000\.png\); give the folder holding demo/"):
@@ -194,15 +194,12 @@ def test_database_images_found_from_another_folder_and_a_moved_dataset(tmp_path,
     assert (out / 'a_1_000' / 'retrieval.png').is_file()
 
 
-def test_data_path_with_an_older_database_of_relative_paths(tmp_path, monkeypatch):
+def test_data_path_needs_the_images_in_a_folder_of_the_dataset_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     db_path, given = build_database(tmp_path, 'data')
-    db = torch.load(db_path, weights_only=True)
-    db['test_images'] = given  # as written before: relative to train.py's working folder
-    torch.save(db, db_path)
-    assert retrieval.load_database(db_path)[0]['test_images'] == given  # as before: from the current folder
     shutil.move(tmp_path / 'data', tmp_path / 'moved')
     assert retrieval.load_database(db_path, 'moved')[0]['test_images'] == [p.replace('data', 'moved', 1) for p in given]
+    db = torch.load(db_path, weights_only=True)
     db['config']['data_name'] = 'cub'  # images not under a folder of the database's dataset name
     torch.save(db, db_path)
     with pytest.raises(UserError, match=r'^--data_path moved: the images of .* do not all lie in one folder named '
