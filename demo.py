@@ -99,25 +99,29 @@ def make_demo(root, seed=0, num_classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS, 
     if not os.path.isfile(marker) and os.path.lexists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise UserError(f'demo: {root} exists and was not made by this script; choose another --data_path or remove it')
     # drawn beside root, marker last, then swapped in whole: until the last rename the old drawing is complete
-    rng = np.random.default_rng(seed)
-    classes = [_demo_class(rng) for _ in range(num_classes)]
-    images, labels, boxes, class_lines = [], [], [], []
-    for c, parts in enumerate(tqdm(classes, desc='demo: drawing', unit='class', leave=False), 1):
-        class_folder = f'{c:03d}.object_{c:03d}'
-        class_lines.append(f'{c} {class_folder}\n')
-        os.makedirs(os.path.join(drawing, 'images', class_folder), exist_ok=True)
-        for k in range(per_class):
-            image_id = len(images) + 1
-            img, (x1, y1, x2, y2) = _draw_demo_image(parts, rng, size)
-            rel = f'{class_folder}/object_{c:03d}_{k + 1:04d}.jpg'
-            img.save(os.path.join(drawing, 'images', rel), 'JPEG', quality=90)
-            images.append(f'{image_id} {rel}\n')
-            labels.append(f'{image_id} {c}\n')
-            boxes.append(f'{image_id} {float(x1)} {float(y1)} {float(x2 - x1)} {float(y2 - y1)}\n')
-    for file, lines in (('images.txt', images), ('image_class_labels.txt', labels),
-                        ('bounding_boxes.txt', boxes), ('classes.txt', class_lines), (DEMO_MARKER, [signature])):
-        with open(os.path.join(drawing, file), 'w') as f:
-            f.writelines(lines)
+    try:  # a full disk or Ctrl-C: the partial drawing is removed on the way out, not left for the next run
+        rng = np.random.default_rng(seed)
+        classes = [_demo_class(rng) for _ in range(num_classes)]
+        images, labels, boxes, class_lines = [], [], [], []
+        for c, parts in enumerate(tqdm(classes, desc='demo: drawing', unit='class', leave=False), 1):
+            class_folder = f'{c:03d}.object_{c:03d}'
+            class_lines.append(f'{c} {class_folder}\n')
+            os.makedirs(os.path.join(drawing, 'images', class_folder), exist_ok=True)
+            for k in range(per_class):
+                image_id = len(images) + 1
+                img, (x1, y1, x2, y2) = _draw_demo_image(parts, rng, size)
+                rel = f'{class_folder}/object_{c:03d}_{k + 1:04d}.jpg'
+                img.save(os.path.join(drawing, 'images', rel), 'JPEG', quality=90)
+                images.append(f'{image_id} {rel}\n')
+                labels.append(f'{image_id} {c}\n')
+                boxes.append(f'{image_id} {float(x1)} {float(y1)} {float(x2 - x1)} {float(y2 - y1)}\n')
+        for file, lines in (('images.txt', images), ('image_class_labels.txt', labels),
+                            ('bounding_boxes.txt', boxes), ('classes.txt', class_lines), (DEMO_MARKER, [signature])):
+            with open(os.path.join(drawing, file), 'w') as f:
+                f.writelines(lines)
+    except BaseException:
+        shutil.rmtree(drawing, ignore_errors=True)
+        raise
     if os.path.isdir(root):
         os.replace(root, old)
     os.replace(drawing, root)

@@ -265,13 +265,31 @@ CACHE_GPU_SHARE, CACHE_RAM_SHARE = 0.4, 0.4
 CACHE_CHOICES = ('auto', 'gpu', 'ram', 'off')
 
 
+MEMINFO = '/proc/meminfo'
+CGROUP_MEMORY = '/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory.current'  # cgroup v2: a container's limit
+
+
 def available_ram():
-    """Bytes of memory available for new allocations (MemAvailable), or None when unknown."""
+    """Bytes of memory available for new allocations, or None when unknown: the host's MemAvailable, or what a
+    container's memory limit leaves (cgroup v2 memory.max - memory.current) when that is smaller."""
+    found = []
     try:
-        with open('/proc/meminfo') as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
-    except (OSError, StopIteration, ValueError):
-        return None
+        with open(MEMINFO) as f:
+            found += [next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))]
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    try:
+        limit, used = (_read_text(path).strip() for path in CGROUP_MEMORY)
+        if limit != 'max':  # 'max': no limit
+            found.append(max(0, int(limit) - int(used)))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _read_text(path):
+    with open(path) as f:
+        return f.read()
 
 
 def cache_place(choice, nbytes, device):

@@ -5,7 +5,9 @@ database's images, ranked with ties against the query. test.py and serve.py answ
 
 A database: {'version': VERSION, 'test_images': [paths], 'test_labels': [str], 'test_features': float [N, D],
 ('gallery_images', 'gallery_labels', 'gallery_features': a query/gallery dataset's gallery, its query split under
-test_*, as the original stored it), 'config': {DATABASE_CONFIG, 'settings': the run's settings}}."""
+test_*, as the original stored it), 'config': {DATABASE_CONFIG, 'settings': the run's settings}}. The image paths
+are as train.py was given them (relative ones to the folder it ran in, found from the database's folder when read
+from elsewhere); they lie under {data_path}/{data_name}/, so a moved dataset is found under a new data_path."""
 import contextlib
 import dataclasses
 import functools
@@ -89,8 +91,9 @@ def has_gallery(db):
     return any(key.startswith('gallery_') for key in db)
 
 
-def load_database(path):
-    """Read and check a feature database -> (database, has a gallery). Labels become str."""
+def load_database(path, data_path=None):
+    """Read and check a feature database -> (database, has a gallery). Labels become str; the image paths are
+    found from this folder (resolve_images), under `data_path` when given."""
     db = safe_load(path, 'feature database')
     problem = _problem(db)
     if problem:
@@ -99,7 +102,39 @@ def load_database(path):
     for key in ('test_labels', 'gallery_labels'):
         if key in db:
             db[key] = [str(v) for v in db[key]]
+    for key in ('test_images', 'gallery_images'):
+        if key in db:
+            db[key] = resolve_images(db[key], db['config'], path, data_path)
     return db, has_gallery(db)
+
+
+def resolve_images(images, config, db_path, data_path=None):
+    """A database's image paths as found from the current folder. Relative ones are relative to the folder
+    train.py ran in: when they are not found from here, they are looked up from the database's folder and each
+    folder above it (results/ usually lies in that folder). Under `data_path` when given (the dataset moved; as
+    train.py's --data_path, the folder holding {data_name}/): each path's part after its {data_name} folder."""
+    if data_path is None:
+        first = images[0]
+        folder = os.path.dirname(os.path.abspath(db_path))
+        while not (os.path.isabs(first) or os.path.exists(first)):
+            if os.path.exists(os.path.join(folder, first)):  # the folder train.py ran in
+                return [os.path.join(folder, p) for p in images]
+            folder, above = os.path.dirname(folder), folder
+            if folder == above:
+                break  # not found anywhere: as stored, for the error that names it
+        return list(images)
+    name = str(config['data_name'])
+    try:
+        common = os.path.commonpath(images).split(os.sep)  # the last folder named data_name in it
+        prefix = os.sep.join(common[:len(common) - common[::-1].index(name)])
+    except ValueError:  # absolute and relative paths mixed, or no folder named data_name
+        raise UserError(f'--data_path {data_path}: the images of {db_path} do not all lie in one folder named '
+                        f'{name}, so they cannot be found under another --data_path') from None
+    resolved = [os.path.join(data_path, name, os.path.relpath(p, prefix)) for p in images]
+    if not os.path.isfile(resolved[0]):
+        raise UserError(f'--data_path {data_path}: the images of {db_path} are not there (first: {resolved[0]}); '
+                        f'give the folder holding {name}/, as train.py\'s --data_path')
+    return resolved
 
 
 def recorded_settings(path):
@@ -205,10 +240,11 @@ class Database:
         return embed_image(self.model, path, self.config, self.device, data, upright=True)
 
 
-def open_database(name, results_dir, device, with_model=True):
-    """Find, read and check a database (test.py's lookup) and build its model on `device` -> Database."""
+def open_database(name, results_dir, device, with_model=True, data_path=None):
+    """Find, read and check a database (test.py's lookup) and build its model on `device` -> Database; `data_path`:
+    where the dataset is now, when it moved since train.py ran."""
     path = resolve_database_path(name, results_dir)
-    db, gallery = load_database(path)
+    db, gallery = load_database(path, data_path)
     model, model_path = load_model(db, path) if with_model else (None, None)
     return Database(path, db, gallery, model and model.to(device), model_path, device)
 

@@ -3,12 +3,14 @@
 lock that keeps one run per name, the refusal / --overwrite / --resume rules, the checkpoint, the statistics
 columns and lines, the settings and the curves."""
 import contextlib
+import hashlib
 import io
 import json
 import math
 import os
 
 import pandas as pd
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # imported here, never lazily on the writer's thread
 from matplotlib.figure import Figure  # not pyplot: no display, no global backend
 
@@ -25,6 +27,8 @@ RANKING_METRICS = (('MAP@R', 'map@r', 'MAP@R'), ('R-Precision', 'r_precision', '
 RESUME_KEYS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'branches', 'recalls',
                'batch_size', 'num_epochs', 'image_size', 'seed', 'pretrained', 'lr', 'val_split')
 VERSION = 1  # of the checkpoint's format; a checkpoint that records none is of version 1
+# the checkpoint's field 'sha256': content_sha256 of every other field, written with it, checked on resume (a
+# checkpoint written before it was recorded has none and loads unchecked)
 OUTPUTS = ('statistics.csv', 'model.pth', 'data_base.pth', 'checkpoint.pth', 'curves.png', 'settings.json')
 
 
@@ -178,6 +182,36 @@ def checkpoint_problem(state, config):
     return f'its {", ".join(wrong)} not state dicts' if wrong else None
 
 
+def content_sha256(state):
+    """SHA-256 of a checkpoint's contents but its 'sha256' field: every tensor's dtype, shape and bytes and every
+    other value's repr, in order; the same after torch.save and torch.load (unlike the file's bytes, which hold
+    names of torch's choosing)."""
+    digest = hashlib.sha256()
+
+    def feed(value):
+        if torch.is_tensor(value):
+            digest.update(f'tensor {value.dtype} {tuple(value.shape)};'.encode())
+            digest.update(value.detach().reshape(-1).contiguous().view(torch.uint8).numpy())
+        elif isinstance(value, (dict, list, tuple)):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            digest.update(f'{type(value).__name__} {len(value)};'.encode())
+            for key, item in items:
+                feed(key)
+                feed(item)
+        else:
+            digest.update(f'{type(value).__name__} {value!r};'.encode())
+    feed({key: value for key, value in state.items() if key != 'sha256'})
+    return digest.hexdigest()
+
+
+def check_content(state, path):
+    """Refuse a checkpoint whose contents differ from the SHA-256 written with them (a flipped bit on disk, an
+    edit); one that records none (written before CLF recorded it) passes."""
+    if 'sha256' in state and state['sha256'] != content_sha256(state):
+        raise UserError(f'cannot resume from {path}: its contents do not match the SHA-256 recorded when it was '
+                        f'written (damaged on disk, or altered); start over with --overwrite')
+
+
 class Run:
     """One training run's outputs and progress, from the checkpoint it continues (if any) to its last write:
     the statistics rows, the best epoch, the lock on its name (rank 0) and the background writer of its files."""
@@ -204,6 +238,7 @@ class Run:
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError):
             raise UserError(f'cannot resume from {path}: its contents do not fit this run (altered, or written by '
                             f'another version of train.py); start over with --overwrite') from None
+        check_content(state, path)  # after the fit: a checkpoint of another shape says so first
         self.statistics, self.first_epoch = list(state['statistics']), state['epoch'] + 1
         self.best = {'recall': state['best_recall'], 'epoch': state['best_epoch']}
 
@@ -249,7 +284,7 @@ class Run:
             files.atomic_write({paths['settings.json']: settings_json(config),
                                 paths['statistics.csv']: statistics_csv(state['statistics'], recalls, val),
                                 paths['curves.png']: plot_curves(state['statistics'], recalls, config['name'])})
-            files.atomic_write({paths['checkpoint.pth']: files.torch_bytes(state)})
+            files.atomic_write({paths['checkpoint.pth']: files.torch_bytes(dict(state, sha256=content_sha256(state)))})
         self.writer.submit(write)
 
     def final_line(self):

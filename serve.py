@@ -40,6 +40,7 @@ def parse_args(argv=None):
     add = parser.add_argument
     add('--data_base', default='car_uncropped_resnet18_512_data_base.pth', help='a name in --results_dir, or a path')
     add('--results_dir', default='results', help='where a database given by name is looked up')
+    add('--data_path', default=None, help="the dataset folder, when it moved since train.py's --data_path")
     add('--host', default='127.0.0.1', help='address to listen on (0.0.0.0: every interface)')
     add('--port', default=8000, type=int, help='port to listen on (0: any free port, printed)')
     add('--device', default=None, help='device that embeds uploaded images [default: cuda if there, else cpu]')
@@ -196,7 +197,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = distributed.resolve_device(args.device)
     with contextlib.closing(listen(args.host, args.port)) as sock:  # first: a taken port is reported at once
-        database = retrieval.open_database(args.data_base, args.results_dir, device)
+        database = retrieval.open_database(args.data_base, args.results_dir, device, data_path=args.data_path)
         host, port = sock.getsockname()[:2]
         shown = f'[{host}]' if ':' in host else host
         print(f'serving {database.path} ({len(database.images)} {database.split} images, model '

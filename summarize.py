@@ -39,6 +39,7 @@ PUBLISHED = {(data, crop, backbone, 512): figures for (data, backbone), crops in
 METRIC_NAMES = {suffix: name for name, suffix, _ in runs.RANKING_METRICS}  # map@r -> MAP@R; recall@k reads R@k
 NOT_STATISTICS = 'expected a statistics CSV written by train.py'
 CONFIDENCE = 0.95
+RANGE = (0.0, 100.0)  # every metric column is a percentage; intervals are clipped to it
 
 
 def parse_args(argv=None):
@@ -49,6 +50,9 @@ def parse_args(argv=None):
                         help="the epoch taken from each run: 'selected' (best validation R@1 when the runs have a "
                              "validation split, else best test R@1, first maximum), 'last', or a number "
                              '[default: %(default)s]')
+    parser.add_argument('--allow_partial', action='store_true',
+                        help='pool runs that stopped before the epoch count their settings declare (each listed '
+                             'with the epochs it reached); without it they are refused')
     return parser.parse_args(argv)
 
 
@@ -87,6 +91,52 @@ def read_statistics(path):
     return table
 
 
+def check_rows(table, path, settings):
+    """Refuse figures no finished or unfinished train.py run writes: infinite values, a metric outside 0..100 %,
+    epochs that are not whole numbers 1..num_epochs of the settings, or an epoch twice."""
+    declared = settings.get('num_epochs')
+    if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
+        raise UserError(f'the settings beside {path} record no epoch count (num_epochs {declared!r}): {NOT_STATISTICS}')
+    numeric = table.select_dtypes('number')
+    infinite = [c for c in numeric.columns if numeric[c].isin([math.inf, -math.inf]).any()]
+    if infinite:
+        raise UserError(f'{path} holds infinite figures (column {", ".join(infinite)}): {NOT_STATISTICS}')
+    outside = [c for c in metric_columns(table.columns) if not table[c].between(*RANGE).all()]
+    if outside:
+        raise UserError(f'{path} holds figures outside 0 to 100 % (column {", ".join(outside)}): {NOT_STATISTICS}')
+    epochs = table['epoch']
+    wrong = [e for e in epochs if e != int(e) or not 1 <= e <= declared]
+    if wrong:
+        raise UserError(f'{path} holds epoch {wrong[0]:g}, not one of the 1 to {declared} its settings declare: '
+                        f'{NOT_STATISTICS}')
+    if epochs.duplicated().any():
+        raise UserError(f'{path} holds epoch {int(epochs[epochs.duplicated()].iloc[0])} twice: {NOT_STATISTICS}')
+
+
+def check_finished(pooled, allow_partial):
+    """Refuse runs that stopped before their settings' num_epochs, unless allow_partial -> {path: 'k of N epochs'}
+    of the runs that did."""
+    partial = {path: f'{len(table)} of {settings["num_epochs"]} epochs' for path, settings, table in pooled
+               if len(table) < settings['num_epochs']}
+    if partial and not allow_partial:
+        path, reached = next(iter(partial.items()))
+        raise UserError(f'{path} holds {reached} its settings declare: an unfinished run (stopped, or still '
+                        f'training); finish it with train.py --resume auto, or pass --allow_partial to pool it as '
+                        f'it is')
+    return partial
+
+
+def seed_number(seed, path):
+    """A run's seed as a number ("1" and 1 are one seed)."""
+    if isinstance(seed, str) and seed.strip().lstrip('+-').isdigit():
+        return int(seed)
+    if isinstance(seed, float) and seed.is_integer():
+        return int(seed)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f'the settings beside {path} record seed {seed!r}, not a whole number')
+    return seed
+
+
 def metric_columns(columns):
     """A statistics CSV's figures, {split}_{metric} (runs.metric_columns): test_recall@k..., test_map@r..., val_*."""
     return [c for split in ('test', 'val') for c in columns if c.startswith(f'{split}_')]
@@ -120,10 +170,11 @@ def check_poolable(pooled):
     """Runs pool only when they are independent (different seeds) and alike in every setting but the seed."""
     (first, first_settings, first_table), seeds = pooled[0], {}
     for path, settings, table in pooled:
-        if settings['seed'] in seeds:
-            raise UserError(f'{seeds[settings["seed"]]} and {path} are both seed {settings["seed"]}: not independent '
-                            f'runs; pool runs of different --seed')
-        seeds[settings['seed']] = path
+        seed = seed_number(settings['seed'], path)
+        if seed in seeds:
+            raise UserError(f'{seeds[seed]} and {path} are both seed {seed}: not independent runs; pool runs of '
+                            f'different --seed')
+        seeds[seed] = path
         differ = [f'{key} {first_settings.get(key)!r} vs {settings.get(key)!r}'
                   for key in sorted(set(first_settings) | set(settings))
                   if key != 'seed' and first_settings.get(key) != settings.get(key)]
@@ -145,26 +196,36 @@ def interval(values):
     return mean, sd, float(t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / math.sqrt(n)
 
 
-def table_text(columns, rows, setting):
-    """The Markdown table: a line per metric, beside the original's published figure where it reported `setting`."""
+def table_text(columns, rows, setting, chosen='best test R@1', partial=()):
+    """The Markdown table: a line per metric, beside the original's published figure where it reported `setting`
+    (marked when the runs' epochs were `chosen` otherwise than the original's, by test R@1), then its notes."""
     published = {f'test_recall@{k}': v
                  for k, v in zip(PUBLISHED_RECALLS.get(setting[0], ()), PUBLISHED.get(setting, ()))}  # {column: %}
-    head = ['metric', 'mean', 'sd', '95 % CI', 'n'] + (['original', 'difference'] if published else [])
+    unlike = published and chosen != 'best test R@1'  # the original chose its epoch on the test set
+    original = ['original (its epoch chosen on test)' if unlike else 'original', 'difference']
+    head = ['metric', 'mean', 'sd', '95 % CI', 'n'] + (original if published else [])
     lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
     for column in columns:
         values = [float(row[column]) for row in rows]
         mean, sd, half = interval(values)
-        spread = ['-', 'needs two runs'] if sd is None else \
-            [f'{sd:.2f}', f'± {half:.2f} ({mean - half:.2f} to {mean + half:.2f})']
+        low, high = (None, None) if sd is None else (max(RANGE[0], mean - half), min(RANGE[1], mean + half))
+        spread = ['-', 'needs two runs'] if sd is None else [f'{sd:.2f}', f'± {half:.2f} ({low:.2f} to {high:.2f})']
         cells = [metric_name(column), f'{mean:.2f}', *spread, str(len(values))]
         if published:
             figure = published.get(column)
             cells += ['', ''] if figure is None else [f'{figure:.1f}', f'{mean - figure:+.2f}']
         lines.append('| ' + ' | '.join(cells) + ' |')
+    notes = [f'95 % CI: mean ± t({0.5 + CONFIDENCE / 2}, n - 1) x sd / sqrt(n) (Student), clipped to the metrics\' '
+             f'range, 0 to 100 %']
     if published:
-        lines.append(f'\noriginal: the published figure of {" ".join(map(str, setting))} (its README); difference: '
+        notes.append(f'original: the published figure of {" ".join(map(str, setting))} (its README); difference: '
                      f'mean - original, in points')
-    return '\n'.join(lines)
+    if unlike:
+        notes.append(f'not like for like: the original chose its epoch by test R@1 (selected on the test set, '
+                     f'optimistic); these runs\' epoch: {chosen}')
+    if partial:
+        notes.append(f'unfinished runs pooled (--allow_partial): {"; ".join(partial)}')
+    return '\n'.join(lines + [''] + notes)
 
 
 def main(argv=None):
@@ -172,16 +233,21 @@ def main(argv=None):
     if args.epoch not in ('selected', 'last') and not args.epoch.isdigit():
         raise UserError(f"--epoch {args.epoch}: expected 'selected', 'last' or an epoch number")
     pooled = [(path, read_settings(path), read_statistics(path)) for path in args.statistics]
+    for path, settings, table in pooled:
+        check_rows(table, path, settings)
     check_poolable(pooled)
+    partial = check_finished(pooled, args.allow_partial)
     chosen = [select_row(table, path, args.epoch) for path, _, table in pooled]
     settings = pooled[0][1]
     setting = tuple(settings.get(k) for k in SETTING)
     val = f', val_split {settings["val_split"]}' if settings.get('val_split') else ''
     print(f'{len(pooled)} run(s) of {" ".join(map(str, setting))}{val}:')
     for (path, run, _), (row, why) in zip(pooled, chosen):
-        print(f'  seed {run["seed"]}: epoch {int(row["epoch"])} ({why}) of {path}')
+        reached = f' (partial: {partial[path]} reached)' if path in partial else ''
+        print(f'  seed {run["seed"]}: epoch {int(row["epoch"])} ({why}) of {path}{reached}')
     print()
-    text = table_text(metric_columns(pooled[0][2].columns), [row for row, _ in chosen], setting)
+    text = table_text(metric_columns(pooled[0][2].columns), [row for row, _ in chosen], setting, chosen[0][1],
+                      [f'seed {run["seed"]} reached {partial[path]}' for path, run, _ in pooled if path in partial])
     print(text)
     return text
 

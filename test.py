@@ -46,6 +46,7 @@ def parse_args(argv=None):
     add('--data_base', default='car_uncropped_resnet18_512_data_base.pth', help='a name in --results_dir, or a path')
     add('--retrieval_num', default=8, type=int, help='how many images to retrieve')
     add('--results_dir', default='results', help='where databases are found by name and {query stem}/ is written')
+    add('--data_path', default=None, help="the dataset folder, when it moved since train.py's --data_path")
     add('--device', default=None, help='device for a query not in the database [default: cuda if there, else cpu]')
     add('--embedding_map', action='store_true',
         help='write {results_dir}/{database stem}_map.png: a 2-D t-SNE of the test embeddings drawn as thumbnails')
@@ -206,7 +207,7 @@ def main(argv=None):
     device = distributed.resolve_device(args.device)
     query = args.query_img_name is not None or args.query_dir is not None or not args.embedding_map
     # a map alone needs only the database's features; a query also its model
-    database = retrieval.open_database(args.data_base, args.results_dir, device, with_model=query)
+    database = retrieval.open_database(args.data_base, args.results_dir, device, query, data_path=args.data_path)
     target = None
     if args.query_dir is not None:
         target = retrieve_folder(database, args.query_dir, args.retrieval_num, args.results_dir)

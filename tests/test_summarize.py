@@ -95,8 +95,8 @@ def test_one_run_says_the_interval_needs_two(tmp_path):
 
 
 def test_no_published_column_for_a_setting_the_original_did_not_report(tmp_path):
-    paths = [write_run(tmp_path, seed, [(1, 1, 1, 50, 60, 5, 6)], settings=dict(SETTINGS, data_name='demo'))
-             for seed in (1, 2)]
+    settings = dict(SETTINGS, data_name='demo', num_epochs=1)  # finished runs of one epoch
+    paths = [write_run(tmp_path, seed, [(1, 1, 1, 50, 60, 5, 6)], settings=settings) for seed in (1, 2)]
     text = summarize.main(paths)
     assert text.splitlines()[0] == '| metric | mean | sd | 95 % CI | n |'
 
