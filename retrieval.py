@@ -14,7 +14,6 @@ import functools
 import hashlib
 import math
 import os
-import re
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,6 @@ VERSION = 1  # of the format; a database that records none is of version 1 (the 
 FIELDS = ('images', 'labels', 'features')
 MODEL_KEYS = ('backbone_type', 'feature_dim', 'branches', 'num_classes', 'image_size', 'data_name', 'crop_type')
 DATABASE_CONFIG = MODEL_KEYS + ('mean', 'std', 'model_file', 'model_sha256')
-DATABASE_NAME = re.compile(r'(.+)_(uncropped|cropped)_(.+)_(\d+)_data_base\.pth')  # as train.py names it
 
 
 def make_database(splits, config, mean, std, settings):
@@ -157,21 +155,22 @@ def read_model_state(db, db_path):
     return load_bytes(data, model_path, 'model file'), model_path
 
 
+class NotFound(UserError):
+    """No database at `path` (runs.open_database adds the train.py command that writes one of a run's name)."""
+
+    def __init__(self, path):
+        super().__init__(f'database not found: {path} (expected a ..._data_base.pth written by train.py)')
+        self.path = path
+
+
 def resolve_database_path(name, results_dir):
     """A bare file name is looked up in results_dir (as the original did), then in the current folder; anything
-    with a folder in it is a path. A missing database says which training run writes it."""
+    with a folder in it is a path; none there is NotFound."""
     in_results, bare = os.path.join(results_dir, name), os.path.dirname(name) == ''
     path = in_results if bare and (os.path.lexists(in_results) or not os.path.lexists(name)) else name
-    if os.path.lexists(path):  # a pipe or device goes on, to be refused as not a regular file
-        return path
-    parts = DATABASE_NAME.fullmatch(os.path.basename(path))
-    if parts is None:
-        raise UserError(f'database not found: {path} (expected a ..._data_base.pth written by train.py)')
-    folder = os.path.dirname(path)  # train.py writes into --results_dir, default 'results'
-    keys = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'results_dir')[:4 + (folder != 'results')]
-    flags = ' '.join(f'--{k} {v}' for k, v in zip(keys, parts.groups() + (folder,)))
-    raise UserError(f'database not found: {path}; train the model first: python train.py {flags} (with your '
-                    f'--data_path) writes it, or give --data_base the path of an existing database')
+    if not os.path.lexists(path):  # a pipe or device goes on, to be refused as not a regular file
+        raise NotFound(path)
+    return path
 
 
 def load_model(db, db_path):

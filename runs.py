@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 
 import pandas as pd
 import torch
@@ -32,8 +33,45 @@ VERSION = 1  # of the checkpoint's format; a checkpoint that records none is of 
 OUTPUTS = ('statistics.csv', 'model.pth', 'data_base.pth', 'checkpoint.pth', 'curves.png', 'settings.json')
 
 
+NAME_KEYS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim')  # a run's name, as the original named it
+DATABASE_NAME = re.compile(r'(.+)_(uncropped|cropped)_(.+)_(\d+)_data_base\.pth')
+DEFAULT_DATABASE = 'car_uncropped_resnet18_512_data_base.pth'  # of train.py's default flags, as the original's test.py
+
+
+def run_name(settings):
+    """'{data_name}_{crop_type}_{backbone_type}_{feature_dim}': the first part of each output's name."""
+    return '_'.join(str(settings[key]) for key in NAME_KEYS)
+
+
+def selection_column(columns):
+    """The statistics column whose first strict maximum is the saved epoch: validation R@1 where the run held
+    classes out (--val_split), else test R@1 (the original's protocol), as Run.record chooses."""
+    return 'val_recall@1' if any(c.startswith('val_') for c in columns) else 'test_recall@1'
+
+
 def output_paths(config):
     return {kind: os.path.join(config['results_dir'], f'{config["name"]}_{kind}') for kind in OUTPUTS}
+
+
+def output_path(path, kind):
+    """The path of output `kind` of the run that wrote output `path` (e.g. its settings.json beside its CSV)."""
+    stem = next((path[:-len(k)] for k in OUTPUTS if path.endswith('_' + k)), None)
+    return None if stem is None else stem + kind
+
+
+def open_database(name, results_dir, device, **options):
+    """retrieval.open_database; a missing database of a run's name says the train.py command that writes it."""
+    try:
+        return retrieval.open_database(name, results_dir, device, **options)
+    except retrieval.NotFound as err:
+        parts = DATABASE_NAME.fullmatch(os.path.basename(err.path))
+        if parts is None:
+            raise
+        folder = os.path.dirname(err.path)  # train.py writes into --results_dir, default 'results'
+        flags = ' '.join(f'--{k} {v}' for k, v in zip(NAME_KEYS + ('results_dir',), parts.groups() + (folder,))
+                         if k != 'results_dir' or folder != 'results')
+        raise UserError(f'database not found: {err.path}; train the model first: python train.py {flags} (with your '
+                        f'--data_path) writes it, or give --data_base the path of an existing database') from None
 
 
 def run_settings(config):

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import distributed
 import imaging
 import retrieval
+import runs
 from cli import UserError, check_int, run_cli
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.html')  # the page, inline CSS and JS
@@ -38,7 +39,7 @@ TOO_LARGE = f'the upload is larger than {MAX_UPLOAD // 2 ** 20} MB'
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Serve a query page and a JSON search API over a feature database')
     add = parser.add_argument
-    add('--data_base', default='car_uncropped_resnet18_512_data_base.pth', help='a name in --results_dir, or a path')
+    add('--data_base', default=runs.DEFAULT_DATABASE, help='a name in --results_dir, or a path')
     add('--results_dir', default='results', help='where a database given by name is looked up')
     add('--data_path', default=None, help="the dataset folder, when it moved since train.py's --data_path")
     add('--host', default='127.0.0.1', help='address to listen on (0.0.0.0: every interface)')
@@ -197,7 +198,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = distributed.resolve_device(args.device)
     with contextlib.closing(listen(args.host, args.port)) as sock:  # first: a taken port is reported at once
-        database = retrieval.open_database(args.data_base, args.results_dir, device, data_path=args.data_path)
+        database = runs.open_database(args.data_base, args.results_dir, device, data_path=args.data_path)
         host, port = sock.getsockname()[:2]
         shown = f'[{host}]' if ':' in host else host
         print(f'serving {database.path} ({len(database.images)} {database.split} images, model '

@@ -60,7 +60,7 @@ def read_settings(csv_path):
     """The settings train.py wrote beside a statistics CSV (runs.settings_json) -> dict."""
     if not csv_path.endswith('_statistics.csv'):
         raise UserError(f'{csv_path}: expected a ..._statistics.csv written by train.py')
-    path = csv_path[:-len('statistics.csv')] + 'settings.json'
+    path = runs.output_path(csv_path, 'settings.json')
     if not os.path.isfile(path):
         raise UserError(f'settings file not found: {path} (train.py writes it beside {os.path.basename(csv_path)}; '
                         f'without it the runs cannot be checked to differ only in --seed)')
@@ -152,7 +152,7 @@ def select_row(table, path, epoch):
     """The row of the chosen epoch -> (row, why): by validation R@1 when the run has it, else by test R@1
     (strictly better, the first maximum wins, as train.py chose), the last one, or epoch N."""
     if epoch == 'selected':
-        column = 'val_recall@1' if any(c.startswith('val_') for c in table.columns) else 'test_recall@1'
+        column = runs.selection_column(table.columns)
         if column not in table.columns:
             raise UserError(f'{path} has no {column} column to select the epoch by (--recalls without 1); pass '
                             f'--epoch last or an epoch number')

@@ -26,6 +26,7 @@ import files
 import imaging
 import pictures
 import retrieval
+import runs
 from cli import UserError
 from datasets import IMAGE_EXTENSIONS
 
@@ -43,7 +44,7 @@ def parse_args(argv=None):
                        help=f'a database image or any image file [default: {DEFAULT_QUERY}, unless --embedding_map '
                             f'is given alone]')
     query.add_argument('--query_dir', help='rank every image under this folder (recursively) into one CSV instead')
-    add('--data_base', default='car_uncropped_resnet18_512_data_base.pth', help='a name in --results_dir, or a path')
+    add('--data_base', default=runs.DEFAULT_DATABASE, help='a name in --results_dir, or a path')
     add('--retrieval_num', default=8, type=int, help='how many images to retrieve')
     add('--results_dir', default='results', help='where databases are found by name and {query stem}/ is written')
     add('--data_path', default=None, help="the dataset folder, when it moved since train.py's --data_path")
@@ -207,7 +208,7 @@ def main(argv=None):
     device = distributed.resolve_device(args.device)
     query = args.query_img_name is not None or args.query_dir is not None or not args.embedding_map
     # a map alone needs only the database's features; a query also its model
-    database = retrieval.open_database(args.data_base, args.results_dir, device, query, data_path=args.data_path)
+    database = runs.open_database(args.data_base, args.results_dir, device, with_model=query, data_path=args.data_path)
     target = None
     if args.query_dir is not None:
         target = retrieve_folder(database, args.query_dir, args.retrieval_num, args.results_dir)

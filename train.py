@@ -14,7 +14,7 @@ from tqdm import tqdm
 import cli
 import data_utils
 import distributed
-import imaging
+import batches
 import metrics as metrics_lib
 import model as model_lib
 import retrieval
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     add('--branches', default='SMG', help='local-feature branches: S (SPoC), M (MAC), G (GeM) [default: %(default)s]')
     add('--no_amp', action='store_true', help='train in float32 on CUDA [default: mixed precision]')
     add('--lr', default=None, type=float, help='learning rate [default: 1e-4 with ImageNet weights, 1e-3 from scratch]')
-    add('--cache', default='auto', choices=imaging.CACHE_CHOICES,
+    add('--cache', default='auto', choices=batches.CACHE_CHOICES,
         help='decode images once into GPU memory or RAM [default: %(default)s: GPU if they fit, else RAM, else off]')
     add('--compile', action='store_true', help='torch.compile the model for training and feature extraction')
     add('--resume', default=None, help="'auto' (this run's checkpoint if there is one, else start fresh) or a file")
@@ -112,8 +112,8 @@ def resolve_config(args):
     config = dict(vars(args), recalls=recalls, branches=branches, freeze_backbone_bn=weights,
                   lr=args.lr or (LR_WITH_WEIGHTS if weights else LR_FROM_SCRATCH), amp=not args.no_amp,
                   num_classes=len(dicts['train']), eval_splits=eval_splits,
-                  num_workers=imaging.default_num_workers() if args.num_workers is None else args.num_workers,
-                  name=f'{args.data_name}_{args.crop_type}_{args.backbone_type}_{args.feature_dim}')
+                  num_workers=batches.default_num_workers() if args.num_workers is None else args.num_workers,
+                  name=runs.run_name(vars(args)))
     del config['no_amp']
     return config, dicts
 
@@ -290,7 +290,7 @@ def train(config, dicts, rt, run, model, runner, optimizer, scheduler):
         if rt.main:
             print(run.final_line(), flush=True)
         return
-    images = imaging.Images(dicts, config, rt)
+    images = batches.Images(dicts, config, rt)
     criterion = utils.LabelSmoothingCrossEntropy(SMOOTHING, TEMPERATURE, utils.class_balanced_weights(
         images.targets, config['num_classes'])).to(rt.device)
     labels = {split: images.eval[split].labels for split in config['eval_splits']}

@@ -1,6 +1,6 @@
 """Decoded + transformed training images per second on one worker (one process, one thread):
 the original's pipeline (PIL decode, torchvision Resize -> RandomCrop -> flip -> ToTensor ->
-Normalize) against the project's (imaging.ImageListDataset: full decode and uint8 resize;
+Normalize) against the project's (batches.ImageListDataset: full decode and uint8 resize;
 imaging.crop_flip_batch; imaging.Normalize: one fused normalisation), on generated JPEGs of the datasets'
 typical sizes. Both decode every pixel (no JPEG draft mode). Also checks that both give the same
 output shape and per-channel mean/std within 1 %.
@@ -21,6 +21,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cli  # noqa: E402
+import batches
 import imaging  # noqa: E402
 from benchmarks.original import train_transform as original_train_transform  # noqa: E402
 
@@ -77,7 +78,7 @@ class ProjectPipeline:
     round(8s/7)), the crop and flip of `seed` (the same draws as the original's), the normalisation."""
 
     def __init__(self, paths, image_size):
-        self.dataset = imaging.ImageListDataset({'images': paths}, round(image_size * 8 / 7))
+        self.dataset = batches.ImageListDataset({'images': paths}, round(image_size * 8 / 7))
         self.size, self.normalize = image_size, imaging.Normalize(MEAN, STD)
 
     def __call__(self, k, seed):

@@ -9,6 +9,7 @@ from PIL import Image
 
 import utils
 import cli
+import batches
 import imaging
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
 import original as original_pipeline  # noqa: E402  (the original's torchvision pipelines)
@@ -39,7 +40,7 @@ def jpegs(tmp_path_factory):
 
 def train_input(path, size, seed):
     """train.py's training input of one image: the dataset's uint8 resize, the crop and flip of `seed`, normalised."""
-    image, _ = imaging.ImageListDataset({'a': [path]}, round(size * 8 / 7))[0]
+    image, _ = batches.ImageListDataset({'a': [path]}, round(size * 8 / 7))[0]
     return imaging.Normalize(MEAN, STD)(imaging.crop_flip_batch(image[None], [(0, seed)], size))[0]
 
 
@@ -52,14 +53,14 @@ def save_png(folder, name, image):
 def test_inputs_shape_dtype_and_values(tmp_path):
     path = save_png(tmp_path, 'img.png', Image.fromarray(textured(100, 80, 0)))
     for size in (32, 64, 120):  # 120 > image: the resize enlarges
-        image, target = imaging.ImageListDataset({'a': [path]}, size)[0]
+        image, target = batches.ImageListDataset({'a': [path]}, size)[0]
         assert image.shape == (3, size, size) and image.dtype == torch.uint8 and target == 0
         x, y = train_input(path, size, seed=0), imaging.eval_input(path, size, MEAN, STD)
         assert x.shape == y.shape == (3, size, size)
         assert x.dtype == y.dtype == torch.float32
         assert x.is_contiguous() and y.is_contiguous()
     exact = save_png(tmp_path, 'exact.png', Image.fromarray(textured(32, 32, 1)))
-    image, _ = imaging.ImageListDataset({'a': [exact]}, 32)[0]
+    image, _ = batches.ImageListDataset({'a': [exact]}, 32)[0]
     assert torch.equal(image, imaging.load_image_uint8(exact))  # no resize needed: the decoded pixels
     assert imaging.eval_input(exact, 32, MEAN, STD).is_contiguous()  # still a contiguous float tensor
     # a flat grey image normalises to exactly (v/255 - mean)/std per channel
@@ -101,7 +102,7 @@ def _rng_after(seed, transform, img):
 
 def test_statistics_match_original(jpegs):
     """Per-channel mean and std of the outputs within 1 % of the original's on full JPEG decodes."""
-    dataset = imaging.ImageListDataset({'a': jpegs}, 73)
+    dataset = batches.ImageListDataset({'a': jpegs}, 73)
     images = torch.stack([dataset[k][0] for k in range(len(jpegs))])  # uint8 [4, 3, 73, 73], as loaded
     original = original_pipeline.train_transform(64, MEAN, STD)
     outs_o, outs_p = [], []
@@ -135,17 +136,17 @@ def test_uint8_loading_paths_agree_with_pil(jpegs, tmp_path):
 
 def test_seed_gives_identical_batches_with_workers(jpegs):
     """train.py's loader path: batches of index lists loaded by workers, cropped from the images' seeds."""
-    dataset = imaging.ImageListDataset({'a': jpegs[:2], 'b': jpegs[2:]}, 37)
+    dataset = batches.ImageListDataset({'a': jpegs[:2], 'b': jpegs[2:]}, 37)
 
-    def batches(seed, workers):
+    def cropped(seed, workers):
         order = utils.epoch_order(len(dataset), seed, epoch=1)
-        batches = [order[:2], order[2:]]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[[k for k, _ in b] for b in batches],
+        index_lists = [order[:2], order[2:]]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[[k for k, _ in b] for b in index_lists],
                                              num_workers=workers)
         return [(imaging.crop_flip_batch(x, [(k, s) for k, (_, s) in enumerate(b)], 32), y)
-                for (x, y), b in zip(loader, batches)]
+                for (x, y), b in zip(loader, index_lists)]
 
-    first, again, other = batches(0, workers=2), batches(0, workers=0), batches(1, workers=2)
+    first, again, other = cropped(0, workers=2), cropped(0, workers=0), cropped(1, workers=2)
     assert first[0][0].shape == (2, 3, 32, 32) and first[0][0].dtype == torch.uint8
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(first, again))
     assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, other))
@@ -182,7 +183,7 @@ def test_load_image_converts_every_mode(tmp_path):
     la = np.asarray(imaging.load_image(tmp_path / 'la.png')).astype(int)
     assert (la[:, :20] == 255).all()
     # the same picture loads the same way as a dataset item and through load_image
-    dataset = imaging.ImageListDataset({'x': [str(tmp_path / 'rgba.png')]}, 16)
+    dataset = batches.ImageListDataset({'x': [str(tmp_path / 'rgba.png')]}, 16)
     pixels = torch.from_numpy(np.array(imaging.load_image(tmp_path / 'rgba.png'))).permute(2, 0, 1)
     assert torch.equal(dataset[0][0], imaging.resize_uint8(pixels, 16))
 
@@ -204,24 +205,24 @@ def test_damaged_and_missing_files_raise_user_error_naming_them(tmp_path, jpegs)
         imaging.load_image(str(tmp_path))  # an OS error is reported as such, not as a damaged file
 
     # inside a DataLoader worker: the error reaches the main process still naming the file
-    dataset = imaging.ImageListDataset({'a': [jpegs[0], str(truncated)]}, 37)
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1))
+    dataset = batches.ImageListDataset({'a': [jpegs[0], str(truncated)]}, 37)
+    loaded = iter(torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1))
     try:
-        next(batches)
+        next(loaded)
         raise AssertionError('the damaged file was not reported')
     except cli.UserError as caught:
         text = str(caught)
     finally:
         # the re-raised exception keeps the iterator in a reference cycle; left to the garbage
         # collector, its worker shutdown waits out a 5 s timeout: stop the worker now
-        getattr(batches, '_shutdown_workers', lambda: None)()
-    message = imaging.worker_error_message(text)
+        getattr(loaded, '_shutdown_workers', lambda: None)()
+    message = batches.worker_error_message(text)
     assert message.startswith(f'cannot decode image {truncated}:') and '\n' not in message
 
 
 def test_dataset_order_and_targets():
     split = {'b': ['b1.jpg', 'b2.jpg'], '10': ['t1.jpg'], 'a': ['a1.jpg'], '9': ['n1.jpg', 'n2.jpg']}
-    dataset = imaging.ImageListDataset(split, side=32)
+    dataset = batches.ImageListDataset(split, side=32)
     assert dataset.classes == ['10', '9', 'a', 'b']  # sorted label strings
     assert dataset.images == ['b1.jpg', 'b2.jpg', 't1.jpg', 'a1.jpg', 'n1.jpg', 'n2.jpg']
     assert dataset.labels == ['b', 'b', '10', 'a', '9', '9']
@@ -232,23 +233,23 @@ def test_dataset_order_and_targets():
 def test_default_num_workers(monkeypatch):
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
-    assert imaging.default_num_workers() == 8
+    assert batches.default_num_workers() == 8
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
-    assert imaging.default_num_workers() == 4
+    assert batches.default_num_workers() == 4
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '16')
-    assert imaging.default_num_workers() == 0
+    assert batches.default_num_workers() == 0
 
 
 def test_cache_place_and_crops(jpegs, monkeypatch):
     cpu = torch.device('cpu')
-    monkeypatch.setattr(imaging, 'available_ram', lambda: 1000)
-    assert imaging.cache_place('auto', 400, cpu) == 'ram' and imaging.cache_place('auto', 401, cpu) is None
-    assert imaging.cache_place('off', 10, cpu) is None and imaging.cache_place('ram', 10, cpu) == 'ram'
+    monkeypatch.setattr(batches, 'available_ram', lambda: 1000)
+    assert batches.cache_place('auto', 400, cpu) == 'ram' and batches.cache_place('auto', 401, cpu) is None
+    assert batches.cache_place('off', 10, cpu) is None and batches.cache_place('ram', 10, cpu) == 'ram'
     with pytest.raises(cli.UserError, match='--cache gpu: the decoded images take'):
-        imaging.cache_place('gpu', 10, cpu)  # no GPU memory on the CPU
+        batches.cache_place('gpu', 10, cpu)  # no GPU memory on the CPU
     # decoded once at the resize: the cache holds the loader's images, so its crops are the loader path's
-    dataset = imaging.ImageListDataset({'a': jpegs}, 37)
-    cache = imaging.build_cache(dataset, 'ram', cpu, 'test', show_bar=False)  # decoded by a thread per core
+    dataset = batches.ImageListDataset({'a': jpegs}, 37)
+    cache = batches.build_cache(dataset, 'ram', cpu, 'test', show_bar=False)  # decoded by a thread per core
     assert cache.shape == (4, 3, 37, 37) and cache.dtype == torch.uint8
     assert torch.equal(cache, torch.stack([dataset[k][0] for k in range(4)]))  # each image in its own row
     crops = imaging.crop_flip_batch(cache, [(k, 100 + k) for k in range(4)], 32)

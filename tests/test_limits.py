@@ -21,6 +21,7 @@ import serve
 import train
 from cli import UserError
 import cli
+import batches
 import imaging
 import retrieval
 import files
@@ -212,17 +213,17 @@ def test_out_of_memory_while_building_the_cache_is_one_line(dataset, tmp_path):
 @pytest.mark.parametrize('error', [MemoryError(), torch.OutOfMemoryError('CUDA out of memory. Tried to allocate'),
                                    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")])
 def test_cache_memory_errors_become_one_line(dataset, monkeypatch, error):
-    dataset_list = imaging.ImageListDataset({'a': [os.path.join(dataset, NAME, 'x.png')] * 3}, 40)
+    dataset_list = batches.ImageListDataset({'a': [os.path.join(dataset, NAME, 'x.png')] * 3}, 40)
 
     def fail(out, data, show_bar):
         raise error
-    monkeypatch.setattr(imaging, '_decode_into', fail)
+    monkeypatch.setattr(batches, '_decode_into', fail)
     with pytest.raises(UserError, match=r"^out of memory while decoding 3 images of 40x40 into the cache \(0.00 GiB "
                                         r"in RAM\): use --cache off, or a smaller --image_size$"):
-        imaging.build_cache(dataset_list, 'ram', torch.device('cpu'), 'key', show_bar=False)
+        batches.build_cache(dataset_list, 'ram', torch.device('cpu'), 'key', show_bar=False)
     error = RuntimeError('other failure')
     with pytest.raises(RuntimeError, match='other failure'):  # not every RuntimeError is memory
-        imaging.build_cache(dataset_list, 'ram', torch.device('cpu'), 'key', show_bar=False)
+        batches.build_cache(dataset_list, 'ram', torch.device('cpu'), 'key', show_bar=False)
 
 
 # ---- test.py: its results folder, its hidden temporary folders ----

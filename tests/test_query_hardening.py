@@ -17,6 +17,7 @@ from PIL import Image
 from _query_fixtures import REPO, copy_database, load_script, make_database, make_image, make_split
 import data_utils
 import files
+import batches
 import imaging
 import pictures
 import retrieval
@@ -157,7 +158,7 @@ def test_a_query_with_an_exif_orientation_embeds_as_the_upright_image(tiny, tmp_
     # the database and training path keeps the stored pixels, as the original did
     assert tuple(imaging.load_image_uint8(phone).shape) == (3, 48, 80) and imaging.load_image(phone).size == (80, 48)
     stored_pixels = imaging.resize_uint8(imaging.load_image_uint8(phone), 32)
-    assert torch.equal(imaging.ImageListDataset({'x': [phone]}, 32)[0][0], stored_pixels)
+    assert torch.equal(batches.ImageListDataset({'x': [phone]}, 32)[0][0], stored_pixels)
     stored = imaging.eval_input(phone, 32, (0.5,) * 3, (0.25,) * 3, upright=False)
     assert not torch.allclose(stored, imaging.eval_input(upright, 32, (0.5,) * 3, (0.25,) * 3), atol=0.1)
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 import data_utils
 import demo
-import imaging
+import batches
 import retrieval
 import runs
 import summarize
@@ -250,21 +250,21 @@ def test_available_ram_takes_the_container_limit(tmp_path, monkeypatch):
     meminfo.write_text('MemTotal:       33554432 kB\nMemAvailable:    8388608 kB\n')  # 8 GiB on the host
     limit.write_text(f'{2 * 2 ** 30}\n')  # the container may use 2 GiB and uses 0.5
     used.write_text(f'{2 ** 29}\n')
-    monkeypatch.setattr(imaging, 'MEMINFO', str(meminfo))
-    monkeypatch.setattr(imaging, 'CGROUP_MEMORY', (str(limit), str(used)))
-    assert imaging.available_ram() == 3 * 2 ** 29
+    monkeypatch.setattr(batches, 'MEMINFO', str(meminfo))
+    monkeypatch.setattr(batches, 'CGROUP_MEMORY', (str(limit), str(used)))
+    assert batches.available_ram() == 3 * 2 ** 29
     cpu = torch.device('cpu')
-    assert imaging.cache_place('auto', 2 ** 29, cpu) == 'ram'  # 0.5 GiB <= 40 % of 1.5 GiB
-    assert imaging.cache_place('auto', 2 ** 30, cpu) is None  # 1 GiB: more than 40 % of what the container leaves
+    assert batches.cache_place('auto', 2 ** 29, cpu) == 'ram'  # 0.5 GiB <= 40 % of 1.5 GiB
+    assert batches.cache_place('auto', 2 ** 30, cpu) is None  # 1 GiB: more than 40 % of what the container leaves
     with pytest.raises(UserError, match=r'--cache ram: the decoded images take 1.00 GiB, more than 40% of the'):
-        imaging.cache_place('ram', 2 ** 30, cpu)
+        batches.cache_place('ram', 2 ** 30, cpu)
     limit.write_text('max\n')  # no limit: the host's
-    assert imaging.available_ram() == 8 * 2 ** 30
+    assert batches.available_ram() == 8 * 2 ** 30
     used.unlink()  # no cgroup v2 files (another system): the host's
-    assert imaging.available_ram() == 8 * 2 ** 30
+    assert batches.available_ram() == 8 * 2 ** 30
     limit.write_text(f'{2 ** 30}\n')
     used.write_text(f'{2 ** 31}\n')  # over its limit already: nothing left
-    assert imaging.available_ram() == 0
+    assert batches.available_ram() == 0
 
 
 # items 17 and 18: README's reproducibility sentence, .venv/ ignored

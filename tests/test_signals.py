@@ -17,7 +17,7 @@ from _train_fixtures import REPO, flags, out
 LAUNCHER = '''
 import functools, os, signal, sys, threading
 sys.path.insert(0, sys.argv[1])
-import cli, files, imaging, train
+import batches, cli, files, train
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under nohup
 moment, signum, sent = sys.argv[2], getattr(signal, sys.argv[3]), []
 
@@ -37,7 +37,7 @@ def before(function, when=lambda *a, **k: True):
 if moment == 'fork':  # inside os.fork's hooks, where Python drops an exception raised by a handler
     os.register_at_fork(before=send)
 elif moment == 'before_workers':
-    imaging.Images.train_batches = before(imaging.Images.train_batches)
+    batches.Images.train_batches = before(batches.Images.train_batches)
 elif moment == 'after_workers':
     train.train_step = before(train.train_step)
 elif moment == 'evaluation':

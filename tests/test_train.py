@@ -21,6 +21,7 @@ import train
 import utils
 from cli import UserError
 import distributed
+import batches
 import imaging
 import retrieval
 
@@ -106,7 +107,7 @@ def test_backbone_batchnorm_frozen_with_loaded_weights(tmp_path, dataset):
     head_bn_before = model.classifier[0].running_mean.clone()
 
     rt = distributed.Runtime(torch.device('cpu'), amp=False)
-    images = imaging.Images(dicts, dict(config, cache='off'), rt)
+    images = batches.Images(dicts, dict(config, cache='off'), rt)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     stats = train.train_one_epoch(model, images, utils.LabelSmoothingCrossEntropy(), optimizer, rt, 1, 1)
     assert stats['loss'] > 0.5  # 3 classes, untrained: near ln 3
@@ -321,8 +322,8 @@ def test_cached_batches_equal_loaded_batches(dataset, tmp_path):
     """The same pixels, crops and flips from the cache as from full decodes by the loader's workers."""
     config, dicts = train.resolve_config(train.parse_args(flags(dataset, tmp_path)))
     rt = distributed.Runtime(torch.device('cpu'), amp=False)
-    cached = imaging.Images(dicts, dict(config, cache='ram'), rt)
-    loaded = imaging.Images(dicts, dict(config, cache='off', num_workers=2), rt)
+    cached = batches.Images(dicts, dict(config, cache='ram'), rt)
+    loaded = batches.Images(dicts, dict(config, cache='off', num_workers=2), rt)
     assert cached.caches['train'].shape == (12, 3, 37, 37) and loaded.caches is None  # round(32 * 8 / 7)
     for epoch in (1, 2):
         pairs = list(zip(cached.train_batches(cached.epoch_batches(epoch)),
@@ -340,7 +341,7 @@ def test_cached_batches_equal_loaded_batches(dataset, tmp_path):
 @pytest.mark.parametrize('batch, sizes', [(5, [5, 5, 2]), (11, [11]), (4, [4, 4, 4])])
 def test_last_batch_kept_unless_single(dataset, tmp_path, batch, sizes):
     config, dicts = train.resolve_config(train.parse_args(flags(dataset, tmp_path, '--batch_size', str(batch))))
-    images = imaging.Images(dicts, dict(config, cache='off'), distributed.Runtime(torch.device('cpu'), amp=False))
+    images = batches.Images(dicts, dict(config, cache='off'), distributed.Runtime(torch.device('cpu'), amp=False))
     assert [len(b) for b in images.epoch_batches(1)] == sizes  # 12 images; 11 + 1 drops the single one
 
 

@@ -14,6 +14,7 @@ import train
 from cli import UserError
 import demo
 import distributed
+import batches
 import imaging
 import runs
 
@@ -71,7 +72,7 @@ def test_config_trains_only_the_remaining_classes(val_dataset, tmp_path):
     config, dicts = train.resolve_config(train.parse_args(flags(val_dataset, tmp_path, *VAL_FLAGS)))
     assert len(dicts['val']) == 2 and len(dicts['train']) == 3 and config['num_classes'] == 3
     assert len(dicts['test']) == 5 and config['eval_splits'] == ('test',)  # the test split is untouched
-    images = imaging.Images(dicts, dict(config, cache='off'), distributed.Runtime(torch.device('cpu'), amp=False))
+    images = batches.Images(dicts, dict(config, cache='off'), distributed.Runtime(torch.device('cpu'), amp=False))
     assert list(images.eval) == ['test', 'val'] and len(images.eval['val']) == 8 and len(images.train) == 12
     assert images.targets.max() == 2  # the classifier covers the 3 classes trained on
 
