@@ -211,3 +211,97 @@ def eval_input(path, side, mean, std, data=None, upright=True):
     side x side, normalised -> float [3, s, s]. A query is first turned upright as its EXIF orientation tag says
     (upright=False: the stored pixels, as the datasets of training and evaluation read every image)."""
     return Normalize(mean, std)(resize_uint8(load_image_uint8(path, data, upright), side))
+
+
+# An upload (serve.py) is a stranger's file: what decoding it may cost is bounded before it starts. A small file can
+# describe a huge picture (a 157 KB 16-bit PNG of 9000 x 9000 took 2.1 GB), so the bound is on the pixels the header
+# declares, times what decoding one pixel to RGB and resizing it take here at their peak (measured on 9-16
+# megapixel files: 10-11 bytes for 8-bit pictures, 15 through torchvision's JPEG decoder, 16 with alpha, 26-29
+# for 16/32-bit greys, 20-25 for WebP and JPEG 2000). A JPEG over the bounds is decoded by libjpeg at 1/2, 1/4 or
+# 1/8 of its size (PIL's draft), a JPEG 2000 one at 1/2 to 1/8 (its reduce), whichever is the largest within them;
+# another over them is refused. Files of a dataset keep PIL's Image.MAX_IMAGE_PIXELS and are decoded whole.
+UPLOAD_MAX_PIXELS = 4096 * 4096  # 16.8 megapixels, against the 89.5 million a dataset's image may have
+UPLOAD_MAX_DECODE = 256 * 2 ** 20  # bytes one upload's decode may take
+_DEEP_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F')  # rescaled through float64 (_to_rgb)
+_ALPHA_MODES = ('RGBA', 'LA', 'PA', 'RGBa', 'La')  # composited on white
+
+
+def decode_bytes_per_pixel(img):
+    """What decoding one pixel of an opened (not yet loaded) image to RGB and resizing it take here at their peak,
+    in bytes, rounded up from measurements (see UPLOAD_MAX_DECODE)."""
+    if img.mode in _DEEP_MODES:
+        per_pixel = 32
+    elif img.mode in _ALPHA_MODES or (img.mode == 'P' and 'transparency' in img.info):
+        per_pixel = 18
+    else:
+        per_pixel = 12
+    if img.format == 'JPEG':
+        per_pixel = max(per_pixel, 16)  # torchvision's decoder and the resize of its output
+    elif img.format in ('WEBP', 'JPEG2000'):
+        per_pixel += 10  # the decoder's own buffers
+    return per_pixel
+
+
+def _upload_cost(img, size, max_pixels, max_bytes):
+    """(pixels, bytes) of decoding `img` at `size`, and whether both are within the bounds."""
+    pixels = size[0] * size[1]
+    cost = pixels * decode_bytes_per_pixel(img)
+    return pixels, cost, pixels <= max_pixels and cost <= max_bytes
+
+
+def _bounds(max_pixels, max_bytes):
+    return (UPLOAD_MAX_PIXELS if max_pixels is None else max_pixels,
+            UPLOAD_MAX_DECODE if max_bytes is None else max_bytes)
+
+
+def upload_scale(img, name, max_pixels=None, max_bytes=None):
+    """How an opened upload is decoded within UPLOAD_MAX_PIXELS and UPLOAD_MAX_DECODE (or the bounds given): 1, whole,
+    or 2, 4 or 8, the factor its JPEG (draft) or JPEG 2000 (reduce) decoder divides each side by. An image that no
+    factor brings within them is a UserError giving its size and the bounds."""
+    max_pixels, max_bytes = _bounds(max_pixels, max_bytes)
+    pixels, cost, within = _upload_cost(img, img.size, max_pixels, max_bytes)
+    if within:
+        return 1
+    if img.format in ('JPEG', 'JPEG2000'):
+        for scale in (2, 4, 8):  # each side (w + scale - 1) // scale, as both decoders round
+            size = tuple(-(-side // scale) for side in img.size)
+            if _upload_cost(img, size, max_pixels, max_bytes)[2]:
+                return scale
+    reducible = img.format in ('JPEG', 'JPEG2000')
+    raise UserError(f'{name} is too large to decode: {img.width} x {img.height} = {pixels:,} pixels of '
+                    f'{img.format or "image"} mode {img.mode}, {cost / 2 ** 20:,.0f} MiB to decode'
+                    f'{" (too much even at 1/8 of its size)" if reducible else ""}; an upload may have at most '
+                    f'{max_pixels:,} pixels and take {max_bytes / 2 ** 20:,.0f} MiB; shrink it first')
+
+
+def load_upload_uint8(name, data, max_pixels=None, max_bytes=None):
+    """An upload's bytes decoded as load_image_uint8 decodes a file, its cost bounded before decoding (upload_scale):
+    within the bounds the very same pixels; a JPEG or JPEG 2000 over them decoded at a reduced size by its own decoder
+    -> uint8 [3, H, W]. Unreadable bytes are a UserError, as load_image says it."""
+    try:
+        with open_image(name, data) as img:
+            scale = upload_scale(img, name, max_pixels, max_bytes)
+            if scale > 1:
+                if img.format == 'JPEG':
+                    full = img.size
+                    img.draft(None, (max(1, img.width // scale), max(1, img.height // scale)))
+                    if not _upload_cost(img, img.size, *_bounds(max_pixels, max_bytes))[2]:  # not reduced enough
+                        raise UserError(f'{name} is too large to decode: {full[0]} x {full[1]} pixels, and its '
+                                        f'decoder cannot reduce it within the bounds of an upload; shrink it first')
+                else:
+                    img.reduce = scale.bit_length() - 1  # resolution levels discarded: 1/2, 1/4, 1/8
+                img.load()
+                turned = ImageOps.exif_transpose(img) if _orientation(img) != 1 else img
+                return torch.from_numpy(np.array(_to_rgb(turned))).permute(2, 0, 1)
+    except (UserError, MemoryError):
+        raise
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... (load_image's message)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f'cannot decode image {name}: {reason} (damaged, or not an image)') from None
+    return load_image_uint8(name, data, upright=True)
+
+
+def upload_input(name, side, mean, std, data):
+    """An upload's bytes as eval_input prepares an image file, decoded within the upload bounds (load_upload_uint8)
+    -> float [3, s, s]."""
+    return Normalize(mean, std)(resize_uint8(load_upload_uint8(name, data), side))

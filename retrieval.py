@@ -262,13 +262,15 @@ def embed_image(model, path, config, device, data=None, upright=True):
 
 
 def check_upload(data, name):
-    """An uploaded image's bytes before any decode: not empty, an image, and within PIL's MAX_IMAGE_PIXELS (read
-    from its header: PIL itself only warns up to twice that, and the JPEG decoder used for embedding not at all)."""
+    """An uploaded image's bytes before any decode: not empty, an image, within PIL's MAX_IMAGE_PIXELS (read from its
+    header: PIL itself only warns up to twice that, and the JPEG decoder used for embedding not at all), and within
+    the bounds of an upload's decode, or a JPEG its decoder can reduce to them (imaging.upload_scale)."""
     if not data:
         raise UserError(f'{name} is empty (0 bytes)')
     try:
-        imaging.open_image(name, data).close()  # reads the header only
-    except UserError:  # over the pixel limit
+        with imaging.open_image(name, data) as img:  # reads the header only
+            imaging.upload_scale(img, name)
+    except UserError:  # over the pixel limit or the bounds of an upload
         raise
     except Image.UnidentifiedImageError:
         raise UserError(f'{name} is not an image (or not in a format Pillow reads)') from None

@@ -1,5 +1,7 @@
 """serve.py's page in a real browser: Debian's headless Chromium driven through Selenium (nothing downloaded).
-Without the browser the test is skipped with one line, except under CI=true, where that is a failure.
+Without the browser the test is skipped with one line, except under CI=true, where that is a failure. Checked: the
+first view (an invitation, no empty query tile or broken image), an upload, the frames, a click through, a refused
+upload and a refused Top K (their error alone, no earlier results under it), phone widths, names holding a '\\'.
 
 SERVE_DATABASE=PATH serves another database than the reference run's; SERVE_SCREENSHOT=FILE keeps the screenshot
 (README's docs/serve.png is this test's on the demo database)."""
@@ -8,12 +10,18 @@ import os
 import pytest
 from PIL import Image
 
-from _serve_fixtures import REPO, request, start_server, stop_server, upload
+from _query_fixtures import make_database, make_split
+from _serve_fixtures import request, start_server, stop_server, upload
 from _train_fixtures import out
+import retrieval
 
 CHROMIUM, CHROMEDRIVER = '/usr/bin/chromium', '/usr/bin/chromedriver'
 GREEN, RED = 'rgba(26, 158, 58, 1)', 'rgba(211, 47, 47, 1)'  # the page's frames: the query's class, another class
 LOADED = "return [...document.querySelectorAll('#results img')].filter(i => i.complete && i.naturalWidth > 0).length"
+# images on screen that show nothing: no source, not loaded, or broken (the browser's placeholder)
+BROKEN = "return [...document.images].filter(i => i.offsetParent !== null && (!i.complete || i.naturalWidth === 0))" \
+         ".map(i => i.id || i.alt || i.src)"
+NO_SIDEWAYS_SCROLL = 'return document.documentElement.scrollWidth <= document.documentElement.clientWidth'
 
 
 def require_browser():
@@ -61,8 +69,9 @@ def test_page_upload_frames_click_through(reference, browser, tmp_path):
         wait = WebDriverWait(browser, 30)
         browser.get(base)
         wait.until(lambda d: f'{info["images"]} test images' in d.find_element(By.ID, 'info').text)
+        check_first_view(browser)
         # a photo chosen in the file field: its class is unknown, so no frames
-        photo = some_image(base)
+        photo = some_image(base, db_path)
         _, answer = upload(base, open(photo, 'rb').read(), k=8)
         browser.find_element(By.ID, 'file').send_keys(photo)
         wait.until(lambda d: d.execute_script(LOADED) == 8)
@@ -88,14 +97,91 @@ def test_page_upload_frames_click_through(reference, browser, tmp_path):
         browser.save_screenshot(shot)
         Image.open(shot).convert('RGB').quantize(128).save(shot, optimize=True)  # a small file for the docs
         assert Image.open(shot).size[0] > 0
-        # a phone's width: one column of controls, two of results, nothing wider than the screen
-        browser.set_window_size(390, 844)
-        assert browser.execute_script('return document.documentElement.scrollWidth <= window.innerWidth')
+        # a phone's width: one column of controls, two of results, nothing wider than the screen (the page
+        # itself, whose vertical scroll bar takes its width from the window's)
+        for width in (390, 400):
+            browser.set_window_size(width, 844)
+            assert browser.execute_script(NO_SIDEWAYS_SCROLL), width
+        browser.set_window_size(1100, 1000)
+        check_refusals(browser, tmp_path)
     finally:
         stop_server(proc)
 
 
-def some_image(base):
+def check_first_view(browser):
+    """Before any search: the invitation to start one; no query tile, no image that shows nothing."""
+    from selenium.webdriver.common.by import By
+    assert not browser.find_element(By.ID, 'query').is_displayed()
+    assert browser.execute_script(BROKEN) == []
+    intro = browser.find_element(By.ID, 'intro')
+    assert intro.is_displayed() and 'Choose or drop a photo' in intro.text
+    assert result_cards(browser) == [] and browser.find_element(By.ID, 'status').text == ''
+
+
+def check_refusals(browser, tmp_path):
+    """A refused upload, then a refused Top K, each after a search that showed results: the error alone."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    wait = WebDriverWait(browser, 30)
+    assert len(result_cards(browser)) == 8
+    text = tmp_path / 'notes.jpg'
+    text.write_text('not a picture\n' * 10)
+    browser.find_element(By.ID, 'file').send_keys(str(text))
+    wait.until(lambda d: d.find_element(By.ID, 'status').get_attribute('class') == 'error')
+    assert 'not an image' in browser.find_element(By.ID, 'status').text
+    assert result_cards(browser) == [] and not browser.find_element(By.ID, 'query').is_displayed()
+    assert browser.execute_script(BROKEN) == []
+    browser.find_element(By.ID, 'random').click()  # results again
+    wait.until(lambda d: d.execute_script(LOADED) == 8)
+    field = browser.find_element(By.ID, 'k')
+    for k in ('500', '0', '2.5'):
+        field.clear()
+        field.send_keys(k)
+        browser.find_element(By.ID, 'random').click()
+        wait.until(lambda d: d.find_element(By.ID, 'status').get_attribute('class') == 'error')
+        assert browser.find_element(By.ID, 'status').text.startswith('Top K must be a whole number from 1 to 100'), k
+        assert result_cards(browser) == [] and not browser.find_element(By.ID, 'query').is_displayed(), k
+        field.clear()
+        field.send_keys('3')
+        browser.find_element(By.ID, 'random').click()
+        wait.until(lambda d: d.execute_script(LOADED) == 3)
+        assert browser.find_element(By.ID, 'status').get_attribute('class') == ''
+
+
+def test_names_are_split_on_slashes_only(browser, tmp_path):
+    """A Linux file name may hold a '\\': the page shows the whole name, cut only at '/'."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    paths, labels, _ = make_split(str(tmp_path / 'images' / 'sub'), ['x', 'y', 'x', 'y'], seed=3)
+    odd = os.path.join(os.path.dirname(paths[1]), 'deeper', 'back\\slash y.png')
+    os.makedirs(os.path.dirname(odd))
+    os.rename(paths[1], odd)
+    paths[1] = odd
+    db_path, _ = make_database(str(tmp_path / 'db'), (paths, labels))
+    proc, base = start_server(db_path)
+    try:
+        wait = WebDriverWait(browser, 30)
+        browser.get(base)
+        wait.until(lambda d: '4 test images' in d.find_element(By.ID, 'info').text)
+        _, answer = request(f'{base}api/search?index=0&k=3')
+        assert 'deeper/back\\slash y.png' in [hit['path'] for hit in answer['results']]  # relative to the image root
+        browser.find_element(By.ID, 'random').click()
+        wait.until(lambda d: d.execute_script(LOADED) == 3)
+        if '1' not in [c.get_attribute('data-index') for c in result_cards(browser)]:  # image 1 was the query
+            result_cards(browser)[0].send_keys(Keys.ENTER)  # another one: the other three are its results
+            wait.until(lambda d: 'database image 1' not in d.find_element(By.ID, 'query-text').text)
+            wait.until(lambda d: d.execute_script(LOADED) == 3)
+        card = [c for c in result_cards(browser) if c.get_attribute('data-index') == '1'][0]
+        assert card.find_element(By.CSS_SELECTOR, '.file').text == 'back\\slash y.png'
+        assert card.get_attribute('aria-label').endswith(', back\\slash y.png')
+        card.send_keys(Keys.ENTER)
+        wait.until(lambda d: 'database image 1: back\\slash y.png, label y' in d.find_element(By.ID, 'query-text').text)
+    finally:
+        stop_server(proc)
+
+
+def some_image(base, db_path):
     """A picture to upload: the file of the database's nearest image to its image 0, as a user might choose it."""
     _, answer = request(f'{base}api/search?index=0&k=1')
-    return os.path.join(REPO, answer['results'][0]['path'])  # a path in the database is relative to where it runs
+    return retrieval.load_database(db_path)[0]['test_images'][answer['results'][0]['index']]
