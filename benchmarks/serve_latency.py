@@ -12,6 +12,7 @@ import http.client
 import io
 import os
 import secrets
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,9 +40,11 @@ def start_server(db_path, *extra, env=None):
     """`python serve.py --data_base db_path --port 0 ...` in its own process -> (process, base URL), once it
     prints the URL it serves at."""
     env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
+    # Ctrl-C (stop_server) must reach it even when this runs with SIGINT ignored (nohup, a script's & job)
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'serve.py'), '--data_base', os.fspath(db_path),
                              '--port', '0', *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = proc.stdout.readline()  # '' when it stopped instead
     if 'http://' not in line:
         proc.kill()
@@ -51,8 +54,8 @@ def start_server(db_path, *extra, env=None):
 
 def stop_server(proc):
     """Stop the server as Ctrl-C does -> (exit status, what it wrote on stderr)."""
-    proc.send_signal(2)  # SIGINT
-    _, err = proc.communicate(timeout=30)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)  # a ceiling for a hang; a busy machine may take a while
     return proc.returncode, err
 
 

@@ -73,7 +73,7 @@ def resnet18_file(tmp_path_factory):
 
 
 def test_printed_table_equals_published(capsys):
-    M.main()  # what `python model.py` prints
+    M.main([])  # what `python model.py` prints
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == '| Backbone | CARS196 | CUB200 | SOP | In-shop |'
     rows = {}
