@@ -1,11 +1,17 @@
-"""Tiny training runs for the train.py tests: a hard little dataset, the flags, and runners."""
+"""Tiny training runs for the train.py tests: a hard little dataset, the flags, and runners; every process a test
+starts goes through started(), in a session of its own, its whole process group killed on leaving."""
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -58,14 +64,179 @@ def out(results_dir, kind):
     return os.path.join(os.fspath(results_dir), f'{RUN_NAME}_{kind}')
 
 
-def run_script(args, fault=None, timeout=300, launcher=(sys.executable,), script='train.py'):
-    """Run `launcher script args` in a fresh interpreter (SIGKILL and exit codes need one), with
-    `fault` injected by tests/fault_launcher.py when given -> CompletedProcess."""
-    # one BLAS/OpenMP thread: on a busy 2-core machine spinning OpenMP threads slow tiny steps 20x
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+# a ceiling for any process a test starts: only a hang reaches it (a tiny run takes seconds idle, a minute or two
+# at load 10 on 2 cores)
+TIMEOUT = 600
+
+
+def python_env(**extra):
+    """The environment of a Python process a test starts: unbuffered output (lines arrive as printed) and one
+    BLAS/OpenMP thread (on a busy 2-core machine spinning OpenMP threads slow tiny steps 20x)."""
+    return dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', **extra)
+
+
+class Started:
+    """A process started in a session of its own, so that its process group holds whatever it starts (loader
+    workers, torchrun's ranks, a benchmark's server); its stdout and stderr are read line by line as they come."""
+
+    def __init__(self, command, env=None, cwd=REPO):
+        self.command = [os.fspath(c) for c in command]
+        self.process = subprocess.Popen(self.command, cwd=cwd, env=python_env() if env is None else env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, start_new_session=True)
+        self.lines = {'stdout': [], 'stderr': []}  # (time.monotonic() when read, line)
+        self.closed, self.left = set(), None
+        self.changed = threading.Condition()
+        self.readers = [threading.Thread(target=self._read, args=(name,), daemon=True) for name in self.lines]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self, name):
+        for line in getattr(self.process, name):
+            with self.changed:
+                self.lines[name].append((time.monotonic(), line))
+                self.changed.notify_all()
+        with self.changed:
+            self.closed.add(name)
+            self.changed.notify_all()
+
+    def text(self, name):
+        with self.changed:
+            return ''.join(line for _, line in self.lines[name])
+
+    def describe(self):
+        return (f'{" ".join(self.command)[-300:]}\n--- stdout (end) ---\n{self.text("stdout")[-3000:]}'
+                f'\n--- stderr (end) ---\n{self.text("stderr")[-3000:]}')
+
+    def wait_for(self, prefix, timeout=TIMEOUT):
+        """The first stdout line starting with `prefix`, as soon as it is printed -> (time it was read, line).
+        Fails when the process closes its output without it, or after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                found = [entry for entry in self.lines['stdout'] if entry[1].startswith(prefix)]
+                if found:
+                    return found[0]
+                if 'stdout' in self.closed:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.kill()
+                    pytest.fail(f'no line starting {prefix!r} within {timeout}s (hung?); its process group was '
+                                f'killed: {self.describe()}', pytrace=False)
+                self.changed.wait(left)
+        pytest.fail(f'ended without a line starting {prefix!r}: {self.describe()}', pytrace=False)
+
+    def signal(self, signum):
+        """Send `signum` to the whole process group, as a cluster's pre-emption or a terminal's Ctrl-C does."""
+        os.killpg(self.process.pid, signum)
+
+    def others_in_group(self):
+        """Living processes of its process group other than itself (Linux /proc), e.g. loader workers that did
+        not end, whether still its children or orphaned by its end -> their process ids."""
+        found = []
+        for entry in os.listdir('/proc'):
+            if entry.isdigit() and int(entry) != self.process.pid:
+                with contextlib.suppress(OSError):
+                    with open(f'/proc/{entry}/stat') as f:
+                        state, _, group = f.read().rsplit(')', 1)[1].split()[:3]  # after '(name)'
+                    if int(group) == self.process.pid and state != 'Z':
+                        found.append(int(entry))
+        return found
+
+    def finish(self, timeout=TIMEOUT):
+        """Wait for the process to end and its output to close (as subprocess.run does) -> CompletedProcess with
+        all it printed; `left` then lists the processes of its group still running (none, unless something it
+        started ignores its end), which are killed. Past `timeout` seconds the process is taken for hung: its
+        process group is killed and the test fails saying so."""
+        deadline = time.monotonic() + timeout
+        try:
+            self.process.wait(timeout)
+            for reader in self.readers:  # the output closes when every process holding it has ended
+                reader.join(max(0.0, deadline - time.monotonic()))
+            if any(reader.is_alive() for reader in self.readers):
+                raise subprocess.TimeoutExpired(self.command, timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f'still running after {timeout}s (hung?); its process group was killed: {self.describe()}',
+                        pytrace=False)
+        self.left = self.others_in_group()
+        self.kill()
+        return subprocess.CompletedProcess(self.command, self.process.returncode, self.text('stdout'),
+                                           self.text('stderr'))
+
+    def kill(self):
+        """SIGKILL to the whole process group (nothing of it outlives the test), then reap the process."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+@contextlib.contextmanager
+def started(command, env=None, cwd=REPO):
+    """Start `command` (env: python_env() unless given) in a session of its own -> Started; on leaving, however the
+    test went, its whole process group is killed."""
+    process = Started(command, env, cwd)
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
+def run_process(command, env=None, cwd=REPO, timeout=TIMEOUT):
+    """subprocess.run for tests: `command` in a session of its own, its output captured, its process group killed
+    when it ends -> CompletedProcess."""
+    with started(command, env, cwd) as process:
+        return process.finish(timeout)
+
+
+@contextlib.contextmanager
+def own_sessions(timeout=TIMEOUT):
+    """For code the tests do not own that starts processes itself (a benchmark starting serve.py): while inside,
+    every subprocess.Popen starts a session of its own -> the list of those started, for kill_groups. Should the
+    block last past `timeout` seconds (hung), their groups are killed and the test fails saying so."""
+    made, original, expired = [], subprocess.Popen, []
+
+    class Popen(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **dict(kwargs, start_new_session=True))
+            made.append(self)
+
+    def expire():
+        expired.append(True)
+        kill_groups(made)
+
+    watchdog = threading.Timer(timeout, expire)
+    subprocess.Popen = Popen
+    watchdog.start()
+    try:
+        yield made
+    finally:
+        watchdog.cancel()
+        subprocess.Popen = original
+        if expired:
+            pytest.fail(f'still running after {timeout}s (hung?); the process groups it started were killed: '
+                        f'{[" ".join(map(str, p.args))[-300:] for p in made]}', pytrace=False)
+
+
+def kill_groups(processes):
+    """SIGKILL to each process's whole group (each started in a session of its own), then reap it."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def script_command(args, fault=None, launcher=(sys.executable,), script='train.py'):
+    """`launcher script args`, with `fault` injected by tests/fault_launcher.py when given."""
     command = [str(REPO / 'tests' / 'fault_launcher.py'), fault] if fault else []
-    return subprocess.run([*launcher, *command, str(REPO / script), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return [*launcher, *command, str(REPO / script), *args]
+
+
+def run_script(args, fault=None, timeout=TIMEOUT, launcher=(sys.executable,), script='train.py'):
+    """Run `launcher script args` in a fresh interpreter (SIGKILL and exit codes need one), with `fault` injected
+    by tests/fault_launcher.py when given -> CompletedProcess."""
+    return run_process(script_command(args, fault, launcher, script), timeout=timeout)
 
 
 def free_port():

@@ -80,7 +80,15 @@ def patch_steps(train, faults):
         if now in faults.get('kill', ()):
             os.kill(os.getpid(), signal.SIGKILL)
         if now in faults.get('interrupt', ()):
-            os.kill(os.getpid(), signal.SIGINT)
+            # Ctrl-C as a terminal delivers it, even where this runs with SIGINT ignored (nohup, a script's & job)
+            ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            if ignored:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+            finally:
+                if ignored:
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
         if now in faults.get('terminate', ()):
             os.kill(os.getppid() if 'TORCHELASTIC_RUN_ID' in os.environ else os.getpid(), signal.SIGTERM)
         return result

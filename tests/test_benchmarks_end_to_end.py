@@ -3,7 +3,6 @@ the whole comparison of the reference loop against train.py."""
 import math
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -16,6 +15,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import end_to_end  # noqa: E402
 import cli  # noqa: E402
+from _train_fixtures import run_process  # noqa: E402
 
 TINY = ['--classes', '4', '--per_class', '6', '--image_width', '64', '--image_height', '48', '--epochs', '2',
         '--backbone', 'resnet18', '--batch_size', '4', '--image_size', '32', '--feature_dim', '8',
@@ -140,9 +140,9 @@ def number(cell):
     return value
 
 
+@pytest.mark.slow
 def test_end_to_end_tiny_cpu(tmp_path):
-    done = subprocess.run([sys.executable, SCRIPT, '--data_path', str(tmp_path), '--keep'] + TINY, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = run_process([sys.executable, SCRIPT, '--data_path', tmp_path, '--keep'] + TINY, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert re.search(r'^device: CPU; torch \S+; 24 images, 2 epochs, resnet18, batch 4, 32 px$', out, re.M)

@@ -2,7 +2,6 @@
 faiss is skipped with one line when it cannot be imported."""
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -12,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'benchmarks', 'eval_scale.py')
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import eval_scale  # noqa: E402
+from _train_fixtures import python_env, run_process  # noqa: E402
 
 
 def faiss_importable():
@@ -23,8 +23,8 @@ def faiss_importable():
 
 
 def run_tiny(*extra, env=None):
-    done = subprocess.run([sys.executable, SCRIPT, '--num', '600', '--dim', '16', '--ks', '1,5,50', *extra],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    done = run_process([sys.executable, SCRIPT, '--num', '600', '--dim', '16', '--ks', '1,5,50', *extra],
+                       env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -43,22 +43,24 @@ def check_tiny_output(out, methods):
     assert len(recalls) == 3 and 20 < recalls[0] <= recalls[1] <= recalls[2] <= 100 and recalls[0] < 95
 
 
+@pytest.mark.slow
 def test_eval_scale_tiny_run_agrees():
     """With whatever is installed here: faiss is compared when importable, skipped otherwise."""
     check_tiny_output(run_tiny(), ['evaluate', 'full_matrix'] + ['faiss'] * faiss_importable())
 
 
+@pytest.mark.slow
 def test_eval_scale_without_faiss(tmp_path):
     """A `faiss` module that fails to import, first on the path: the run skips it with one line."""
     (tmp_path / 'faiss.py').write_text("raise ImportError('hidden by the test')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get('PYTHONPATH', '')]))
+    env = python_env(PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get('PYTHONPATH', '')]))
     # full_matrix left out: one child process less; faiss asked for explicitly
     check_tiny_output(run_tiny('--methods', 'evaluate,faiss', env=env), ['evaluate'])
 
 
+@pytest.mark.slow
 def test_bad_flag_is_one_error_line():
-    done = subprocess.run([sys.executable, SCRIPT, '--num', '1'], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
+    done = run_process([sys.executable, SCRIPT, '--num', '1'], cwd=ROOT)
     assert done.returncode == 1 and done.stdout == ''
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith('error: --num')
 

@@ -3,17 +3,17 @@ the values that are exact or bounded on CPU."""
 import importlib.util
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import cli
+from _train_fixtures import run_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_script(*args):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_process([sys.executable, *args], cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -45,6 +45,7 @@ def load_benchmark(name):
     return module
 
 
+@pytest.mark.slow
 def test_input_speed_tiny():
     out = run_script('benchmarks/input_speed.py', '--sizes', '160x120,320x240', '--num_images', '3',
                      '--image_size', '64', '--repeats', '1', '--stat_seeds', '1')
@@ -62,6 +63,7 @@ def test_input_speed_tiny():
     assert 'statistics check (same shape, per-channel mean and std within 1 %): passed' in out
 
 
+@pytest.mark.slow
 def test_train_speed_tiny_cpu():
     """On CPU both settings run fp32 contiguous (cuDNN flags do nothing there): same weights, same data,
     one thread, so the two loss curves are the same bit for bit."""

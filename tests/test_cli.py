@@ -16,6 +16,7 @@ cli.run_cli(lambda: [print(f'line {k}', flush=True) for k in range(10 ** 6)])
 '''
 
 
+@pytest.mark.slow
 def test_a_reader_leaving_the_pipe_ends_the_script_quietly():
     process = subprocess.Popen([sys.executable, '-c', TALKER, str(REPO)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, start_new_session=True)

@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import struct
-import subprocess
 import sys
 import zlib
 
@@ -18,7 +17,7 @@ from scipy.io import savemat
 
 import data_utils
 from _data_fixtures import make_tiny_dataset, write_class_folders, write_image
-from _train_fixtures import run_script
+from _train_fixtures import run_process, run_script
 from cli import UserError
 import cli
 import datasets
@@ -469,13 +468,13 @@ def test_long_names_refused_before_writing(tmp_path):
     assert not os.path.exists(os.path.join(root, 'own', 'uncropped'))
 
 
+@pytest.mark.slow
 def test_cli_errors_without_traceback(tmp_path, capsys):
     # one run through the interpreter: exit status 1 and one line, no traceback
     root = str(tmp_path)
     make_cub(root)
     os.remove(os.path.join(root, 'cub', 'images.txt'))
-    run = subprocess.run([sys.executable, 'data_utils.py', '--data_path', root, '--data_name', 'cub'],
-                         cwd=REPO, capture_output=True, text=True)
+    run = run_process([sys.executable, 'data_utils.py', '--data_path', root, '--data_name', 'cub'])
     assert run.returncode == 1 and 'Traceback' not in run.stderr
     assert run.stderr.startswith(f'error: cub: annotation file not found: {os.path.join(root, "cub", "images.txt")}')
     # the rest in-process, through the same run_cli
@@ -706,6 +705,7 @@ def test_second_run_on_a_folder_stops_at_once(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_interrupted_write_keeps_previous_lists(tmp_path, monkeypatch):
     root = str(tmp_path)
     make_cub(root)
@@ -755,6 +755,7 @@ def test_rerun_gives_same_result(tmp_path):
     assert open(crop, 'rb').read() == crop_bytes and os.stat(crop).st_mtime_ns == crop_mtime  # written once
 
 
+@pytest.mark.slow
 def test_written_files_follow_umask(tmp_path):
     # umask 027 in a fresh process; copies (links refused), crops from the thread pool, lists and
     # the demo's own files all get 0o666 & ~umask = 0o640 (its lock file 0o644 & ~umask), and the umask itself
@@ -764,7 +765,7 @@ def test_written_files_follow_umask(tmp_path):
               f'import data_utils, demo; demo.DEMO_CLASSES, demo.DEMO_PER_CLASS = 4, 3\n'
               f'data_utils.main(["--data_path", {str(tmp_path)!r}, "--data_name", "demo"])\n'
               f'print(oct(os.umask(0)))')
-    run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO)
+    run = run_process([sys.executable, '-c', script])
     assert run.returncode == 0 and run.stdout.splitlines()[-1] == '0o27', run.stderr
     modes = {os.path.relpath(os.path.join(folder, f), tmp_path): os.stat(os.path.join(folder, f)).st_mode & 0o777
              for folder, _, files in os.walk(tmp_path) for f in files}
@@ -788,19 +789,18 @@ def read_only_run(folder, command):
         for path, mode in modes.items():
             os.chmod(path, mode & ~0o222)
         try:
-            return subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+            return run_process(command)
         finally:
             for path, mode in modes.items():
                 os.chmod(path, mode)
     mount = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"'
-    probe = subprocess.run(['unshare', '--mount', 'sh', '-c', mount, folder, 'touch', os.path.join(folder, 'x')],
-                           capture_output=True, text=True)
+    probe = run_process(['unshare', '--mount', 'sh', '-c', mount, folder, 'touch', os.path.join(folder, 'x')])
     if probe.returncode == 0 or 'Read-only file system' not in probe.stderr:
         return None
-    return subprocess.run(['unshare', '--mount', 'sh', '-c', mount, folder, *command], cwd=REPO, capture_output=True,
-                          text=True)
+    return run_process(['unshare', '--mount', 'sh', '-c', mount, folder, *command])
 
 
+@pytest.mark.slow
 def test_rerun_on_read_only_dataset_writes_nothing(tmp_path):
     root = str(tmp_path / 'data')
     make_cub(root)

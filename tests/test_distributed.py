@@ -1,14 +1,13 @@
 """Multi-process training with torchrun: 2 CPU processes over gloo on the tiny dataset, killed and resumed."""
 import os
 import shutil
-import subprocess
 import sys
 
 import pandas as pd
 import pytest
 import torch
 
-from _train_fixtures import EPOCHS, REPO, RUN_NAME, VAL_FLAGS, flags, free_port, out, run_script, tensors
+from _train_fixtures import EPOCHS, REPO, RUN_NAME, VAL_FLAGS, flags, free_port, out, run_process, run_script, tensors
 import metrics
 import model as model_lib
 import cli
@@ -58,12 +57,11 @@ distributed.cleanup_distributed()
 '''
 
 
+@pytest.mark.slow
 def test_gather_unequal_shards_in_order(tmp_path):
     script, result = tmp_path / 'gather.py', tmp_path / 'gathered.pth'
     script.write_text(GATHER_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    run = subprocess.run([*torchrun(), str(script), str(REPO), str(result)], capture_output=True, text=True,
-                         env=env, timeout=300)
+    run = run_process([*torchrun(), script, REPO, result])
     assert run.returncode == 0, run.stderr[-3000:]
     saved = tensors(result)
     assert torch.equal(saved['gathered'], torch.tensor([[0.0, 0.0], [1.0, 10.0], [2.0, 20.0],
@@ -75,11 +73,13 @@ def torchrun():
     return (sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}')
 
 
-def test_torchrun_two_cpu_processes_with_kill_and_resume(dataset, reference, tmp_path):
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_with_kill_and_resume(val_dataset, val_reference, tmp_path):
     results = tmp_path / 'results'
     # pre-empted during epoch 2: SIGTERM to torchrun, which forwards it to both processes; they stop at once
-    # and the relaunch with --resume auto finishes the run
-    killed = run_script(flags(dataset, results), fault='terminate:2:1', timeout=420, launcher=torchrun())
+    # and the relaunch with --resume auto finishes the run. With a validation split: every process draws the same
+    # held-out classes from the seed, one classifier of the 3 remaining classes
+    killed = run_script(flags(val_dataset, results, *VAL_FLAGS), fault='terminate:2:1', launcher=torchrun())
     assert killed.returncode != 0
     assert killed.stderr.count('interrupted: stopped at once; the last checkpoint is intact') == 1, killed.stderr
     # epoch 1's files are written in the background: none yet, or whole
@@ -88,21 +88,28 @@ def test_torchrun_two_cpu_processes_with_kill_and_resume(dataset, reference, tmp
     assert not [f for f in os.listdir('/dev/shm') if f.startswith('clf-cache-')]  # mapped, then unlinked
     assert killed.stdout.count('Config:') == 1 and 'world_size         2' in killed.stdout
     assert killed.stdout.count(f'Epoch 1/{EPOCHS} |') == 1  # rank 0 alone prints
-    result = run_script(flags(dataset, results, '--resume', 'auto'), timeout=420, launcher=torchrun())
+    result = run_script(flags(val_dataset, results, *VAL_FLAGS, '--resume', 'auto'), launcher=torchrun())
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(f'Epoch 2/{EPOCHS} |') == 1
     assert sorted(os.listdir(results)) == sorted([f'.{RUN_NAME}.lock'] + [f'{RUN_NAME}_{kind}' for kind in runs.OUTPUTS])
     stats = pd.read_csv(out(results, 'statistics.csv'))
     assert stats['epoch'].tolist() == list(range(1, EPOCHS + 1))
+    assert list(stats.columns)[-4:] == ['val_recall@1', 'val_recall@2', 'val_map@r', 'val_r_precision']
     first = [line for line in killed.stdout.splitlines() if f'Epoch 1/{EPOCHS} |' in line][0]
     assert f'train loss {stats["train_loss"][0]:.4f} acc {stats["train_accuracy"][0]:.2f}%' in first
+    assert f'| val R@1 {stats["val_recall@1"][0]:.2f}% ' in first
+    best = stats['val_recall@1'].idxmax()  # chosen by validation R@1, the first maximum
+    assert f'Selected epoch {best + 1} by validation R@1 {stats["val_recall@1"][best]:.2f}%' in result.stdout
 
     # features gathered from the two shards in order: the saved model re-embeds each image into its row
     database = tensors(out(results, 'data_base.pth'))
-    single = tensors(out(reference[0], 'data_base.pth'))
+    single = tensors(out(val_reference[0], 'data_base.pth'))
     assert database['test_images'] == single['test_images'] and database['test_labels'] == single['test_labels']
+    assert database['config']['num_classes'] == 3 and len(database['test_images']) == 20
+    state = tensors(out(results, 'model.pth'))
+    assert state['classifier.1.weight'].shape[0] == 3
     model = model_lib.Model('resnet18', 8, 3)
-    model.load_state_dict(tensors(out(results, 'model.pth')))
+    model.load_state_dict(state)
     model.eval()
     mean, std = database['config']['mean'], database['config']['std']
     with torch.no_grad():
@@ -110,61 +117,50 @@ def test_torchrun_two_cpu_processes_with_kill_and_resume(dataset, reference, tmp
     assert torch.allclose(again, database['test_features'], atol=1e-5)
     ids = {label: k for k, label in enumerate(sorted(set(database['test_labels'])))}
     found = metrics.evaluate(database['test_features'], [ids[label] for label in database['test_labels']], [1, 2])
-    best = stats['test_recall@1'].idxmax()
     assert 100 * found['R@1'] == stats['test_recall@1'][best]
     assert tensors(out(results, 'checkpoint.pth'))['epoch'] == EPOCHS
 
 
-def test_torchrun_with_a_validation_split(val_dataset, tmp_path):
-    # every process draws the same held-out classes from the seed: one classifier of the 3 remaining classes
-    results = tmp_path / 'results'
-    result = run_script(flags(val_dataset, results, *VAL_FLAGS, epochs=1), timeout=420, launcher=torchrun())
-    assert result.returncode == 0, result.stderr[-3000:]
-    stats = pd.read_csv(out(results, 'statistics.csv'))
-    assert list(stats.columns)[-4:] == ['val_recall@1', 'val_recall@2', 'val_map@r', 'val_r_precision']
-    assert result.stdout.count('Epoch 1/1 | ') == 1 and f'| val R@1 {stats["val_recall@1"][0]:.2f}% ' in result.stdout
-    assert f'Selected epoch 1 by validation R@1 {stats["val_recall@1"][0]:.2f}%' in result.stdout
-    database = tensors(out(results, 'data_base.pth'))
-    assert database['config']['num_classes'] == 3 and len(database['test_images']) == 20
-    assert tensors(out(results, 'model.pth'))['classifier.1.weight'].shape[0] == 3
-
-
+@pytest.mark.slow
 def test_torchrun_user_error_printed_once(dataset, tmp_path):
-    result = run_script(flags(dataset, tmp_path, '--recalls', '1,x'), timeout=300, launcher=torchrun())
+    result = run_script(flags(dataset, tmp_path, '--recalls', '1,x'), launcher=torchrun())
     assert result.returncode != 0
     assert result.stderr.count("error: --recalls '1,x'") == 1  # one process speaks for both
 
 
 SLOW_RANK_SCRIPT = '''
-import os, sys, time
+import os, sys, threading
 sys.path.insert(0, sys.argv[1])
 import train, cli
 
 def main():
     if os.environ['RANK'] == '0':
-        time.sleep(5)  # rank 1 finds the error, exits first and torchrun stops rank 0 (SIGTERM) meanwhile
+        # rank 1 finds the error and exits first; torchrun then stops this rank (SIGTERM), which ends the wait
+        threading.Event().wait(600)
+        print('rank 0 was not stopped within 600 s', file=sys.stderr, flush=True)
     train.main(sys.argv[2:])
 
 cli.run_cli(main, train.INTERRUPTED)
 '''
 
 
+@pytest.mark.slow
 def test_torchrun_user_error_printed_once_when_another_rank_exits_first(dataset, tmp_path):
     script = tmp_path / 'slow_rank_0.py'
     script.write_text(SLOW_RANK_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    result = subprocess.run([*torchrun(), str(script), str(REPO), *flags(dataset, tmp_path, '--recalls', '1,x')],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = run_process([*torchrun(), script, REPO, *flags(dataset, tmp_path, '--recalls', '1,x')])
     assert result.returncode != 0
     assert result.stderr.count("error: --recalls '1,x'") == 1, result.stderr[-3000:]
+    assert 'rank 0 was not stopped' not in result.stderr  # it was: torchrun's SIGTERM ended its wait
     assert 'interrupted:' not in result.stderr  # rank 0, stopped by torchrun, knows the error was told
 
 
+@pytest.mark.slow
 def test_torchrun_error_of_rank_0_alone_printed_once_without_tracebacks(dataset, reference, tmp_path):
     # rank 0 refuses to replace a finished run after the process group exists; rank 1, waiting at a barrier,
     # loses its peer: its broken collective is no second report
     results = shutil.copytree(reference[0], tmp_path / 'copy')
-    result = run_script(flags(dataset, results), timeout=300, launcher=torchrun())
+    result = run_script(flags(dataset, results), launcher=torchrun())
     assert result.returncode != 0
     assert result.stderr.count('error: ') == 1 and 'holds a run of this name' in result.stderr, result.stderr[-3000:]
     assert 'Connection closed by peer' not in result.stderr and 'interrupted:' not in result.stderr

@@ -5,7 +5,6 @@ import io
 import os
 import re
 import struct
-import subprocess
 import sys
 import warnings
 import zlib
@@ -15,14 +14,17 @@ import torch
 from PIL import Image
 
 from _query_fixtures import load_script, make_database, make_split, run_test_script
-from _train_fixtures import NAME, REPO, flags, out, run_script
+from _train_fixtures import NAME, REPO, flags, out, python_env, run_process, run_script
 import data_utils
 import serve
 import train
 from cli import UserError
 import cli
 import batches
+import distributed
 import imaging
+import model as model_lib
+import utils
 import retrieval
 import files
 import runs
@@ -187,6 +189,7 @@ def test_oversized_query_and_database_image_with_test_py(tiny, tmp_path, capsys)
 
 # ---- memory running out while the cache is built ----
 
+@pytest.mark.slow
 def test_out_of_memory_while_building_the_cache_is_one_line(dataset, tmp_path):
     """Under an address-space limit (ulimit -v) the cache tensor cannot be allocated: one line, exit 1."""
     dicts = torch.load(os.path.join(dataset, NAME, 'uncropped_data_dicts.pth'), weights_only=True)
@@ -200,9 +203,7 @@ def test_out_of_memory_while_building_the_cache_is_one_line(dataset, tmp_path):
              'cli.run_cli(lambda: train.main(sys.argv[1:]))')
     args = flags(tmp_path, tmp_path / 'results', '--data_name', 'big', '--image_size', '1024', '--cache', 'ram',
                  epochs=1)
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, '-c', limit, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = run_process([sys.executable, '-c', limit, *args], env=python_env(PYTHONPATH=str(REPO)))
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         'error: out of memory while decoding 250 images of 1170x1170 into the cache (0.96 GiB in RAM): use '
@@ -242,6 +243,7 @@ def test_test_py_results_dir_must_be_a_folder(tiny, tmp_path, capsys, monkeypatc
     assert os.listdir(cwd) == [] and (kind == 'empty' or (tmp_path / 'results.txt').read_text() == 'notes')
 
 
+@pytest.mark.slow
 def test_killed_test_py_leaves_folders_the_next_run_removes(tiny, tmp_path, capsys):
     results = tmp_path / 'results'
     query = tiny['paths'][0]
@@ -292,17 +294,36 @@ def test_train_set_line_counts(sizes, batch, world, images, line, monkeypatch):
     assert found and (int(found[1]), int(found[2])) == (sum(sizes) * world, len(sizes))
 
 
-def test_capped_batch_is_named_and_trains_as_before(dataset, tmp_path, capsys):
-    """--batch_size 64 on 12 training images: one step of 12, the same numbers as --batch_size 12."""
-    lines = {}
+def test_capped_batch_is_named_and_trains_as_before(dataset, tmp_path):
+    """--batch_size 64 on 12 training images: one step of 12, the same numbers as --batch_size 12. Apart from the
+    flag, the two runs have the same settings, batches, evaluation batches and training epoch."""
+    rt = distributed.Runtime(torch.device('cpu'), amp=False)
+    configs, images = {}, {}
     for batch in (64, 12):
-        train.main(flags(dataset, tmp_path / str(batch), '--batch_size', str(batch), epochs=1))
-        lines[batch] = [line for line in capsys.readouterr().out.splitlines() if line.startswith('Train set')]
-    assert lines[64] == ['Train set: 12 images, 1 step of 12 images per epoch (--batch_size 64 capped at the 12 '
-                         'training images)']
-    assert lines[12] == ['Train set: 12 images, 1 step of 12 per epoch (12 training images)']
-    with open(out(tmp_path / '64', 'statistics.csv'), 'rb') as a, open(out(tmp_path / '12', 'statistics.csv'), 'rb') as b:
-        assert a.read() == b.read()
+        configs[batch], dicts = train.resolve_config(train.parse_args(flags(dataset, tmp_path, '--batch_size',
+                                                                            str(batch))))
+        images[batch] = batches.Images(dicts, configs[batch], rt)
+    assert dict(configs[64], batch_size=12) == configs[12]
+    assert train.train_set_line(images[64].epoch_batches(1), 64, 1, len(images[64].train)) == (
+        'Train set: 12 images, 1 step of 12 images per epoch (--batch_size 64 capped at the 12 training images)')
+    for epoch in (1, 2):
+        epoch_batches = images[64].epoch_batches(epoch)
+        assert epoch_batches == images[12].epoch_batches(epoch) and [len(b) for b in epoch_batches] == [12]
+        for (a, ta), (b, tb) in zip(images[64].train_batches(epoch_batches), images[12].train_batches(epoch_batches)):
+            assert torch.equal(a, b) and torch.equal(ta, tb)
+    a, b = torch.cat(list(images[64].eval_batches('test'))), torch.cat(list(images[12].eval_batches('test')))
+    assert a.shape == (12, 3, 32, 32) and torch.equal(a, b)
+    trained = {}
+    for batch in (64, 12):  # an epoch as train.py runs it: the same loss, accuracy and weights
+        torch.manual_seed(configs[batch]['seed'])
+        model = model_lib.Model('resnet18', 8, 3)
+        optimizer = torch.optim.Adam(model.parameters(), lr=configs[batch]['lr'], weight_decay=train.WEIGHT_DECAY)
+        utils.seed_everything(utils.derive_seed(configs[batch]['seed'], 1, 0))
+        stats = train.train_one_epoch(model, images[batch], utils.LabelSmoothingCrossEntropy(), optimizer, rt, 1, 1)
+        trained[batch] = ({k: stats[k] for k in ('loss', 'accuracy')}, model.state_dict())
+    assert trained[64][0] == trained[12][0]
+    assert trained[64][1].keys() == trained[12][1].keys()
+    assert all(torch.equal(trained[64][1][k], trained[12][1][k]) for k in trained[64][1])
 
 
 def test_curves_legend_outside_the_panels(monkeypatch):
@@ -329,7 +350,7 @@ def test_curves_legend_outside_the_panels(monkeypatch):
 # ---- the project's files cite only what the repository holds ----
 
 def test_every_document_the_files_name_is_in_the_repository():
-    files = subprocess.run(['git', 'ls-files'], cwd=REPO, capture_output=True, text=True).stdout.split()
+    files = run_process(['git', 'ls-files']).stdout.split()
     if not files:
         pytest.skip('not a git checkout: the tracked files are unknown')
     named = {}

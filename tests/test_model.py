@@ -3,7 +3,6 @@ ImageNet weight files (SE-ResNet-50 checked against timm's layout), errors and f
 CPU only, nothing is downloaded."""
 import os
 import re
-import subprocess
 import sys
 import urllib.error
 
@@ -16,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import model as M  # noqa: E402
+from _train_fixtures import python_env, run_process  # noqa: E402
 from cli import UserError, run_cli  # noqa: E402
 
 # the seed README's table: Params | FLOPs at feature_dim 512, one 224x224 image
@@ -292,14 +292,13 @@ def test_failed_download_message(backbone_type, tmp_path, monkeypatch):
     assert '--pretrained PATH' in message and '--pretrained none' in message
 
 
+@pytest.mark.slow
 def test_failed_download_through_run_cli_has_no_traceback(tmp_path):
     # a real download attempt through a proxy that refuses connections: fails at once, offline or not
-    env = dict(os.environ, TORCH_HOME=str(tmp_path), http_proxy='http://127.0.0.1:9',
-               https_proxy='http://127.0.0.1:9', HTTP_PROXY='http://127.0.0.1:9',
-               HTTPS_PROXY='http://127.0.0.1:9', no_proxy='', NO_PROXY='')
+    env = python_env(TORCH_HOME=str(tmp_path), http_proxy='http://127.0.0.1:9', https_proxy='http://127.0.0.1:9',
+                     HTTP_PROXY='http://127.0.0.1:9', HTTPS_PROXY='http://127.0.0.1:9', no_proxy='', NO_PROXY='')
     code = "import model, cli; cli.run_cli(lambda: model.Model('seresnet50', 8, 4, pretrained=True))"
-    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = run_process([sys.executable, '-c', code], env=env, cwd=ROOT)
     assert result.returncode == 1
     assert 'Traceback' not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

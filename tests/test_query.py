@@ -4,7 +4,6 @@ import errno
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ from PIL import Image
 
 from _query_fixtures import (IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, REPO, brute_force, copy_database, load_script,
                              make_database, make_image, make_split, run_test_script, snapshot)
+from _train_fixtures import run_process
 import retrieval
 import pictures
 import files
@@ -389,14 +389,14 @@ def test_bad_input_one_message_exit_1_results_untouched(case, tiny, tmp_path, ca
     assert snapshot(results) == before
 
 
+@pytest.mark.slow
 def test_command_line_error(tiny, tmp_path):
     """The one run of the script itself: a bad query gives exit 1, exactly one line, no traceback."""
     results = tmp_path / 'results'
     results.mkdir()
     (results / 'earlier.txt').write_text('keep me')
-    failed = subprocess.run([sys.executable, str(REPO / 'test.py'), '--data_base', tiny['db'], '--results_dir',
-                             str(results), '--query_img_name', str(tmp_path / 'missing.jpg')],
-                            capture_output=True, text=True, cwd=REPO)
+    failed = run_process([sys.executable, REPO / 'test.py', '--data_base', tiny['db'], '--results_dir', results,
+                          '--query_img_name', tmp_path / 'missing.jpg'])
     assert (failed.returncode, failed.stdout) == (1, '')
     assert failed.stderr == f'error: query image not found: {tmp_path / "missing.jpg"}\n'
     assert os.listdir(results) == ['earlier.txt']

@@ -8,15 +8,14 @@ import glob
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 
 import pytest
 import torch
 
-from _train_fixtures import (REPO, RUN_NAME, VAL_FLAGS, assert_same_tensors, flags, make_dataset, out, run_script,
-                             tensors)
+from _train_fixtures import (RUN_NAME, VAL_FLAGS, assert_same_tensors, flags, make_dataset, out, run_process,
+                             run_script, script_command, started, tensors)
 import train
 from cli import UserError
 import cli
@@ -28,23 +27,24 @@ def temporaries(results):
     return glob.glob(os.path.join(results, '.*.tmp'))
 
 
-@pytest.mark.parametrize('fault, workers, epoch_on_disk', [
-    ('kill:2:2', 0, None),  # mid-epoch, after a step; epoch 1's files may still be in the background writer
-    ('kill-write:checkpoint:2', 2, 1),         # halfway through writing epoch 2's checkpoint
-    ('kill-write:data_base:2', 0, 1),          # halfway through epoch 2's database (model already new)
-    ('kill-write:checkpoint:1', 0, None),      # epoch 1's model and statistics, no checkpoint: starts fresh
+@pytest.mark.slow
+@pytest.mark.parametrize('fault, workers, epoch_on_disk, val', [
+    # mid-epoch, after a step; epoch 1's files may still be in the background writer. With a validation split: the
+    # held-out classes are drawn again from the seed on resume, the same split, the same numbers
+    ('kill:2:2', 0, None, True),
+    ('kill-write:checkpoint:2', 2, 1, False),         # halfway through writing epoch 2's checkpoint
+    ('kill-write:data_base:2', 0, 1, False),          # halfway through epoch 2's database (model already new)
+    ('kill-write:checkpoint:1', 0, None, False),      # epoch 1's model and statistics, no checkpoint: starts fresh
 ])
-def test_sigkill_then_resume_matches_uninterrupted(dataset, reference, tmp_path, fault, workers, epoch_on_disk):
-    kill_then_resume(dataset, reference[0], tmp_path / 'results', fault, workers, epoch_on_disk)
-
-
-def test_sigkill_then_resume_with_a_validation_split(val_dataset, val_reference, tmp_path):
-    # the held-out classes are drawn again from the seed on resume: the same split, the same numbers
-    kill_then_resume(val_dataset, val_reference[0], tmp_path / 'results', 'kill:2:1', 0, None, VAL_FLAGS)
+def test_sigkill_then_resume_matches_uninterrupted(request, tmp_path, fault, workers, epoch_on_disk, val):
+    data, ref = (request.getfixturevalue(name) for name in (('val_dataset', 'val_reference') if val else
+                                                              ('dataset', 'reference')))
+    kill_then_resume(data, ref[0], tmp_path / 'results', fault, workers, epoch_on_disk, VAL_FLAGS if val else ())
 
 
 def kill_then_resume(dataset, ref, results, fault, workers, epoch_on_disk, extra=()):
-    """Kill a run with `fault`, resume it in this process: every output equals the reference run's in `ref`."""
+    """Kill a run with `fault`, resume it: every output equals the reference run's in `ref`. Resumed in this
+    process, or with loader workers in its own, which must also exit promptly."""
     cache = ['--cache', 'off'] if workers else []  # the loader path too
     killed = run_script(flags(dataset, results, *cache, *extra, workers=workers), fault=fault)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -58,9 +58,13 @@ def kill_then_resume(dataset, ref, results, fault, workers, epoch_on_disk, extra
         state = tensors(out(results, 'checkpoint.pth'))
         assert_same_tensors(tensors(out(results, 'model.pth')), state['model'])
 
-    # resume in this process (same flags + --resume auto); the worker count may differ from the
-    # reference's 0: each image's augmentation depends only on (seed, epoch, index)
-    train.main(flags(dataset, results, '--resume', 'auto', *cache, *extra, workers=workers))
+    # resume (same flags + --resume auto); the worker count may differ from the reference's 0: each image's
+    # augmentation depends only on (seed, epoch, index)
+    resume = flags(dataset, results, '--resume', 'auto', *cache, *extra, workers=workers)
+    if workers:
+        resumed_with_workers_exits_promptly(resume)
+    else:
+        train.main(resume)
     for kind in ('statistics.csv', 'settings.json'):
         with open(out(ref, kind), 'rb') as a, open(out(results, kind), 'rb') as b:
             assert a.read() == b.read(), kind
@@ -70,22 +74,27 @@ def kill_then_resume(dataset, ref, results, fault, workers, epoch_on_disk, extra
     assert temporaries(results) == []
 
 
+def resumed_with_workers_exits_promptly(args):
+    """train.py with loader workers: they end with their epoch, so nothing is left to wait for after the last line
+    (no process of its group but itself when that line is read), and it exits 0."""
+    with started(script_command(args)) as run:
+        _, last = run.wait_for('Best R@1')
+        assert run.others_in_group() == []
+        result = run.finish()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == last.rstrip('\n')  # the last line
+
+
+@pytest.mark.slow
 def test_sigkill_from_outside_while_writing_then_resume(dataset, reference, tmp_path):
     # killed by another process right after the epoch-1 line is printed, i.e. while the epoch's
     # files are being written or the next epoch starts: wherever it lands, resuming gives the same
     results = tmp_path / 'results'
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
-    process = subprocess.Popen([sys.executable, 'train.py', *flags(dataset, results)], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        for line in process.stdout:
-            if line.startswith('Epoch 1/'):
-                process.kill()
-                break
-    finally:
-        process.kill()
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    with started(script_command(flags(dataset, results))) as run:
+        run.wait_for('Epoch 1/')
+        run.signal(signal.SIGKILL)
+        killed = run.finish()
+    assert killed.returncode == -signal.SIGKILL
     train.main(flags(dataset, results, '--resume', 'auto'))
     ref = reference[0]
     with open(out(ref, 'statistics.csv'), 'rb') as a, open(out(results, 'statistics.csv'), 'rb') as b:
@@ -94,6 +103,7 @@ def test_sigkill_from_outside_while_writing_then_resume(dataset, reference, tmp_
     assert temporaries(results) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_and_keeps_last_checkpoint(dataset, tmp_path, inject, capsys):
     results = tmp_path / 'results'
     inject('interrupt:2:1')
@@ -104,23 +114,17 @@ def test_ctrl_c_stops_and_keeps_last_checkpoint(dataset, tmp_path, inject, capsy
     assert state['epoch'] == 1 and len(state['statistics']) == 1 and temporaries(results) == []
 
 
+@pytest.mark.slow
 def test_sigterm_stops_like_ctrl_c_then_resume_matches_uninterrupted(dataset, reference, tmp_path):
-    # a cluster pre-empts the job: SIGTERM to the whole process group, loader workers included
+    # a cluster pre-empts the job: SIGTERM to the whole process group, loader workers included, once the epoch-1
+    # line is printed. A hang (none expected) fails at the ceiling with the group killed, never leaves it running
     results = tmp_path / 'results'
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
-    args = flags(dataset, results, '--cache', 'off', workers=2)
-    process = subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        for line in process.stdout:
-            if line.startswith('Epoch 1/'):
-                os.killpg(process.pid, signal.SIGTERM)
-                break
-        stderr = process.communicate(timeout=120)[1]
-    finally:
-        process.kill()
-        process.wait(timeout=60)
-    assert process.returncode == 143, stderr[-2000:]
+    with started(script_command(flags(dataset, results, '--cache', 'off', workers=2))) as run:
+        run.wait_for('Epoch 1/')
+        run.signal(signal.SIGTERM)
+        stopped = run.finish()
+    stderr = stopped.stderr
+    assert stopped.returncode == 143, stderr[-2000:]
     assert stderr.count('interrupted: stopped at once; the last checkpoint is intact') == 1
     assert 'Traceback' not in stderr and 'error' not in stderr
     assert tensors(out(results, 'checkpoint.pth'))['epoch'] >= 1 and temporaries(results) == []
@@ -144,6 +148,7 @@ def test_sigterm_handler_installed_by_run_cli_and_restored(capsys):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.slow
 def test_failed_background_write_stops_at_the_next_step(dataset, tmp_path, inject, monkeypatch):
     # epoch 1's checkpoint cannot be written: the run stops at the first step after the failure is known,
     # not after training epoch 2 without a checkpoint
@@ -171,6 +176,15 @@ def test_failed_background_write_stops_at_the_next_step(dataset, tmp_path, injec
     assert not os.path.exists(out(results, 'checkpoint.pth')) and temporaries(results) == []
 
 
+def small_checkpoint(config, epoch=1):
+    """A checkpoint of the run `config` describes with `epoch` epochs done, as runs.Run.save writes one (state dicts
+    left empty: their tensors are checked when loaded)."""
+    columns = runs.statistics_columns(config['recalls'], config['val_split'] > 0)
+    rows = [dict({column: 50.0 for column in columns}, epoch=k) for k in range(1, epoch + 1)]
+    return {'version': runs.VERSION, 'epoch': epoch, 'model': {}, 'optimizer': {}, 'scheduler': {}, 'scaler': {},
+            'best_recall': 0.5, 'best_epoch': 1, 'statistics': rows, 'config': runs.run_settings(config)}
+
+
 @pytest.mark.parametrize('field, value, expected', [
     ('statistics', [1, 2, 3], 'its statistics are not a list of 1 rows'),
     ('statistics', [{'epoch': 1, 'train_loss': 'x'}], 'its statistics row 1 is not epoch 1 with numbers for epoch'),
@@ -180,17 +194,28 @@ def test_failed_background_write_stops_at_the_next_step(dataset, tmp_path, injec
     ('optimizer', [], 'its optimizer not state dicts'),
     ('scaler', None, 'its scaler not state dicts'),
 ])
-def test_hand_edited_checkpoint_refused_before_anything_runs(dataset, reference, tmp_path, capsys, field, value,
-                                                             expected):
+def test_hand_edited_checkpoint_refused_in_one_line(dataset, tmp_path, field, value, expected):
+    config, _ = train.resolve_config(train.parse_args(flags(dataset, tmp_path)))  # what train.py checks against
+    state = small_checkpoint(config)  # epoch 2 to run
+    runs.check_checkpoint(state, 'c.pth', config)  # as written: accepted
+    state[field] = value
+    with pytest.raises(UserError) as err:
+        runs.check_checkpoint(state, 'c.pth', config)
+    assert str(err.value).startswith(f'cannot resume from c.pth: {expected}')
+    assert str(err.value).endswith('start over with --overwrite')
+
+
+def test_hand_edited_checkpoint_refused_before_anything_runs(dataset, reference, tmp_path, capsys):
+    # what check_checkpoint refuses (above) stops train.py before it writes or prints anything
     results = shutil.copytree(reference[0], tmp_path / 'copy')
     state = tensors(out(results, 'checkpoint.pth'))
-    state['epoch'], state['best_epoch'], state['statistics'] = 1, 1, state['statistics'][:1]  # epoch 2 to run
-    state[field] = value
+    state['epoch'], state['best_epoch'], state['statistics'] = 1, 1, [1, 2, 3]  # epoch 2 to run; not rows
     torch.save(state, out(results, 'checkpoint.pth'))
     before = {p: (results / p).read_bytes() for p in os.listdir(results)}
     with pytest.raises(UserError) as err:
         train.main(flags(dataset, results, '--resume', 'auto'))
-    assert str(err.value).startswith(f'cannot resume from {out(results, "checkpoint.pth")}: {expected}')
+    assert str(err.value).startswith(f'cannot resume from {out(results, "checkpoint.pth")}: its statistics are not '
+                                     f'a list of 1 rows')
     assert str(err.value).endswith('start over with --overwrite')
     assert {p: (results / p).read_bytes() for p in os.listdir(results)} == before
     assert capsys.readouterr().out == ''  # refused before the configuration is printed
@@ -226,12 +251,14 @@ def test_bad_weights_refused_before_results_folder_exists(dataset, tmp_path, mon
     assert not results.exists() and capsys.readouterr().out == ''
 
 
-def test_resume_with_other_settings_touches_nothing(dataset, reference, tmp_path, capsys):
+def test_resume_with_other_settings_refused_touches_nothing(dataset, reference, tmp_path, capsys):
     results = shutil.copytree(reference[0], tmp_path / 'copy')
     os.remove(results / f'.{RUN_NAME}.lock')
     before = {p: (results / p).read_bytes() for p in os.listdir(results)}
-    with pytest.raises(UserError, match='it was made with other settings'):
-        train.main(flags(dataset, results, '--resume', 'auto', '--seed', '5'))
+    with pytest.raises(UserError) as err:
+        train.main(flags(dataset, results, '--resume', 'auto', '--seed', '5', '--lr', '0.01'))
+    assert 'it was made with other settings' in str(err.value)
+    assert 'seed: checkpoint 0, now 5' in str(err.value) and 'lr: checkpoint 0.001, now 0.01' in str(err.value)
     assert {p: (results / p).read_bytes() for p in os.listdir(results)} == before  # no lock file either
     assert capsys.readouterr().out == ''
 
@@ -250,6 +277,7 @@ def test_run_without_checkpoint_not_replaced(dataset, reference, tmp_path, resum
     assert {p: (results / p).read_bytes() for p in os.listdir(results)} == before
 
 
+@pytest.mark.slow
 def test_symlinks_in_results_folder_never_written_through(dataset, tmp_path):
     results, victim = tmp_path / 'results', tmp_path / 'victim.txt'
     results.mkdir()
@@ -327,13 +355,7 @@ def test_altered_checkpoint_contents_clear_message(dataset, reference, tmp_path)
     assert {p: (results / p).read_bytes() for p in os.listdir(results)} == before
 
 
-def test_resume_with_other_settings_refused(dataset, reference, tmp_path):
-    results = shutil.copytree(reference[0], tmp_path / 'copy')
-    with pytest.raises(UserError) as err:
-        train.main(flags(dataset, results, '--resume', 'auto', '--seed', '5', '--lr', '0.01'))
-    assert 'seed: checkpoint 0, now 5' in str(err.value) and 'lr: checkpoint 0.001, now 0.01' in str(err.value)
-
-
+@pytest.mark.slow
 def test_nan_loss_stops_best_files_untouched(dataset, reference, tmp_path, inject):
     results = tmp_path / 'results'
     inject('nan:2:1')
@@ -351,6 +373,7 @@ def test_nan_loss_stops_best_files_untouched(dataset, reference, tmp_path, injec
     assert temporaries(results) == []
 
 
+@pytest.mark.slow
 def test_failed_write_clear_message_previous_files_intact(dataset, tmp_path, inject):
     results = tmp_path / 'results'
     inject('fail-write:checkpoint:2')  # the disk fills up at epoch 2's checkpoint
@@ -370,23 +393,23 @@ def _read_only_runner(tmp_path):
         return [], 'chmod'
     setpriv = shutil.which('setpriv')
     if setpriv:
-        probe = subprocess.run([setpriv, '--reuid=nobody', '--regid=nogroup', '--clear-groups', sys.executable,
-                                '-c', 'import torch, pandas, thop'], cwd='/', capture_output=True)
+        probe = run_process([setpriv, '--reuid=nobody', '--regid=nogroup', '--clear-groups', sys.executable,
+                             '-c', 'import torch, pandas, thop'], cwd='/')
         if probe.returncode == 0:
             return [setpriv, '--reuid=nobody', '--regid=nogroup', '--clear-groups'], 'nobody'
     unshare = shutil.which('unshare')
     if unshare:
         target = tmp_path / 'probe'
         target.mkdir()
-        probe = subprocess.run([unshare, '--mount', 'sh', '-c', f'mount --bind {target} {target} && '
-                                f'mount -o remount,bind,ro {target} {target} && touch {target}/x'],
-                               capture_output=True)
-        if probe.returncode != 0 and b'Read-only file system' in probe.stderr:
+        probe = run_process([unshare, '--mount', 'sh', '-c', f'mount --bind {target} {target} && '
+                             f'mount -o remount,bind,ro {target} {target} && touch {target}/x'])
+        if probe.returncode != 0 and 'Read-only file system' in probe.stderr:
             return 'unshare', 'read-only mount'
     return None, ('running as root, nobody cannot import this Python and its packages, and a read-only '
                   'bind mount (unshare --mount) is not permitted here')
 
 
+@pytest.mark.slow
 def test_read_only_results_folder(tmp_path):
     prefix, how = _read_only_runner(tmp_path)
     if prefix is None:
@@ -410,8 +433,7 @@ def test_read_only_results_folder(tmp_path):
             command = prefix + command  # results/ belongs to root, mode 755: nobody may not write
         else:
             os.chmod(results, 0o555)
-        env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+        result = run_process(command)
         assert result.returncode == 1, result.stderr[-2000:]
         assert result.stderr.strip().startswith(f'error: cannot write to results folder {results}')
         assert 'Traceback' not in result.stderr
@@ -423,7 +445,8 @@ def test_read_only_results_folder(tmp_path):
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.parametrize('split, workers, cache', [('train', 1, 'off'), ('test', 0, 'ram')])
+@pytest.mark.parametrize('split, workers, cache', [pytest.param('train', 1, 'off', marks=pytest.mark.slow),  # a worker
+                                                   ('test', 0, 'ram')])
 def test_image_corrupted_after_preprocessing(tmp_path, split, workers, cache):
     data = make_dataset(tmp_path / 'data')
     dicts = tensors(os.path.join(data, 'tiny', 'uncropped_data_dicts.pth'))

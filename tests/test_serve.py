@@ -19,11 +19,12 @@ from PIL import Image
 
 from _serve_fixtures import (expected, multipart, request, rss_bytes, script, serve_latency, start_server,
                              stop_server, upload)
-from _train_fixtures import out
+from _train_fixtures import kill_groups, out, own_sessions
 import retrieval
 import serve
 from cli import run_cli
 
+pytestmark = pytest.mark.slow  # every test here talks to serve.py in its own process
 CPU = torch.device('cpu')
 
 
@@ -50,18 +51,19 @@ def served(reference, tmp_path_factory):
     """serve.py on the reference run's database, the same database loaded here, and two outside photos."""
     results, _ = reference
     db_path = out(results, 'data_base.pth')
-    proc, base = start_server(db_path)
+    with own_sessions() as made:
+        proc, base = start_server(db_path)
     folder = tmp_path_factory.mktemp('photos')
     photos = {}
     for name, fmt, seed in (('outside.png', 'PNG', 1), ('outside.jpg', 'JPEG', 2)):
         photos[name] = os.path.join(folder, name)
         with open(photos[name], 'wb') as f:
             f.write(photo_bytes(fmt, seed))
-    yield {'proc': proc, 'base': base, 'db_path': db_path, 'results': results, 'photos': photos,
-           'database': retrieval.open_database(db_path, str(results), CPU)}
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    try:
+        yield {'proc': proc, 'base': base, 'db_path': db_path, 'results': results, 'photos': photos,
+               'database': retrieval.open_database(db_path, str(results), CPU)}
+    finally:
+        kill_groups(made)
 
 
 def shown_path(database, index):
@@ -289,8 +291,12 @@ def test_command_line_errors_are_test_py_s(served, tmp_path, capsys):
 
 
 def test_latency_benchmark_tiny_run(served, capsys):
-    serve_latency.main(['--data_base', served['db_path'], '--requests', '6', '--clients', '1,2', '--skip_sop',
-                        '--threads', '1'])  # in process; it starts its own server
+    with own_sessions() as made:  # in process; it starts its own server
+        try:
+            serve_latency.main(['--data_base', served['db_path'], '--requests', '6', '--clients', '1,2', '--skip_sop',
+                                '--threads', '1'])
+        finally:
+            kill_groups(made)
     printed = capsys.readouterr().out
     rows = re.findall(r'^\| tiny \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|$',
                       printed, re.M)

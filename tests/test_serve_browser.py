@@ -12,7 +12,7 @@ from PIL import Image
 
 from _query_fixtures import make_database, make_split
 from _serve_fixtures import request, start_server, stop_server, upload
-from _train_fixtures import out
+from _train_fixtures import kill_groups, out, own_sessions
 import retrieval
 
 CHROMIUM, CHROMEDRIVER = '/usr/bin/chromium', '/usr/bin/chromedriver'
@@ -48,9 +48,13 @@ def browser(tmp_path):
                  '--disable-component-update', '--disable-sync', '--no-first-run', '--window-size=1100,1000',
                  f'--user-data-dir={tmp_path / "profile"}'):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
+    service = Service(CHROMEDRIVER, popen_kw={'start_new_session': True})  # chromedriver and its Chromium, one group
+    driver = webdriver.Chrome(service=service, options=options)
+    try:
+        yield driver
+        driver.quit()
+    finally:
+        kill_groups([service.process])
 
 
 def result_cards(driver):
@@ -58,12 +62,14 @@ def result_cards(driver):
     return driver.find_elements(By.CSS_SELECTOR, '#results .hit')
 
 
+@pytest.mark.slow
 def test_page_upload_frames_click_through(reference, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
     db_path = os.environ.get('SERVE_DATABASE') or out(reference[0], 'data_base.pth')
-    proc, base = start_server(db_path)
+    with own_sessions() as made:
+        proc, base = start_server(db_path)
     try:
         _, info = request(base + 'api/info')
         wait = WebDriverWait(browser, 30)
@@ -105,7 +111,10 @@ def test_page_upload_frames_click_through(reference, browser, tmp_path):
         browser.set_window_size(1100, 1000)
         check_refusals(browser, tmp_path)
     finally:
-        stop_server(proc)
+        try:
+            stop_server(proc)
+        finally:
+            kill_groups(made)
 
 
 def check_first_view(browser):
@@ -148,6 +157,7 @@ def check_refusals(browser, tmp_path):
         assert browser.find_element(By.ID, 'status').get_attribute('class') == ''
 
 
+@pytest.mark.slow
 def test_names_are_split_on_slashes_only(browser, tmp_path):
     """A Linux file name may hold a '\\': the page shows the whole name, cut only at '/'."""
     from selenium.webdriver.common.by import By

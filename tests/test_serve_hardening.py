@@ -78,6 +78,7 @@ def one_line(status, body, statuses):
 
 # ---- item 1: what one upload may cost, and how many decode at once ----
 
+@pytest.mark.slow
 def test_costly_uploads_at_once_keep_the_server_within_its_memory_bound(served):
     """The issue's 157 KB file (a 16-bit grey PNG of 9000 x 9000: 2.1 GB to decode before the bound), several at
     once, next to uploads at the bound: the over-limit ones are refused with one line before decoding, the others
@@ -152,6 +153,7 @@ def raw(base, method, path, headers, body=None):
         connection.close()
 
 
+@pytest.mark.slow
 def test_only_served_hosts_and_own_page_writes(served):
     proc, base = served
     port = urllib.parse.urlparse(base).port
@@ -187,6 +189,7 @@ def test_only_served_hosts_and_own_page_writes(served):
     assert proc.poll() is None
 
 
+@pytest.mark.slow
 def test_every_interface_warns_once_and_serves_addresses(database):
     db_path, _ = database
     proc, base = start_server(db_path, '--host', '0.0.0.0')
@@ -244,6 +247,7 @@ def closed_by_server(s, within):
         return False
 
 
+@pytest.mark.slow
 def test_idle_and_slow_connections_are_closed(limited_server):
     base = limited_server
     url = urllib.parse.urlparse(base)
@@ -294,6 +298,7 @@ def test_the_served_limits_are_the_documented_ones():
 
 # ---- item 13: paths relative to the dataset root ----
 
+@pytest.mark.slow
 def test_answers_show_paths_relative_to_the_dataset_root(database, served, tmp_path, capsys):
     (db_path, root), (_, base) = database, served
     stored = retrieval.load_database(db_path)[0]['test_images']
@@ -336,6 +341,7 @@ def test_image_root_is_the_common_folder_of_the_images():
     assert serve.image_root(['rel/a/x.png', 'rel/b/y.png']) == os.path.abspath('rel')
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_loopback_server_without_a_warning(served):
     """Last in this file: it stops the module's server, which listens on 127.0.0.1 and so prints no warning."""
     assert stop_server(served[0]) == (130, 'interrupted: server stopped\n')

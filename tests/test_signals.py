@@ -3,7 +3,6 @@ sent at any moment of training (before, while and after a loader forks its worke
 background write) stops the run with one line and exit status 143, leaving no process behind; the same for Ctrl-C."""
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 import cli
 import files
 import runs
-from _train_fixtures import REPO, flags, out
+from _train_fixtures import REPO, flags, out, started
 
 # train.py in a child that sends itself a signal at one moment of the run, from inside the code running then
 LAUNCHER = '''
@@ -52,23 +51,11 @@ MOMENTS = ('fork', 'before_workers', 'after_workers', 'evaluation', 'background_
 def stopped_run(dataset, results, moment, name):
     """train.py (2 loader workers, no cache) signalled at `moment` in its own session -> (status, stdout, stderr),
     after checking that no process of the session is left."""
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
     args = flags(dataset, results, '--cache', 'off', workers=2)
-    process = subprocess.Popen([sys.executable, '-c', LAUNCHER, str(REPO), moment, name, *args], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=600)  # a ceiling for a hang, never reached by a stop
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)  # the run and its loader workers
-            process.wait()
-    try:
-        os.killpg(process.pid, 0)
-        left = True
-    except ProcessLookupError:
-        left = False
-    assert not left, 'a process of the stopped run (a loader worker?) is still running'
-    return process.returncode, stdout, stderr
+    with started([sys.executable, '-c', LAUNCHER, REPO, moment, name, *args]) as run:
+        result = run.finish()  # a ceiling for a hang, never reached by a stop
+    assert run.left == [], 'a process of the stopped run (a loader worker?) is still running'
+    return result.returncode, result.stdout, result.stderr
 
 
 @pytest.mark.slow

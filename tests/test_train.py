@@ -4,9 +4,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
-import time
 
 import pandas as pd
 import pytest
@@ -137,8 +134,10 @@ def test_end_to_end_outputs_consistent(reference):
     assert stats['train_loss'].between(0, 10).all() and stats['train_accuracy'].between(0, 100).all()
     assert (stats['test_recall@1'] <= stats['test_recall@2']).all()
 
-    # printed: resolved config, Params/FLOPs, one line per epoch with every R@K, MAP@R and R-Precision
+    # printed: resolved config, Params/FLOPs, the Train set line (its forms: test_limits), one line per epoch with
+    # every R@K, MAP@R and R-Precision
     assert 'Config:' in stdout and 'Params: ' in stdout and 'FLOPs: ' in stdout
+    assert 'Train set: 12 images, 3 steps of 4 per epoch (12 training images)' in stdout
     for row in stats.itertuples():
         assert (f'Epoch {row.epoch}/{EPOCHS} | train loss {row.train_loss:.4f} acc {row.train_accuracy:.2f}% | '
                 f'R@1 {row._4:.2f}% R@2 {row._5:.2f}% | MAP@R {row._6:.2f}% RP {row.test_r_precision:.2f}%') in stdout
@@ -191,31 +190,6 @@ def test_resume_when_done_changes_nothing(dataset, reference, tmp_path, capsys):
     train.main(flags(dataset, results, '--resume', 'auto'))
     assert 'Nothing to do' in capsys.readouterr().out
     assert {p: (results / p).read_bytes() for p in os.listdir(results)} == before
-
-
-def test_eval_untrained_baseline_leaves_the_run_unchanged(dataset, reference, tmp_path, capsys):
-    results = tmp_path / 'baseline'
-    train.main(flags(dataset, results, '--eval_untrained'))
-    stdout = capsys.readouterr().out
-    line = [text for text in stdout.splitlines() if text.startswith('Before training | ')]
-    assert len(line) == 1
-
-    # the baseline is the seeded initial model's R@K on the test images
-    database = tensors(out(reference[0], 'data_base.pth'))
-    config = database['config']
-    torch.manual_seed(0)
-    model = model_lib.Model('resnet18', 8, 3, branches='SMG').eval()
-    with torch.no_grad():
-        features, _ = model(torch.stack([imaging.eval_input(p, 32, config['mean'], config['std'])
-                                         for p in database['test_images']]))
-    ids = {label: k for k, label in enumerate(sorted(set(database['test_labels'])))}
-    found = metrics.evaluate(features, torch.tensor([ids[label] for label in database['test_labels']]), [1, 2])
-    assert line[0] == (f'Before training | R@1 {100 * found["R@1"]:.2f}% R@2 {100 * found["R@2"]:.2f}% '
-                       f'| MAP@R {100 * found["MAP@R"]:.2f}% RP {100 * found["R-Precision"]:.2f}%')
-
-    # evaluating first changes nothing in the run itself
-    with open(out(results, 'statistics.csv'), 'rb') as a, open(out(reference[0], 'statistics.csv'), 'rb') as b:
-        assert a.read() == b.read()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,6 +251,7 @@ def test_unknown_backbone_is_an_argparse_error(dataset, tmp_path, capsys):
     assert err.value.code == 2 and "invalid choice: 'vgg16'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_input_exit_status_and_no_traceback(dataset, tmp_path):
     result = run_script(flags(dataset, tmp_path / 'results', '--recalls', '1,two'))
     assert result.returncode == 1
@@ -285,6 +260,7 @@ def test_bad_input_exit_status_and_no_traceback(dataset, tmp_path):
     assert not (tmp_path / 'results').exists()
 
 
+@pytest.mark.slow
 def test_query_gallery_dataset(dataset, tmp_path):
     # an In-shop-like data dict: the test images split into a query and a gallery half per class
     dicts = tensors(os.path.join(dataset, NAME, 'uncropped_data_dicts.pth'))
@@ -318,6 +294,7 @@ def test_query_gallery_dataset(dataset, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the loader's worker processes
 def test_cached_batches_equal_loaded_batches(dataset, tmp_path):
     """The same pixels, crops and flips from the cache as from full decodes by the loader's workers."""
     config, dicts = train.resolve_config(train.parse_args(flags(dataset, tmp_path)))
@@ -345,10 +322,6 @@ def test_last_batch_kept_unless_single(dataset, tmp_path, batch, sizes):
     assert [len(b) for b in images.epoch_batches(1)] == sizes  # 12 images; 11 + 1 drops the single one
 
 
-def test_train_set_line(reference):
-    assert 'Train set: 12 images, 3 steps of 4 per epoch (12 training images)' in reference[1]
-
-
 # ----------------------------------------------------------------------------------------------
 # one run per results name; a finished run is not replaced without a word
 # ----------------------------------------------------------------------------------------------
@@ -366,6 +339,7 @@ def test_second_run_on_the_same_name_stops_at_once(dataset, tmp_path):
         assert (results / '.tiny_uncropped_resnet18_8_checkpoint.pth.abc.tmp').exists()  # not its to remove
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume_or_overwrite(dataset, reference, tmp_path, capsys):
     results = shutil.copytree(reference[0], tmp_path / 'copy')
     before = {p: (results / p).read_bytes() for p in os.listdir(results)}
@@ -388,6 +362,7 @@ def zero_rows(features):  # a collapsed model: most embeddings all zeros (the ti
     return features * (torch.arange(len(features)) % 4 == 0)[:, None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fault, message', [(nan_rows, 'NaN or infinite weights or embeddings'),
                                             (zero_rows, '9 of 12 embeddings are all zeros')])
 def test_diverged_embeddings_stop_the_run_best_files_kept(dataset, reference, tmp_path, monkeypatch, fault, message):
@@ -414,23 +389,11 @@ def test_diverged_embeddings_stop_the_run_best_files_kept(dataset, reference, tm
     assert torch.isfinite(database['test_features']).all() and (database['test_features'].norm(dim=1) > 0).all()
 
 
-def test_prompt_exit_with_loader_workers(dataset, tmp_path):
-    """Loader workers end with their epoch: nothing is left to wait for after the last line."""
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
-    process = subprocess.Popen([sys.executable, 'train.py', *flags(dataset, tmp_path, '--cache', 'off', workers=2)],
-                               cwd=train.__file__.rsplit(os.sep, 1)[0], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
-    last = None
-    for line in process.stdout:
-        last = (line, time.time())
-    process.wait(timeout=60)
-    assert process.returncode == 0 and last[0].startswith('Best R@1')
-    assert time.time() - last[1] < 5
-
-
-def test_compile_trains_the_same_numbers_and_saves_plain_keys(dataset, reference, tmp_path, monkeypatch, capsys):
-    # dynamo captures the graphs as --compile does; a counting backend runs them eagerly (inductor's
-    # C++ build takes minutes on 2 cores), so the numbers must equal the uncompiled run's exactly
+@pytest.mark.slow
+def test_compile_and_untrained_baseline_train_the_same_numbers(dataset, reference, tmp_path, monkeypatch, capsys):
+    # one run with --compile --eval_untrained. Dynamo captures the graphs as --compile does; a counting backend runs
+    # them eagerly (inductor's C++ build takes minutes on 2 cores), so the numbers must equal the plain reference
+    # run's exactly: neither compiling nor evaluating before training changes the run
     graphs, compile_ = [], torch.compile
 
     def backend(graph, example_inputs):
@@ -440,13 +403,29 @@ def test_compile_trains_the_same_numbers_and_saves_plain_keys(dataset, reference
     monkeypatch.setattr(torch, 'compile', lambda module, **kwargs: compile_(module, backend=backend, **kwargs))
     torch._dynamo.reset()
     try:
-        train.main(flags(dataset, tmp_path, '--compile'))
+        train.main(flags(dataset, tmp_path, '--compile', '--eval_untrained'))
     finally:
         torch._dynamo.reset()
+    stdout = capsys.readouterr().out
     assert len(graphs) >= 2  # a training graph and an extraction (eval mode) graph at least
-    assert len(re.findall(r'^Compile: \d+\.\ds \(the first training step', capsys.readouterr().out, re.M)) == 1
+    assert len(re.findall(r'^Compile: \d+\.\ds \(the first training step', stdout, re.M)) == 1
     with open(out(tmp_path, 'statistics.csv'), 'rb') as a, open(out(reference[0], 'statistics.csv'), 'rb') as b:
         assert a.read() == b.read()
     checkpoint, model = tensors(out(tmp_path, 'checkpoint.pth')), tensors(out(tmp_path, 'model.pth'))
     assert_same_tensors(model, tensors(out(reference[0], 'model.pth')))  # no '_orig_mod.' prefix either
     assert checkpoint['model'].keys() == model.keys()
+
+    # the baseline is the seeded initial model's R@K on the test images
+    line = [text for text in stdout.splitlines() if text.startswith('Before training | ')]
+    assert len(line) == 1
+    database = tensors(out(reference[0], 'data_base.pth'))
+    config = database['config']
+    torch.manual_seed(0)
+    initial = model_lib.Model('resnet18', 8, 3, branches='SMG').eval()
+    with torch.no_grad():
+        features, _ = initial(torch.stack([imaging.eval_input(p, 32, config['mean'], config['std'])
+                                           for p in database['test_images']]))
+    ids = {label: k for k, label in enumerate(sorted(set(database['test_labels'])))}
+    found = metrics.evaluate(features, torch.tensor([ids[label] for label in database['test_labels']]), [1, 2])
+    assert line[0] == (f'Before training | R@1 {100 * found["R@1"]:.2f}% R@2 {100 * found["R@2"]:.2f}% '
+                       f'| MAP@R {100 * found["MAP@R"]:.2f}% RP {100 * found["R-Precision"]:.2f}%')

@@ -115,6 +115,7 @@ def test_val_split_run_selects_by_validation_and_saves_the_test_database(val_dat
         assert math.isclose(100 * figures_now['R-Precision'], chosen[f'{split}_r_precision'], rel_tol=1e-5), split
 
 
+@pytest.mark.slow
 def test_demo_selects_the_best_validation_epoch_never_a_test_figure(tmp_path, monkeypatch, capsys):
     """A (shrunk) demo run with --val_split 0.25 whose validation R@1 is scripted as 1 - test R@1: the epoch
     saved and reported is validation's best, which is test's worst."""
