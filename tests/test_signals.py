@@ -3,6 +3,7 @@ sent at any moment of training (before, while and after a loader forks its worke
 background write) stops the run with one line and exit status 143, leaving no process behind; the same for Ctrl-C."""
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -138,3 +139,21 @@ def test_an_ignored_sigint_stays_ignored():
         assert cli.run_cli(main) == 'finished' and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.slow
+def test_the_ctrl_c_tests_pass_where_sigint_is_ignored():
+    """The suite started with SIGINT ignored (nohup, a script's & job): the test that stops a run with Ctrl-C still
+    passes, as the fault launcher delivers it as a terminal does (serve_latency.start_server does so for servers)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    process = subprocess.Popen([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-k', 'ctrl_c',
+                                'tests/test_reliability.py'], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        output, _ = process.communicate(timeout=900)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0 and ' passed' in output and 'failed' not in output, output[-3000:]  # 0: all ran
