@@ -1,4 +1,5 @@
-"""serve.py for the tests: started in its own process (as the latency benchmark starts it), talked to with urllib."""
+"""serve.py for the tests: started in its own process (as the latency benchmark starts it, in a session of its own),
+talked to with urllib."""
 import json
 import sys
 import urllib.error
@@ -10,6 +11,7 @@ sys.path.insert(0, str(REPO / 'benchmarks'))
 from serve_latency import multipart, stop_server  # noqa: E402,F401
 import serve_latency  # noqa: E402
 from _query_fixtures import load_script  # noqa: E402
+from _train_fixtures import own_sessions  # noqa: E402
 import retrieval  # noqa: E402
 
 script = load_script()  # test.py
@@ -26,9 +28,11 @@ def expected(database, path, k, device='cpu'):
 
 
 def start_server(db_path, *extra):
-    """serve.py on db_path, any free port, CPU, one thread -> (process, base URL)."""
-    return serve_latency.start_server(db_path, '--device', 'cpu', *extra,
-                                      env={'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'})
+    """serve.py on db_path, any free port, CPU, one thread, in a session of its own -> (process, base URL); stop_server
+    stops it, kill_groups([process]) ends whatever is left."""
+    with own_sessions():
+        return serve_latency.start_server(db_path, '--device', 'cpu', *extra,
+                                          env={'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'})
 
 
 def request(url, data=None, headers=None):

@@ -2,6 +2,7 @@
 starts goes through started(), in a session of its own, its whole process group killed on leaving."""
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -77,13 +78,16 @@ def python_env(**extra):
 
 class Started:
     """A process started in a session of its own, so that its process group holds whatever it starts (loader
-    workers, torchrun's ranks, a benchmark's server); its stdout and stderr are read line by line as they come."""
+    workers, torchrun's ranks, a benchmark's server); its stdout and stderr are read line by line as they come.
+    The group is only ever signalled before the process is reaped: until then no other process can be given its
+    id (pid_max may be 32768 on a busy machine)."""
 
-    def __init__(self, command, env=None, cwd=REPO):
+    def __init__(self, command, env=None, cwd=REPO, **popen):
         self.command = [os.fspath(c) for c in command]
         self.process = subprocess.Popen(self.command, cwd=cwd, env=python_env() if env is None else env,
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True, start_new_session=True)
+                                        text=True, start_new_session=True, **popen)
+        self.pidfd = os.pidfd_open(self.process.pid)  # readable once it has ended; reaping it is left to kill()
         self.lines = {'stdout': [], 'stderr': []}  # (time.monotonic() when read, line)
         self.closed, self.left = set(), None
         self.changed = threading.Condition()
@@ -129,7 +133,12 @@ class Started:
 
     def signal(self, signum):
         """Send `signum` to the whole process group, as a cluster's pre-emption or a terminal's Ctrl-C does."""
+        assert self.process.returncode is None, 'signalled after it was reaped'
         os.killpg(self.process.pid, signum)
+
+    def ended(self, timeout):
+        """Whether the process ends within `timeout` seconds (it is not reaped: its group id stays its own)."""
+        return bool(select.select([self.pidfd], [], [], max(0.0, timeout))[0])
 
     def others_in_group(self):
         """Living processes of its process group other than itself (Linux /proc), e.g. loader workers that did
@@ -151,7 +160,8 @@ class Started:
         process group is killed and the test fails saying so."""
         deadline = time.monotonic() + timeout
         try:
-            self.process.wait(timeout)
+            if not self.ended(timeout):
+                raise subprocess.TimeoutExpired(self.command, timeout)
             for reader in self.readers:  # the output closes when every process holding it has ended
                 reader.join(max(0.0, deadline - time.monotonic()))
             if any(reader.is_alive() for reader in self.readers):
@@ -167,26 +177,27 @@ class Started:
 
     def kill(self):
         """SIGKILL to the whole process group (nothing of it outlives the test), then reap the process."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+        kill_groups([self.process])
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
 
 @contextlib.contextmanager
-def started(command, env=None, cwd=REPO):
-    """Start `command` (env: python_env() unless given) in a session of its own -> Started; on leaving, however the
-    test went, its whole process group is killed."""
-    process = Started(command, env, cwd)
+def started(command, env=None, cwd=REPO, **popen):
+    """Start `command` (env: python_env() unless given; `popen`: more subprocess.Popen arguments) in a session of its
+    own -> Started; on leaving, however the test went, its whole process group is killed."""
+    process = Started(command, env, cwd, **popen)
     try:
         yield process
     finally:
         process.kill()
 
 
-def run_process(command, env=None, cwd=REPO, timeout=TIMEOUT):
+def run_process(command, env=None, cwd=REPO, timeout=TIMEOUT, **popen):
     """subprocess.run for tests: `command` in a session of its own, its output captured, its process group killed
     when it ends -> CompletedProcess."""
-    with started(command, env, cwd) as process:
+    with started(command, env, cwd, **popen) as process:
         return process.finish(timeout)
 
 
@@ -220,11 +231,13 @@ def own_sessions(timeout=TIMEOUT):
 
 
 def kill_groups(processes):
-    """SIGKILL to each process's whole group (each started in a session of its own), then reap it."""
+    """SIGKILL to the whole group of each process (each started in a session of its own), then reap it; a group whose
+    process was already reaped (by code that waited for it) is left alone: its id may be another process's by now."""
     for process in processes:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        if process.returncode is None:  # alive, or ended but not reaped: the group id is still its own
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def script_command(args, fault=None, launcher=(sys.executable,), script='train.py'):

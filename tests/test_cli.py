@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import model
-from _train_fixtures import REPO
+from _train_fixtures import REPO, kill_groups
 
 TALKER = '''
 import sys
@@ -26,8 +26,7 @@ def test_a_reader_leaving_the_pipe_ends_the_script_quietly():
         assert process.wait(timeout=300) == 141  # 128 + SIGPIPE, what a shell reports for `python ... | head`
         assert process.stderr.read() == b''  # no BrokenPipeError traceback
     finally:
-        if process.poll() is None:
-            process.kill()
+        kill_groups([process])  # its whole group, unless it was reaped above
 
 
 def test_model_py_help_prints_usage_without_computing(capsys):

@@ -5,8 +5,6 @@ import csv
 import io
 import itertools
 import os
-import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 from PIL import Image
 
 from _query_fixtures import REPO, copy_database, load_script, make_database, make_image, make_split
+from _train_fixtures import run_process
 import data_utils
 import files
 import batches
@@ -40,17 +39,9 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
-def run_subprocess(argv, timeout=120):
+def run_subprocess(argv):
     """`python test.py ARGV` in its own process group (killed whole in the end) -> CompletedProcess."""
-    process = subprocess.Popen([sys.executable, str(REPO / 'test.py'), *argv], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = process.communicate(timeout=timeout)
-        return subprocess.CompletedProcess(process.args, process.returncode, out, err)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    return run_process([sys.executable, REPO / 'test.py', *argv])
 
 
 # ---- item 3: --query_dir lists only regular files within a size limit --------------------------------------

@@ -51,8 +51,7 @@ def served(reference, tmp_path_factory):
     """serve.py on the reference run's database, the same database loaded here, and two outside photos."""
     results, _ = reference
     db_path = out(results, 'data_base.pth')
-    with own_sessions() as made:
-        proc, base = start_server(db_path)
+    proc, base = start_server(db_path)
     folder = tmp_path_factory.mktemp('photos')
     photos = {}
     for name, fmt, seed in (('outside.png', 'PNG', 1), ('outside.jpg', 'JPEG', 2)):
@@ -63,7 +62,7 @@ def served(reference, tmp_path_factory):
         yield {'proc': proc, 'base': base, 'db_path': db_path, 'results': results, 'photos': photos,
                'database': retrieval.open_database(db_path, str(results), CPU)}
     finally:
-        kill_groups(made)
+        kill_groups([proc])
 
 
 def shown_path(database, index):

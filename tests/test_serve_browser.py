@@ -12,7 +12,7 @@ from PIL import Image
 
 from _query_fixtures import make_database, make_split
 from _serve_fixtures import request, start_server, stop_server, upload
-from _train_fixtures import kill_groups, out, own_sessions
+from _train_fixtures import kill_groups, out
 import retrieval
 
 CHROMIUM, CHROMEDRIVER = '/usr/bin/chromium', '/usr/bin/chromedriver'
@@ -68,8 +68,7 @@ def test_page_upload_frames_click_through(reference, browser, tmp_path):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
     db_path = os.environ.get('SERVE_DATABASE') or out(reference[0], 'data_base.pth')
-    with own_sessions() as made:
-        proc, base = start_server(db_path)
+    proc, base = start_server(db_path)
     try:
         _, info = request(base + 'api/info')
         wait = WebDriverWait(browser, 30)
@@ -114,7 +113,7 @@ def test_page_upload_frames_click_through(reference, browser, tmp_path):
         try:
             stop_server(proc)
         finally:
-            kill_groups(made)
+            kill_groups([proc])
 
 
 def check_first_view(browser):
@@ -188,7 +187,10 @@ def test_names_are_split_on_slashes_only(browser, tmp_path):
         card.send_keys(Keys.ENTER)
         wait.until(lambda d: 'database image 1: back\\slash y.png, label y' in d.find_element(By.ID, 'query-text').text)
     finally:
-        stop_server(proc)
+        try:
+            stop_server(proc)
+        finally:
+            kill_groups([proc])
 
 
 def some_image(base, db_path):

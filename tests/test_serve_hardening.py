@@ -19,6 +19,7 @@ from PIL import Image
 
 from _query_fixtures import make_database, make_split, run_test_script
 from _serve_fixtures import multipart, request, script, start_server, stop_server, upload
+from _train_fixtures import kill_groups
 import imaging
 import retrieval
 import serve
@@ -43,10 +44,10 @@ def database(tmp_path_factory):
 def served(database):
     """serve.py on the database, with --allowed_hosts search.example.org,10.1.2.3 -> (process, base URL)."""
     proc, base = start_server(database[0], '--allowed_hosts', 'search.example.org,10.1.2.3')
-    yield proc, base
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    try:
+        yield proc, base
+    finally:
+        kill_groups([proc])
 
 
 def status_of(pid):
@@ -200,7 +201,10 @@ def test_every_interface_warns_once_and_serves_addresses(database):
             assert raw(base, 'GET', '/api/info', {'Host': host})[0] == 200, host
         assert raw(base, 'GET', '/api/info', {'Host': 'evil.example'})[0] == 400
     finally:
-        code, err = stop_server(proc)
+        try:
+            code, err = stop_server(proc)
+        finally:
+            kill_groups([proc])
     warning, stopped = err.splitlines()
     assert warning.startswith('warning: the server has no authentication') and f'port {port} ' in warning
     assert (code, stopped) == (130, 'interrupted: server stopped')

@@ -3,7 +3,6 @@ sent at any moment of training (before, while and after a loader forks its worke
 background write) stops the run with one line and exit status 143, leaving no process behind; the same for Ctrl-C."""
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 import cli
 import files
 import runs
-from _train_fixtures import REPO, flags, out, started
+from _train_fixtures import REPO, flags, out, python_env, run_process, started
 
 # train.py in a child that sends itself a signal at one moment of the run, from inside the code running then
 LAUNCHER = '''
@@ -145,15 +144,8 @@ def test_an_ignored_sigint_stays_ignored():
 def test_the_ctrl_c_tests_pass_where_sigint_is_ignored():
     """The suite started with SIGINT ignored (nohup, a script's & job): the test that stops a run with Ctrl-C still
     passes, as the fault launcher delivers it as a terminal does (serve_latency.start_server does so for servers)."""
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    process = subprocess.Popen([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-k', 'ctrl_c',
-                                'tests/test_reliability.py'], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    try:
-        output, _ = process.communicate(timeout=900)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    assert process.returncode == 0 and ' passed' in output and 'failed' not in output, output[-3000:]  # 0: all ran
+    result = run_process([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-k', 'ctrl_c',
+                          'tests/test_reliability.py'], env=python_env(), timeout=900,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and ' passed' in output and 'failed' not in output, output[-3000:]  # 0: all ran
