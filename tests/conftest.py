@@ -13,9 +13,9 @@ sys.path.insert(0, str(REPO / 'tests'))
 
 
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: starts a process (train.py and the other scripts, torchrun, serve.py, '
-                                       'a benchmark, loader workers) or the browser, or trains a run of its own; the '
-                                       'quick tier, -m "not slow", keeps the unit tests and those the session\'s '
+    config.addinivalue_line('markers', 'slow: takes seconds: starts a process (train.py and the other scripts, '
+                                       'torchrun, serve.py, a benchmark) or the browser, or trains a run of its own; '
+                                       'the quick tier, -m "not slow", keeps the unit tests and those the session\'s '
                                        'shared runs serve')
 
 

@@ -185,6 +185,17 @@ def small_checkpoint(config, epoch=1):
             'best_recall': 0.5, 'best_epoch': 1, 'statistics': rows, 'config': runs.run_settings(config)}
 
 
+def config_of(dataset, results):
+    """The configuration train.py resolves for flags(dataset, results): what a checkpoint is checked against."""
+    return train.resolve_config(train.parse_args(flags(dataset, results)))[0]
+
+
+def copy_without_checkpoint(run, copy):
+    """A run's folder without its checkpoint (134 MB of weights and optimizer state), for a test that puts a
+    checkpoint of its own there, or none."""
+    return shutil.copytree(run, copy, ignore=lambda folder, names: [n for n in names if n.endswith('checkpoint.pth')])
+
+
 @pytest.mark.parametrize('field, value, expected', [
     ('statistics', [1, 2, 3], 'its statistics are not a list of 1 rows'),
     ('statistics', [{'epoch': 1, 'train_loss': 'x'}], 'its statistics row 1 is not epoch 1 with numbers for epoch'),
@@ -195,7 +206,7 @@ def small_checkpoint(config, epoch=1):
     ('scaler', None, 'its scaler not state dicts'),
 ])
 def test_hand_edited_checkpoint_refused_in_one_line(dataset, tmp_path, field, value, expected):
-    config, _ = train.resolve_config(train.parse_args(flags(dataset, tmp_path)))  # what train.py checks against
+    config = config_of(dataset, tmp_path)
     state = small_checkpoint(config)  # epoch 2 to run
     runs.check_checkpoint(state, 'c.pth', config)  # as written: accepted
     state[field] = value
@@ -207,9 +218,9 @@ def test_hand_edited_checkpoint_refused_in_one_line(dataset, tmp_path, field, va
 
 def test_hand_edited_checkpoint_refused_before_anything_runs(dataset, reference, tmp_path, capsys):
     # what check_checkpoint refuses (above) stops train.py before it writes or prints anything
-    results = shutil.copytree(reference[0], tmp_path / 'copy')
-    state = tensors(out(results, 'checkpoint.pth'))
-    state['epoch'], state['best_epoch'], state['statistics'] = 1, 1, [1, 2, 3]  # epoch 2 to run; not rows
+    results = copy_without_checkpoint(reference[0], tmp_path / 'copy')
+    state = small_checkpoint(config_of(dataset, results))  # epoch 2 to run
+    state['statistics'] = [1, 2, 3]
     torch.save(state, out(results, 'checkpoint.pth'))
     before = {p: (results / p).read_bytes() for p in os.listdir(results)}
     with pytest.raises(UserError) as err:
@@ -222,8 +233,8 @@ def test_hand_edited_checkpoint_refused_before_anything_runs(dataset, reference,
 
 
 def test_truncated_auto_checkpoint_suggests_overwrite(dataset, reference, tmp_path, capsys):
-    results = shutil.copytree(reference[0], tmp_path / 'copy')
-    data = (results / os.path.basename(out(results, 'checkpoint.pth'))).read_bytes()
+    results = copy_without_checkpoint(reference[0], tmp_path / 'copy')
+    data = files.torch_bytes(small_checkpoint(config_of(dataset, results)))
     with open(out(results, 'checkpoint.pth'), 'wb') as f:
         f.write(data[:len(data) // 2])
     with pytest.raises(UserError) as err:
@@ -252,7 +263,8 @@ def test_bad_weights_refused_before_results_folder_exists(dataset, tmp_path, mon
 
 
 def test_resume_with_other_settings_refused_touches_nothing(dataset, reference, tmp_path, capsys):
-    results = shutil.copytree(reference[0], tmp_path / 'copy')
+    results = copy_without_checkpoint(reference[0], tmp_path / 'copy')
+    torch.save(small_checkpoint(config_of(dataset, results), epoch=2), out(results, 'checkpoint.pth'))
     os.remove(results / f'.{RUN_NAME}.lock')
     before = {p: (results / p).read_bytes() for p in os.listdir(results)}
     with pytest.raises(UserError) as err:
@@ -267,8 +279,7 @@ def test_resume_with_other_settings_refused_touches_nothing(dataset, reference, 
 def test_run_without_checkpoint_not_replaced(dataset, reference, tmp_path, resume):
     # the checkpoint was removed (or never written by a run of other settings): its model, database and
     # statistics are not replaced by a run of other settings, with or without --resume auto
-    results = shutil.copytree(reference[0], tmp_path / 'copy')
-    os.remove(out(results, 'checkpoint.pth'))
+    results = copy_without_checkpoint(reference[0], tmp_path / 'copy')
     before = {p: (results / p).read_bytes() for p in os.listdir(results)}
     with pytest.raises(UserError) as err:
         train.main(flags(dataset, results, '--seed', '5', *resume))
@@ -342,8 +353,8 @@ def test_damaged_checkpoint_clear_message(dataset, tmp_path):
 
 def test_altered_checkpoint_contents_clear_message(dataset, reference, tmp_path):
     # the right settings, but a model that is not this network's: refused before anything is written
-    results = shutil.copytree(reference[0], tmp_path / 'copy')
-    state = tensors(out(results, 'checkpoint.pth'))
+    results = copy_without_checkpoint(reference[0], tmp_path / 'copy')
+    state = small_checkpoint(config_of(dataset, results), epoch=2)
     state['model'] = {'fc.weight': torch.zeros(2, 2)}
     torch.save(state, out(results, 'checkpoint.pth'))
     before = {p: (results / p).read_bytes() for p in os.listdir(results)}
@@ -445,8 +456,7 @@ def test_read_only_results_folder(tmp_path):
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.parametrize('split, workers, cache', [pytest.param('train', 1, 'off', marks=pytest.mark.slow),  # a worker
-                                                   ('test', 0, 'ram')])
+@pytest.mark.parametrize('split, workers, cache', [('train', 1, 'off'), ('test', 0, 'ram')])
 def test_image_corrupted_after_preprocessing(tmp_path, split, workers, cache):
     data = make_dataset(tmp_path / 'data')
     dicts = tensors(os.path.join(data, 'tiny', 'uncropped_data_dicts.pth'))
@@ -455,9 +465,23 @@ def test_image_corrupted_after_preprocessing(tmp_path, split, workers, cache):
         f.write(b'\x89PNG\r\n\x1a\n' + b'\x00' * 40)  # a PNG header, then nothing decodable
     with pytest.raises(UserError) as err:
         train.main(flags(data, tmp_path / 'results', '--cache', cache, epochs=1, workers=workers))
+    stop_loader_workers(err.value)
     message = str(err.value)
     assert message.startswith(f'cannot decode image {victim}') and '\n' not in message
     assert 'Traceback' not in message and 'DataLoader worker' not in message
+
+
+def stop_loader_workers(error):
+    """Shut down the loader iterators an error's tracebacks still hold, as test_input does: left to the garbage
+    collector (they sit in reference cycles), each one's worker shutdown waits out a 5 s timeout in a later test."""
+    while error is not None:
+        frame = error.__traceback__
+        while frame is not None:
+            for value in list(frame.tb_frame.f_locals.values()):
+                if isinstance(value, torch.utils.data.dataloader._MultiProcessingDataLoaderIter):
+                    value._shutdown_workers()
+            frame = frame.tb_next
+        error = error.__context__
 
 
 def test_group_write_all_or_nothing(tmp_path, inject):

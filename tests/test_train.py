@@ -294,7 +294,6 @@ def test_query_gallery_dataset(dataset, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # the loader's worker processes
 def test_cached_batches_equal_loaded_batches(dataset, tmp_path):
     """The same pixels, crops and flips from the cache as from full decodes by the loader's workers."""
     config, dicts = train.resolve_config(train.parse_args(flags(dataset, tmp_path)))
