@@ -82,7 +82,7 @@ def test_query_dir_with_a_fifo_and_a_dev_zero_link_finishes_and_names_both(tiny,
     db_path, _, _ = tiny
     image, fifo, zero = plant_non_files(tmp_path / 'q')
     run = run_subprocess(['--query_dir', str(tmp_path / 'q'), '--data_base', db_path, '--results_dir',
-                          str(tmp_path / 'out'), '--retrieval_num', '2', '--device', 'cpu'], timeout=120)
+                          str(tmp_path / 'out'), '--retrieval_num', '2', '--device', 'cpu'])  # a hang: the ceiling
     assert run.returncode == 0, run.stderr
     warning = [line for line in run.stderr.splitlines() if line.startswith('warning:')]
     assert len(warning) == 1 and 'warning: 2 of 3 images under' in warning[0]
