@@ -117,13 +117,22 @@ def draw_class(job):
     return cid, rows
 
 
+PARALLEL_FROM = 1000  # images; fewer are drawn in this process, faster than starting workers
+
+
+def drawing_processes(num_classes, per_class):
+    """Processes that draw the dataset: one per class up to the cores, one for a small dataset."""
+    return min(os.cpu_count() or 1, num_classes) if num_classes * per_class >= PARALLEL_FROM else 1
+
+
 def generate(root, num_classes, per_class, width, height, seed, processes=None):
-    """Draw the dataset into `root` (CUB layout) in parallel -> (image count, mean file bytes)."""
+    """Draw the dataset into `root` (CUB layout), in parallel when large -> (image count, mean file bytes)."""
     os.makedirs(os.path.join(root, 'images'), exist_ok=True)
     jobs = [(root, i, num_classes, per_class, width, height, seed) for i in range(num_classes)]
-    processes = min(processes or os.cpu_count() or 1, num_classes)
+    processes = processes or drawing_processes(num_classes, per_class)
     if processes > 1:
-        with multiprocessing.get_context('fork').Pool(processes) as pool:
+        # forkserver, not fork: this process has imported torch, and a child forked from it can hang for good
+        with multiprocessing.get_context('forkserver').Pool(processes) as pool:
             classes = pool.map(draw_class, jobs, chunksize=1)
     else:
         classes = [draw_class(job) for job in jobs]
@@ -412,7 +421,7 @@ def main(argv=None):
                                      args.image_height, args.seed)
         print(f'dataset: {count} JPEGs of {args.image_width}x{args.image_height} (quality {QUALITY}), '
               f'{args.classes} classes, mean {mean_bytes / 1024:.1f} KiB, drawn in {time.perf_counter() - start:.1f}s '
-              f'on {min(os.cpu_count() or 1, args.classes)} processes', flush=True)
+              f'on {drawing_processes(args.classes, args.per_class)} processes', flush=True)
         start = time.perf_counter()
         run_timed([sys.executable, 'data_utils.py', '--data_path', work, '--data_name', 'cub'], 'data_utils',
                   os.path.join(work, 'data_utils.log'))
