@@ -110,6 +110,7 @@ def test_photos_are_photo_sized_and_classes_separable():
     assert pixel_nearest_neighbour_r1(images, np.array(labels)) >= 0.5
 
 
+@pytest.mark.slow  # draws with a pool of two processes
 def test_generated_dataset_has_cub_layout(tmp_path):
     count, mean_bytes = end_to_end.generate(str(tmp_path), 4, 3, 64, 48, seed=0, processes=2)
     assert count == 12 and mean_bytes > 0
