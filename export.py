@@ -38,8 +38,9 @@ METADATA = {'clf_onnx_version': None, 'mean': 'mean', 'std': 'std', 'image_size'
             'model_sha256': 'model_sha256'}
 # the checks every export passes before it is written
 MAX_DIFFERENCE = 1e-4  # largest |ONNX - PyTorch| of any feature element, float32
-SAME_TOP_K = 0.99  # share of queries whose top-K lists agree in order
+SAME_TOP_K = 0.99  # share of queries whose top-K lists agree in order, up to swapped near ties (TIE)
 TOP_K = 10
+TIE = 1e-5  # two items whose PyTorch scores differ by this little may trade places (float32 sums in other orders)
 METRIC_DIFFERENCE = 1e-4  # R@1 and MAP@R, as fractions
 BATCH = 32  # images embedded at once in the check
 OTHER_SIZE_IMAGES = 4  # images checked at a second input size: height and width are dynamic axes
@@ -166,6 +167,17 @@ def top_k_lists(queries, gallery, k, self_mode, chunk=512):
     return torch.cat(lists)
 
 
+def tied(queries, gallery, a, b, chunk=512):
+    """Per query: whether its lists a and b [Nq, k] of gallery indices have the same PyTorch scores at every rank
+    within TIE, i.e. differ at most by the order of near ties -> bool [Nq]."""
+    same = []
+    for begin in range(0, len(a), chunk):
+        q = queries[begin:begin + chunk, None, :]  # [c, 1, D]
+        scores = [(gallery[lists[begin:begin + chunk]] * q).sum(-1) for lists in (a, b)]  # 2 x [c, k]
+        same.append(((scores[0] - scores[1]).abs() <= TIE).all(dim=1))
+    return torch.cat(same)
+
+
 def compare(database, embedder):
     """Both runtimes' features for every image of the database, top-K lists and metrics -> (figures, problems):
     figures a dict for the report, problems one phrase per check that failed."""
@@ -184,14 +196,18 @@ def compare(database, embedder):
         queries, targets = features['test'][runtime], features[target][runtime]
         lists.append(top_k_lists(queries, targets, k, not gallery))
         scores.append(metrics.evaluate(queries, labels, [1], *((targets, target_labels) if gallery else ())))
-    same = (lists[0] == lists[1]).all(dim=1).float().mean().item()
+    exact = (lists[0] == lists[1]).all(dim=1)  # [Nq]
+    differing = (~exact).nonzero().flatten()
+    explained = tied(features['test'][0][differing], features[target][0], lists[0][differing], lists[1][differing])
+    same = (exact.sum().item() + explained.sum().item()) / len(exact)
     figures = {'images': sum(len(db[f'{s}_images']) for s in splits), 'difference': difference, 'k': k,
-               'same_top_k': same, 'scores': scores}
+               'same_top_k': same, 'exact_top_k': exact.float().mean().item(), 'scores': scores}
     problems = []
     if not difference <= MAX_DIFFERENCE:  # NaN too
         problems.append(f'features differ by up to {difference:.2e} (allowed {MAX_DIFFERENCE:g})')
     if same < SAME_TOP_K:
-        problems.append(f'the top-{k} lists agree for {100 * same:.2f} % of queries (needed {100 * SAME_TOP_K:g} %)')
+        problems.append(f'the top-{k} lists agree for {100 * same:.2f} % of queries, near ties aside (needed '
+                        f'{100 * SAME_TOP_K:g} %)')
     for metric in ('R@1', 'MAP@R'):
         if not abs(scores[0][metric] - scores[1][metric]) <= METRIC_DIFFERENCE:
             problems.append(f'{metric} {100 * scores[1][metric]:.2f} % against PyTorch\'s {100 * scores[0][metric]:.2f} %')
@@ -224,7 +240,8 @@ def main(argv=None):
                         f'{database.path}: {"; ".join(problems)}; nothing was written')
     (torch_scores, onnx_scores), k = figures['scores'], figures['k']
     print(f'checked on {figures["images"]} images: features within {figures["difference"]:.1e} of PyTorch\'s, the '
-          f'same top-{k} for {100 * figures["same_top_k"]:.2f} % of queries, R@1 {100 * onnx_scores["R@1"]:.2f} % '
+          f'same top-{k} for {100 * figures["same_top_k"]:.2f} % of queries ({100 * figures["exact_top_k"]:.2f} % '
+          f'without swapping near ties), R@1 {100 * onnx_scores["R@1"]:.2f} % '
           f'(PyTorch {100 * torch_scores["R@1"]:.2f} %), MAP@R {100 * onnx_scores["MAP@R"]:.2f} % '
           f'(PyTorch {100 * torch_scores["MAP@R"]:.2f} %)')
     atomic_write({path: data})

@@ -81,7 +81,7 @@ def test_export_prints_the_check(exported, capsys):
                                            os.path.join(exported['folder'], 'again')], capsys)
     assert (code, err) == (0, '')
     found = re.search(r'checked on 12 images: features within ([\d.e+-]+) of PyTorch\'s, the same top-10 for '
-                      r'100\.00 % of queries, R@1 ([\d.]+) % \(PyTorch \2 %\), MAP@R ([\d.]+) % \(PyTorch \3 %\)',
+                      r'100\.00 % of queries \(100\.00 % without swapping near ties\), R@1 ([\d.]+) % \(PyTorch \2 %\), MAP@R ([\d.]+) % \(PyTorch \3 %\)',
                       printed)
     assert found and float(found[1]) <= 1e-4, printed
 
@@ -105,6 +105,14 @@ def test_a_bad_export_is_refused_and_nothing_is_left(exported, monkeypatch, caps
                         r'the images of .*: features differ by up to [\d.]+e-0[1-3] \(allowed 0\.0001\).*; nothing was '
                         r'written\n', err), err
     assert not os.path.exists(results) or leftovers(results) == []
+
+
+def test_near_ties_may_trade_places():
+    queries = torch.tensor([[1.0, 0.0]])
+    gallery = torch.tensor([[0.6, 0.8], [0.6, -0.8], [0.0, 1.0]])  # scores 0.6, 0.6, 0.0
+    a = torch.tensor([[0, 1, 2]])
+    assert export.tied(queries, gallery, a, torch.tensor([[1, 0, 2]])).tolist() == [True]
+    assert export.tied(queries, gallery, a, torch.tensor([[0, 2, 1]])).tolist() == [False]
 
 
 def test_opset_range(capsys):
