@@ -175,7 +175,7 @@ def tied(queries, gallery, a, b, chunk=512):
         q = queries[begin:begin + chunk, None, :]  # [c, 1, D]
         scores = [(gallery[lists[begin:begin + chunk]] * q).sum(-1) for lists in (a, b)]  # 2 x [c, k]
         same.append(((scores[0] - scores[1]).abs() <= TIE).all(dim=1))
-    return torch.cat(same)
+    return torch.cat(same) if same else torch.zeros(0, dtype=torch.bool)
 
 
 def compare(database, embedder):
