@@ -121,13 +121,11 @@ class OnnxEmbedder:
             raise UserError(f'{self.name} is not an export of the model of {db_path}: it was exported from a model '
                             f'file of SHA-256 {str(meta["model_sha256"])[:12]}..., the database was written with '
                             f'{config["model_sha256"][:12]}... (python export.py --data_base {db_path} exports its model)')
-        expected = metadata(config)
-        for key in METADATA:
-            if json.loads(expected[key]) != meta[key] and not (
-                    key in ('mean', 'std') and np.allclose(meta[key], json.loads(expected[key]), rtol=0, atol=1e-12)):
+        for key, text in metadata(config).items():  # JSON keeps floats exactly: equal means equal
+            if json.loads(text) != meta[key]:
                 raise UserError(f'the metadata of {self.name} does not match {db_path}: {key} is {meta[key]!r} in '
-                                f'the ONNX file and {json.loads(expected[key])!r} in the database (an edited or '
-                                f'damaged file? export it again with export.py)')
+                                f'the ONNX file and {json.loads(text)!r} in the database (an edited or damaged file? '
+                                f'export it again with export.py)')
 
     def __call__(self, inputs):
         """Retrieval embeddings [B, D] (CPU, float) of preprocessed images [B, 3, s, s] (a tensor)."""
