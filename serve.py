@@ -1,7 +1,7 @@
 """A query page and a JSON API over one feature database: the database and its model are loaded once, then every
 search answers as test.py would (same lookup, checks, embedding and ranking: retrieval.py).
 
-    python serve.py --data_base NAME_OR_PATH [--results_dir results] [--host 127.0.0.1] [--port 8000]
+    python serve.py --data_base NAME_OR_PATH [--results_dir results] [--host 127.0.0.1] [--port 8000] [--onnx FILE]
 
 GET / (the page), POST /api/search (multipart `image`, form `k`), GET /api/search?index=I&k=K (a database image
 as the query, itself excluded), GET /images/I (database image I as a JPEG thumbnail), GET /api/info.
@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import distributed
+import export
 import imaging
 import retrieval
 import runs
@@ -64,6 +65,8 @@ def parse_args(argv=None):
         'localhost, 127.0.0.1 and --host)')
     add('--port', default=8000, type=int, help='port to listen on (0: any free port, printed)')
     add('--device', default=None, help='device that embeds uploaded images [default: cuda if there, else cpu]')
+    add('--onnx', default=None, help="embed uploads with this export of the database's model (export.py) in "
+        'onnxruntime, on the CPU, instead of PyTorch')
     return parser.parse_args(argv)
 
 
@@ -80,10 +83,12 @@ class Searcher:
     """One loaded database and its model; model calls are serialised by a lock (one forward pass at a time keeps
     memory flat whatever the number of clients; torch already spreads one pass over the cores), decodes by a
     semaphore (DECODES at once, each bounded by the upload limits). Images are named by their path relative to the
-    dataset root (image_root), never by a local absolute path."""
+    dataset root (image_root), never by a local absolute path. `onnx`: an export.OnnxEmbedder that embeds uploads
+    instead of the database's PyTorch model."""
 
-    def __init__(self, database):
+    def __init__(self, database, onnx=None):
         self.database, self.lock, config = database, threading.Lock(), database.config
+        self.embed, model_file = (onnx, onnx.name) if onnx else (database.embed, database.model_path)
         self.decodes = threading.BoundedSemaphore(DECODES)
         self.root = image_root(database.images)
         self.thumbnail = functools.lru_cache(THUMBNAILS_KEPT)(self._thumbnail)
@@ -91,7 +96,7 @@ class Searcher:
                      'backbone': config['backbone_type'], 'branches': config['branches'],
                      'feature_dim': int(database.features.shape[1]), 'images': len(database.images),
                      'split': database.split, 'image_size': config['image_size'],
-                     'database': os.path.basename(database.path), 'model_file': os.path.basename(database.model_path),
+                     'database': os.path.basename(database.path), 'model_file': os.path.basename(model_file),
                      'k_default': K_DEFAULT, 'k_max': K_MAX, 'upload_max_bytes': MAX_UPLOAD,
                      'upload_max_pixels': imaging.UPLOAD_MAX_PIXELS}  # GET /api/info
 
@@ -129,7 +134,7 @@ class Searcher:
         retrieval.check_k(k, len(d.images), index, f'k = {k}', 'the database', d.split)
         label = None if index is None else d.labels[index]
         with self.lock:
-            feature = d.features[index] if x is None else d.embed(x[None])[0]  # [D]
+            feature = d.features[index] if x is None else self.embed(x[None])[0]  # [D]
             indices, scores = retrieval.top_k(feature, d.features, k, index, d.labels, label)
         results = [{'rank': rank, 'index': i, 'path': self.shown(d.images[i]), 'label': d.labels[i], 'score': score}
                    for rank, (i, score) in enumerate(zip(indices, scores), start=1)]
@@ -271,12 +276,13 @@ def limited_config(app, header_timeout=None, keep_alive=None, concurrency=None):
                           limit_concurrency=concurrency or MAX_CONCURRENCY, log_level='warning', access_log=False)
 
 
-def create_app(database, hosts=None, trusted=(), any_ip=False):
+def create_app(database, hosts=None, trusted=(), any_ip=False, onnx=None):
     """The FastAPI application over a loaded retrieval.Database (handed to every request by the lifespan), answering
-    requests to `hosts` (default: the loopback names) and writes from its own page or `trusted` hosts (guard_hosts)."""
+    requests to `hosts` (default: the loopback names) and writes from its own page or `trusted` hosts (guard_hosts);
+    `onnx`: see Searcher."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        yield {'searcher': Searcher(database)}  # request.state.searcher, the same object for every request
+        yield {'searcher': Searcher(database, onnx)}  # request.state.searcher, the same object for every request
 
     app = FastAPI(title='CLF retrieval', lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(refuse_large_bodies)
@@ -372,9 +378,16 @@ def is_loopback(address):
 def main(argv=None):
     args = parse_args(argv)
     allowed = parse_hosts(args.allowed_hosts)
-    device = distributed.resolve_device(args.device)
+    if args.onnx and args.device not in (None, 'cpu'):
+        raise UserError('--device: with --onnx, onnxruntime embeds uploads on the CPU (leave --device out)')
+    device = distributed.resolve_device(args.device or ('cpu' if args.onnx else None))
     with contextlib.closing(listen(args.host, args.port)) as sock:  # first: a taken port is reported at once
-        database = runs.open_database(args.data_base, args.results_dir, device, data_path=args.data_path)
+        # with --onnx the PyTorch model is not loaded: the export's recorded SHA-256 ties it to the database
+        database = runs.open_database(args.data_base, args.results_dir, device, with_model=not args.onnx,
+                                      data_path=args.data_path)
+        onnx = export.OnnxEmbedder.open(args.onnx) if args.onnx else None
+        if onnx:
+            onnx.check_database(database.config, database.path)
         host, port = sock.getsockname()[:2]
         shown = f'[{host}]' if ':' in host else host
         any_ip = ipaddress.ip_address(host).is_unspecified  # 0.0.0.0 or ::, every interface
@@ -382,13 +395,13 @@ def main(argv=None):
         if any_ip:
             hosts |= {socket.gethostname().lower()}
         print(f'serving {database.path} ({len(database.images)} {database.split} images, model '
-              f'{database.model_path}) at http://{shown}:{port}/ (Ctrl-C stops)', flush=True)
+              f'{onnx.name if onnx else database.model_path}) at http://{shown}:{port}/ (Ctrl-C stops)', flush=True)
         if not is_loopback(host):
             where = f'port {port} of this machine' if any_ip else f'{shown}:{port}'
             print(f'warning: the server has no authentication: anyone who can reach {where} can search the '
                   f'database and see its images (--host 127.0.0.1 serves this machine only)', file=sys.stderr,
                   flush=True)
-        app = create_app(database, hosts, set(allowed), any_ip)
+        app = create_app(database, hosts, set(allowed), any_ip, onnx)
         server = uvicorn.Server(limited_config(app))
         server.run(sockets=[sock])  # Ctrl-C: uvicorn finishes the requests in flight, then re-raises it
 

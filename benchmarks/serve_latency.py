@@ -1,6 +1,7 @@
 """Latency of serve.py: p50/p95 per search and searches/s with 1 and 8 concurrent clients uploading photos, next
 to the pure compute of the same search in this process (decode, embed, rank: the function the handler calls),
-timed in alternating blocks with the one-client searches.
+timed in alternating blocks with the one-client searches; then the embedding of one query alone on the CPU, PyTorch
+eager against onnxruntime running the model's ONNX export (serve.py --onnx), in alternating blocks too.
 
     python benchmarks/serve_latency.py --data_base results/demo_uncropped_resnet18_512_data_base.pth
     python benchmarks/serve_latency.py --data_base PATH --requests 6 --clients 1,2 --skip_sop --threads 1   # quick
@@ -22,11 +23,14 @@ import time
 import urllib.parse
 
 import numpy as np
+import onnxruntime
 import torch
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import export  # noqa: E402
+import imaging  # noqa: E402
 import retrieval  # noqa: E402
 import serve  # noqa: E402
 from model import Model  # noqa: E402
@@ -185,6 +189,34 @@ def bench(name, db_path, bodies, args):
         stop_server(proc)
 
 
+def embed_times(db_path, body, count, threads, block=10):
+    """(PyTorch eager, onnxruntime) median seconds to embed one preprocessed query [1, 3, s, s] on the CPU, each with
+    `threads` threads (0: each runtime's own choice), in alternating blocks of `block`; the ONNX export is made here
+    (export.onnx_bytes) and must give the same embedding to 1e-4."""
+    database = retrieval.open_database(db_path, 'results', torch.device('cpu'))
+    config = database.config
+    onnx = export.OnnxEmbedder(export.onnx_bytes(database.model, config), 'the export', threads)
+    x = imaging.upload_input('the query', config['image_size'], config['mean'], config['std'], body)[None]
+    runtimes = (database.embed, onnx)
+    difference = float((runtimes[0](x) - runtimes[1](x)).abs().max())  # and the warm-up
+    if not difference <= 1e-4:
+        raise RuntimeError(f'the ONNX export differs from PyTorch by {difference:.2e}')
+    times = ([], [])
+    for begin in range(0, count, block):
+        for runtime, spent in zip(runtimes, times):
+            for _ in range(begin, min(begin + block, count)):
+                start = time.perf_counter()
+                runtime(x)
+                spent.append(time.perf_counter() - start)
+    return tuple(statistics.median(spent) for spent in times)
+
+
+def bench_embedding(name, db_path, body, args):
+    """One row of the embedding table: PyTorch eager against onnxruntime."""
+    eager, onnx = embed_times(db_path, body, args.requests, args.threads)
+    print(f'| {name} | {1e3 * eager:.1f} | {1e3 * onnx:.1f} | {eager / onnx:.2f}x |', flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--data_base', required=True, help='a database train.py wrote (its path)')
@@ -204,10 +236,20 @@ def main(argv=None):
     print('| database | clients | p50 ms | p95 ms | searches/s | compute p50 ms | p50 / compute |')
     print('| --- | ---: | ---: | ---: | ---: | ---: | ---: |')
     db = retrieval.resolve_database_path(args.data_base, 'results')
-    bench(retrieval.load_database(db)[0]['config']['data_name'], db, bodies, args)
-    if not args.skip_sop:
-        with tempfile.TemporaryDirectory() as folder:
-            bench('sop-synthetic', make_sop_database(folder), bodies, args)
+    name = retrieval.load_database(db)[0]['config']['data_name']
+    bench(name, db, bodies, args)
+    with tempfile.TemporaryDirectory() as folder:
+        sop = None if args.skip_sop else make_sop_database(folder)
+        if sop:
+            bench('sop-synthetic', sop, bodies, args)
+        threads = args.threads or "each runtime's own number of"
+        print(f'\nembedding one query on the CPU, {threads} threads, onnxruntime {onnxruntime.__version__}, median of '
+              f'{args.requests}:')
+        print('| database | PyTorch eager ms | onnxruntime ms | PyTorch / onnxruntime |')
+        print('| --- | ---: | ---: | ---: |')
+        bench_embedding(name, db, bodies[0], args)
+        if sop:
+            bench_embedding('sop-synthetic', sop, bodies[0], args)
 
 
 if __name__ == '__main__':
