@@ -24,6 +24,7 @@ import cli
 import distributed
 import files
 import imaging
+import indexes
 import pictures
 import retrieval
 import runs
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     query.add_argument('--query_dir', help='rank every image under this folder (recursively) into one CSV instead')
     add('--data_base', default=runs.DEFAULT_DATABASE, help='a name in --results_dir, or a path')
     add('--retrieval_num', default=8, type=int, help='how many images to retrieve')
+    add('--index', default=None, help='search this index of the database (a .faiss file, milvus://HOST:PORT/'
+                                      'COLLECTION or a Milvus Lite PATH.db; index.py builds them) [default: exact]')
     add('--results_dir', default='results', help='where databases are found by name and {query stem}/ is written')
     add('--data_path', default=None, help="the dataset folder, when it moved since train.py's --data_path")
     add('--device', default=None, help='device for a query not in the database [default: cuda if there, else cpu]')
@@ -121,7 +124,14 @@ def as_text(cell):
     return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
 
 
-def retrieve_folder(database, folder, k, results_dir):
+def search(database, index, feature, k, exclude, label):
+    """The top k (indices, scores) for a query feature: exact search, or through `index` (indexes.open_index)."""
+    if index is None:
+        return retrieval.top_k(feature, database.features, k, exclude, database.labels, label)
+    return indexes.top_k(index, database, feature, k, exclude, label)
+
+
+def retrieve_folder(database, folder, k, results_dir, index=None):
     """Rank every image under `folder` into {results_dir}/{folder name}_top{k}.csv (query, rank, path, label,
     score; k rows per query, the rows test.py --query_img_name gives for it) -> the CSV's path."""
     paths, skipped = regular_images(list_images(folder))
@@ -134,14 +144,14 @@ def retrieve_folder(database, folder, k, results_dir):
               f'are skipped: {listed}{more}', file=sys.stderr, flush=True)
     if not queries:
         raise UserError(f'no image under --query_dir {folder} could be read; nothing was written')
-    images, labels, features = database.images, database.labels, database.features
+    images, labels = database.images, database.labels
     excluded = next((exclude for _, _, exclude, _ in queries if exclude is not None), None)  # a database image
     retrieval.check_k(k, len(images), excluded, f'--retrieval_num {k}', database.path, database.split)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator='\n')
     writer.writerow(('query', 'rank', 'path', 'label', 'score'))
     for path, feature, exclude, label in queries:
-        indices, scores = retrieval.top_k(feature, features, k, exclude, labels, label)
+        indices, scores = search(database, index, feature, k, exclude, label)
         writer.writerows((as_text(path), rank, as_text(images[i]), as_text(labels[i]), score)
                          for rank, (i, score) in enumerate(zip(indices, scores), start=1))
     name = os.path.basename(os.path.abspath(folder)) or 'root'  # a name, never a path: the CSV stays in results_dir
@@ -172,7 +182,7 @@ def write_embedding_map(database, results_dir, limit, seed):
     return target
 
 
-def retrieve(database, query_path, k, results_dir):
+def retrieve(database, query_path, k, results_dir, index=None):
     """The top k images of the database for one query, written to results_dir/{query stem}/."""
     query_image = load_query(query_path)
     stem = os.path.splitext(os.path.basename(query_path))[0]
@@ -182,7 +192,7 @@ def retrieve(database, query_path, k, results_dir):
         query_feature = database.embed_file(query_path)
     images, labels, split = database.images, database.labels, database.split
     retrieval.check_k(k, len(images), exclude, f'--retrieval_num {k}', database.path, split)
-    indices, scores = retrieval.top_k(query_feature, database.features, k, exclude, labels, query_label)
+    indices, scores = search(database, index, query_feature, k, exclude, query_label)
     hits = []  # every picture is read and encoded before anything is written
     for rank, (i, score) in enumerate(zip(indices, scores), start=1):
         hits.append((rank, score, labels[i], database_picture(images[i], pictures.INNER, database.path), images[i]))
@@ -209,11 +219,13 @@ def main(argv=None):
     query = args.query_img_name is not None or args.query_dir is not None or not args.embedding_map
     # a map alone needs only the database's features; a query also its model
     database = runs.open_database(args.data_base, args.results_dir, device, with_model=query, data_path=args.data_path)
-    target = None
+    target, index = None, args.index and indexes.open_index(args.index, database)
+    if query and index is not None:
+        print(f'searching {index.description}', flush=True)
     if args.query_dir is not None:
-        target = retrieve_folder(database, args.query_dir, args.retrieval_num, args.results_dir)
+        target = retrieve_folder(database, args.query_dir, args.retrieval_num, args.results_dir, index)
     elif query:
-        target = retrieve(database, args.query_img_name or DEFAULT_QUERY, args.retrieval_num, args.results_dir)
+        target = retrieve(database, args.query_img_name or DEFAULT_QUERY, args.retrieval_num, args.results_dir, index)
     if args.embedding_map:  # also with a query: written as well (the query's target is returned)
         drawn = write_embedding_map(database, args.results_dir, args.map_images, args.seed)
         target = target or drawn
