@@ -153,7 +153,8 @@ def test_test_py_and_serve_answer_through_an_index_as_without_one(tiny, tmp_path
         csvs.append(list(csv.reader(open(results / f'images_top{K}.csv'))))
     assert [row[:4] for row in csvs[0]] == [row[:4] for row in csvs[1]] and 'searching faiss Flat' in out
     assert [float(row[4]) for row in csvs[1][1:]] == pytest.approx([float(row[4]) for row in csvs[0][1:]], abs=1e-6)
-    plain, indexed = serve.Searcher(tiny.db), serve.Searcher(tiny.db, indexes.open_index(path, tiny.db))
+    served = retrieval.open_database(tiny.db.path, str(tmp_path), torch.device('cpu'))  # with its model, as serve.py
+    plain, indexed = serve.Searcher(served), serve.Searcher(served, indexes.open_index(path, served))
     assert plain.info['search'] == 'exact search' and indexed.info['search'].startswith('faiss Flat')
     for q in (0, 7, 47):
         assert [r['index'] for r in indexed.search(K, q)['results']] == [r['index'] for r in plain.search(K, q)['results']]
