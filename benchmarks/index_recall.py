@@ -64,6 +64,22 @@ def demo_database(folder):
     return retrieval.open_database(path, folder, torch.device('cpu'), with_model=False)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """One query is a matrix-vector product or a few short scans: timed on one thread (torch and faiss). On a shared
+    2-core machine two threads made retrieval.top_k of 576 rows take 52 ms instead of 1 ms (threads waiting for
+    each other), which measures the machine's load, not the search."""
+    import faiss
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+
+
 def exact_neighbours(features, queries, k=8, batch=64):
     """Exact top k of each query (itself excluded), by batched products -> [q, k] indices. Ties, which the
     synthetic features do not have, would be ordered as torch.topk orders them."""
@@ -91,22 +107,6 @@ def recalls(found, labels, queries, ks=(1, 8)):
     """R@k (%) of neighbour lists [q][<=8] for the queries."""
     return [100 * np.mean([any(labels[i] == labels[q] for i in row[:k]) for row, q in zip(found, queries)])
             for k in ks]
-
-
-@contextlib.contextmanager
-def one_thread():
-    """One query is a matrix-vector product or a few short scans: timed on one thread (torch and faiss). On a shared
-    2-core machine two threads made retrieval.top_k of 576 rows take 52 ms instead of 1 ms (threads waiting for
-    each other), which measures the machine's load, not the search."""
-    import faiss
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        faiss.omp_set_num_threads(threads)
 
 
 @one_thread()
