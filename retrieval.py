@@ -1,7 +1,8 @@
 """The feature database, and nothing else writes, reads or checks it: its fields and format version, save (beside
 its model file, tied to it by SHA-256), load and validation, which split a query searches (a dataset with a gallery
-searches the gallery), the model rebuilt from it, and the search itself: queries embedded as train.py embedded the
-database's images, ranked with ties against the query. test.py and serve.py answer through it.
+searches the gallery), the model rebuilt from it, queries embedded as train.py embedded the database's images, and
+the searched features normalised once for search.py (exact search, ties against the query). test.py and serve.py
+answer through it.
 
 A database: {'version': VERSION, 'test_images': [paths], 'test_labels': [str], 'test_features': float [N, D],
 ('gallery_images', 'gallery_labels', 'gallery_features': a query/gallery dataset's gallery, its query split under
@@ -16,10 +17,10 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import imaging
+import search
 from cli import UserError
 from files import atomic_write, load_bytes, read_bytes, safe_load, torch_bytes
 from model import Model, load_state_dict_strict
@@ -214,6 +215,11 @@ class Database:
     def config(self):
         return self.db['config']
 
+    @functools.cached_property
+    def searched(self):
+        """The searched split's features as a search.Gallery: normalised once, in the dtype they were saved in."""
+        return search.Gallery(self.features)
+
     def locate(self, query_path):
         """Where a query file is in the database: (index to exclude from the searched split, stored feature or
         None, label or None). A query-split image searches the whole gallery; a test image the rest of its split."""
@@ -245,7 +251,10 @@ def open_database(name, results_dir, device, with_model=True, data_path=None):
     path = resolve_database_path(name, results_dir)
     db, gallery = load_database(path, data_path)
     model, model_path = load_model(db, path) if with_model else (None, None)
-    return Database(path, db, gallery, model and model.to(device), model_path, device)
+    database = Database(path, db, gallery, model and model.to(device), model_path, device)
+    if with_model:  # it will be searched: its gallery normalised now, not at the first query
+        database.searched
+    return database
 
 
 @torch.no_grad()
@@ -308,27 +317,3 @@ def check_k(k, images, exclude, asked, source, split):
     if k > searchable:
         raise UserError(f'{asked} asks for more images than {source} can return ({searchable} {split} images'
                         f'{" besides the query" if exclude is not None else ""})')
-
-
-def rank_gallery(query_feature, gallery_features, exclude=None, gallery_labels=None, query_label=None):
-    """Gallery indices sorted by cosine similarity to the query, best first -> (indices, scores). Ties go against
-    the query, as in metrics.py: when its label is known, other-class items first; then index order."""
-    # scores of the whole gallery, then the query's own entry dropped: indexing the scores [N], not the
-    # features [N, D] (a 370 MB copy per query at SOP size)
-    scores = F.normalize(gallery_features.float(), dim=1) @ F.normalize(query_feature.float(), dim=0)  # [N]
-    candidates = torch.arange(len(gallery_features))
-    if exclude is not None:  # the query itself is not a result
-        candidates = candidates[candidates != exclude]
-        scores = scores[candidates]
-    order = torch.arange(len(candidates))  # [M] the tie order: index order...
-    if query_label is not None:  # ...other-class items ahead of same-class ones
-        same = torch.tensor([gallery_labels[i] == query_label for i in candidates.tolist()], dtype=torch.uint8)
-        order = torch.argsort(same, stable=True)
-    order = order[torch.sort(scores[order], descending=True, stable=True).indices]
-    return candidates[order], scores[order]
-
-
-def top_k(query_feature, gallery_features, k, exclude=None, gallery_labels=None, query_label=None):
-    """The k best gallery items for a query feature -> (indices, scores), lists of k: what test.py writes."""
-    indices, scores = rank_gallery(query_feature, gallery_features, exclude, gallery_labels, query_label)
-    return indices[:k].tolist(), scores[:k].tolist()

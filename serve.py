@@ -34,6 +34,7 @@ import distributed
 import imaging
 import retrieval
 import runs
+import search
 from cli import UserError, check_int, run_cli
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.html')  # the page, inline CSS and JS
@@ -130,7 +131,7 @@ class Searcher:
         label = None if index is None else d.labels[index]
         with self.lock:
             feature = d.features[index] if x is None else d.embed(x[None])[0]  # [D]
-            indices, scores = retrieval.top_k(feature, d.features, k, index, d.labels, label)
+            indices, scores = search.top_k(feature, d.searched, k, index, d.labels, label)
         results = [{'rank': rank, 'index': i, 'path': self.shown(d.images[i]), 'label': d.labels[i], 'score': score}
                    for rank, (i, score) in enumerate(zip(indices, scores), start=1)]
         return {'results': results, 'query_label': label, 'query_index': index,

@@ -27,6 +27,7 @@ import imaging
 import pictures
 import retrieval
 import runs
+import search
 from cli import UserError
 from datasets import IMAGE_EXTENSIONS
 
@@ -134,14 +135,15 @@ def retrieve_folder(database, folder, k, results_dir):
               f'are skipped: {listed}{more}', file=sys.stderr, flush=True)
     if not queries:
         raise UserError(f'no image under --query_dir {folder} could be read; nothing was written')
-    images, labels, features = database.images, database.labels, database.features
+    images, labels = database.images, database.labels
     excluded = next((exclude for _, _, exclude, _ in queries if exclude is not None), None)  # a database image
     retrieval.check_k(k, len(images), excluded, f'--retrieval_num {k}', database.path, database.split)
+    found = search.top_k_batch(torch.stack([q[1] for q in queries]), database.searched, k, [q[2] for q in queries],
+                               labels, [q[3] for q in queries])  # (indices [n, k], scores [n, k]) in chunks
     text = io.StringIO()
     writer = csv.writer(text, lineterminator='\n')
     writer.writerow(('query', 'rank', 'path', 'label', 'score'))
-    for path, feature, exclude, label in queries:
-        indices, scores = retrieval.top_k(feature, features, k, exclude, labels, label)
+    for (path, _, _, _), indices, scores in zip(queries, found[0].tolist(), found[1].tolist()):
         writer.writerows((as_text(path), rank, as_text(images[i]), as_text(labels[i]), score)
                          for rank, (i, score) in enumerate(zip(indices, scores), start=1))
     name = os.path.basename(os.path.abspath(folder)) or 'root'  # a name, never a path: the CSV stays in results_dir
@@ -182,7 +184,7 @@ def retrieve(database, query_path, k, results_dir):
         query_feature = database.embed_file(query_path)
     images, labels, split = database.images, database.labels, database.split
     retrieval.check_k(k, len(images), exclude, f'--retrieval_num {k}', database.path, split)
-    indices, scores = retrieval.top_k(query_feature, database.features, k, exclude, labels, query_label)
+    indices, scores = search.top_k(query_feature, database.searched, k, exclude, labels, query_label)
     hits = []  # every picture is read and encoded before anything is written
     for rank, (i, score) in enumerate(zip(indices, scores), start=1):
         hits.append((rank, score, labels[i], database_picture(images[i], pictures.INNER, database.path), images[i]))
