@@ -85,6 +85,7 @@ class Searcher:
 
     def __init__(self, database):
         self.database, self.lock, config = database, threading.Lock(), database.config
+        database.searched  # the searched features normalised now, once, not at the first query
         self.decodes = threading.BoundedSemaphore(DECODES)
         self.root = image_root(database.images)
         self.thumbnail = functools.lru_cache(THUMBNAILS_KEPT)(self._thumbnail)

@@ -85,7 +85,7 @@ def test_one_csv_with_the_rows_of_query_img_name(queries, tmp_path, capsys):
 def test_batch_embedding_equals_one_at_a_time(queries):
     folder, db_path, _ = queries
     database = retrieval.open_database(db_path, os.path.dirname(db_path), CPU)
-    paths = script.list_images(str(folder))
+    paths = retrieval.list_images(str(folder), '--query_dir')
     found, unreadable = script.embed_folder(database, paths, batch_size=3)  # batches of 3, 2 and a lone one
     assert [p for p, _ in unreadable] == [str(folder / 'broken.jpg')]
     outside = [(p, feature) for p, feature, exclude, label in found if label is None]

@@ -62,9 +62,9 @@ def test_list_images_skips_pipes_devices_and_oversized_files_unread(tmp_path, mo
     big = tmp_path / 'q' / 'big.png'
     big.write_bytes(b'\x89PNG' + bytes(5000))
     monkeypatch.setattr(files, 'IMAGE_FILE_LIMIT', 4096, raising=False)
-    listed = script.list_images(str(tmp_path / 'q'))
+    listed = retrieval.list_images(str(tmp_path / 'q'), '--query_dir')
     assert listed == sorted([str(big), fifo, image, zero])
-    found, skipped = script.regular_images(listed)  # returns at once: nothing is opened
+    found, skipped = retrieval.regular_images(listed)  # returns at once: nothing is opened
     assert found == [image]
     reasons = dict(skipped)
     assert sorted(reasons) == sorted([fifo, zero, str(big)])

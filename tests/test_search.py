@@ -1,9 +1,12 @@
 """search.py against the reference ranking (_query_fixtures.brute_force, today's rule: ties against the query, then
 index order) on many small cases with exact ties; batched search equals one query at a time at every chunk size."""
+import sys
+
 import pytest
 import torch
 
-from _query_fixtures import brute_force
+from _query_fixtures import REPO, brute_force
+from _train_fixtures import run_process
 import search
 
 
@@ -100,3 +103,14 @@ def test_gallery_is_normalised_once_in_its_dtype():
 def test_k_out_of_range_is_refused(k):
     with pytest.raises(ValueError, match='k must be 1 to 9'):
         search.top_k(torch.ones(4), torch.randn(10, 4), k, exclude=3)
+
+
+@pytest.mark.slow
+def test_search_speed_benchmark_tiny_run():
+    result = run_process([sys.executable, 'benchmarks/search_speed.py', '--sizes', '3000x16', '--queries', '4',
+                          '--batch', '8', '--k', '5'], cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split('|')[1:-1] for line in result.stdout.splitlines() if line.startswith('| 3,000 x 16 |')]
+    assert [row[1].strip() for row in rows] == ['search.py', 'G @ q + topk', 'faiss IndexFlatIP']
+    assert all(row[-1].strip() == '100 %' for row in rows)  # every method's top k is search.py's
+    assert all(float(row[2]) > 0 and float(row[4]) > 0 for row in rows)
