@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import retrieval
-import runs
+import search
 from cli import UserError, check_int
 from files import write_temporary
 
@@ -403,7 +402,7 @@ def open_index(target, database):
 
 def top_k(index, database, query_feature, k, exclude=None, query_label=None):
     """The k best of the database's searched split for a query feature [D] found through an index -> (indices,
-    scores), lists as retrieval.top_k's: the index's candidates scored exactly and ordered by the exact search's
+    scores), lists as search.top_k's: the index's candidates scored exactly and ordered by the exact search's
     rule (ties against the query, then index order). An index that finds fewer than k gives fewer."""
     query = F.normalize(query_feature.float(), dim=0).numpy()[None]  # [1, D]
     _, found = index.search(query, k + (exclude is not None))  # [1, k(+1)]
@@ -411,8 +410,8 @@ def top_k(index, database, query_feature, k, exclude=None, query_label=None):
     if not candidates:
         return [], []
     labels = [database.labels[i] for i in candidates]
-    order, scores = retrieval.top_k(query_feature, database.features[candidates], min(k, len(candidates)),
-                                    None, labels, query_label)
+    order, scores = search.top_k(query_feature, database.features[candidates], min(k, len(candidates)), None,
+                                 labels, query_label)
     return [candidates[i] for i in order], scores
 
 
@@ -423,10 +422,10 @@ def describe(index):
 
 # ---- index.py's mode ----
 
-def add_arguments(parser):
-    """index.py's flags for building an index (--index and its parameters)."""
+def add_arguments(parser, modes):
+    """index.py's flags for building an index: --index in the group of its modes, its parameters."""
     add = parser.add_argument
-    add('--index', default=None, help='a faiss index_factory spec (IVF4096,Flat, IVF16384,PQ64, HNSW32, ...) built '
+    modes.add_argument('--index', default=None, help='a faiss index_factory spec (IVF4096,Flat, IVF16384,PQ64, HNSW32, ...) built '
         'beside the database, or milvus://HOST:PORT/COLLECTION or PATH.db (Milvus Lite) to publish the gallery to')
     add('--nprobe', default=None, type=int, help='inverted lists searched per query (IVF indexes) [faiss: 1, '
         f'Milvus: {DEFAULT_SEARCH["nprobe"]}]')
@@ -436,13 +435,11 @@ def add_arguments(parser):
         '[default: %(default)s]')
 
 
-def build_from_args(args):
-    """index.py --data_base NAME --index SPEC|URI: build it, print what was built, and its path or URI last."""
-    database = runs.open_database(args.data_base, args.results_dir, torch.device('cpu'), with_model=False)
+def build_from_args(args, database):
+    """index.py --data_base NAME --index SPEC|URI: build it, say what was built -> its path or URI."""
     start = time.perf_counter()
     built = build(database, args.index, args.nprobe, args.efsearch, args.milvus_index)
     shown = args.milvus_index if is_milvus(args.index) else args.index
     print(f'{shown} index of the {len(database.images):,} {database.split} images of {database.path} built in '
           f'{time.perf_counter() - start:.1f}s', flush=True)
-    print(built, flush=True)
     return built

@@ -35,6 +35,7 @@ import imaging
 import indexes
 import retrieval
 import runs
+import search
 from cli import UserError, check_int, run_cli
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.html')  # the page, inline CSS and JS
@@ -87,6 +88,7 @@ class Searcher:
 
     def __init__(self, database, index=None):
         self.database, self.index, self.lock, config = database, index, threading.Lock(), database.config
+        database.searched  # the searched features normalised now, once, not at the first query
         self.decodes = threading.BoundedSemaphore(DECODES)
         self.root = image_root(database.images)
         self.thumbnail = functools.lru_cache(THUMBNAILS_KEPT)(self._thumbnail)
@@ -135,7 +137,7 @@ class Searcher:
         with self.lock:
             feature = d.features[index] if x is None else d.embed(x[None])[0]  # [D]
             if self.index is None:
-                indices, scores = retrieval.top_k(feature, d.features, k, index, d.labels, label)
+                indices, scores = search.top_k(feature, d.searched, k, index, d.labels, label)
             else:
                 indices, scores = indexes.top_k(self.index, d, feature, k, index, label)
         results = [{'rank': rank, 'index': i, 'path': self.shown(d.images[i]), 'label': d.labels[i], 'score': score}

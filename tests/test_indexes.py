@@ -2,7 +2,6 @@
 list probed, Milvus FLAT and IVF_FLAT), HNSW a high recall; an index of another database, a damaged file or an
 unreachable server is one line, and nothing is left half-written; test.py and serve.py answer through an index as
 they do without one."""
-import argparse
 import csv
 import os
 import types
@@ -14,6 +13,7 @@ from _query_fixtures import load_script, make_database, make_split, run_test_scr
 from cli import UserError
 import indexes
 import retrieval
+import search
 import serve
 
 faiss = pytest.importorskip('faiss')
@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
 
 
 def exact(db, q):
-    return retrieval.top_k(db.features[q], db.features, K, q, db.labels, db.labels[q])
+    return search.top_k(db.features[q], db.features, K, q, db.labels, db.labels[q])
 
 
 def through(index, db, q):
@@ -130,14 +130,12 @@ def test_an_unreachable_milvus_is_one_line_and_writes_nothing(tiny, tmp_path):
     assert not (tmp_path / 'none.db').exists()
 
 
-def test_build_from_args_prints_the_path_last(tiny, capsys):
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--data_base')
-    parser.add_argument('--results_dir', default='results')
-    indexes.add_arguments(parser)
-    args = parser.parse_args(['--data_base', tiny.db.path, '--index', 'IVF2,Flat', '--nprobe', '2'])
-    built = indexes.build_from_args(args)
+def test_index_py_builds_an_index_and_prints_its_path_last(tiny, capsys):
+    import index as index_script
+    built = index_script.main(['--data_base', tiny.db.path, '--index', 'IVF2,Flat', '--nprobe', '2', '--device', 'cpu'])
     assert capsys.readouterr().out.splitlines()[-1] == built == indexes.index_path(tiny.db.path, 'IVF2,Flat')
+    with pytest.raises(SystemExit):  # one mode at a time
+        index_script.parse_args(['--data_base', tiny.db.path, '--index', 'Flat', '--gallery_dir', str(tiny.root)])
 
 
 def test_test_py_and_serve_answer_through_an_index_as_without_one(tiny, tmp_path, capsys):
