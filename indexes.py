@@ -300,7 +300,7 @@ def build_milvus(database, target, index_type, nprobe=None, efsearch=None, progr
         for begin, end in tqdm(chunks(n, d), desc=f'Publishing to {shown}', disable=not progress, leave=False):
             rows = normalised(features, begin, end)
             client.insert(temporary, [{'id': i, 'vector': rows[i - begin], 'path': database.images[i],
-                                       'label': str(database.labels[i])} for i in range(begin, end)])
+                                       'label': '' if database.labels[i] is None else str(database.labels[i])} for i in range(begin, end)])
         client.flush(temporary)
         if client.has_collection(collection):
             client.drop_collection(collection)
