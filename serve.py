@@ -33,8 +33,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 import distributed
 import export
 import imaging
+import indexes
 import retrieval
 import runs
+import search
 from cli import UserError, check_int, run_cli
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.html')  # the page, inline CSS and JS
@@ -60,6 +62,8 @@ def parse_args(argv=None):
     add('--data_base', default=runs.DEFAULT_DATABASE, help='a name in --results_dir, or a path')
     add('--results_dir', default='results', help='where a database given by name is looked up')
     add('--data_path', default=None, help="the dataset folder, when it moved since train.py's --data_path")
+    add('--index', default=None, help='search this index of the database (a .faiss file, milvus://HOST:PORT/'
+                                      'COLLECTION or a Milvus Lite PATH.db; index.py builds them) [default: exact]')
     add('--host', default='127.0.0.1', help='address to listen on (0.0.0.0: every interface)')
     add('--allowed_hosts', default='', help='more host names the server is reached by, comma-separated (besides '
         'localhost, 127.0.0.1 and --host)')
@@ -86,9 +90,10 @@ class Searcher:
     dataset root (image_root), never by a local absolute path. `onnx`: an export.OnnxEmbedder that embeds uploads
     instead of the database's PyTorch model."""
 
-    def __init__(self, database, onnx=None):
-        self.database, self.lock, config = database, threading.Lock(), database.config
+    def __init__(self, database, onnx=None, index=None):
+        self.database, self.index, self.lock, config = database, index, threading.Lock(), database.config
         self.embed, model_file = (onnx, onnx.name) if onnx else (database.embed, database.model_path)
+        database.searched  # the searched features normalised now, once, not at the first query
         self.decodes = threading.BoundedSemaphore(DECODES)
         self.root = image_root(database.images)
         self.thumbnail = functools.lru_cache(THUMBNAILS_KEPT)(self._thumbnail)
@@ -98,7 +103,8 @@ class Searcher:
                      'split': database.split, 'image_size': config['image_size'],
                      'database': os.path.basename(database.path), 'model_file': os.path.basename(model_file),
                      'k_default': K_DEFAULT, 'k_max': K_MAX, 'upload_max_bytes': MAX_UPLOAD,
-                     'upload_max_pixels': imaging.UPLOAD_MAX_PIXELS}  # GET /api/info
+                     'upload_max_pixels': imaging.UPLOAD_MAX_PIXELS,
+                     'search': indexes.describe(index)}  # GET /api/info
 
     def shown(self, path):
         """A database image's path as the API shows it: relative to the dataset root, '/' between folders."""
@@ -135,7 +141,10 @@ class Searcher:
         label = None if index is None else d.labels[index]
         with self.lock:
             feature = d.features[index] if x is None else self.embed(x[None])[0]  # [D]
-            indices, scores = retrieval.top_k(feature, d.features, k, index, d.labels, label)
+            if self.index is None:
+                indices, scores = search.top_k(feature, d.searched, k, index, d.labels, label)
+            else:
+                indices, scores = indexes.top_k(self.index, d, feature, k, index, label)
         results = [{'rank': rank, 'index': i, 'path': self.shown(d.images[i]), 'label': d.labels[i], 'score': score}
                    for rank, (i, score) in enumerate(zip(indices, scores), start=1)]
         return {'results': results, 'query_label': label, 'query_index': index,
@@ -276,13 +285,13 @@ def limited_config(app, header_timeout=None, keep_alive=None, concurrency=None):
                           limit_concurrency=concurrency or MAX_CONCURRENCY, log_level='warning', access_log=False)
 
 
-def create_app(database, hosts=None, trusted=(), any_ip=False, onnx=None):
+def create_app(database, hosts=None, trusted=(), any_ip=False, onnx=None, index=None):
     """The FastAPI application over a loaded retrieval.Database (handed to every request by the lifespan), answering
     requests to `hosts` (default: the loopback names) and writes from its own page or `trusted` hosts (guard_hosts);
     `onnx`: see Searcher."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        yield {'searcher': Searcher(database, onnx)}  # request.state.searcher, the same object for every request
+        yield {'searcher': Searcher(database, onnx, index)}  # request.state.searcher, the same object for every request
 
     app = FastAPI(title='CLF retrieval', lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(refuse_large_bodies)
@@ -388,6 +397,7 @@ def main(argv=None):
         onnx = export.OnnxEmbedder.open(args.onnx) if args.onnx else None
         if onnx:
             onnx.check_database(database.config, database.path)
+        index = args.index and indexes.open_index(args.index, database)
         host, port = sock.getsockname()[:2]
         shown = f'[{host}]' if ':' in host else host
         any_ip = ipaddress.ip_address(host).is_unspecified  # 0.0.0.0 or ::, every interface
@@ -395,13 +405,14 @@ def main(argv=None):
         if any_ip:
             hosts |= {socket.gethostname().lower()}
         print(f'serving {database.path} ({len(database.images)} {database.split} images, model '
-              f'{onnx.name if onnx else database.model_path}) at http://{shown}:{port}/ (Ctrl-C stops)', flush=True)
+              f'{onnx.name if onnx else database.model_path}, {indexes.describe(index)}) at http://{shown}:{port}/ '
+              f'(Ctrl-C stops)', flush=True)
         if not is_loopback(host):
             where = f'port {port} of this machine' if any_ip else f'{shown}:{port}'
             print(f'warning: the server has no authentication: anyone who can reach {where} can search the '
                   f'database and see its images (--host 127.0.0.1 serves this machine only)', file=sys.stderr,
                   flush=True)
-        app = create_app(database, hosts, set(allowed), any_ip, onnx)
+        app = create_app(database, hosts, set(allowed), any_ip, onnx, index)
         server = uvicorn.Server(limited_config(app))
         server.run(sockets=[sock])  # Ctrl-C: uvicorn finishes the requests in flight, then re-raises it
 

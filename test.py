@@ -24,11 +24,12 @@ import cli
 import distributed
 import files
 import imaging
+import indexes
 import pictures
 import retrieval
 import runs
+import search
 from cli import UserError
-from datasets import IMAGE_EXTENSIONS
 
 BATCH = 32  # --query_dir: images decoded and embedded per forward pass
 FORMULA_STARTS = ('=', '+', '-', '@', '\t', '\r')  # a CSV cell starting so is a formula to a spreadsheet
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     query.add_argument('--query_dir', help='rank every image under this folder (recursively) into one CSV instead')
     add('--data_base', default=runs.DEFAULT_DATABASE, help='a name in --results_dir, or a path')
     add('--retrieval_num', default=8, type=int, help='how many images to retrieve')
+    add('--index', default=None, help='search this index of the database (a .faiss file, milvus://HOST:PORT/'
+                                      'COLLECTION or a Milvus Lite PATH.db; index.py builds them) [default: exact]')
     add('--results_dir', default='results', help='where databases are found by name and {query stem}/ is written')
     add('--data_path', default=None, help="the dataset folder, when it moved since train.py's --data_path")
     add('--device', default=None, help='device for a query not in the database [default: cuda if there, else cpu]')
@@ -72,59 +75,37 @@ def database_picture(path, side, db_path):
     return imaging.load_image(path).resize((side, side), resample=Image.BILINEAR)
 
 
-def list_images(folder):
-    """Image files (by extension) under `folder`, recursively, in sorted order; hidden entries are left out."""
-    if not os.path.isdir(folder):
-        raise UserError(f'--query_dir {folder} is not a folder' if os.path.lexists(folder) else
-                        f'--query_dir not found: {folder}')
-    found = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-        found += [os.path.join(root, f) for f in sorted(names)
-                  if not f.startswith('.') and f.lower().endswith(IMAGE_EXTENSIONS)]
-    if not found:
-        raise UserError(f'--query_dir {folder} holds no image (looked for {", ".join(IMAGE_EXTENSIONS)}, recursively)')
-    return found
-
-
-def regular_images(paths):
-    """The paths that are regular files within files.IMAGE_FILE_LIMIT (the check --query_img_name makes), and
-    [(path, reason)] of the others, never opened: pipes, devices, links to them (/dev/zero), larger files."""
-    problems = {path: files.file_problem(path, 'image', files.IMAGE_FILE_LIMIT) for path in paths}
-    return [p for p in paths if problems[p] is None], [(p, problems[p]) for p in paths if problems[p] is not None]
-
-
 def embed_folder(database, paths, batch_size=BATCH):
     """[(path, feature [D], index to exclude or None, label or None)] of the readable queries: a database image's
     stored feature, else its embedding, in batches; unreadable ones -> (path, reason) in the second list."""
     located = {p: database.locate(p) for p in paths}  # -> (exclude, feature, label)
     outside = [p for p in paths if located[p][1] is None]
-    unreadable, config = [], database.config
-    for begin in tqdm(range(0, len(outside), batch_size), desc='Embedding queries', dynamic_ncols=True, leave=False):
-        inputs = {}  # path -> [3, s, s]: one batch decoded at a time (bounded memory)
-        for path in outside[begin:begin + batch_size]:  # one by one, so that a damaged file is named and skipped
-            try:
-                inputs[path] = imaging.eval_input(path, config['image_size'], config['mean'], config['std'],
-                                                  upright=True)
-            except UserError as err:
-                unreadable.append((path, str(err)))
-        if inputs:
-            for path, feature in zip(inputs, database.embed(torch.stack(list(inputs.values())))):  # [D] each
-                located[path] = (None, feature, None)
+    with tqdm(total=len(outside), desc='Embedding queries', dynamic_ncols=True, leave=False) as bar:
+        embedded, unreadable = database.embed_files(outside, batch_size, bar.update)
+    located.update({path: (None, feature, None) for path, feature in embedded.items()})
     queries = [(p, located[p][1], located[p][0], located[p][2]) for p in paths if located[p][1] is not None]
     return queries, unreadable
 
 
 def as_text(cell):
     """A CSV text cell (a file name, a label) that a spreadsheet shows as text: one starting with =, +, -, @, a tab
-    or a carriage return would be read as a formula, so it gets the usual leading apostrophe."""
+    or a carriage return would be read as a formula, so it gets the usual leading apostrophe; no label is ''."""
+    if cell is None:
+        return ''
     return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
 
 
-def retrieve_folder(database, folder, k, results_dir):
+def ranked(database, index, feature, k, exclude, label):
+    """The top k (indices, scores) for a query feature: exact search, or through `index` (indexes.open_index)."""
+    if index is None:
+        return search.top_k(feature, database.searched, k, exclude, database.labels, label)
+    return indexes.top_k(index, database, feature, k, exclude, label)
+
+
+def retrieve_folder(database, folder, k, results_dir, index=None):
     """Rank every image under `folder` into {results_dir}/{folder name}_top{k}.csv (query, rank, path, label,
     score; k rows per query, the rows test.py --query_img_name gives for it) -> the CSV's path."""
-    paths, skipped = regular_images(list_images(folder))
+    paths, skipped = retrieval.regular_images(retrieval.list_images(folder, '--query_dir'))
     queries, unreadable = embed_folder(database, paths)
     unreadable = skipped + unreadable
     if unreadable:
@@ -134,14 +115,18 @@ def retrieve_folder(database, folder, k, results_dir):
               f'are skipped: {listed}{more}', file=sys.stderr, flush=True)
     if not queries:
         raise UserError(f'no image under --query_dir {folder} could be read; nothing was written')
-    images, labels, features = database.images, database.labels, database.features
+    images, labels = database.images, database.labels
     excluded = next((exclude for _, _, exclude, _ in queries if exclude is not None), None)  # a database image
     retrieval.check_k(k, len(images), excluded, f'--retrieval_num {k}', database.path, database.split)
+    if index is None:  # (indices [n, k], scores [n, k]) in chunks
+        found = [t.tolist() for t in search.top_k_batch(torch.stack([q[1] for q in queries]), database.searched, k,
+                                                        [q[2] for q in queries], labels, [q[3] for q in queries])]
+    else:  # one query at a time through the index
+        found = zip(*(indexes.top_k(index, database, feature, k, exclude, label) for _, feature, exclude, label in queries))
     text = io.StringIO()
     writer = csv.writer(text, lineterminator='\n')
     writer.writerow(('query', 'rank', 'path', 'label', 'score'))
-    for path, feature, exclude, label in queries:
-        indices, scores = retrieval.top_k(feature, features, k, exclude, labels, label)
+    for (path, _, _, _), indices, scores in zip(queries, *found):
         writer.writerows((as_text(path), rank, as_text(images[i]), as_text(labels[i]), score)
                          for rank, (i, score) in enumerate(zip(indices, scores), start=1))
     name = os.path.basename(os.path.abspath(folder)) or 'root'  # a name, never a path: the CSV stays in results_dir
@@ -154,6 +139,9 @@ def retrieve_folder(database, folder, k, results_dir):
 
 def write_embedding_map(database, results_dir, limit, seed):
     """results_dir/{database stem}_map.png of the database's test embeddings (a sample of at most `limit`)."""
+    if retrieval.is_folder_gallery(database.db):
+        raise UserError(f'{database.path} is a gallery of a folder (index.py): an embedding map is drawn from the '
+                        f'test split of a database train.py wrote')
     images, labels, features = (database.db[f'test_{k}'] for k in ('images', 'labels', 'features'))
     chosen = pictures.map_sample(labels, limit, seed)
     if len(chosen) < 5:
@@ -172,27 +160,28 @@ def write_embedding_map(database, results_dir, limit, seed):
     return target
 
 
-def retrieve(database, query_path, k, results_dir):
+def retrieve(database, query_path, k, results_dir, index=None):
     """The top k images of the database for one query, written to results_dir/{query stem}/."""
     query_image = load_query(query_path)
     stem = os.path.splitext(os.path.basename(query_path))[0]
     files.check_replaceable(os.path.join(results_dir, stem))  # fail before the work, not after
     exclude, query_feature, query_label = database.locate(query_path)
-    if query_feature is None:  # query by your own photo: embed it as the database images were
+    stored = query_feature is not None
+    if not stored:  # query by your own photo: embed it as the database images were
         query_feature = database.embed_file(query_path)
     images, labels, split = database.images, database.labels, database.split
     retrieval.check_k(k, len(images), exclude, f'--retrieval_num {k}', database.path, split)
-    indices, scores = retrieval.top_k(query_feature, database.features, k, exclude, labels, query_label)
+    indices, scores = ranked(database, index, query_feature, k, exclude, query_label)
     hits = []  # every picture is read and encoded before anything is written
     for rank, (i, score) in enumerate(zip(indices, scores), start=1):
         hits.append((rank, score, labels[i], database_picture(images[i], pictures.INNER, database.path), images[i]))
     target = files.write_result_folder(results_dir, stem, pictures.render(query_image, query_label, hits))
-    source = (f'label {query_label}, feature from {database.path}' if query_label is not None
+    source = (f'label {query_label}, feature from {database.path}' if stored
               else f'not in the database: embedded with {database.model_path}')
     searched = len(images) - (exclude is not None)  # the query itself is no result
     print(f'query {query_path} ({source}); top {k} of {searched} {split} images:')
     for rank, score, label, _, path in hits:
-        print(f'{rank:>4}  {score:.4f}  {label:<12} {path}')
+        print(f'{rank:>4}  {score:.4f}  {"-" if label is None else label:<12} {path}')
     print(f'saved to {target}/')
     return target
 
@@ -209,11 +198,13 @@ def main(argv=None):
     query = args.query_img_name is not None or args.query_dir is not None or not args.embedding_map
     # a map alone needs only the database's features; a query also its model
     database = runs.open_database(args.data_base, args.results_dir, device, with_model=query, data_path=args.data_path)
-    target = None
+    target, index = None, args.index and indexes.open_index(args.index, database)
+    if query and index is not None:
+        print(f'searching {index.description}', flush=True)
     if args.query_dir is not None:
-        target = retrieve_folder(database, args.query_dir, args.retrieval_num, args.results_dir)
+        target = retrieve_folder(database, args.query_dir, args.retrieval_num, args.results_dir, index)
     elif query:
-        target = retrieve(database, args.query_img_name or DEFAULT_QUERY, args.retrieval_num, args.results_dir)
+        target = retrieve(database, args.query_img_name or DEFAULT_QUERY, args.retrieval_num, args.results_dir, index)
     if args.embedding_map:  # also with a query: written as well (the query's target is returned)
         drawn = write_embedding_map(database, args.results_dir, args.map_images, args.seed)
         target = target or drawn
