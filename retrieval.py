@@ -21,11 +21,12 @@ import os
 import torch
 from PIL import Image
 
+import files
 import imaging
 import search
 from cli import UserError
 from datasets import IMAGE_EXTENSIONS
-from files import IMAGE_FILE_LIMIT, atomic_write, file_problem, load_bytes, read_bytes, safe_load, torch_bytes
+from files import atomic_write, load_bytes, read_bytes, safe_load, torch_bytes
 from model import Model, load_state_dict_strict
 
 VERSION = 1  # of the format; a database that records none is of version 1 (the fields are the same)
@@ -328,7 +329,7 @@ def list_images(folder, flag):
 def regular_images(paths):
     """The paths that are regular files within files.IMAGE_FILE_LIMIT (the check one query image gets), and
     [(path, reason)] of the others, never opened: pipes, devices, links to them (/dev/zero), larger files."""
-    problems = {path: file_problem(path, 'image', IMAGE_FILE_LIMIT) for path in paths}
+    problems = {path: files.file_problem(path, 'image', files.IMAGE_FILE_LIMIT) for path in paths}
     return [p for p in paths if problems[p] is None], [(p, problems[p]) for p in paths if problems[p] is not None]
 
 

@@ -58,7 +58,7 @@ def one_query_methods(features, gallery, index, labels, k):
 
 def batch_methods(features, gallery, index, k):
     """{method: search(queries [B, D]) -> top-k indices [B, k]} (new vectors: nothing excluded, no labels)."""
-    chunk = max(1, search.CHUNK_BYTES // (4 * len(features)))
+    chunk = max(1, search.CHUNK_BYTES // (4 * len(features))) if features is not None else None
 
     def ours(queries):
         return search.top_k_batch(queries, gallery, k)[0]
@@ -88,13 +88,15 @@ def child(args):
     and results, the batch's seconds and results."""
     features = torch.from_numpy(np.load(args.features))  # [N, D], unit rows
     labels = np.load(args.labels).tolist()
-    gallery = search.Gallery(features) if args.method == METHODS[0] else None  # what a database holds once loaded
-    index = None
-    if args.method == METHODS[2]:
+    singles, batch = queries_for(features, args)
+    gallery = index = None
+    if args.method == METHODS[0]:  # what a database holds once loaded; the features given are not kept (memory)
+        gallery, features = search.Gallery(features), None
+    elif args.method == METHODS[2]:
         import faiss
         index = faiss.IndexFlatIP(features.shape[1])
         index.add(features.numpy())
-    singles, batch = queries_for(features, args)
+        features = None
     one = one_query_methods(features, gallery, index, labels, args.k)[args.method]
     one(*singles[0])  # warm
     seconds, found = [], []

@@ -18,7 +18,6 @@ CPU = torch.device('cpu')
 script = load_script()  # test.py
 
 
-
 @pytest.fixture(scope='module')
 def model_db(tmp_path_factory):
     """A tiny training database and its model (results/), and two photo folders: one with class sub-folders (and
