@@ -17,6 +17,7 @@ import functools
 import hashlib
 import math
 import os
+import sys
 
 import torch
 from PIL import Image
@@ -331,6 +332,15 @@ def regular_images(paths):
     [(path, reason)] of the others, never opened: pipes, devices, links to them (/dev/zero), larger files."""
     problems = {path: files.file_problem(path, 'image', files.IMAGE_FILE_LIMIT) for path in paths}
     return [p for p in paths if problems[p] is None], [(p, problems[p]) for p in paths if problems[p] is not None]
+
+
+def warn_unreadable(unreadable, total, folder):
+    """One 'warning:' line on stderr listing the images of a folder that cannot be read [(path, reason)] (skipped)."""
+    if unreadable:
+        listed = '; '.join(reason for _, reason in unreadable[:20])  # each names its file
+        more = f' and {len(unreadable) - 20} more' if len(unreadable) > 20 else ''
+        print(f'warning: {len(unreadable)} of {total} images under {folder} cannot be read and are skipped: '
+              f'{listed}{more}', file=sys.stderr, flush=True)
 
 
 def check_upload(data, name):
