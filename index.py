@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import os
 import shutil
-import sys
 
 import torch
 from tqdm import tqdm
@@ -120,14 +119,6 @@ def embed_gallery(database, paths, parts):
     return features, unreadable
 
 
-def report_unreadable(unreadable, total, folder):
-    if unreadable:
-        listed = '; '.join(reason for _, reason in unreadable[:20])  # each names its file
-        more = f' and {len(unreadable) - 20} more' if len(unreadable) > 20 else ''
-        print(f'warning: {len(unreadable)} of {total} images under {folder} cannot be read and are skipped: '
-              f'{listed}{more}', file=sys.stderr, flush=True)
-
-
 def build_gallery(args, database):
     """--gallery_dir: embed the folder's images and write the gallery database -> its path."""
     paths, labels, skipped = folder_images(args.gallery_dir)
@@ -138,7 +129,7 @@ def build_gallery(args, database):
           f'embedding with {database.model_path}', flush=True)
     features, unreadable = embed_gallery(database, paths, parts) if paths else ({}, [])
     unreadable = skipped + unreadable
-    report_unreadable(unreadable, len(paths) + len(skipped), args.gallery_dir)
+    retrieval.warn_unreadable(unreadable, len(paths) + len(skipped), args.gallery_dir)
     if not features:
         raise UserError(f'no image under --gallery_dir {args.gallery_dir} could be read; nothing was written')
     kept = sorted(features)  # indices into paths, in folder order

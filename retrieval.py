@@ -17,15 +17,17 @@ import functools
 import hashlib
 import math
 import os
+import sys
 
 import torch
 from PIL import Image
 
+import files
 import imaging
 import search
 from cli import UserError
 from datasets import IMAGE_EXTENSIONS
-from files import IMAGE_FILE_LIMIT, atomic_write, file_problem, load_bytes, read_bytes, safe_load, torch_bytes
+from files import atomic_write, load_bytes, read_bytes, safe_load, torch_bytes
 from model import Model, load_state_dict_strict
 
 VERSION = 1  # of the format; a database that records none is of version 1 (the fields are the same)
@@ -328,8 +330,17 @@ def list_images(folder, flag):
 def regular_images(paths):
     """The paths that are regular files within files.IMAGE_FILE_LIMIT (the check one query image gets), and
     [(path, reason)] of the others, never opened: pipes, devices, links to them (/dev/zero), larger files."""
-    problems = {path: file_problem(path, 'image', IMAGE_FILE_LIMIT) for path in paths}
+    problems = {path: files.file_problem(path, 'image', files.IMAGE_FILE_LIMIT) for path in paths}
     return [p for p in paths if problems[p] is None], [(p, problems[p]) for p in paths if problems[p] is not None]
+
+
+def warn_unreadable(unreadable, total, folder):
+    """One 'warning:' line on stderr listing the images of a folder that cannot be read [(path, reason)] (skipped)."""
+    if unreadable:
+        listed = '; '.join(reason for _, reason in unreadable[:20])  # each names its file
+        more = f' and {len(unreadable) - 20} more' if len(unreadable) > 20 else ''
+        print(f'warning: {len(unreadable)} of {total} images under {folder} cannot be read and are skipped: '
+              f'{listed}{more}', file=sys.stderr, flush=True)
 
 
 def check_upload(data, name):

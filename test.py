@@ -13,7 +13,6 @@ import argparse
 import csv
 import io
 import os
-import sys
 import time
 
 import torch
@@ -108,11 +107,7 @@ def retrieve_folder(database, folder, k, results_dir, index=None):
     paths, skipped = retrieval.regular_images(retrieval.list_images(folder, '--query_dir'))
     queries, unreadable = embed_folder(database, paths)
     unreadable = skipped + unreadable
-    if unreadable:
-        listed = '; '.join(reason for _, reason in unreadable[:20])  # each names its file
-        more = f' and {len(unreadable) - 20} more' if len(unreadable) > 20 else ''
-        print(f'warning: {len(unreadable)} of {len(paths) + len(skipped)} images under {folder} cannot be read and '
-              f'are skipped: {listed}{more}', file=sys.stderr, flush=True)
+    retrieval.warn_unreadable(unreadable, len(paths) + len(skipped), folder)
     if not queries:
         raise UserError(f'no image under --query_dir {folder} could be read; nothing was written')
     images, labels = database.images, database.labels

@@ -6,8 +6,9 @@ faiss `IndexFlatIP` (the library's exact search), one query at a time and in bat
 
 Features: L2-normalised clustered synthetic ones (benchmarks/eval_scale.py's: class centres plus noise). One query:
 the p50 over --queries queries, half of them gallery items (excluded from their own list, searched with their label:
-a database query), half new vectors (an upload). Batched: --batch new vectors at once, the time per query. Each method runs in a process of its
-own on the same saved features and queries; its top k lists are compared with search.py's (same items, same order)."""
+a database query), half new vectors (an upload). Batched: --batch new vectors at once, the time per query (the median of --batch_rounds). The
+torch methods run in one process, taking turns, faiss in another, on the same saved features and queries; each
+method's top k lists are compared with search.py's (same items, same order)."""
 import argparse
 import json
 import os
@@ -58,7 +59,7 @@ def one_query_methods(features, gallery, index, labels, k):
 
 def batch_methods(features, gallery, index, k):
     """{method: search(queries [B, D]) -> top-k indices [B, k]} (new vectors: nothing excluded, no labels)."""
-    chunk = max(1, search.CHUNK_BYTES // (4 * len(features)))
+    chunk = max(1, search.CHUNK_BYTES // (4 * len(features))) if features is not None else None
 
     def ours(queries):
         return search.top_k_batch(queries, gallery, k)[0]
@@ -83,32 +84,39 @@ def queries_for(features, args):
 
 
 def child(args):
-    """One method on the saved features, in a process of its own (torch's and faiss's OpenMP threads, spinning
-    after each parallel region, would slow each other down in one) -> one JSON line: the single queries' seconds
-    and results, the batch's seconds and results."""
+    """The methods of one library on the saved features, in a process of their own (torch's and faiss's OpenMP
+    threads, spinning after each parallel region, would slow each other down in one) -> one JSON line per method:
+    the single queries' seconds and results, the batch's seconds and results. search.py and `G @ q + topk` take
+    turns on each query and on the batch, so that the load of a shared machine weighs on both alike."""
     features = torch.from_numpy(np.load(args.features))  # [N, D], unit rows
     labels = np.load(args.labels).tolist()
-    gallery = search.Gallery(features) if args.method == METHODS[0] else None  # what a database holds once loaded
-    index = None
-    if args.method == METHODS[2]:
+    singles, batch = queries_for(features, args)
+    gallery = index = None
+    if args.method == 'faiss':
         import faiss
         index = faiss.IndexFlatIP(features.shape[1])
         index.add(features.numpy())
-    singles, batch = queries_for(features, args)
-    one = one_query_methods(features, gallery, index, labels, args.k)[args.method]
-    one(*singles[0])  # warm
-    seconds, found = [], []
+        methods = METHODS[2:]
+    else:
+        gallery, methods = search.Gallery(features), METHODS[:2]  # what a database holds once loaded
+    one = {m: one_query_methods(features, gallery, index, labels, args.k)[m] for m in methods}
+    many = {m: batch_methods(features, gallery, index, args.k)[m] for m in methods}
+    runs = {m: {'seconds': [], 'found': [], 'batch_seconds': [], 'found_batch': None} for m in methods}
+    for method in methods:  # warm
+        one[method](*singles[0])
+        many[method](batch[:2])
     for query, exclude in singles:
-        begin = time.perf_counter()
-        found.append(one(query, exclude))
-        seconds.append(time.perf_counter() - begin)
-    many = batch_methods(features, gallery, index, args.k)[args.method]
-    many(batch[:2])  # warm
-    begin = time.perf_counter()
-    found_batch = many(batch)
-    batch_seconds = time.perf_counter() - begin
-    print(json.dumps({'seconds': seconds, 'found': found, 'batch_seconds': batch_seconds,
-                      'found_batch': found_batch.tolist()}))
+        for method in methods:
+            begin = time.perf_counter()
+            runs[method]['found'].append(one[method](query, exclude))
+            runs[method]['seconds'].append(time.perf_counter() - begin)
+    for _ in range(args.batch_rounds):
+        for method in methods:
+            begin = time.perf_counter()
+            runs[method]['found_batch'] = many[method](batch).tolist()
+            runs[method]['batch_seconds'].append(time.perf_counter() - begin)
+    for method in methods:
+        print(json.dumps(dict(runs[method], method=method)))
 
 
 def measure(num, dim, args, folder):
@@ -122,18 +130,20 @@ def measure(num, dim, args, folder):
     del features
     print(f'{num:,} x {dim}: features made in {time.perf_counter() - start:.1f} s', flush=True)
     runs = {}
-    for method in METHODS:
-        command = [sys.executable, os.path.abspath(__file__), '--child', method, '--features', paths[0],
+    for library in ('torch', 'faiss'):
+        command = [sys.executable, os.path.abspath(__file__), '--child', library, '--features', paths[0],
                    '--labels', paths[1], '--queries', str(args.queries), '--batch', str(args.batch),
-                   '--k', str(args.k), '--seed', str(args.seed)]
+                   '--batch_rounds', str(args.batch_rounds), '--k', str(args.k), '--seed', str(args.seed)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f'{method} failed (exit {done.returncode}):\n{done.stderr[-2000:]}')
-        runs[method] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f'  {method}: done', flush=True)
+            raise RuntimeError(f'{library} failed (exit {done.returncode}):\n{done.stderr[-2000:]}')
+        for line in done.stdout.strip().splitlines():
+            result = json.loads(line)
+            runs[result['method']] = result
+        print(f'  {library}: done', flush=True)
     ours = runs[METHODS[0]]
     total = args.queries + args.batch
-    return {m: (statistics.median(r['seconds']) * 1e3, r['batch_seconds'] / args.batch * 1e3,
+    return {m: (statistics.median(r['seconds']) * 1e3, statistics.median(r['batch_seconds']) / args.batch * 1e3,
                 (sum(a == b for a, b in zip(r['found'], ours['found']))
                  + sum(a == b for a, b in zip(r['found_batch'], ours['found_batch']))) / total)
             for m, r in runs.items()}
@@ -167,11 +177,12 @@ def parse_args(argv=None):
     parser.add_argument('--batch', type=int, default=1024, help='queries of the batched search [%(default)s]')
     parser.add_argument('--k', type=int, default=10, help='results per query [%(default)s]')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--child', dest='method', choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument('--batch_rounds', type=int, default=3, help='batched searches timed (the median) [%(default)s]')
+    parser.add_argument('--child', dest='method', choices=('torch', 'faiss'), help=argparse.SUPPRESS)
     parser.add_argument('--features', help=argparse.SUPPRESS)
     parser.add_argument('--labels', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.queries < 2 or args.batch < 2 or args.k < 1 or any(args.k + 1 > num for num, _ in args.sizes):
+    if args.queries < 2 or args.batch < 2 or args.batch_rounds < 1 or args.k < 1 or any(args.k + 1 > num for num, _ in args.sizes):
         parser.error('--queries and --batch must be at least 2, --k from 1 to the smallest gallery less one')
     return args
 
