@@ -68,7 +68,7 @@ def demo_database(folder):
 @contextlib.contextmanager
 def one_thread():
     """One query is a matrix-vector product or a few short scans: timed on one thread (torch and faiss). On a shared
-    2-core machine two threads made retrieval.top_k of 576 rows take 52 ms instead of 1 ms (threads waiting for
+    2-core machine two threads made search.top_k of 576 rows take 52 ms instead of 1 ms (threads waiting for
     each other), which measures the machine's load, not the search."""
     import faiss
     threads = torch.get_num_threads()

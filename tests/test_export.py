@@ -19,6 +19,7 @@ from _train_fixtures import kill_groups
 import export
 import imaging
 import retrieval
+import search
 import serve
 from cli import run_cli
 from model import Model
@@ -266,8 +267,8 @@ def test_serve_onnx_answers_as_pytorch(exported, tmp_path):
             assert status == 200 and [hit['index'] for hit in answer['results']] == indices
             assert [hit['score'] for hit in answer['results']] == pytest.approx(scores, abs=1e-4)
         status, answer = request(base + 'api/search?index=3&k=4')  # a database image: its stored feature
-        indices, scores = retrieval.top_k(database.features[3], database.features, 4, 3, database.labels,
-                                          database.labels[3])
+        indices, scores = search.top_k(database.features[3], database.features, 4, 3, database.labels,
+                                       database.labels[3])
         assert status == 200 and [hit['index'] for hit in answer['results']] == indices
     finally:
         code, err = stop_server(proc)
