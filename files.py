@@ -1,5 +1,6 @@
-"""Files the project writes and reads: atomic writes (a reader sees the old files or all the new ones), safe
-reading of torch files (never code), OS locks, a background writer, and the folders test.py replaces whole."""
+"""Files the project writes and reads: atomic writes (a reader sees the old files or all the new ones; one file
+streamed into place), safe reading of torch files (never code), OS locks, a background writer, and the folders
+test.py replaces whole."""
 import concurrent.futures
 import contextlib
 import errno
@@ -35,6 +36,23 @@ def write_temporary(data, path):
         os.remove(tmp)
         raise
     return tmp
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """An open file whose content replaces `path` only once the block ends without error (synced first)."""
+    tmp = write_temporary(b'', path)  # the hidden .{name}.{hex}.tmp beside path, created empty
+    try:
+        with open(tmp, 'r+b') as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(f'cannot write {path}: {err.strerror or err}; the previous file, if any, is unchanged') from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def atomic_write(files):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import search
 from cli import UserError, check_int
-from files import write_temporary
+from files import atomic_file
 
 VERSION = 1  # of the index file's format
 MAGIC = b'CLFFAISS'
@@ -116,11 +116,8 @@ def set_search_parameters(index, nprobe, efsearch, spec):
 def training_sample(n, index, seed):
     """Seeded sample of row indices (sorted) to train an index on: TRAIN_PER_LIST per inverted list, TRAIN_MIN at
     least, every row when there are fewer."""
-    faiss = import_faiss()
-    try:
-        lists = faiss.extract_index_ivf(index).nlist
-    except RuntimeError:  # no inverted lists (PQ, a transform alone)
-        lists = 0
+    ivf = import_faiss().try_extract_index_ivf(index)  # None: no inverted lists (PQ, HNSW, a transform alone)
+    lists = ivf.nlist if ivf is not None else 0
     size = min(n, max(TRAIN_PER_LIST * lists, TRAIN_MIN))
     return np.sort(np.random.default_rng(seed).choice(n, size, replace=False)), lists
 
@@ -136,6 +133,10 @@ def build_faiss(features, spec, nprobe=None, efsearch=None, seed=SEED, progress=
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else 'not understood'
         raise UserError(f'--index {spec}: not a faiss index_factory string for {d} dimensions ({reason})') from None
     set_search_parameters(index, nprobe, efsearch, spec)
+    for part in filter(None, (index, faiss.try_extract_index_ivf(index))):
+        part = faiss.downcast_index(part)  # PQ codes ordered for a Hamming search, which is never made: 180 s of
+        if hasattr(part, 'do_polysemous_training'):  # IVF256,PQ96's 200 s training at SOP size, for nothing
+            part.do_polysemous_training = False
     if not index.is_trained:
         sample, lists = training_sample(n, index, seed)
         if n < lists:
@@ -151,30 +152,13 @@ def build_faiss(features, spec, nprobe=None, efsearch=None, seed=SEED, progress=
     return index
 
 
-@contextlib.contextmanager
-def _atomic_file(path):
-    """An open file whose content replaces `path` only once the block ends without error (synced first)."""
-    tmp = write_temporary(b'', path)  # the hidden .{name}.{hex}.tmp beside path, created empty
-    try:
-        with open(tmp, 'r+b') as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise UserError(f'cannot write {path}: {err.strerror or err}; the previous file, if any, is unchanged') from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-
-
 def save_faiss(index, path, header):
     """Write a faiss index with its header (atomically, streamed: no second copy of the index in memory)."""
     faiss = import_faiss()
     text = json.dumps(dict(header, version=VERSION), sort_keys=True).encode()
     digest, written = hashlib.sha256(), [0]
 
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         f.write(FIXED.pack(MAGIC, bytes(32), 0, len(text)) + text)
 
         def write(block):
@@ -260,6 +244,16 @@ def milvus_client(uri, shown):
         raise UserError(f'cannot reach Milvus at {shown}: {reason} (is the server running?)') from None
 
 
+def milvus_search(index_type, nprobe, efsearch, recorded):
+    """The search parameters of a Milvus index_type: --nprobe / --efsearch where given, else `recorded`'s; one that
+    the type does not have is a UserError."""
+    search_key, given = MILVUS_TYPES[index_type][1], {'nprobe': nprobe, 'ef': efsearch}
+    for key, value in given.items():
+        if value is not None and key != search_key:
+            raise UserError(f'--{"efsearch" if key == "ef" else key} does not apply to a Milvus {index_type} index')
+    return {search_key: given[search_key] or recorded[search_key]} if search_key else {}
+
+
 def collection_properties(client, collection):
     return dict(client.describe_collection(collection).get('properties') or {})
 
@@ -275,12 +269,7 @@ def build_milvus(database, target, index_type, nprobe=None, efsearch=None, progr
     created = not target.startswith('milvus://') and not os.path.lexists(uri)  # a Lite file this build makes
     features, n = database.features, len(database.images)
     d = features.shape[1]
-    build_params, search_key = MILVUS_TYPES[index_type]
-    given = {'nprobe': nprobe, 'ef': efsearch}
-    for key, value in given.items():
-        if value is not None and key != search_key:
-            raise UserError(f'--{"efsearch" if key == "ef" else key} does not apply to a Milvus {index_type} index')
-    search = {search_key: given[search_key] or DEFAULT_SEARCH[search_key]} if search_key else {}
+    build_params, search = MILVUS_TYPES[index_type][0], milvus_search(index_type, nprobe, efsearch, DEFAULT_SEARCH)
     client = milvus_client(uri, shown)
     temporary = f'{collection}_building_{secrets.token_hex(4)}'
     try:
@@ -340,7 +329,7 @@ class MilvusIndex:
         return scores, indices
 
 
-def open_milvus(target, database):
+def open_milvus(target, database, nprobe=None, efsearch=None):
     uri, collection, shown = milvus_target(target)
     if not target.startswith('milvus://') and not os.path.isdir(uri):
         raise UserError(f'Milvus Lite file not found: {target} (publish one with index.py --index {target})')
@@ -355,6 +344,7 @@ def open_milvus(target, database):
             raise UserError(f'{shown} was published from another database than {database.path} (its SHA-256 '
                             f'differs); publish this one with index.py --index {target}')
         record = json.loads(properties[PARAMS_PROPERTY])
+        record['search'] = milvus_search(record['index_type'], nprobe, efsearch, record['search'])
         client.load_collection(collection)
     except UserError:
         client.close()
@@ -368,12 +358,16 @@ def open_milvus(target, database):
 
 # ---- one interface ----
 
-def build(database, target, nprobe=None, efsearch=None, milvus_index='HNSW', seed=SEED, progress=True):
-    """Build an index of a retrieval.Database's searched split: a faiss spec -> the .faiss path beside the
-    database; a Milvus URI or Lite file -> the target, published."""
+def check_search(nprobe, efsearch):
     for flag, value in (('--nprobe', nprobe), ('--efsearch', efsearch)):
         if value is not None:
             check_int(flag, value, 1, 1 << 20)
+
+
+def build(database, target, nprobe=None, efsearch=None, milvus_index='HNSW', seed=SEED, progress=True):
+    """Build an index of a retrieval.Database's searched split: a faiss spec -> the .faiss path beside the
+    database; a Milvus URI or Lite file -> the target, published."""
+    check_search(nprobe, efsearch)
     if is_milvus(target):
         return build_milvus(database, target, milvus_index, nprobe, efsearch, progress)
     index = build_faiss(database.features, target, nprobe, efsearch, seed, progress)
@@ -383,11 +377,17 @@ def build(database, target, nprobe=None, efsearch=None, milvus_index='HNSW', see
     return save_faiss(index, index_path(database.path, target), header)
 
 
-def open_index(target, database):
+def open_index(target, database, nprobe=None, efsearch=None):
     """An index of `database` (a .faiss path, milvus://HOST:PORT/COLLECTION or PATH.db), checked to have been
-    built from this very database file -> an object with .search and .description."""
+    built from this very database file, searched with nprobe / efsearch where given (else as it was built) -> an
+    object with .search and .description; None for a target None (exact search)."""
+    check_search(nprobe, efsearch)
+    if target is None and (nprobe, efsearch) != (None, None):
+        raise UserError('--nprobe and --efsearch set how an index is searched: give --index too')
+    if target is None:
+        return None
     if is_milvus(target):
-        return open_milvus(target, database)
+        return open_milvus(target, database, nprobe, efsearch)
     header, index = read_faiss(target)
     if header.get('database_sha256') != file_sha256(database.path):
         raise UserError(f'the index {target} was built from another database ({header.get("database_file")}) than '
@@ -396,6 +396,7 @@ def open_index(target, database):
     if (index.ntotal, index.d) != tuple(database.features.shape):
         raise UserError(f'the index {target} holds {index.ntotal} x {index.d} features, the database '
                         f'{database.path} {tuple(database.features.shape)}: rebuild it with index.py')
+    header.update((key, value) for key, value in (('nprobe', nprobe), ('efsearch', efsearch)) if value is not None)
     set_search_parameters(index, header.get('nprobe'), header.get('efsearch'), header.get('spec'))
     return FaissIndex(target, header, index)
 
@@ -422,15 +423,18 @@ def describe(index):
 
 # ---- index.py's mode ----
 
+def add_search_arguments(add, default='what the index was built with'):
+    """--nprobe and --efsearch: index.py's record them in the index, test.py's and serve.py's override that."""
+    add('--nprobe', default=None, type=int, help=f'inverted lists searched per query (IVF indexes) [{default}]')
+    add('--efsearch', default=None, type=int, help=f'candidate list of an HNSW search [{default}]')
+
+
 def add_arguments(parser, modes):
     """index.py's flags for building an index: --index in the group of its modes, its parameters."""
     add = parser.add_argument
     modes.add_argument('--index', default=None, help='a faiss index_factory spec (IVF4096,Flat, IVF16384,PQ64, HNSW32, ...) built '
         'beside the database, or milvus://HOST:PORT/COLLECTION or PATH.db (Milvus Lite) to publish the gallery to')
-    add('--nprobe', default=None, type=int, help='inverted lists searched per query (IVF indexes) [faiss: 1, '
-        f'Milvus: {DEFAULT_SEARCH["nprobe"]}]')
-    add('--efsearch', default=None, type=int, help='candidate list of an HNSW search [faiss: 16, Milvus: '
-        f'{DEFAULT_SEARCH["ef"]}]')
+    add_search_arguments(add, f'faiss: 1 and 16, Milvus: {DEFAULT_SEARCH["nprobe"]} and {DEFAULT_SEARCH["ef"]}')
     add('--milvus_index', default='HNSW', choices=tuple(MILVUS_TYPES), help='the index type of a Milvus collection '
         '[default: %(default)s]')
 

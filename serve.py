@@ -64,6 +64,7 @@ def parse_args(argv=None):
     add('--data_path', default=None, help="the dataset folder, when it moved since train.py's --data_path")
     add('--index', default=None, help='search this index of the database (a .faiss file, milvus://HOST:PORT/'
                                       'COLLECTION or a Milvus Lite PATH.db; index.py builds them) [default: exact]')
+    indexes.add_search_arguments(add)
     add('--host', default='127.0.0.1', help='address to listen on (0.0.0.0: every interface)')
     add('--allowed_hosts', default='', help='more host names the server is reached by, comma-separated (besides '
         'localhost, 127.0.0.1 and --host)')
@@ -397,7 +398,7 @@ def main(argv=None):
         onnx = export.OnnxEmbedder.open(args.onnx) if args.onnx else None
         if onnx:
             onnx.check_database(database.config, database.path)
-        index = args.index and indexes.open_index(args.index, database)
+        index = indexes.open_index(args.index, database, args.nprobe, args.efsearch)
         host, port = sock.getsockname()[:2]
         shown = f'[{host}]' if ':' in host else host
         any_ip = ipaddress.ip_address(host).is_unspecified  # 0.0.0.0 or ::, every interface

@@ -48,6 +48,7 @@ def parse_args(argv=None):
     add('--retrieval_num', default=8, type=int, help='how many images to retrieve')
     add('--index', default=None, help='search this index of the database (a .faiss file, milvus://HOST:PORT/'
                                       'COLLECTION or a Milvus Lite PATH.db; index.py builds them) [default: exact]')
+    indexes.add_search_arguments(add)
     add('--results_dir', default='results', help='where databases are found by name and {query stem}/ is written')
     add('--data_path', default=None, help="the dataset folder, when it moved since train.py's --data_path")
     add('--device', default=None, help='device for a query not in the database [default: cuda if there, else cpu]')
@@ -193,7 +194,7 @@ def main(argv=None):
     query = args.query_img_name is not None or args.query_dir is not None or not args.embedding_map
     # a map alone needs only the database's features; a query also its model
     database = runs.open_database(args.data_base, args.results_dir, device, with_model=query, data_path=args.data_path)
-    target, index = None, args.index and indexes.open_index(args.index, database)
+    target, index = None, indexes.open_index(args.index, database, args.nprobe, args.efsearch)
     if query and index is not None:
         print(f'searching {index.description}', flush=True)
     if args.query_dir is not None:

@@ -64,6 +64,22 @@ def test_hnsw_finds_the_nearest_neighbour_of_almost_every_query(tiny):
     assert hits / len(LABELS) >= 0.9
 
 
+def test_search_time_parameters_override_what_the_index_records(tiny):
+    path = indexes.build(tiny.db, 'IVF4,Flat', nprobe=1, progress=False)
+    assert 'nprobe 1' in indexes.open_index(path, tiny.db).description
+    index = indexes.open_index(path, tiny.db, nprobe=4)  # every list: exact
+    assert 'nprobe 4' in index.description and faiss.extract_index_ivf(index.index).nprobe == 4
+    assert_exact(index, tiny.db)
+    hnsw = indexes.open_index(indexes.build(tiny.db, 'HNSW8', progress=False), tiny.db, efsearch=48)
+    assert faiss.downcast_index(hnsw.index).hnsw.efSearch == 48 and 'efsearch 48' in hnsw.description
+    for target, options, message in ((path, {'efsearch': 8}, '--efsearch applies to an index with a graph'),
+                                     (path, {'nprobe': 0}, '--nprobe must be between 1'),
+                                     (None, {'nprobe': 4}, 'give --index too')):
+        with pytest.raises(UserError, match=message):
+            indexes.open_index(target, tiny.db, **options)
+    assert indexes.open_index(None, tiny.db) is None
+
+
 def test_an_index_of_another_database_is_refused(tiny):
     path = indexes.build(tiny.other, 'Flat', progress=False)
     with pytest.raises(UserError, match=r'built from another database .* \(its SHA-256 differs\)'):
@@ -112,6 +128,11 @@ def test_milvus_lite_flat_and_ivf_flat_give_the_exact_top_k(tiny, tmp_path):
         assert f'Milvus {index_type}' in index.description
         assert_exact(index, tiny.db)
         index.client.close()
+    index = indexes.open_index(target, tiny.db, nprobe=3)  # search-time nprobe over the recorded one
+    assert index.record['search'] == {'nprobe': 3} and '(nprobe 3)' in index.description
+    index.client.close()
+    with pytest.raises(UserError, match='--efsearch does not apply to a Milvus IVF_FLAT index'):
+        indexes.open_index(target, tiny.db, efsearch=8)
     with pytest.raises(UserError, match='published from another database'):
         indexes.open_index(target, tiny.other)
 
@@ -159,3 +180,6 @@ def test_test_py_and_serve_answer_through_an_index_as_without_one(tiny, tmp_path
     code, _, err = run_test_script(script, ['--query_dir', str(tiny.root / 'images'), '--data_base', tiny.other.path,
                                             '--index', path, '--results_dir', str(tmp_path / 'refused')], capsys)
     assert code == 1 and 'built from another database' in err and not (tmp_path / 'refused').exists()
+    code, _, err = run_test_script(script, ['--data_base', tiny.db.path, '--index', path, '--nprobe', '2',
+                                            '--results_dir', str(tmp_path / 'refused')], capsys)
+    assert code == 1 and '--nprobe applies to an index with inverted lists' in err
