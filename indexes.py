@@ -33,6 +33,7 @@ MAGIC = b'CLFFAISS'
 FIXED = struct.Struct('<8s32sQI')  # magic, payload SHA-256, payload bytes, header bytes
 CHUNK_BYTES = 64 * 2 ** 20  # float32 rows normalised and added (faiss) or sent (Milvus) at a time
 TRAIN_PER_LIST, TRAIN_MIN = 50, 20_000  # rows sampled to train an index: per inverted list, and at least
+RESCORED = 32  # an index's candidates scored exactly per query, k+1 if more: compressed codes (PQ) misorder neighbours
 SEED = 0  # of the training sample (and of faiss's k-means, which seeds itself with a fixed number)
 MILVUS_COLLECTION = 'clf_gallery'  # the collection a Milvus Lite file PATH.db holds
 MILVUS_TIMEOUT_S = 10  # connecting to a Milvus server: a refused connection fails at once, a silent host after this
@@ -403,10 +404,10 @@ def open_index(target, database, nprobe=None, efsearch=None):
 
 def top_k(index, database, query_feature, k, exclude=None, query_label=None):
     """The k best of the database's searched split for a query feature [D] found through an index -> (indices,
-    scores), lists as search.top_k's: the index's candidates scored exactly and ordered by the exact search's
-    rule (ties against the query, then index order). An index that finds fewer than k gives fewer."""
+    scores), lists as search.top_k's: the index's RESCORED (or k+1) candidates scored exactly and ordered by the
+    exact search's rule (ties against the query, then index order). An index that finds fewer than k gives fewer."""
     query = F.normalize(query_feature.float(), dim=0).numpy()[None]  # [1, D]
-    _, found = index.search(query, k + (exclude is not None))  # [1, k(+1)]
+    _, found = index.search(query, max(RESCORED, k + (exclude is not None)))  # [1, k'] candidates
     candidates = sorted({int(i) for i in found[0] if i >= 0 and i != exclude})  # index order, for the tie rule
     if not candidates:
         return [], []
