@@ -1,0 +1,463 @@
+"""Post-processing of a ranking, from top-K neighbour lists (memory O(N x K), never N x N): the METHODS registry
+(`none`, `aqe`, `kreciprocal`), their parameters (`k=10,alpha=3`), the evaluation of a database with and without
+them (a paired bootstrap over classes gives the change's 95 % interval), the choice of parameters on the validation
+split, saved as {database stem}_rerank.json (this module writes, reads and checks that file), and the Reranker that
+test.py and serve.py search through.
+
+aqe: every vector, gallery item or query, becomes itself plus its k nearest gallery vectors (never itself), each
+weighted by max(similarity, 0)^alpha, renormalised (database-side augmentation; for a query, alpha query expansion;
+Radenovic, Tolias and Chum, TPAMI 2019); queries are then ranked against the augmented gallery.
+kreciprocal: Zhong, Zheng, Cao and Li, "Re-ranking Person Re-identification with k-reciprocal Encoding", CVPR 2017:
+k-reciprocal sets of k1 with their k1/2 expansion, weights exp(-distance), local query expansion over k2
+neighbours, Jaccard distance blended with the original squared distance by lambda; each query's first `depth`
+results are reordered, the rest keep their order. Where query and gallery are one set, each item is left out of
+its own lists; a separate query set joins the neighbour graph as in the reference implementation."""
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import files
+import metrics
+import retrieval
+import runs
+from cli import UserError
+from search import knn
+
+BOOTSTRAP_SAMPLES = 1000
+CHUNK = 1024  # rows of one step of the list computations
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    kind: type
+    low: float
+    high: float
+    default: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    params: dict   # name -> Param
+    grid: dict     # name -> values --tune tries (the others at their default)
+
+
+METHODS = {
+    'none': Method({}, {}),
+    'aqe': Method({'k': Param(int, 0, 1000, 10), 'alpha': Param(float, 0, 100, 3.0)},
+                  {'k': (2, 5, 10, 20), 'alpha': (1.0, 3.0)}),
+    'kreciprocal': Method({'k1': Param(int, 1, 1000, 20), 'k2': Param(int, 1, 1000, 6),
+                           'lambda': Param(float, 0, 1, 0.3), 'depth': Param(int, 1, 10 ** 6, 100)},
+                          {'k1': (10, 20, 30), 'k2': (3, 6), 'lambda': (0.1, 0.3, 0.6)}),
+}
+
+
+# ---- parameters ----
+
+def parse_args(method, text):
+    """'k=10,alpha=3' -> {every parameter of the method: value} (defaults for the others); unknown names or values
+    out of range are a UserError."""
+    if method not in METHODS:
+        raise UserError(f'--rerank {method}: unknown method; choose one of {", ".join(METHODS)}')
+    spec, params = METHODS[method].params, {}
+    for item in filter(None, (text or '').split(',')):
+        name, sep, value = (part.strip() for part in item.partition('='))
+        if name not in spec or not sep:
+            known = ', '.join(spec) or 'none'
+            raise UserError(f"--rerank_args '{text}': '{item}' is not NAME=VALUE of a parameter of {method} ({known})")
+        p = spec[name]
+        try:
+            number = p.kind(value)
+        except ValueError:
+            number = math.nan
+        if not p.low <= number <= p.high or (p.kind is float and not math.isfinite(float(value))):
+            raise UserError(f"--rerank_args {name}={value}: {method}'s {name} must be "
+                            f"{'an integer' if p.kind is int else 'a number'} from {p.low:g} to {p.high:g}")
+        params[name] = number
+    return {name: params.get(name, p.default) for name, p in spec.items()}
+
+
+def params_text(params):
+    return ','.join(f'{k}={v:g}' for k, v in params.items()) or '-'
+
+
+def tuned_path(db_path):
+    """Where --tune keeps its choice: {database stem}_rerank.json beside the database."""
+    return os.path.splitext(db_path)[0] + '_rerank.json'
+
+
+def write_tuned(db_path, method, params, chosen_by, figures):
+    files.atomic_write({tuned_path(db_path): (json.dumps(
+        {'version': 1, 'method': method, 'params': params, 'chosen_by': chosen_by, 'validation': figures},
+        indent=1) + '\n').encode()})
+
+
+def read_tuned(db_path, method):
+    """The parameters --tune saved for `method` beside the database, or None where it has not run."""
+    path = tuned_path(db_path)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get('method') != method:
+            return None
+        return parse_args(method, ','.join(f'{k}={v}' for k, v in saved['params'].items()))
+    except (OSError, ValueError, KeyError, AttributeError, UserError) as err:
+        raise UserError(f'{path} is not a usable choice of --tune ({err}); delete it or run --tune again') from None
+
+
+def resolve(method, text, db_path):
+    """The parameters a run uses: --rerank_args when given, else the database's --tune choice, else defaults."""
+    if text is None and method != 'none':
+        tuned = read_tuned(db_path, method)
+        if tuned is not None:
+            return tuned
+    return parse_args(method, text)
+
+
+# ---- neighbour lists ----
+
+def neighbour_lists(queries, gallery, k):
+    """The k nearest gallery items of each query (gallery None: of each item among the others) -> (scores [n, k]
+    float64, indices [n, k]), best first."""
+    n = len(gallery if gallery is not None else queries) - (gallery is None)
+    k = min(k, n)
+    if k == 0:
+        return torch.zeros(len(queries), 0, dtype=torch.float64), torch.zeros(len(queries), 0, dtype=torch.long)
+    scores, indices = knn(queries, gallery, k=k, exclude_self=gallery is None)
+    return scores.double(), indices.long()
+
+
+def merged_lists(lists, gallery, queries, k):
+    """The lists of the set [queries; gallery] from the gallery's own lists (scores, indices into gallery): each
+    query's k nearest among the others, each gallery list with the queries merged in -> (scores, indices) into the
+    set."""
+    nq = len(queries)
+    gs, gi = neighbour_lists(queries, gallery, k)
+    if nq > 1:
+        qs, qi = neighbour_lists(queries, None, k)
+        gs, gi = _best(torch.cat([qs, gs], 1), torch.cat([qi, gi + nq], 1), k)
+    else:
+        gi = gi + nq
+    old_s, old_i = lists
+    parts_s, parts_i = [], []
+    for begin in range(0, len(gallery), CHUNK):
+        sims = (gallery[begin:begin + CHUNK].double() @ queries.double().T)  # [c, nq]
+        cand_s = torch.cat([old_s[begin:begin + CHUNK], sims], 1)
+        cand_i = torch.cat([old_i[begin:begin + CHUNK] + nq, torch.arange(nq).expand(len(sims), nq)], 1)
+        s, i = _best(cand_s, cand_i, k)
+        parts_s.append(s)
+        parts_i.append(i)
+    return torch.cat([gs] + parts_s), torch.cat([gi] + parts_i)
+
+
+def _best(scores, indices, k):
+    top = scores.topk(min(k, scores.shape[1]), dim=1)
+    return top.values, indices.gather(1, top.indices)
+
+
+# ---- aqe ----
+
+def augment(vectors, base, lists, k, alpha):
+    """Each of vectors [n, D] plus its k listed base vectors weighted by max(similarity, 0)^alpha, renormalised ->
+    [n, D]; lists (scores, indices into base) best first, never the vector itself. k = 0: vectors unchanged."""
+    if k == 0:
+        return vectors
+    scores, indices = lists[0][:, :k], lists[1][:, :k]
+    out = torch.empty_like(vectors)
+    for begin in range(0, len(vectors), CHUNK):
+        end = begin + CHUNK
+        weights = scores[begin:end].clamp(min=0).pow(alpha).to(vectors.dtype)         # [c, k]
+        neighbours = base[indices[begin:end]]                                           # [c, k, D]
+        out[begin:end] = F.normalize(vectors[begin:end] + (weights[:, :, None] * neighbours).sum(1), dim=1)
+    return out
+
+
+# ---- k-reciprocal ----
+
+def kreciprocal(features, lists, rows, candidates, k1, k2, lam):
+    """Blended distances of the set features [N, D] (normalised) with lists (scores, indices) of each item among
+    the others (at least k1 long), for the items `rows` [n] against their candidates [n, C] (set indices) ->
+    distances [n, C] float64 (Zhong et al.'s final distance; the reference squares its distance input, so the
+    original distance here is the squared Euclidean one, 2 - 2 cos, divided by its row's largest)."""
+    num = len(features)
+    selves = torch.arange(num)[:, None]
+    ranked = torch.cat([selves, lists[1]], 1)                                # [N, K + 1]: itself first
+    scale = _scales(lists, num)                                              # [N]
+    half = int(np.around(k1 / 2.))
+    strong, weak = _reciprocal(ranked, k1), _reciprocal(ranked, half)       # [N, k1 + 1], [N, half + 1]
+    v_ids, v_vals = _encode(features, ranked, strong, weak, k1, half, scale)  # [N, W] each
+    if k2 > 1:
+        v_ids, v_vals = _local_expansion(ranked[:, :k2], v_ids, v_vals, num)
+    out = torch.empty(candidates.shape, dtype=torch.float64)
+    step = max(1, CHUNK // 16)
+    for begin in range(0, len(rows), step):
+        r, cand = rows[begin:begin + step], candidates[begin:begin + step]  # [c], [c, C]
+        dense = torch.zeros(len(r), num + 1, dtype=torch.float64)             # V of each row; column N: padding
+        dense.scatter_add_(1, v_ids[r], v_vals[r])
+        dense[:, num] = 0
+        ids, vals = v_ids[cand], v_vals[cand]                                # [c, C, W]
+        shared = torch.minimum(vals, dense.gather(1, ids.flatten(1)).view(ids.shape)).sum(2)  # [c, C]
+        jaccard = 1 - shared / (2 - shared)
+        distance = (2 - 2 * (features[r].double()[:, None, :] @ features[cand].double().transpose(1, 2))[:, 0])
+        out[begin:begin + step] = (1 - lam) * jaccard + lam * distance.clamp(min=0) / scale[r][:, None]
+    return out
+
+
+def _scales(lists, num):
+    """Each item's largest squared distance (the reference's row normalisation) where its list covers the whole
+    set; else 4, the largest two unit vectors can have (the farthest item is not in a top-K list)."""
+    if lists[0].shape[1] >= num - 1:
+        return (2 - 2 * lists[0].min(1).values).clamp(min=1e-12)
+    return torch.full((num,), 4.0, dtype=torch.float64)
+
+
+def _reciprocal(ranked, k):
+    """[N, k + 1] bool: whether the j-th of each item's k + 1 nearest (itself first) has the item among its own."""
+    out = torch.empty(len(ranked), k + 1, dtype=torch.bool)
+    for begin in range(0, len(ranked), CHUNK):
+        forward = ranked[begin:begin + CHUNK, :k + 1]                        # [c, k + 1]
+        backward = ranked[forward, :k + 1]                                   # [c, k + 1, k + 1]
+        out[begin:begin + CHUNK] = (backward == torch.arange(begin, begin + len(forward))[:, None, None]).any(2)
+    return out
+
+
+def _encode(features, ranked, strong, weak, k1, half, scale):
+    """Each item's k-reciprocal set, expanded by the half sets that overlap it by more than 2/3, as sparse weights
+    exp(-distance) summing to 1 -> (ids [N, W], values [N, W]); padding: id N, value 0."""
+    num = len(ranked)
+    parts = []
+    for begin in range(0, num, CHUNK // 4):
+        forward = ranked[begin:begin + CHUNK // 4, :k1 + 1]                    # [c, k1 + 1]
+        own = strong[begin:begin + CHUNK // 4]
+        members = torch.where(own, forward, -1)                              # [c, k1 + 1] the reciprocal set
+        halves = ranked[forward, :half + 1]                                  # [c, k1 + 1, half + 1]
+        half_ok = weak[forward]
+        inside = (halves[..., None] == members[:, None, None, :]).any(3) & half_ok
+        accept = own & (inside.sum(2) > 2. / 3 * half_ok.sum(2))             # [c, k1 + 1]
+        extra = torch.where(half_ok & accept[..., None], halves, -1).flatten(1)
+        ids = torch.cat([members, extra], 1)                                 # [c, W0], -1: none
+        ids = torch.where(ids < 0, num, ids).sort(1).values
+        ids[:, 1:][ids[:, 1:] == ids[:, :-1]] = num                          # duplicates
+        ids = ids.sort(1).values
+        width = int((ids < num).sum(1).max())
+        ids = ids[:, :width]
+        rows = torch.arange(begin, begin + len(ids))
+        valid = ids < num
+        sims = (features[ids.clamp(max=num - 1)].double() @ features[rows].double()[:, :, None])[..., 0]
+        weight = torch.where(valid, torch.exp(-(2 - 2 * sims).clamp(min=0) / scale[rows][:, None]), 0)
+        parts.append((ids, weight / weight.sum(1, keepdim=True)))
+    return _pad(parts, num)
+
+
+def _local_expansion(near, ids, vals, num):
+    """Each item's weights replaced by their mean over its k2 nearest (itself first) -> (ids, values) as _encode."""
+    parts = []
+    for begin in range(0, num, CHUNK // 4):
+        group = near[begin:begin + CHUNK // 4]                               # [c, k2]
+        k2 = group.shape[1]
+        gi, gv = ids[group].flatten(1), vals[group].flatten(1)               # [c, k2 W]
+        key = torch.arange(len(group))[:, None] * (num + 1) + gi
+        unique, inverse = torch.unique(key.flatten(), return_inverse=True)
+        sums = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, gv.flatten())
+        row, col = unique // (num + 1), unique % (num + 1)
+        keep = col < num
+        row, col, sums = row[keep], col[keep], sums[keep] / k2
+        counts = torch.bincount(row, minlength=len(group))
+        slot = torch.arange(len(row)) - (torch.cumsum(counts, 0) - counts)[row]
+        width = max(int(counts.max()), 1)
+        out_i = torch.full((len(group), width), num, dtype=torch.long)
+        out_v = torch.zeros(len(group), width, dtype=torch.float64)
+        out_i[row, slot], out_v[row, slot] = col, sums
+        parts.append((out_i, out_v))
+    return _pad(parts, num)
+
+
+def _pad(parts, num):
+    width = max(p[0].shape[1] for p in parts)
+    ids = torch.cat([F.pad(i, (0, width - i.shape[1]), value=num) for i, _ in parts])
+    vals = torch.cat([F.pad(v, (0, width - v.shape[1])) for _, v in parts])
+    return ids, vals
+
+
+# ---- a database's splits, post-processed ----
+
+def post_stats(method, params, queries, query_labels, gallery=None, gallery_labels=None, plain=None, lists=None):
+    """RankStats of the queries after `method` (gallery None: the queries rank each other, each left out of its own
+    lists); plain: their RankStats without it (kreciprocal reorders those); lists: the set's own lists, when known."""
+    if method == 'none':
+        return plain if plain is not None else metrics.rank_stats(queries, query_labels, gallery, gallery_labels)
+    base = queries if gallery is None else gallery
+    if method == 'aqe':
+        lists = lists or neighbour_lists(base, None, params['k'])
+        augmented = augment(base, base, lists, params['k'], params['alpha'])
+        if gallery is None:
+            return metrics.rank_stats(augmented, query_labels)
+        expanded = augment(queries, gallery, neighbour_lists(queries, gallery, params['k']), params['k'],
+                           params['alpha'])
+        return metrics.rank_stats(expanded, query_labels, augmented, gallery_labels)
+    plain = plain if plain is not None else metrics.rank_stats(queries, query_labels, gallery, gallery_labels)
+    if params['lambda'] == 1:  # the original distance alone: the plain ranking, exactly
+        return plain
+    depth, length = params['depth'], max(params['depth'], params['k1'], params['k2'])
+    lists = lists or neighbour_lists(base, None, length)
+    query_ids, gallery_ids = metrics.label_ids(query_labels, query_labels if gallery is None else gallery_labels)
+    if gallery is None:
+        features, rows, cand_scores, cand = base, torch.arange(len(base)), lists[0][:, :depth], lists[1][:, :depth]
+    else:
+        features, rows = torch.cat([queries, gallery]), torch.arange(len(queries))
+        lists = merged_lists(lists, gallery, queries, length)
+        cand_scores, cand = neighbour_lists(queries, gallery, depth)
+    distances = kreciprocal(features, lists, rows, cand + (0 if gallery is None else len(queries)),
+                            params['k1'], params['k2'], params['lambda'])
+    same = gallery_ids[cand] == query_ids[:, None]                                  # [n, depth]
+    # ties go against the query, as in metrics.py: other-class items first
+    before = _order(-cand_scores, same)
+    after = _order(distances, same)
+    return metrics.reordered_stats(plain, same.gather(1, before), same.gather(1, after))
+
+
+def _order(keys, same):
+    """Column order by keys [n, C] ascending, ties with other-class (same False) columns first."""
+    first = torch.argsort(same.to(torch.int8), dim=1, stable=True)
+    return first.gather(1, torch.argsort(keys.gather(1, first), dim=1, stable=True))
+
+
+def split_data(db, split):
+    """(queries, query labels, gallery or None, gallery labels or None) of a database split: 'val' or 'test'."""
+    if split == 'test' and 'gallery_features' in db:
+        return db['test_features'].float(), db['test_labels'], db['gallery_features'].float(), db['gallery_labels']
+    return db[f'{split}_features'].float(), db[f'{split}_labels'], None, None
+
+
+def bootstrap(before, after, query_labels, samples=BOOTSTRAP_SAMPLES, seed=0):
+    """The change of R@1 and MAP@R (fractions) with 95 % intervals from a paired bootstrap over classes: classes are
+    drawn with replacement, each bringing all its queries -> {'R@1': (change, low, high), 'MAP@R': ...}."""
+    ids, _ = metrics.label_ids(query_labels, query_labels)
+    num_classes = int(ids.max()) + 1
+    found = before.r > 0
+    r1 = [((s.r > 0) & (s.first_hit < 1)).double() for s in (before, after)]
+    ap = [torch.where(found, s.precision_sum / s.r.clamp(min=1), 0) for s in (before, after)]
+    per_class = {name: (torch.zeros(num_classes, dtype=torch.float64).index_add_(0, ids, new - old),
+                        torch.zeros(num_classes, dtype=torch.float64).index_add_(0, ids, weight))
+                 for name, (old, new), weight in (('R@1', r1, torch.ones(len(ids), dtype=torch.float64)),
+                                                  ('MAP@R', ap, found.double()))}
+    draws = torch.randint(num_classes, (samples, num_classes), generator=torch.Generator().manual_seed(seed))
+    counts = torch.zeros(samples, num_classes, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(samples, num_classes, dtype=torch.float64))
+    result = {}
+    for name, (change, weight) in per_class.items():
+        drawn = (counts @ change) / (counts @ weight).clamp(min=1)
+        low, high = np.percentile(drawn.numpy(), [2.5, 97.5])
+        result[name] = (float(change.sum() / weight.sum().clamp(min=1)), float(low), float(high))
+    return result
+
+
+def change_text(change):
+    return ' | '.join(f'{name} {100 * c:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]' for name, (c, lo, hi) in change.items())
+
+
+def evaluate_split(db, split, method, params, ks):
+    """Print a split's figures in train.py's epoch-line format; with a method: plain, post-processed and the
+    change -> (plain metrics, post-processed metrics, change or None)."""
+    queries, labels, gallery, gallery_labels = split_data(db, split)
+    plain = metrics.rank_stats(queries, labels, gallery, gallery_labels)
+    figures = metrics.summary(plain, ks)
+    if method == 'none':
+        print(f'{split} {runs.metrics_text(figures, ks)}', flush=True)
+        return figures, figures, None
+    after = post_stats(method, params, queries, labels, gallery, gallery_labels, plain)
+    new = metrics.summary(after, ks)
+    change = bootstrap(plain, after, labels)
+    print(f'{split} plain {runs.metrics_text(figures, ks)}\n'
+          f'{split} {method} {params_text(params)} {runs.metrics_text(new, ks)}\n'
+          f'{split} change (95 % interval, bootstrap over classes) {change_text(change)}', flush=True)
+    return figures, new, change
+
+
+def evaluate(db, method, params, ks):
+    """--evaluate: every split the database holds, validation first."""
+    return {split: evaluate_split(db, split, method, params, ks) for split in ('val', 'test')
+            if f'{split}_features' in db}
+
+
+def tune(db, db_path, method, ks):
+    """--tune: the grid's best parameters by validation MAP@R (test labels never read), saved beside the database;
+    then the test split evaluated once with them."""
+    if method == 'none':
+        raise UserError('--tune chooses the parameters of a method: give --rerank aqe or --rerank kreciprocal')
+    if 'val_features' not in db:
+        raise UserError(f'{db_path} holds no validation features: train with --val_split (e.g. 0.25) to tune on '
+                        f'held-out classes')
+    queries, labels = db['val_features'].float(), db['val_labels']
+    spec, grid = METHODS[method].params, METHODS[method].grid
+    names = list(grid)
+    combos = [dict(zip(names, values)) for values in np.array(np.meshgrid(*grid.values(), indexing='ij'),
+                                                              dtype=object).reshape(len(names), -1).T]
+    longest = max(max(grid.get(n, [spec[n].default])) for n in spec if n in ('k', 'k1', 'k2', 'depth'))
+    lists = neighbour_lists(queries, None, longest)
+    plain = metrics.rank_stats(queries, labels)
+    best = None
+    for combo in combos:
+        params = {name: spec[name].kind(combo.get(name, spec[name].default)) for name in spec}
+        figures = metrics.summary(post_stats(method, params, queries, labels, plain=plain, lists=lists), ks)
+        if best is None or figures['MAP@R'] > best[1]['MAP@R']:
+            best = params, figures
+    params, _ = best
+    print(f'--tune {method}: tried {len(combos)} settings ({"; ".join(f"{n} in {list(v)}" for n, v in grid.items())})'
+          f' on the {len(queries)} validation images; best by MAP@R: {params_text(params)}', flush=True)
+    val = evaluate_split(db, 'val', method, params, ks)
+    write_tuned(db_path, method, params, 'validation MAP@R', {k: 100 * v for k, v in val[1].items()})
+    print(f'saved to {tuned_path(db_path)}', flush=True)
+    return params, val, evaluate_split(db, 'test', method, params, ks)
+
+
+# ---- searching through a method ----
+
+class Reranker:
+    """A database's searched split prepared once for a method; top_k answers one query as retrieval.top_k does."""
+
+    def __init__(self, method, params, features, labels):
+        self.method, self.params, self.labels = method, params, labels
+        self.features = features.float()
+        if method == 'aqe':
+            self.lists = neighbour_lists(self.features, None, params['k'])
+            self.searched = augment(self.features, self.features, self.lists, params['k'], params['alpha'])
+        else:
+            self.searched = self.features
+        if method == 'kreciprocal':
+            self.lists = neighbour_lists(self.features, None, max(params['depth'], params['k1'], params['k2']))
+
+    def top_k(self, feature, k, exclude=None, query_label=None):
+        """The k best items for a query feature [D] (exclude: its index where it is one of them) -> (indices,
+        scores), lists of k; kreciprocal's score is 1 - the blended distance."""
+        feature = F.normalize(feature.float(), dim=0)
+        if self.method == 'aqe':
+            if exclude is not None:
+                feature = self.searched[exclude]
+            else:
+                lists = neighbour_lists(feature[None], self.features, self.params['k'])
+                feature = augment(feature[None], self.features, lists, self.params['k'], self.params['alpha'])[0]
+        order, scores = retrieval.rank_gallery(feature, self.searched, exclude, self.labels, query_label)
+        if self.method != 'kreciprocal' or self.params['lambda'] == 1:
+            return order[:k].tolist(), scores[:k].tolist()
+        p, depth = self.params, min(self.params['depth'], len(order))
+        if exclude is not None:
+            features, lists, row, offset = self.features, self.lists, exclude, 0
+        else:
+            features, offset = torch.cat([feature[None], self.features]), 1
+            lists, row = merged_lists(self.lists, self.features, feature[None], self.lists[1].shape[1]), 0
+        cand = order[:depth]
+        distances = kreciprocal(features, lists, torch.tensor([row]), (cand + offset)[None], p['k1'], p['k2'],
+                                p['lambda'])[0]
+        scale = _scales(lists, len(features))[row]
+        rest = (1 - p['lambda']) + p['lambda'] * (2 - 2 * scores[depth:].double()) / scale
+        reorder = torch.argsort(distances, stable=True)
+        final = torch.cat([cand[reorder], order[depth:]])
+        final_scores = 1 - torch.cat([distances[reorder], rest])
+        return final[:k].tolist(), final_scores[:k].tolist()
