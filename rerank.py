@@ -436,7 +436,8 @@ class Reranker:
     def top_k(self, feature, k, exclude=None, query_label=None):
         """The k best items for a query feature [D] (exclude: its index where it is one of them) -> (indices,
         scores), lists of k; kreciprocal's score is 1 - the blended distance."""
-        feature = F.normalize(feature.float(), dim=0)
+        if self.method != 'none':
+            feature = F.normalize(feature.float(), dim=0)
         if self.method == 'aqe':
             if exclude is not None:
                 feature = self.searched[exclude]

@@ -32,6 +32,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import distributed
 import imaging
+import rerank
 import retrieval
 import runs
 from cli import UserError, check_int, run_cli
@@ -64,6 +65,8 @@ def parse_args(argv=None):
         'localhost, 127.0.0.1 and --host)')
     add('--port', default=8000, type=int, help='port to listen on (0: any free port, printed)')
     add('--device', default=None, help='device that embeds uploaded images [default: cuda if there, else cpu]')
+    add('--rerank', default='none', choices=list(rerank.METHODS), help='post-processing of every search (rerank.py)')
+    add('--rerank_args', default=None, help="its parameters, e.g. k=10,alpha=3 [default: test.py --tune's choice]")
     return parser.parse_args(argv)
 
 
@@ -82,8 +85,9 @@ class Searcher:
     semaphore (DECODES at once, each bounded by the upload limits). Images are named by their path relative to the
     dataset root (image_root), never by a local absolute path."""
 
-    def __init__(self, database):
+    def __init__(self, database, reranker=None):
         self.database, self.lock, config = database, threading.Lock(), database.config
+        self.reranker = reranker or rerank.Reranker('none', {}, database.features, database.labels)
         self.decodes = threading.BoundedSemaphore(DECODES)
         self.root = image_root(database.images)
         self.thumbnail = functools.lru_cache(THUMBNAILS_KEPT)(self._thumbnail)
@@ -130,7 +134,7 @@ class Searcher:
         label = None if index is None else d.labels[index]
         with self.lock:
             feature = d.features[index] if x is None else d.embed(x[None])[0]  # [D]
-            indices, scores = retrieval.top_k(feature, d.features, k, index, d.labels, label)
+            indices, scores = self.reranker.top_k(feature, k, index, label)
         results = [{'rank': rank, 'index': i, 'path': self.shown(d.images[i]), 'label': d.labels[i], 'score': score}
                    for rank, (i, score) in enumerate(zip(indices, scores), start=1)]
         return {'results': results, 'query_label': label, 'query_index': index,
@@ -271,12 +275,12 @@ def limited_config(app, header_timeout=None, keep_alive=None, concurrency=None):
                           limit_concurrency=concurrency or MAX_CONCURRENCY, log_level='warning', access_log=False)
 
 
-def create_app(database, hosts=None, trusted=(), any_ip=False):
+def create_app(database, hosts=None, trusted=(), any_ip=False, reranker=None):
     """The FastAPI application over a loaded retrieval.Database (handed to every request by the lifespan), answering
     requests to `hosts` (default: the loopback names) and writes from its own page or `trusted` hosts (guard_hosts)."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        yield {'searcher': Searcher(database)}  # request.state.searcher, the same object for every request
+        yield {'searcher': Searcher(database, reranker)}  # request.state.searcher, the same object for every request
 
     app = FastAPI(title='CLF retrieval', lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(refuse_large_bodies)
@@ -375,6 +379,8 @@ def main(argv=None):
     device = distributed.resolve_device(args.device)
     with contextlib.closing(listen(args.host, args.port)) as sock:  # first: a taken port is reported at once
         database = runs.open_database(args.data_base, args.results_dir, device, data_path=args.data_path)
+        params = rerank.resolve(args.rerank, args.rerank_args, database.path)
+        reranker = rerank.Reranker(args.rerank, params, database.features, database.labels)  # the gallery side, once
         host, port = sock.getsockname()[:2]
         shown = f'[{host}]' if ':' in host else host
         any_ip = ipaddress.ip_address(host).is_unspecified  # 0.0.0.0 or ::, every interface
@@ -388,7 +394,7 @@ def main(argv=None):
             print(f'warning: the server has no authentication: anyone who can reach {where} can search the '
                   f'database and see its images (--host 127.0.0.1 serves this machine only)', file=sys.stderr,
                   flush=True)
-        app = create_app(database, hosts, set(allowed), any_ip)
+        app = create_app(database, hosts, set(allowed), any_ip, reranker)
         server = uvicorn.Server(limited_config(app))
         server.run(sockets=[sock])  # Ctrl-C: uvicorn finishes the requests in flight, then re-raises it
 

@@ -4,11 +4,13 @@ of a folder, written as one CSV.
     python test.py --query_img_name PATH [--data_base NAME_OR_PATH] [--retrieval_num K]
     python test.py --query_dir DIR [--data_base NAME_OR_PATH] [--retrieval_num K]
     python test.py --data_base NAME_OR_PATH --embedding_map
+    python test.py --data_base NAME_OR_PATH --evaluate [--rerank aqe|kreciprocal [--rerank_args k=10] | --tune]
 
 The first writes results/{query stem}/query_img.jpg, retrieval_img_{rank}_{score}.jpg and retrieval.png, the
 second results/{DIR's name}_top{K}.csv. A query image that is not in the database is embedded with the
 database's model file. The third writes results/{database stem}_map.png: a t-SNE of the database's test
-embeddings, each image drawn as a thumbnail at its point, framed in its class's colour."""
+embeddings, each image drawn as a thumbnail at its point, framed in its class's colour. The fourth prints the
+database's figures per split as train.py's epoch line does; --rerank post-processes every search (rerank.py)."""
 import argparse
 import csv
 import io
@@ -25,6 +27,7 @@ import distributed
 import files
 import imaging
 import pictures
+import rerank
 import retrieval
 import runs
 from cli import UserError
@@ -53,6 +56,10 @@ def parse_args(argv=None):
         help='write {results_dir}/{database stem}_map.png: a 2-D t-SNE of the test embeddings drawn as thumbnails')
     add('--map_images', default=1500, type=int, help='at most this many images on the map [default: %(default)s]')
     add('--seed', default=0, type=int, help="seed of the map's sample and of t-SNE [default: %(default)s]")
+    add('--evaluate', action='store_true', help="print the database's R@K, MAP@R and RP per split (val, test)")
+    add('--rerank', default='none', choices=list(rerank.METHODS), help='post-processing [default: %(default)s]')
+    add('--rerank_args', default=None, help="the method's parameters, e.g. k=10,alpha=3 [default: --tune's choice]")
+    add('--tune', action='store_true', help="choose --rerank's parameters on the validation split, then evaluate")
     return parser.parse_args(argv)
 
 
@@ -121,7 +128,7 @@ def as_text(cell):
     return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
 
 
-def retrieve_folder(database, folder, k, results_dir):
+def retrieve_folder(database, folder, k, results_dir, reranker):
     """Rank every image under `folder` into {results_dir}/{folder name}_top{k}.csv (query, rank, path, label,
     score; k rows per query, the rows test.py --query_img_name gives for it) -> the CSV's path."""
     paths, skipped = regular_images(list_images(folder))
@@ -134,14 +141,14 @@ def retrieve_folder(database, folder, k, results_dir):
               f'are skipped: {listed}{more}', file=sys.stderr, flush=True)
     if not queries:
         raise UserError(f'no image under --query_dir {folder} could be read; nothing was written')
-    images, labels, features = database.images, database.labels, database.features
+    images, labels = database.images, database.labels
     excluded = next((exclude for _, _, exclude, _ in queries if exclude is not None), None)  # a database image
     retrieval.check_k(k, len(images), excluded, f'--retrieval_num {k}', database.path, database.split)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator='\n')
     writer.writerow(('query', 'rank', 'path', 'label', 'score'))
     for path, feature, exclude, label in queries:
-        indices, scores = retrieval.top_k(feature, features, k, exclude, labels, label)
+        indices, scores = reranker.top_k(feature, k, exclude, label)
         writer.writerows((as_text(path), rank, as_text(images[i]), as_text(labels[i]), score)
                          for rank, (i, score) in enumerate(zip(indices, scores), start=1))
     name = os.path.basename(os.path.abspath(folder)) or 'root'  # a name, never a path: the CSV stays in results_dir
@@ -172,7 +179,7 @@ def write_embedding_map(database, results_dir, limit, seed):
     return target
 
 
-def retrieve(database, query_path, k, results_dir):
+def retrieve(database, query_path, k, results_dir, reranker):
     """The top k images of the database for one query, written to results_dir/{query stem}/."""
     query_image = load_query(query_path)
     stem = os.path.splitext(os.path.basename(query_path))[0]
@@ -182,7 +189,7 @@ def retrieve(database, query_path, k, results_dir):
         query_feature = database.embed_file(query_path)
     images, labels, split = database.images, database.labels, database.split
     retrieval.check_k(k, len(images), exclude, f'--retrieval_num {k}', database.path, split)
-    indices, scores = retrieval.top_k(query_feature, database.features, k, exclude, labels, query_label)
+    indices, scores = reranker.top_k(query_feature, k, exclude, query_label)
     hits = []  # every picture is read and encoded before anything is written
     for rank, (i, score) in enumerate(zip(indices, scores), start=1):
         hits.append((rank, score, labels[i], database_picture(images[i], pictures.INNER, database.path), images[i]))
@@ -206,14 +213,21 @@ def main(argv=None):
     cli.check_int('--seed', args.seed, 0, cli.SEED_MAX)
     cli.check_results_dir(args.results_dir)
     device = distributed.resolve_device(args.device)
-    query = args.query_img_name is not None or args.query_dir is not None or not args.embedding_map
-    # a map alone needs only the database's features; a query also its model
+    query = args.query_img_name is not None or args.query_dir is not None or \
+        not (args.embedding_map or args.evaluate or args.tune)
+    # a map or evaluation alone needs only the database's features; a query also its model
     database = runs.open_database(args.data_base, args.results_dir, device, with_model=query, data_path=args.data_path)
-    target = None
+    params = rerank.resolve(args.rerank, args.rerank_args, database.path)
+    if args.evaluate or args.tune:
+        ks = database.config.get('settings', {}).get('recalls', [1, 2, 4, 8])
+        return (rerank.tune(database.db, database.path, args.rerank, ks) if args.tune else
+                rerank.evaluate(database.db, args.rerank, params, ks))
+    target, reranker = None, query and rerank.Reranker(args.rerank, params, database.features, database.labels)
     if args.query_dir is not None:
-        target = retrieve_folder(database, args.query_dir, args.retrieval_num, args.results_dir)
+        target = retrieve_folder(database, args.query_dir, args.retrieval_num, args.results_dir, reranker)
     elif query:
-        target = retrieve(database, args.query_img_name or DEFAULT_QUERY, args.retrieval_num, args.results_dir)
+        target = retrieve(database, args.query_img_name or DEFAULT_QUERY, args.retrieval_num, args.results_dir,
+                          reranker)
     if args.embedding_map:  # also with a query: written as well (the query's target is returned)
         drawn = write_embedding_map(database, args.results_dir, args.map_images, args.seed)
         target = target or drawn
