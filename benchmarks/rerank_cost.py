@@ -1,0 +1,58 @@
+"""Time and peak memory of evaluating a database split with each post-processing method against without, on
+synthetic normalised features with 5-6 images a class (SOP's shape) at growing N; each measurement in a fresh
+process (peak RSS is per process).
+
+    python benchmarks/rerank_cost.py [--sizes 7500,15000,30000,60502] [--dim 1536] [--threads 2]"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def measure(n, dim, method, threads):
+    """One fresh process: features made, then evaluate -> {seconds, extra peak MiB over the features}."""
+    code = f'''
+import json, resource, sys, time, torch
+sys.path.insert(0, {REPO!r})
+import metrics, rerank
+torch.set_num_threads({threads})
+g = torch.Generator().manual_seed(0)
+labels = torch.arange({n}) // 5  # 5 images a class (SOP: 5.3)
+centres = torch.randn({n} // 5 + 1, {dim}, generator=g)
+x = torch.nn.functional.normalize(centres[labels] + 1.2 * torch.randn({n}, {dim}, generator=g), dim=1)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+plain = metrics.rank_stats(x, labels)
+if {method!r} != 'none':
+    rerank.post_stats({method!r}, rerank.parse_args({method!r}, ''), x, labels, plain=plain)
+print(json.dumps({{'seconds': time.perf_counter() - start,
+                  'extra_mib': (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}}))
+'''
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--sizes', default='7500,15000,30000,60502')
+    parser.add_argument('--dim', default=1536, type=int)
+    parser.add_argument('--threads', default=2, type=int)
+    args = parser.parse_args()
+    print('| N | method | seconds | x plain | extra peak MiB |\n| --- | --- | --- | --- | --- |', flush=True)
+    for n in (int(v) for v in args.sizes.split(',')):
+        plain = None
+        for method in ('none', 'aqe', 'kreciprocal'):
+            m = measure(n, args.dim, method, args.threads)
+            plain = plain or m
+            print(f'| {n:,} | {method} | {m["seconds"]:.1f} | {m["seconds"] / plain["seconds"]:.2f} | '
+                  f'{m["extra_mib"]:.0f} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()
