@@ -66,7 +66,7 @@ def parse_args(argv=None):
     add('--port', default=8000, type=int, help='port to listen on (0: any free port, printed)')
     add('--device', default=None, help='device that embeds uploaded images [default: cuda if there, else cpu]')
     add('--rerank', default='none', choices=list(rerank.METHODS), help='post-processing of every search (rerank.py)')
-    add('--rerank_args', default=None, help="its parameters, e.g. k=10,alpha=3 [default: test.py --tune's choice]")
+    add('--rerank_args', default=None, help="its parameters, e.g. k=10,alpha=3 [default: the choice test.py's tuning saved]")
     return parser.parse_args(argv)
 
 
