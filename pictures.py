@@ -47,7 +47,8 @@ def render(query_image, query_label, hits):
     # (file name, image, same label as the query: None where no label is known, caption lines)
     entries = [('query_img.jpg', query_image, None, 'query', f'label {query_label}' if known else 'label unknown')]
     entries += [(f'retrieval_img_{rank}_{score:.4f}.jpg', image, label == query_label if known else None,
-                 f'#{rank}  {score:.4f}', f'label {label}') for rank, score, label, image, _ in hits]
+                 f'#{rank}  {score:.4f}', '' if label is None else f'label {label}')
+                for rank, score, label, image, _ in hits]
     cols, lines = min(len(entries), ROW_MAX), -(-len(entries) // ROW_MAX)
     row = Image.new('RGB', (cols * TILE + (cols + 1) * PAD, lines * (TILE + CAPTION + PAD) + PAD), 'white')
     draw, font = ImageDraw.Draw(row), ImageFont.load_default(size=15)

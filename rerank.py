@@ -11,7 +11,9 @@ kreciprocal: Zhong, Zheng, Cao and Li, "Re-ranking Person Re-identification with
 k-reciprocal sets of k1 with their k1/2 expansion, weights exp(-distance), local query expansion over k2
 neighbours, Jaccard distance blended with the original squared distance by lambda; each query's first `depth`
 results are reordered, the rest keep their order. Where query and gallery are one set, each item is left out of
-its own lists; a separate query set joins the neighbour graph as in the reference implementation."""
+its own lists; a separate query set joins the neighbour graph as in the reference implementation. Only the items a
+query's distances read are encoded, so one query from outside a gallery (test.py, serve.py) costs its own lists, the
+gallery lists it enters and a few hundred encodings, the gallery's lists being found once at start."""
 import dataclasses
 import json
 import math
@@ -23,10 +25,9 @@ import torch.nn.functional as F
 
 import files
 import metrics
-import retrieval
 import runs
+import search
 from cli import UserError
-from search import knn
 
 BOOTSTRAP_SAMPLES = 1000
 CHUNK = 1024  # rows of one step of the list computations
@@ -129,36 +130,52 @@ def neighbour_lists(queries, gallery, k):
     k = min(k, n)
     if k == 0:
         return torch.zeros(len(queries), 0, dtype=torch.float64), torch.zeros(len(queries), 0, dtype=torch.long)
-    scores, indices = knn(queries, gallery, k=k, exclude_self=gallery is None)
+    scores, indices = search.knn(queries, gallery, k=k, exclude_self=gallery is None)
     return scores.double(), indices.long()
+
+
+def list_length(params):
+    """How long kreciprocal's lists are: they give the reordered candidates, the k1 and k2 nearest."""
+    return max(params['depth'], params['k1'], params['k2'])
+
+
+def similarities(gallery, queries):
+    """gallery [c, D] x queries [n, D] -> [c, n] float64, rounded to float32 as search.py's scores are (so that
+    they order among the lists' scores the same way, whichever product computed them)."""
+    return (gallery.double() @ queries.double().T).float().double()
 
 
 def merged_lists(lists, gallery, queries, k):
     """The lists of the set [queries; gallery] from the gallery's own lists (scores, indices into gallery): each
     query's k nearest among the others, each gallery list with the queries merged in -> (scores, indices) into the
-    set."""
+    set; on equal scores the gallery items come first."""
     nq = len(queries)
     gs, gi = neighbour_lists(queries, gallery, k)
+    gi = gi + nq
     if nq > 1:
         qs, qi = neighbour_lists(queries, None, k)
-        gs, gi = _best(torch.cat([qs, gs], 1), torch.cat([qi, gi + nq], 1), k)
-    else:
-        gi = gi + nq
-    old_s, old_i = lists
+        gs, gi = _best(torch.cat([gs, qs], 1), torch.cat([gi, qi], 1), k)
     parts_s, parts_i = [], []
     for begin in range(0, len(gallery), CHUNK):
-        sims = (gallery[begin:begin + CHUNK].double() @ queries.double().T)  # [c, nq]
-        cand_s = torch.cat([old_s[begin:begin + CHUNK], sims], 1)
-        cand_i = torch.cat([old_i[begin:begin + CHUNK] + nq, torch.arange(nq).expand(len(sims), nq)], 1)
-        s, i = _best(cand_s, cand_i, k)
+        block = slice(begin, begin + CHUNK)
+        s, i = _with_queries(lists[0][block], lists[1][block], similarities(gallery[block], queries), k)
         parts_s.append(s)
         parts_i.append(i)
     return torch.cat([gs] + parts_s), torch.cat([gi] + parts_i)
 
 
+def _with_queries(scores, indices, sims, k):
+    """Gallery lists (scores, indices into the gallery) [c, K] with nq queries' similarities [c, nq] merged in ->
+    the k best of each row, indices into [queries; gallery]."""
+    nq = sims.shape[1]
+    return _best(torch.cat([scores, sims], 1), torch.cat([indices + nq, torch.arange(nq).expand(len(sims), nq)], 1),
+                 k)
+
+
 def _best(scores, indices, k):
-    top = scores.topk(min(k, scores.shape[1]), dim=1)
-    return top.values, indices.gather(1, top.indices)
+    """The k best of each row by score, stable: on equal scores the earlier column first."""
+    order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return scores.gather(1, order), indices.gather(1, order)
 
 
 # ---- aqe ----
@@ -180,28 +197,40 @@ def augment(vectors, base, lists, k, alpha):
 
 # ---- k-reciprocal ----
 
-def kreciprocal(features, lists, rows, candidates, k1, k2, lam):
-    """Blended distances of the set features [N, D] (normalised) with lists (scores, indices) of each item among
-    the others (at least k1 long), for the items `rows` [n] against their candidates [n, C] (set indices) ->
-    distances [n, C] float64 (Zhong et al.'s final distance; the reference squares its distance input, so the
-    original distance here is the squared Euclidean one, 2 - 2 cos, divided by its row's largest)."""
+def graph(lists):
+    """The neighbour graph kreciprocal reads, from each item's list among the others (scores, indices) [N, K] ->
+    (ranked [N, K + 1]: itself first, then its list; scale [N]: what divides its squared distances)."""
+    num = len(lists[1])
+    return torch.cat([torch.arange(num)[:, None], lists[1]], 1), _scales(lists, num)
+
+
+def kreciprocal(features, neighbours, rows, candidates, k1, k2, lam):
+    """Blended distances of the set features [N, D] (normalised) with its graph (ranked, scale; lists at least k1
+    long), for the items `rows` [n] against their candidates [n, C] (set indices) -> distances [n, C] float64
+    (Zhong et al.'s final distance; the reference squares its distance input, so the original distance here is the
+    squared Euclidean one, 2 - 2 cos, divided by scale). Only the items these distances read are encoded."""
+    ranked, scale = neighbours
     num = len(features)
-    selves = torch.arange(num)[:, None]
-    ranked = torch.cat([selves, lists[1]], 1)                                # [N, K + 1]: itself first
-    scale = _scales(lists, num)                                              # [N]
     half = int(np.around(k1 / 2.))
-    strong, weak = _reciprocal(ranked, k1), _reciprocal(ranked, half)       # [N, k1 + 1], [N, half + 1]
-    v_ids, v_vals = _encode(features, ranked, strong, weak, k1, half, scale)  # [N, W] each
+    wanted = torch.unique(torch.cat([rows, candidates.flatten()]))           # [w] the items whose weights are read
+    near = ranked[wanted, :max(k2, 1)]                                       # [w, k2] itself first
+    encoded = torch.unique(near)                                             # [e] the items encoded
+    v_ids, v_vals = _encode(features, ranked, encoded, k1, half, scale)      # [e, W] each
+    slot = torch.full((num,), -1, dtype=torch.long)
+    slot[encoded] = torch.arange(len(encoded))
     if k2 > 1:
-        v_ids, v_vals = _local_expansion(ranked[:, :k2], v_ids, v_vals, num)
+        v_ids, v_vals = _local_expansion(slot[near], v_ids, v_vals, num)     # [w, W']
+    else:
+        v_ids, v_vals = v_ids[slot[wanted]], v_vals[slot[wanted]]
+    slot[wanted] = torch.arange(len(wanted))
     out = torch.empty(candidates.shape, dtype=torch.float64)
     step = max(1, CHUNK // 16)
     for begin in range(0, len(rows), step):
         r, cand = rows[begin:begin + step], candidates[begin:begin + step]  # [c], [c, C]
         dense = torch.zeros(len(r), num + 1, dtype=torch.float64)             # V of each row; column N: padding
-        dense.scatter_add_(1, v_ids[r], v_vals[r])
+        dense.scatter_add_(1, v_ids[slot[r]], v_vals[slot[r]])
         dense[:, num] = 0
-        ids, vals = v_ids[cand], v_vals[cand]                                # [c, C, W]
+        ids, vals = v_ids[slot[cand]], v_vals[slot[cand]]                    # [c, C, W]
         shared = torch.minimum(vals, dense.gather(1, ids.flatten(1)).view(ids.shape)).sum(2)  # [c, C]
         jaccard = 1 - shared / (2 - shared)
         distance = (2 - 2 * (features[r].double()[:, None, :] @ features[cand].double().transpose(1, 2))[:, 0])
@@ -217,27 +246,24 @@ def _scales(lists, num):
     return torch.full((num,), 4.0, dtype=torch.float64)
 
 
-def _reciprocal(ranked, k):
-    """[N, k + 1] bool: whether the j-th of each item's k + 1 nearest (itself first) has the item among its own."""
-    out = torch.empty(len(ranked), k + 1, dtype=torch.bool)
-    for begin in range(0, len(ranked), CHUNK):
-        forward = ranked[begin:begin + CHUNK, :k + 1]                        # [c, k + 1]
-        backward = ranked[forward, :k + 1]                                   # [c, k + 1, k + 1]
-        out[begin:begin + CHUNK] = (backward == torch.arange(begin, begin + len(forward))[:, None, None]).any(2)
-    return out
+def _reciprocal(ranked, listed, owners, k):
+    """Whether each item of `listed` [..., m] has its owner (owners [...], one per row of m) among its own k + 1
+    nearest (itself first) -> bool [..., m]."""
+    return (ranked[listed, :k + 1] == owners[..., None, None]).any(-1)
 
 
-def _encode(features, ranked, strong, weak, k1, half, scale):
-    """Each item's k-reciprocal set, expanded by the half sets that overlap it by more than 2/3, as sparse weights
-    exp(-distance) summing to 1 -> (ids [N, W], values [N, W]); padding: id N, value 0."""
+def _encode(features, ranked, items, k1, half, scale):
+    """The k-reciprocal set of each of `items` [e], expanded by the half sets that overlap it by more than 2/3, as
+    sparse weights exp(-distance) summing to 1 -> (ids [e, W], values [e, W]); padding: id N, value 0."""
     num = len(ranked)
     parts = []
-    for begin in range(0, num, CHUNK // 4):
-        forward = ranked[begin:begin + CHUNK // 4, :k1 + 1]                    # [c, k1 + 1]
-        own = strong[begin:begin + CHUNK // 4]
+    for begin in range(0, len(items), CHUNK // 4):
+        rows = items[begin:begin + CHUNK // 4]                               # [c]
+        forward = ranked[rows, :k1 + 1]                                      # [c, k1 + 1]
+        own = _reciprocal(ranked, forward, rows, k1)
         members = torch.where(own, forward, -1)                              # [c, k1 + 1] the reciprocal set
         halves = ranked[forward, :half + 1]                                  # [c, k1 + 1, half + 1]
-        half_ok = weak[forward]
+        half_ok = _reciprocal(ranked, halves, forward, half)
         inside = (halves[..., None] == members[:, None, None, :]).any(3) & half_ok
         accept = own & (inside.sum(2) > 2. / 3 * half_ok.sum(2))             # [c, k1 + 1]
         extra = torch.where(half_ok & accept[..., None], halves, -1).flatten(1)
@@ -247,7 +273,6 @@ def _encode(features, ranked, strong, weak, k1, half, scale):
         ids = ids.sort(1).values
         width = int((ids < num).sum(1).max())
         ids = ids[:, :width]
-        rows = torch.arange(begin, begin + len(ids))
         valid = ids < num
         sims = (features[ids.clamp(max=num - 1)].double() @ features[rows].double()[:, :, None])[..., 0]
         weight = torch.where(valid, torch.exp(-(2 - 2 * sims).clamp(min=0) / scale[rows][:, None]), 0)
@@ -256,9 +281,10 @@ def _encode(features, ranked, strong, weak, k1, half, scale):
 
 
 def _local_expansion(near, ids, vals, num):
-    """Each item's weights replaced by their mean over its k2 nearest (itself first) -> (ids, values) as _encode."""
+    """Weights averaged over each row of near [w, k2] (rows of ids, vals: an item's k2 nearest, itself first) ->
+    (ids, values) [w, W'] as _encode."""
     parts = []
-    for begin in range(0, num, CHUNK // 4):
+    for begin in range(0, len(near), CHUNK // 4):
         group = near[begin:begin + CHUNK // 4]                               # [c, k2]
         k2 = group.shape[1]
         gi, gv = ids[group].flatten(1), vals[group].flatten(1)               # [c, k2 W]
@@ -292,6 +318,7 @@ def post_stats(method, params, queries, query_labels, gallery=None, gallery_labe
     lists); plain: their RankStats without it (kreciprocal reorders those); lists: the set's own lists, when known."""
     if method == 'none':
         return plain if plain is not None else metrics.rank_stats(queries, query_labels, gallery, gallery_labels)
+    queries, gallery = (None if x is None else F.normalize(x.float(), dim=1) for x in (queries, gallery))
     base = queries if gallery is None else gallery
     if method == 'aqe':
         lists = lists or neighbour_lists(base, None, params['k'])
@@ -304,8 +331,8 @@ def post_stats(method, params, queries, query_labels, gallery=None, gallery_labe
     plain = plain if plain is not None else metrics.rank_stats(queries, query_labels, gallery, gallery_labels)
     if params['lambda'] == 1:  # the original distance alone: the plain ranking, exactly
         return plain
-    depth, length = params['depth'], max(params['depth'], params['k1'], params['k2'])
-    lists = lists or neighbour_lists(base, None, length)
+    depth, length = params['depth'], list_length(params)
+    lists = (lists[0][:, :length], lists[1][:, :length]) if lists else neighbour_lists(base, None, length)
     query_ids, gallery_ids = metrics.label_ids(query_labels, query_labels if gallery is None else gallery_labels)
     if gallery is None:
         features, rows, cand_scores, cand = base, torch.arange(len(base)), lists[0][:, :depth], lists[1][:, :depth]
@@ -313,7 +340,7 @@ def post_stats(method, params, queries, query_labels, gallery=None, gallery_labe
         features, rows = torch.cat([queries, gallery]), torch.arange(len(queries))
         lists = merged_lists(lists, gallery, queries, length)
         cand_scores, cand = neighbour_lists(queries, gallery, depth)
-    distances = kreciprocal(features, lists, rows, cand + (0 if gallery is None else len(queries)),
+    distances = kreciprocal(features, graph(lists), rows, cand + (0 if gallery is None else len(queries)),
                             params['k1'], params['k2'], params['lambda'])
     same = gallery_ids[cand] == query_ids[:, None]                                  # [n, depth]
     # ties go against the query, as in metrics.py: other-class items first
@@ -420,45 +447,76 @@ def tune(db, db_path, method, ks):
 # ---- searching through a method ----
 
 class Reranker:
-    """A database's searched split prepared once for a method; top_k answers one query as retrieval.top_k does."""
+    """A gallery (search.Gallery or features [N, D]) and its labels prepared once for a method: for aqe the gallery
+    augmented, for kreciprocal its neighbour lists; then each search answers as search.top_k(_batch) does."""
 
-    def __init__(self, method, params, features, labels):
+    def __init__(self, method, params, gallery, labels):
         self.method, self.params, self.labels = method, params, labels
-        self.features = features.float()
+        self.gallery = self.searched = search.as_gallery(gallery)
+        self.features = features = self.gallery.features.float()  # [N, D] normalised
         if method == 'aqe':
-            self.lists = neighbour_lists(self.features, None, params['k'])
-            self.searched = augment(self.features, self.features, self.lists, params['k'], params['alpha'])
-        else:
-            self.searched = self.features
+            self.lists = neighbour_lists(features, None, params['k'])
+            self.searched = search.Gallery(augment(features, features, self.lists, params['k'], params['alpha']))
         if method == 'kreciprocal':
-            self.lists = neighbour_lists(self.features, None, max(params['depth'], params['k1'], params['k2']))
+            # lists covering the gallery: as the evaluation builds them; otherwise the k1 and k2 nearest are all
+            # a query's distances read, and an outside query is merged into the few lists it enters
+            self.length = list_length(params)
+            self.full = self.length >= len(features) - 1
+            self.lists = neighbour_lists(features, None, self.length if self.full else max(params['k1'], params['k2']))
+            self.graph = graph(self.lists)
+            self.shifted = torch.cat([torch.zeros(1, self.graph[0].shape[1], dtype=torch.long), self.graph[0] + 1])
 
     def top_k(self, feature, k, exclude=None, query_label=None):
-        """The k best items for a query feature [D] (exclude: its index where it is one of them) -> (indices,
+        """The k best items for a query feature [D] (exclude: its index where it is a gallery item) -> (indices,
         scores), lists of k; kreciprocal's score is 1 - the blended distance."""
-        if self.method != 'none':
-            feature = F.normalize(feature.float(), dim=0)
+        indices, scores = self.top_k_batch(feature[None], k, [exclude], [query_label])
+        return indices[0].tolist(), scores[0].tolist()
+
+    def top_k_batch(self, queries, k, excludes=None, query_labels=None):
+        """top_k for queries [n, D] -> (indices [n, k], scores [n, k]); excludes, query_labels: one per query."""
+        excludes = [None] * len(queries) if excludes is None else list(excludes)
+        query_labels = [None] * len(queries) if query_labels is None else list(query_labels)
+        if self.method == 'kreciprocal':
+            found = [self._kreciprocal(q, k, e, label) for q, e, label in zip(queries, excludes, query_labels)]
+            return torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found])
         if self.method == 'aqe':
-            if exclude is not None:
-                feature = self.searched[exclude]
-            else:
-                lists = neighbour_lists(feature[None], self.features, self.params['k'])
-                feature = augment(feature[None], self.features, lists, self.params['k'], self.params['alpha'])[0]
-        order, scores = retrieval.rank_gallery(feature, self.searched, exclude, self.labels, query_label)
-        if self.method != 'kreciprocal' or self.params['lambda'] == 1:
-            return order[:k].tolist(), scores[:k].tolist()
-        p, depth = self.params, min(self.params['depth'], len(order))
-        if exclude is not None:
-            features, lists, row, offset = self.features, self.lists, exclude, 0
+            queries = F.normalize(torch.as_tensor(queries).float(), dim=1)
+            lists = neighbour_lists(queries, self.features, self.params['k'])
+            queries = augment(queries, self.features, lists, self.params['k'], self.params['alpha'])
+            inside = [i for i, e in enumerate(excludes) if e is not None]  # a gallery item: augmented at start
+            queries[inside] = self.searched.features[[excludes[i] for i in inside]].float()
+        return search.top_k_batch(queries, self.searched, k, excludes, self.labels, query_labels)
+
+    def _kreciprocal(self, feature, k, exclude, label):
+        p = self.params
+        depth = min(p['depth'], len(self.features) - (exclude is not None))
+        order, plain = search.top_k_batch(feature[None], self.gallery, max(k, depth), [exclude], self.labels, [label])
+        order, plain = order[0], plain[0].double()
+        if p['lambda'] == 1:
+            return order[:k], plain[:k].float()
+        if exclude is not None:  # a gallery item: the gallery's own graph
+            features, neighbours, row, offset = self.features, self.graph, exclude, 0
         else:
-            features, offset = torch.cat([feature[None], self.features]), 1
-            lists, row = merged_lists(self.lists, self.features, feature[None], self.lists[1].shape[1]), 0
+            query = F.normalize(feature.float(), dim=0)[None]  # [1, D]
+            features, neighbours, row, offset = torch.cat([query, self.features]), self._with_query(query), 0, 1
         cand = order[:depth]
-        distances = kreciprocal(features, lists, torch.tensor([row]), (cand + offset)[None], p['k1'], p['k2'],
+        distances = kreciprocal(features, neighbours, torch.tensor([row]), (cand + offset)[None], p['k1'], p['k2'],
                                 p['lambda'])[0]
-        scale = _scales(lists, len(features))[row]
-        rest = (1 - p['lambda']) + p['lambda'] * (2 - 2 * scores[depth:].double()) / scale
+        rest = (1 - p['lambda']) + p['lambda'] * (2 - 2 * plain[depth:]) / neighbours[1][row]
         reorder = torch.argsort(distances, stable=True)
         final = torch.cat([cand[reorder], order[depth:]])
-        final_scores = 1 - torch.cat([distances[reorder], rest])
-        return final[:k].tolist(), final_scores[:k].tolist()
+        return final[:k], (1 - torch.cat([distances[reorder], rest]))[:k].float()
+
+    def _with_query(self, query):
+        """The graph of [query; gallery] (what the evaluation builds for one query) from the gallery's: the query's
+        own list, and the gallery lists whose last score it beats merged with it (a few, not N)."""
+        if self.full:
+            return graph(merged_lists(self.lists, self.features, query, self.length))
+        width = self.lists[1].shape[1]
+        ranked = self.shifted.clone()  # [N + 1, width + 1]
+        ranked[0, 1:] = neighbour_lists(query, self.features, width)[1][0] + 1
+        sims = similarities(self.features, query)  # [N, 1]
+        entered = torch.nonzero(sims[:, 0] > self.lists[0][:, -1]).flatten()
+        ranked[entered + 1, 1:] = _with_queries(self.lists[0][entered], self.lists[1][entered], sims[entered],
+                                                width)[1]
+        return ranked, torch.full((len(ranked),), 4.0, dtype=torch.float64)  # _scales of lists not covering the set

@@ -1,12 +1,16 @@
 """The feature database, and nothing else writes, reads or checks it: its fields and format version, save (beside
 its model file, tied to it by SHA-256), load and validation, which split a query searches (a dataset with a gallery
-searches the gallery), the model rebuilt from it, and the search itself: queries embedded as train.py embedded the
-database's images, ranked with ties against the query. test.py and serve.py answer through it.
+searches the gallery), the model rebuilt from it, queries embedded as train.py embedded the database's images, and
+the searched features normalised once for search.py (exact search, ties against the query). test.py and serve.py
+answer through it.
 
 A database: {'version': VERSION, 'test_images': [paths], 'test_labels': [str], 'test_features': float [N, D],
 ('gallery_images', 'gallery_labels', 'gallery_features': a query/gallery dataset's gallery, its query split under
 test_*, as the original stored it), ('val_images', 'val_labels', 'val_features': the held-out training classes of a
-run with --val_split; older databases have none), 'config': {DATABASE_CONFIG, 'settings': the run's settings}}. The image paths
+run with --val_split; older databases have none), 'config': {DATABASE_CONFIG, 'settings': the run's settings}}. A
+gallery of a folder (index.py, make_folder_gallery) holds only the gallery_* fields, its labels str or None (no
+sub-folder), its config the model's database's with 'gallery_dir' added and 'model_file' relative to its own folder.
+The image paths
 are as train.py was given them (relative ones to the folder it ran in, found from the database's folder when read
 from elsewhere); they lie under {data_path}/{data_name}/, so a moved dataset is found under a new data_path."""
 import contextlib
@@ -17,12 +21,13 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import imaging
+import search
 from cli import UserError
-from files import atomic_write, load_bytes, read_bytes, safe_load, torch_bytes
+from datasets import IMAGE_EXTENSIONS
+from files import IMAGE_FILE_LIMIT, atomic_write, file_problem, load_bytes, read_bytes, safe_load, torch_bytes
 from model import Model, load_state_dict_strict
 
 VERSION = 1  # of the format; a database that records none is of version 1 (the fields are the same)
@@ -50,6 +55,25 @@ def save_model_and_database(state_dict, database, model_path, database_path):
     atomic_write({model_path: model_bytes, database_path: torch_bytes(dict(database, config=config))})
 
 
+def make_folder_gallery(images, labels, features, database, gallery_dir, folder):
+    """A gallery database of a folder's images [N] (labels str or None each, features [N, D]) embedded by the model
+    of `database` (a Database), to be written into `folder`: it records the same model file and SHA-256."""
+    model_file = os.path.relpath(os.path.abspath(database.model_path), os.path.abspath(folder))
+    config = dict(database.config, model_file=model_file, gallery_dir=os.path.abspath(gallery_dir))
+    return {'version': VERSION, 'gallery_images': list(images), 'gallery_labels': list(labels),
+            'gallery_features': features, 'config': config}
+
+
+def is_folder_gallery(db):
+    """Whether a database is a gallery of a folder (index.py), which has no test split."""
+    return isinstance(db.get('config'), dict) and 'gallery_dir' in db['config']
+
+
+def _splits(db):
+    """The splits a database holds."""
+    return ('gallery',) if is_folder_gallery(db) else ('test', 'gallery') if has_gallery(db) else ('test',)
+
+
 def _problem(db):
     """What makes a loaded object no usable database, or None."""
     if not isinstance(db, dict):
@@ -57,7 +81,7 @@ def _problem(db):
     if db.get('version', VERSION) != VERSION:
         return (f'it is of format version {db["version"]!r}, this CLF reads version {VERSION}; rebuild it with '
                 f'train.py (the same flags and --overwrite)')
-    splits = ('test', 'gallery') if has_gallery(db) else ('test',)
+    splits, unlabelled = _splits(db), (None,) if is_folder_gallery(db) else ()
     splits += ('val',) if any(key.startswith('val_') for key in db) else ()
     config = db.get('config')
     missing = [f'{s}_{f}' for s in splits for f in FIELDS if f'{s}_{f}' not in db]
@@ -76,7 +100,8 @@ def _problem(db):
     for split in splits:
         images, labels, features = (db[f'{split}_{f}'] for f in FIELDS)
         if not isinstance(images, (list, tuple)) or not all(isinstance(p, str) for p in images) or \
-                not isinstance(labels, (list, tuple)) or not all(isinstance(v, (str, int)) for v in labels):
+                not isinstance(labels, (list, tuple)) or \
+                not all(isinstance(v, (str, int)) or v in unlabelled for v in labels):
             return f'{split}_images and {split}_labels must be lists of paths and labels'
         if not torch.is_tensor(features) or not features.is_floating_point() or features.shape[1:] != (dim,):
             return f'{split}_features must be a float tensor [N, {dim}] (branches x feature_dim)'
@@ -102,7 +127,7 @@ def load_database(path, data_path=None):
                         f'..._data_base.pth that train.py writes)')
     for key in ('test_labels', 'gallery_labels', 'val_labels'):
         if key in db:
-            db[key] = [str(v) for v in db[key]]
+            db[key] = [None if v is None else str(v) for v in db[key]]
     for key in ('test_images', 'gallery_images', 'val_images'):
         if key in db:
             db[key] = resolve_images(db[key], db['config'], path, data_path)
@@ -150,7 +175,8 @@ def recorded_settings(path):
 
 def read_model_state(db, db_path):
     """The state dict of the model file beside a database, checked against its recorded SHA-256 -> (state, path)."""
-    model_path = os.path.join(os.path.dirname(db_path), os.path.basename(str(db['config']['model_file'])))
+    # a name beside the database (train.py's), or a path relative to its folder (a gallery of a folder's)
+    model_path = os.path.normpath(os.path.join(os.path.dirname(db_path), str(db['config']['model_file'])))
     data = read_bytes(model_path, 'model file')
     if hashlib.sha256(data).hexdigest() != db['config']['model_sha256']:
         raise UserError(f'the model file {model_path} is not the one the database {db_path} was written '
@@ -217,10 +243,15 @@ class Database:
     def config(self):
         return self.db['config']
 
+    @functools.cached_property
+    def searched(self):
+        """The searched split's features as a search.Gallery: normalised once, in the dtype they were saved in."""
+        return search.Gallery(self.features)
+
     def locate(self, query_path):
         """Where a query file is in the database: (index to exclude from the searched split, stored feature or
         None, label or None). A query-split image searches the whole gallery; a test image the rest of its split."""
-        for part in ('test', 'gallery') if self.has_gallery else ('test',):
+        for part in _splits(self.db):
             index = find_image(query_path, self.db[f'{part}_images'], self._identities.setdefault(part, {}))
             if index is not None:
                 feature, label = self.db[f'{part}_features'][index], self.db[f'{part}_labels'][index]
@@ -235,6 +266,24 @@ class Database:
     def embed(self, inputs):
         """Retrieval embeddings [B, D] (CPU, float) of preprocessed images [B, 3, s, s]."""
         return embed_inputs(self.model, inputs, self.device)
+
+    def embed_files(self, paths, batch_size, progress=None):
+        """Retrieval embeddings of image files, decoded and embedded batch_size at a time -> ({path: feature [D]},
+        [(path, reason)] of those that cannot be read: each named and skipped). progress(n): n more files done."""
+        embedded, unreadable, config = {}, [], self.config
+        for begin in range(0, len(paths), batch_size):
+            inputs = {}  # path -> [3, s, s]: one batch decoded at a time (bounded memory)
+            for path in paths[begin:begin + batch_size]:  # one by one, so that a damaged file is named and skipped
+                try:
+                    inputs[path] = imaging.eval_input(path, config['image_size'], config['mean'], config['std'],
+                                                      upright=True)
+                except UserError as err:
+                    unreadable.append((path, str(err)))
+            if inputs:
+                embedded.update(zip(inputs, self.embed(torch.stack(list(inputs.values())))))  # [D] each
+            if progress is not None:
+                progress(len(paths[begin:begin + batch_size]))
+        return embedded, unreadable
 
     def embed_file(self, path, data=None):
         """Retrieval embedding [D] of a query image file (or its bytes `data`), preprocessed as train.py did the
@@ -262,6 +311,29 @@ def embed_image(model, path, config, device, data=None, upright=True):
     database's images; upright: turned first as its EXIF orientation tag says (imaging.eval_input)."""
     x = imaging.eval_input(path, config['image_size'], config['mean'], config['std'], data, upright)  # [3, s, s]
     return embed_inputs(model, x[None], device)[0]
+
+
+def list_images(folder, flag):
+    """Image files (by extension) under `folder`, recursively, in sorted order; hidden entries are left out. `flag`
+    names the folder in errors (e.g. '--query_dir')."""
+    if not os.path.isdir(folder):
+        raise UserError(f'{flag} {folder} is not a folder' if os.path.lexists(folder) else
+                        f'{flag} not found: {folder}')
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        found += [os.path.join(root, f) for f in sorted(names)
+                  if not f.startswith('.') and f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not found:
+        raise UserError(f'{flag} {folder} holds no image (looked for {", ".join(IMAGE_EXTENSIONS)}, recursively)')
+    return found
+
+
+def regular_images(paths):
+    """The paths that are regular files within files.IMAGE_FILE_LIMIT (the check one query image gets), and
+    [(path, reason)] of the others, never opened: pipes, devices, links to them (/dev/zero), larger files."""
+    problems = {path: file_problem(path, 'image', IMAGE_FILE_LIMIT) for path in paths}
+    return [p for p in paths if problems[p] is None], [(p, problems[p]) for p in paths if problems[p] is not None]
 
 
 def check_upload(data, name):
@@ -311,27 +383,3 @@ def check_k(k, images, exclude, asked, source, split):
     if k > searchable:
         raise UserError(f'{asked} asks for more images than {source} can return ({searchable} {split} images'
                         f'{" besides the query" if exclude is not None else ""})')
-
-
-def rank_gallery(query_feature, gallery_features, exclude=None, gallery_labels=None, query_label=None):
-    """Gallery indices sorted by cosine similarity to the query, best first -> (indices, scores). Ties go against
-    the query, as in metrics.py: when its label is known, other-class items first; then index order."""
-    # scores of the whole gallery, then the query's own entry dropped: indexing the scores [N], not the
-    # features [N, D] (a 370 MB copy per query at SOP size)
-    scores = F.normalize(gallery_features.float(), dim=1) @ F.normalize(query_feature.float(), dim=0)  # [N]
-    candidates = torch.arange(len(gallery_features))
-    if exclude is not None:  # the query itself is not a result
-        candidates = candidates[candidates != exclude]
-        scores = scores[candidates]
-    order = torch.arange(len(candidates))  # [M] the tie order: index order...
-    if query_label is not None:  # ...other-class items ahead of same-class ones
-        same = torch.tensor([gallery_labels[i] == query_label for i in candidates.tolist()], dtype=torch.uint8)
-        order = torch.argsort(same, stable=True)
-    order = order[torch.sort(scores[order], descending=True, stable=True).indices]
-    return candidates[order], scores[order]
-
-
-def top_k(query_feature, gallery_features, k, exclude=None, gallery_labels=None, query_label=None):
-    """The k best gallery items for a query feature -> (indices, scores), lists of k: what test.py writes."""
-    indices, scores = rank_gallery(query_feature, gallery_features, exclude, gallery_labels, query_label)
-    return indices[:k].tolist(), scores[:k].tolist()

@@ -1,19 +1,139 @@
-"""Stand-in for the search module of the gallery-scale work (replaced by it on merge): k nearest neighbours in
-bounded memory."""
+"""Exact nearest-neighbour search by cosine similarity: one query, many queries, or a set against itself.
+
+The gallery is L2-normalised once (Gallery, in the dtype it was saved in). One query then costs one matrix-vector
+product and a partial selection (torch.topk), many queries matrix-matrix products in chunks of bounded memory.
+
+Order: higher similarity first; equal similarities go against the query (other-class items first when its label is
+known, as in metrics.py), then gallery order. A float32 product is off by at most margin() from the true
+similarity, and by different amounts depending on the kernel (one query or many, chunk, position in the matrix).
+So only the selection uses it: the candidates within margin() of the k-th score are scored again in float64 and
+ordered by those scores rounded to float32. The results are the same for one query or many, at any chunk size,
+and identical vectors score identically; the tie rule only ever sorts those few candidates.
+"""
 import torch
+import torch.nn.functional as F
+
+CHUNK_BYTES = 2 ** 28  # a batched search's similarity block [c, N] (float32) is at most this: 256 MiB
+EXTRA = 16  # candidates selected beyond k: more than the near-ties of the k-th score, as a rule
+PIECE = 4096  # candidates scored again in float64 at a time ([PIECE, D] float64: 48 MiB at D = 1536)
 
 
-def knn(queries, gallery=None, k=10, exclude_self=True):
-    """The k most similar gallery items of each query by inner product -> (scores [n, k], indices [n, k]), best
-    first; gallery None: the queries themselves, each left out of its own list."""
-    base = queries if gallery is None else gallery
-    scores, indices = [], []
-    for begin in range(0, len(queries), 1024):
-        sims = queries[begin:begin + 1024].float() @ base.float().T
-        if gallery is None and exclude_self:
-            rows = torch.arange(len(sims))
-            sims[rows, rows + begin] = -float('inf')
-        top = sims.topk(k, dim=1)
-        scores.append(top.values)
-        indices.append(top.indices)
-    return torch.cat(scores), torch.cat(indices)
+class Gallery:
+    """Gallery features [N, D] L2-normalised once: float32 and float64 ones stay in their dtype, lower precision ones
+    are searched in float32 (CPU products in float16 are slow and their error large)."""
+
+    def __init__(self, features):
+        features = torch.as_tensor(features)
+        if features.dim() != 2 or not features.is_floating_point() or not len(features):
+            raise ValueError(f'gallery features must be a float tensor [N, D], N >= 1; got {tuple(features.shape)} '
+                             f'{features.dtype}')
+        dtype = features.dtype if features.dtype == torch.float64 else torch.float32
+        self.features = F.normalize(features.to(dtype), dim=1).contiguous()  # [N, D]
+
+    def __len__(self):
+        return len(self.features)
+
+
+def as_gallery(gallery):
+    """A Gallery as it is, features [N, D] normalised into one (once per call: keep a Gallery for many calls)."""
+    return gallery if isinstance(gallery, Gallery) else Gallery(gallery)
+
+
+def margin(dtype, dim):
+    """Twice the largest error of a similarity of unit vectors computed in `dtype` (any summation order): a dot
+    product of length D is within D·u of the true value (u = eps / 2), the query's rounding adds u."""
+    return (dim + 4) * torch.finfo(dtype).eps
+
+
+def normalised_queries(queries):
+    """Queries [n, D] (or one [D]) as unit vectors in float64 [n, D]; the float64 copy serves the second scoring."""
+    queries = torch.as_tensor(queries).double()
+    return F.normalize(queries.reshape(-1, queries.shape[-1]), dim=1)
+
+
+@torch.no_grad()
+def top_k(query_feature, gallery_features, k, exclude=None, gallery_labels=None, query_label=None):
+    """The k best gallery items for one query feature [D] -> (indices, scores), lists of k, best first; `exclude`: a
+    gallery index left out (the query itself); labels: ties go against the query (other-class items first)."""
+    gallery = as_gallery(gallery_features)
+    _check_k(k, len(gallery), exclude is not None)
+    query = normalised_queries(query_feature)  # [1, D]
+    scores = gallery.features @ query[0].to(gallery.features.dtype)  # [N] one matrix-vector product
+    indices, values = _select(scores[None], query, gallery, k, [exclude], gallery_labels, [query_label])
+    return indices[0].tolist(), values[0].tolist()
+
+
+@torch.no_grad()
+def top_k_batch(query_features, gallery_features, k, excludes=None, gallery_labels=None, query_labels=None,
+                chunk=None):
+    """top_k for many queries [n, D] -> (indices [n, k] int64, scores [n, k] float32), row i what top_k gives query
+    i; `excludes`, `query_labels`: one per query (None: nothing excluded, label unknown). `chunk`: queries per
+    matrix product [default: as many as keep the similarity block within CHUNK_BYTES]."""
+    gallery = as_gallery(gallery_features)
+    queries = normalised_queries(query_features)  # [n, D]
+    excludes = [None] * len(queries) if excludes is None else list(excludes)
+    query_labels = [None] * len(queries) if query_labels is None else list(query_labels)
+    if not len(excludes) == len(query_labels) == len(queries):
+        raise ValueError(f'{len(queries)} queries, {len(excludes)} excludes, {len(query_labels)} labels')
+    _check_k(k, len(gallery), any(e is not None for e in excludes))
+    chunk = chunk or max(1, CHUNK_BYTES // (4 * len(gallery)))
+    indices, scores = [torch.empty(0, k, dtype=torch.long)], [torch.empty(0, k)]
+    for begin in range(0, len(queries), chunk):
+        part = slice(begin, begin + chunk)
+        block = queries[part].to(gallery.features.dtype) @ gallery.features.T  # [c, N]
+        found = _select(block, queries[part], gallery, k, excludes[part], gallery_labels, query_labels[part])
+        indices.append(found[0])
+        scores.append(found[1])
+    return torch.cat(indices), torch.cat(scores)
+
+
+def knn(queries, gallery=None, k=10, exclude_self=None, chunk=None):
+    """The k nearest gallery items of each query by cosine similarity -> (scores [n, k] float32, indices [n, k]
+    int64), best first, ties in gallery order. queries: [n, D]; gallery: [N, D] or a Gallery; None: the queries
+    themselves, each then left out of its own list (exclude_self defaults to True exactly then: index i of the
+    gallery is query i)."""
+    exclude_self = gallery is None if exclude_self is None else exclude_self
+    gallery = queries if gallery is None else gallery
+    excludes = range(len(queries)) if exclude_self else None
+    indices, scores = top_k_batch(queries, gallery, k, excludes, chunk=chunk)
+    return scores, indices
+
+
+def _check_k(k, size, excluding):
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= size - excluding:
+        raise ValueError(f'k must be 1 to {size - excluding} (gallery of {size}'
+                         f'{", the query excluded" if excluding else ""}), got {k!r}')
+
+
+def _select(scores, queries, gallery, k, excludes, gallery_labels, query_labels):
+    """The top k of each row of float32 similarities scores [c, N] (changed in place) -> (indices [c, k], scores
+    [c, k]): the candidates within margin() of the row's k-th score, scored in float64 against queries [c, D]
+    (float64, unit vectors), ordered by (that score rounded to float32, descending; same class; gallery index)."""
+    excluded = [(row, exclude) for row, exclude in enumerate(excludes) if exclude is not None]
+    if excluded:
+        rows, cols = zip(*excluded)
+        scores[list(rows), list(cols)] = -float('inf')  # never within the margin of a finite k-th score
+    width = min(scores.shape[1], k + EXTRA)
+    while True:  # a partial selection wide enough to hold every candidate of each row
+        values, columns = scores.topk(width, dim=1)  # [c, width], best first
+        threshold = values[:, k - 1] - margin(scores.dtype, queries.shape[1])  # [c]
+        if width == scores.shape[1] or not (values[:, -1] >= threshold).any():
+            break
+        width = min(scores.shape[1], 4 * width)  # many near-ties (repeated vectors): wider
+    row, position = torch.nonzero(values >= threshold[:, None], as_tuple=True)  # [m] candidates
+    col = columns[row, position]
+    # index_select, not features[col]: advanced indexing of the large gallery costs milliseconds here
+    exact = torch.cat([(gallery.features.index_select(0, col[i:i + PIECE]).double()
+                        * queries.index_select(0, row[i:i + PIECE])).sum(1)
+                       for i in range(0, len(col), PIECE)]).float()  # [m]
+    order = torch.argsort(col, stable=True)  # gallery order...
+    if gallery_labels is not None and any(label is not None for label in query_labels):
+        same = torch.tensor([query_labels[r] is not None and gallery_labels[g] == query_labels[r]
+                             for r, g in zip(row.tolist(), col.tolist())], dtype=torch.uint8)
+        order = order[torch.argsort(same[order], stable=True)]  # ...other-class items ahead of same-class ones...
+    order = order[torch.argsort(exact[order], descending=True, stable=True)]  # ...under the score...
+    order = order[torch.argsort(row[order], stable=True)]  # ...within each query's row
+    counts = torch.bincount(row, minlength=len(scores))  # [c], each >= k
+    first = (torch.cumsum(counts, 0) - counts)[:, None] + torch.arange(k)  # [c, k] positions of the k best
+    picked = order[first]
+    return col[picked], exact[picked]

@@ -87,7 +87,8 @@ class Searcher:
 
     def __init__(self, database, reranker=None):
         self.database, self.lock, config = database, threading.Lock(), database.config
-        self.reranker = reranker or rerank.Reranker('none', {}, database.features, database.labels)
+        # the searched features normalised now, once, not at the first query
+        self.reranker = reranker or rerank.Reranker('none', {}, database.searched, database.labels)
         self.decodes = threading.BoundedSemaphore(DECODES)
         self.root = image_root(database.images)
         self.thumbnail = functools.lru_cache(THUMBNAILS_KEPT)(self._thumbnail)
@@ -380,7 +381,7 @@ def main(argv=None):
     with contextlib.closing(listen(args.host, args.port)) as sock:  # first: a taken port is reported at once
         database = runs.open_database(args.data_base, args.results_dir, device, data_path=args.data_path)
         params = rerank.resolve(args.rerank, args.rerank_args, database.path)
-        reranker = rerank.Reranker(args.rerank, params, database.features, database.labels)  # the gallery side, once
+        reranker = rerank.Reranker(args.rerank, params, database.searched, database.labels)  # the gallery side, once
         host, port = sock.getsockname()[:2]
         shown = f'[{host}]' if ':' in host else host
         any_ip = ipaddress.ip_address(host).is_unspecified  # 0.0.0.0 or ::, every interface

@@ -31,7 +31,6 @@ import rerank
 import retrieval
 import runs
 from cli import UserError
-from datasets import IMAGE_EXTENSIONS
 
 BATCH = 32  # --query_dir: images decoded and embedded per forward pass
 FORMULA_STARTS = ('=', '+', '-', '@', '\t', '\r')  # a CSV cell starting so is a formula to a spreadsheet
@@ -79,59 +78,30 @@ def database_picture(path, side, db_path):
     return imaging.load_image(path).resize((side, side), resample=Image.BILINEAR)
 
 
-def list_images(folder):
-    """Image files (by extension) under `folder`, recursively, in sorted order; hidden entries are left out."""
-    if not os.path.isdir(folder):
-        raise UserError(f'--query_dir {folder} is not a folder' if os.path.lexists(folder) else
-                        f'--query_dir not found: {folder}')
-    found = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-        found += [os.path.join(root, f) for f in sorted(names)
-                  if not f.startswith('.') and f.lower().endswith(IMAGE_EXTENSIONS)]
-    if not found:
-        raise UserError(f'--query_dir {folder} holds no image (looked for {", ".join(IMAGE_EXTENSIONS)}, recursively)')
-    return found
-
-
-def regular_images(paths):
-    """The paths that are regular files within files.IMAGE_FILE_LIMIT (the check --query_img_name makes), and
-    [(path, reason)] of the others, never opened: pipes, devices, links to them (/dev/zero), larger files."""
-    problems = {path: files.file_problem(path, 'image', files.IMAGE_FILE_LIMIT) for path in paths}
-    return [p for p in paths if problems[p] is None], [(p, problems[p]) for p in paths if problems[p] is not None]
-
-
 def embed_folder(database, paths, batch_size=BATCH):
     """[(path, feature [D], index to exclude or None, label or None)] of the readable queries: a database image's
     stored feature, else its embedding, in batches; unreadable ones -> (path, reason) in the second list."""
     located = {p: database.locate(p) for p in paths}  # -> (exclude, feature, label)
     outside = [p for p in paths if located[p][1] is None]
-    unreadable, config = [], database.config
-    for begin in tqdm(range(0, len(outside), batch_size), desc='Embedding queries', dynamic_ncols=True, leave=False):
-        inputs = {}  # path -> [3, s, s]: one batch decoded at a time (bounded memory)
-        for path in outside[begin:begin + batch_size]:  # one by one, so that a damaged file is named and skipped
-            try:
-                inputs[path] = imaging.eval_input(path, config['image_size'], config['mean'], config['std'],
-                                                  upright=True)
-            except UserError as err:
-                unreadable.append((path, str(err)))
-        if inputs:
-            for path, feature in zip(inputs, database.embed(torch.stack(list(inputs.values())))):  # [D] each
-                located[path] = (None, feature, None)
+    with tqdm(total=len(outside), desc='Embedding queries', dynamic_ncols=True, leave=False) as bar:
+        embedded, unreadable = database.embed_files(outside, batch_size, bar.update)
+    located.update({path: (None, feature, None) for path, feature in embedded.items()})
     queries = [(p, located[p][1], located[p][0], located[p][2]) for p in paths if located[p][1] is not None]
     return queries, unreadable
 
 
 def as_text(cell):
     """A CSV text cell (a file name, a label) that a spreadsheet shows as text: one starting with =, +, -, @, a tab
-    or a carriage return would be read as a formula, so it gets the usual leading apostrophe."""
+    or a carriage return would be read as a formula, so it gets the usual leading apostrophe; no label is ''."""
+    if cell is None:
+        return ''
     return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
 
 
 def retrieve_folder(database, folder, k, results_dir, reranker):
     """Rank every image under `folder` into {results_dir}/{folder name}_top{k}.csv (query, rank, path, label,
     score; k rows per query, the rows test.py --query_img_name gives for it) -> the CSV's path."""
-    paths, skipped = regular_images(list_images(folder))
+    paths, skipped = retrieval.regular_images(retrieval.list_images(folder, '--query_dir'))
     queries, unreadable = embed_folder(database, paths)
     unreadable = skipped + unreadable
     if unreadable:
@@ -144,11 +114,12 @@ def retrieve_folder(database, folder, k, results_dir, reranker):
     images, labels = database.images, database.labels
     excluded = next((exclude for _, _, exclude, _ in queries if exclude is not None), None)  # a database image
     retrieval.check_k(k, len(images), excluded, f'--retrieval_num {k}', database.path, database.split)
+    found = reranker.top_k_batch(torch.stack([q[1] for q in queries]), k, [q[2] for q in queries],
+                                 [q[3] for q in queries])  # (indices [n, k], scores [n, k]) in chunks
     text = io.StringIO()
     writer = csv.writer(text, lineterminator='\n')
     writer.writerow(('query', 'rank', 'path', 'label', 'score'))
-    for path, feature, exclude, label in queries:
-        indices, scores = reranker.top_k(feature, k, exclude, label)
+    for (path, _, _, _), indices, scores in zip(queries, found[0].tolist(), found[1].tolist()):
         writer.writerows((as_text(path), rank, as_text(images[i]), as_text(labels[i]), score)
                          for rank, (i, score) in enumerate(zip(indices, scores), start=1))
     name = os.path.basename(os.path.abspath(folder)) or 'root'  # a name, never a path: the CSV stays in results_dir
@@ -161,6 +132,9 @@ def retrieve_folder(database, folder, k, results_dir, reranker):
 
 def write_embedding_map(database, results_dir, limit, seed):
     """results_dir/{database stem}_map.png of the database's test embeddings (a sample of at most `limit`)."""
+    if retrieval.is_folder_gallery(database.db):
+        raise UserError(f'{database.path} is a gallery of a folder (index.py): an embedding map is drawn from the '
+                        f'test split of a database train.py wrote')
     images, labels, features = (database.db[f'test_{k}'] for k in ('images', 'labels', 'features'))
     chosen = pictures.map_sample(labels, limit, seed)
     if len(chosen) < 5:
@@ -185,7 +159,8 @@ def retrieve(database, query_path, k, results_dir, reranker):
     stem = os.path.splitext(os.path.basename(query_path))[0]
     files.check_replaceable(os.path.join(results_dir, stem))  # fail before the work, not after
     exclude, query_feature, query_label = database.locate(query_path)
-    if query_feature is None:  # query by your own photo: embed it as the database images were
+    stored = query_feature is not None
+    if not stored:  # query by your own photo: embed it as the database images were
         query_feature = database.embed_file(query_path)
     images, labels, split = database.images, database.labels, database.split
     retrieval.check_k(k, len(images), exclude, f'--retrieval_num {k}', database.path, split)
@@ -194,12 +169,12 @@ def retrieve(database, query_path, k, results_dir, reranker):
     for rank, (i, score) in enumerate(zip(indices, scores), start=1):
         hits.append((rank, score, labels[i], database_picture(images[i], pictures.INNER, database.path), images[i]))
     target = files.write_result_folder(results_dir, stem, pictures.render(query_image, query_label, hits))
-    source = (f'label {query_label}, feature from {database.path}' if query_label is not None
+    source = (f'label {query_label}, feature from {database.path}' if stored
               else f'not in the database: embedded with {database.model_path}')
     searched = len(images) - (exclude is not None)  # the query itself is no result
     print(f'query {query_path} ({source}); top {k} of {searched} {split} images:')
     for rank, score, label, _, path in hits:
-        print(f'{rank:>4}  {score:.4f}  {label:<12} {path}')
+        print(f'{rank:>4}  {score:.4f}  {"-" if label is None else label:<12} {path}')
     print(f'saved to {target}/')
     return target
 
@@ -222,7 +197,7 @@ def main(argv=None):
         ks = database.config.get('settings', {}).get('recalls', [1, 2, 4, 8])
         return (rerank.tune(database.db, database.path, args.rerank, ks) if args.tune else
                 rerank.evaluate(database.db, args.rerank, params, ks))
-    target, reranker = None, query and rerank.Reranker(args.rerank, params, database.features, database.labels)
+    target, reranker = None, query and rerank.Reranker(args.rerank, params, database.searched, database.labels)
     if args.query_dir is not None:
         target = retrieve_folder(database, args.query_dir, args.retrieval_num, args.results_dir, reranker)
     elif query:

@@ -13,6 +13,7 @@ import serve_latency  # noqa: E402
 from _query_fixtures import load_script  # noqa: E402
 from _train_fixtures import own_sessions  # noqa: E402
 import retrieval  # noqa: E402
+import search  # noqa: E402
 
 script = load_script()  # test.py
 
@@ -23,8 +24,8 @@ def expected(database, path, k, device='cpu'):
     exclude, feature, label = database.locate(path)
     if feature is None:
         feature = retrieval.embed_image(database.model, path, database.config, device)
-    indices, scores = retrieval.rank_gallery(feature, database.features, exclude, database.labels, label)
-    return indices[:k].tolist(), scores[:k].tolist(), label
+    indices, scores = search.top_k(feature, database.features, k, exclude, database.labels, label)
+    return indices, scores, label
 
 
 def start_server(db_path, *extra):

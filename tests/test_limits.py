@@ -16,6 +16,7 @@ from PIL import Image
 from _query_fixtures import load_script, make_database, make_split, run_test_script
 from _train_fixtures import NAME, REPO, flags, out, python_env, run_process, run_script
 import data_utils
+import index
 import serve
 import train
 from cli import UserError
@@ -96,7 +97,8 @@ def test_readme_table_lists_every_flag_with_the_code_ranges():
     table = readme_ranges()
     switches = {'--no_amp', '--compile', '--overwrite', '--eval_untrained', '--embedding_map'}  # no value, named under the table
     for name, parse in (('data_utils.py', data_utils.main), ('train.py', train.parse_args),
-                        ('test.py', script.parse_args), ('serve.py', serve.parse_args)):
+                        ('test.py', script.parse_args), ('serve.py', serve.parse_args),
+                        ('index.py', index.parse_args)):
         assert script_flags(parse) - switches == {flag for s, flag in table if s == name}, name
     for flag, (low, high) in train.INT_RANGES.items():
         assert table['train.py', f'--{flag}'].startswith(f'{low}–{high}'), flag

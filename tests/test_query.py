@@ -15,6 +15,7 @@ from _query_fixtures import (IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, REPO, brut
                              make_database, make_image, make_split, run_test_script, snapshot)
 from _train_fixtures import run_process
 import retrieval
+import search
 import pictures
 import files
 import imaging
@@ -436,15 +437,15 @@ def test_ranking_is_cosine_with_ties_against_the_query():
     """Hand-worked: equal similarities put other-class items first when the query's label is known, else keep
     database order; the excluded query never appears."""
     features = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-3.0, 0.0], [0.5, 0.0], [1.0, 1.0]])
-    order, scores = retrieval.rank_gallery(torch.tensor([4.0, 0.0]), features, exclude=2)
-    assert order.tolist() == [0, 4, 5, 1, 3]
-    assert scores.tolist() == pytest.approx([1.0, 1.0, 2 ** -0.5, 0.0, -1.0])
+    order, scores = search.top_k(torch.tensor([4.0, 0.0]), features, 5, exclude=2)
+    assert order == [0, 4, 5, 1, 3]
+    assert scores == pytest.approx([1.0, 1.0, 2 ** -0.5, 0.0, -1.0])
     labels = ['a', 'b', 'a', 'b', 'b', 'a']  # 0 (a) and 4 (b) tie at 1.0 for a query of class a: 4 first
-    order, scores = retrieval.rank_gallery(torch.tensor([4.0, 0.0]), features, 2, labels, 'a')
-    assert order.tolist() == [4, 0, 5, 1, 3]
-    assert scores.tolist() == pytest.approx([1.0, 1.0, 2 ** -0.5, 0.0, -1.0])
-    order, _ = retrieval.rank_gallery(torch.tensor([4.0, 0.0]), features, 2, labels, 'b')  # class b: 0 first
-    assert order.tolist() == [0, 4, 5, 1, 3]
+    order, scores = search.top_k(torch.tensor([4.0, 0.0]), features, 5, 2, labels, 'a')
+    assert order == [4, 0, 5, 1, 3]
+    assert scores == pytest.approx([1.0, 1.0, 2 ** -0.5, 0.0, -1.0])
+    order, _ = search.top_k(torch.tensor([4.0, 0.0]), features, 5, 2, labels, 'b')  # class b: 0 first
+    assert order == [0, 4, 5, 1, 3]
 
 
 def test_tied_database_images_rank_against_the_query(tiny, tmp_path, capsys):

@@ -20,6 +20,7 @@ import batches
 import imaging
 import pictures
 import retrieval
+import search
 from cli import UserError
 
 script = load_script()
@@ -61,9 +62,9 @@ def test_list_images_skips_pipes_devices_and_oversized_files_unread(tmp_path, mo
     big = tmp_path / 'q' / 'big.png'
     big.write_bytes(b'\x89PNG' + bytes(5000))
     monkeypatch.setattr(files, 'IMAGE_FILE_LIMIT', 4096, raising=False)
-    listed = script.list_images(str(tmp_path / 'q'))
+    listed = retrieval.list_images(str(tmp_path / 'q'), '--query_dir')
     assert listed == sorted([str(big), fifo, image, zero])
-    found, skipped = script.regular_images(listed)  # returns at once: nothing is opened
+    found, skipped = retrieval.regular_images(listed)  # returns at once: nothing is opened
     assert found == [image]
     reasons = dict(skipped)
     assert sorted(reasons) == sorted([fifo, zero, str(big)])
@@ -192,7 +193,7 @@ def test_links_to_database_images_under_other_names_are_matched_by_file_identity
     for name, index in (('renamed_link.png', 2), ('renamed_hard.png', 4)):
         mine = [r for r in rows if r['query'] == str(folder / name)]
         assert len(mine) == 5 and paths[index] not in [r['path'] for r in mine]  # never itself at rank 1
-        expected, scores = retrieval.top_k(database.features[index], database.features, 5, index, labels,
+        expected, scores = search.top_k(database.features[index], database.features, 5, index, labels,
                                            labels[index])  # the stored feature, as --query_img_name on the image
         assert [r['path'] for r in mine] == [paths[i] for i in expected]
         assert np.allclose([float(r['score']) for r in mine], scores, atol=1e-6)

@@ -43,7 +43,7 @@ def set_distances(features, k1, k2, lam, chunk=None, monkeypatch=None):
         monkeypatch.setattr(rerank, 'CHUNK', chunk)
     num = len(features)
     lists = rerank.neighbour_lists(features, None, num - 1)
-    out = rerank.kreciprocal(features, lists, torch.arange(num), lists[1], k1, k2, lam)
+    out = rerank.kreciprocal(features, rerank.graph(lists), torch.arange(num), lists[1], k1, k2, lam)
     dense = np.full((num, num), np.nan)
     np.put_along_axis(dense, lists[1].numpy(), out.numpy(), 1)
     return dense
@@ -57,7 +57,8 @@ def test_kreciprocal_equals_the_reference():
     lists = rerank.neighbour_lists(gallery, None, len(gallery) - 1)
     merged = rerank.merged_lists(lists, gallery, queries, len(queries) + len(gallery) - 1)
     _, candidates = rerank.neighbour_lists(queries, gallery, len(gallery))
-    ours = rerank.kreciprocal(torch.cat([queries, gallery]), merged, torch.arange(300), candidates + 300, 20, 6, 0.3)
+    ours = rerank.kreciprocal(torch.cat([queries, gallery]), rerank.graph(merged), torch.arange(300), candidates + 300,
+                              20, 6, 0.3)
     dense = np.zeros((300, 300))
     np.put_along_axis(dense, candidates.numpy(), ours.numpy(), 1)
     assert np.abs(dense - expected).max() < 1e-5
