@@ -121,6 +121,12 @@ def resolve(method, text, db_path):
     return parse_args(method, text)
 
 
+def for_database(method, text, database):
+    """The Reranker test.py and serve.py search through: a retrieval.Database's searched split prepared once with
+    --rerank_args, else its --tune choice, else the defaults."""
+    return Reranker(method, resolve(method, text, database.path), database.searched, database.labels)
+
+
 # ---- neighbour lists ----
 
 def neighbour_lists(queries, gallery, k):

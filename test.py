@@ -192,12 +192,11 @@ def main(argv=None):
         not (args.embedding_map or args.evaluate or args.tune)
     # a map or evaluation alone needs only the database's features; a query also its model
     database = runs.open_database(args.data_base, args.results_dir, device, with_model=query, data_path=args.data_path)
-    params = rerank.resolve(args.rerank, args.rerank_args, database.path)
     if args.evaluate or args.tune:
         ks = database.config.get('settings', {}).get('recalls', [1, 2, 4, 8])
-        return (rerank.tune(database.db, database.path, args.rerank, ks) if args.tune else
-                rerank.evaluate(database.db, args.rerank, params, ks))
-    target, reranker = None, query and rerank.Reranker(args.rerank, params, database.searched, database.labels)
+        return (rerank.tune(database.db, database.path, args.rerank, ks) if args.tune else rerank.evaluate(
+            database.db, args.rerank, rerank.resolve(args.rerank, args.rerank_args, database.path), ks))
+    target, reranker = None, query and rerank.for_database(args.rerank, args.rerank_args, database)
     if args.query_dir is not None:
         target = retrieve_folder(database, args.query_dir, args.retrieval_num, args.results_dir, reranker)
     elif query:
