@@ -165,21 +165,21 @@ def test_tune_without_validation_and_bad_args_fail_in_one_line(reference, capsys
 
 @pytest.mark.slow
 def test_neighbour_list_path_runs_where_an_n_by_n_matrix_cannot():
-    """40,000 items: an N x N float32 matrix is 6.4 GB; the process may map only 3 GB more than it starts with."""
+    """20,000 items: an N x N float32 matrix is 1.6 GB; the process may map only 1 GB more than it starts with."""
     code = textwrap.dedent('''
         import resource, sys, torch
         sys.path.insert(0, sys.argv[1])
         import metrics, rerank
         torch.set_num_threads(1)
         size = [int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmSize')][0]
-        resource.setrlimit(resource.RLIMIT_AS, (size + 3 * 2 ** 30, resource.RLIM_INFINITY))
-        n = 40000
+        resource.setrlimit(resource.RLIMIT_AS, (size + 2 ** 30, resource.RLIM_INFINITY))
+        n = 20000
         try:
             torch.empty(n, n)
             raise SystemExit('the limit did not hold')
         except RuntimeError:
             pass
-        x = torch.nn.functional.normalize(torch.randn(n, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+        x = torch.nn.functional.normalize(torch.randn(n, 8, generator=torch.Generator().manual_seed(0)), dim=1)
         labels = [i // 5 for i in range(n)]
         plain = metrics.rank_stats(x, labels)
         for method, text in (('aqe', 'k=5'), ('kreciprocal', 'k1=5,k2=2,depth=10')):
