@@ -30,7 +30,8 @@ import search
 from cli import UserError
 
 BOOTSTRAP_SAMPLES = 1000
-CHUNK = 1024  # rows of one step of the list computations
+CHUNK = 1024  # rows of one step of the list computations, at most
+BYTES = 2 ** 26  # and the temporaries of one step at most this: 64 MiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,38 +211,66 @@ def graph(lists):
     return torch.cat([torch.arange(num)[:, None], lists[1]], 1), _scales(lists, num)
 
 
-def kreciprocal(features, neighbours, rows, candidates, k1, k2, lam):
+def kreciprocal(features, neighbours, rows, candidates, k1, k2, lam, scores=None, jaccard=None):
     """Blended distances of the set features [N, D] (normalised) with its graph (ranked, scale; lists at least k1
     long), for the items `rows` [n] against their candidates [n, C] (set indices) -> distances [n, C] float64
     (Zhong et al.'s final distance; the reference squares its distance input, so the original distance here is the
-    squared Euclidean one, 2 - 2 cos, divided by scale). Only the items these distances read are encoded."""
+    squared Euclidean one, 2 - 2 cos, divided by scale). scores [n, C]: the candidates' similarities where known
+    (search.py's, float64 rounded to float32, as pair_similarities gives); jaccard: jaccard_distances' answer where
+    known (it does not depend on lam)."""
+    if jaccard is None:
+        jaccard = jaccard_distances(features, neighbours, rows, candidates, k1, k2)
+    if scores is None:
+        scores = pair_similarities(features, rows, candidates)
+    distance = (2 - 2 * scores.double()).clamp(min=0) / neighbours[1][rows][:, None]
+    return (1 - lam) * jaccard + lam * distance
+
+
+def jaccard_distances(features, neighbours, rows, candidates, k1, k2):
+    """kreciprocal's Jaccard distances [n, C] float64 of rows [n] against candidates [n, C]. Only the items they
+    read are encoded: the rows, the candidates and their k2 nearest."""
     ranked, scale = neighbours
     num = len(features)
     half = int(np.around(k1 / 2.))
     wanted = torch.unique(torch.cat([rows, candidates.flatten()]))           # [w] the items whose weights are read
     near = ranked[wanted, :max(k2, 1)]                                       # [w, k2] itself first
     encoded = torch.unique(near)                                             # [e] the items encoded
-    v_ids, v_vals = _encode(features, ranked, encoded, k1, half, scale)      # [e, W] each
+    v_ids, v_vals = _encode(features, ranked, encoded, k1, half, scale)      # [e, W] each, ids sorted
     slot = torch.full((num,), -1, dtype=torch.long)
     slot[encoded] = torch.arange(len(encoded))
     if k2 > 1:
-        v_ids, v_vals = _local_expansion(slot[near], v_ids, v_vals, num)     # [w, W']
+        v_ids, v_vals = _local_expansion(slot[near], v_ids, v_vals, num)     # [w, W'], ids sorted
     else:
         v_ids, v_vals = v_ids[slot[wanted]], v_vals[slot[wanted]]
     slot[wanted] = torch.arange(len(wanted))
-    out = torch.empty(candidates.shape, dtype=torch.float64)
-    step = max(1, CHUNK // 16)
+    jaccard = torch.empty(candidates.shape, dtype=torch.float64)
+    step = _rows(candidates.shape[1] * v_ids.shape[1] * 24)
     for begin in range(0, len(rows), step):
-        r, cand = rows[begin:begin + step], candidates[begin:begin + step]  # [c], [c, C]
-        dense = torch.zeros(len(r), num + 1, dtype=torch.float64)             # V of each row; column N: padding
-        dense.scatter_add_(1, v_ids[slot[r]], v_vals[slot[r]])
-        dense[:, num] = 0
-        ids, vals = v_ids[slot[cand]], v_vals[slot[cand]]                    # [c, C, W]
-        shared = torch.minimum(vals, dense.gather(1, ids.flatten(1)).view(ids.shape)).sum(2)  # [c, C]
-        jaccard = 1 - shared / (2 - shared)
-        distance = (2 - 2 * (features[r].double()[:, None, :] @ features[cand].double().transpose(1, 2))[:, 0])
-        out[begin:begin + step] = (1 - lam) * jaccard + lam * distance.clamp(min=0) / scale[r][:, None]
-    return out
+        r, cand = slot[rows[begin:begin + step]], slot[candidates[begin:begin + step]]  # [c], [c, C]
+        own_ids, own_vals = v_ids[r], v_vals[r]                              # [c, W] the rows' weights
+        ids, vals = v_ids[cand].flatten(1), v_vals[cand].flatten(1)          # [c, C W] the candidates'
+        # each candidate weight meets the row's weight of the same id, found by bisection in the row's sorted ids
+        at = torch.searchsorted(own_ids, ids).clamp(max=own_ids.shape[1] - 1)
+        met = torch.where(own_ids.gather(1, at) == ids, own_vals.gather(1, at), 0)  # padding meets value 0
+        shared = torch.minimum(vals, met).view(cand.shape + (-1,)).sum(2)   # [c, C]
+        jaccard[begin:begin + step] = 1 - shared / (2 - shared)
+    return jaccard
+
+
+def pair_similarities(features, rows, columns):
+    """features [N, D] (normalised): each row item's similarity with its columns, rows [n], columns [n, m] ->
+    [n, m] float64 of the float64 products rounded to float32, as search.py scores (and orders) its lists."""
+    out = torch.empty(columns.shape, dtype=torch.float64)
+    step = _rows(columns.shape[1] * features.shape[1] * 12)
+    for begin in range(0, len(rows), step):
+        part = features[columns[begin:begin + step]].double()               # [c, m, D]
+        out[begin:begin + step] = torch.bmm(part, features[rows[begin:begin + step]].double()[:, :, None])[..., 0]
+    return out.float().double()
+
+
+def _rows(row_bytes):
+    """Rows of one step whose temporaries take row_bytes each: at most CHUNK, and at most BYTES in all."""
+    return max(1, min(CHUNK, BYTES // max(row_bytes, 1)))
 
 
 def _scales(lists, num):
@@ -262,9 +291,9 @@ def _encode(features, ranked, items, k1, half, scale):
     """The k-reciprocal set of each of `items` [e], expanded by the half sets that overlap it by more than 2/3, as
     sparse weights exp(-distance) summing to 1 -> (ids [e, W], values [e, W]); padding: id N, value 0."""
     num = len(ranked)
-    parts = []
-    for begin in range(0, len(items), CHUNK // 4):
-        rows = items[begin:begin + CHUNK // 4]                               # [c]
+    parts, step = [], _rows((k1 + 1) ** 2 * (half + 1) * 8)               # `inside` below: [c, k1+1, half+1, k1+1]
+    for begin in range(0, len(items), step):
+        rows = items[begin:begin + step]                                     # [c]
         forward = ranked[rows, :k1 + 1]                                      # [c, k1 + 1]
         own = _reciprocal(ranked, forward, rows, k1)
         members = torch.where(own, forward, -1)                              # [c, k1 + 1] the reciprocal set
@@ -280,7 +309,7 @@ def _encode(features, ranked, items, k1, half, scale):
         width = int((ids < num).sum(1).max())
         ids = ids[:, :width]
         valid = ids < num
-        sims = (features[ids.clamp(max=num - 1)].double() @ features[rows].double()[:, :, None])[..., 0]
+        sims = pair_similarities(features, rows, ids.clamp(max=num - 1))   # [c, W]
         weight = torch.where(valid, torch.exp(-(2 - 2 * sims).clamp(min=0) / scale[rows][:, None]), 0)
         parts.append((ids, weight / weight.sum(1, keepdim=True)))
     return _pad(parts, num)
@@ -289,23 +318,19 @@ def _encode(features, ranked, items, k1, half, scale):
 def _local_expansion(near, ids, vals, num):
     """Weights averaged over each row of near [w, k2] (rows of ids, vals: an item's k2 nearest, itself first) ->
     (ids, values) [w, W'] as _encode."""
-    parts = []
+    parts, k2 = [], near.shape[1]
     for begin in range(0, len(near), CHUNK // 4):
         group = near[begin:begin + CHUNK // 4]                               # [c, k2]
-        k2 = group.shape[1]
-        gi, gv = ids[group].flatten(1), vals[group].flatten(1)               # [c, k2 W]
-        key = torch.arange(len(group))[:, None] * (num + 1) + gi
-        unique, inverse = torch.unique(key.flatten(), return_inverse=True)
-        sums = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, gv.flatten())
-        row, col = unique // (num + 1), unique % (num + 1)
-        keep = col < num
-        row, col, sums = row[keep], col[keep], sums[keep] / k2
-        counts = torch.bincount(row, minlength=len(group))
-        slot = torch.arange(len(row)) - (torch.cumsum(counts, 0) - counts)[row]
-        width = max(int(counts.max()), 1)
-        out_i = torch.full((len(group), width), num, dtype=torch.long)
-        out_v = torch.zeros(len(group), width, dtype=torch.float64)
-        out_i[row, slot], out_v[row, slot] = col, sums
+        gi, order = ids[group].flatten(1).sort(dim=1, stable=True)              # [c, k2 W] each row's ids in order
+        gv = vals[group].flatten(1).gather(1, order)
+        first = torch.ones_like(gi, dtype=torch.bool)
+        first[:, 1:] = gi[:, 1:] != gi[:, :-1]                               # an id's first place in its row
+        run = torch.cumsum(first.flatten(), 0) - 1                           # [c k2 W] each place's (row, id) run
+        sums = torch.zeros(int(run[-1]) + 1, dtype=torch.float64).index_add_(0, run, gv.flatten()) / k2
+        slot = torch.cumsum(first, 1) - 1                                    # [c, k2 W] each id's column
+        width = max(int(slot[:, -1].max()) + 1, 1)
+        out_i = torch.full((len(group), width), num, dtype=torch.long).scatter_(1, slot, gi)
+        out_v = torch.zeros(len(group), width, dtype=torch.float64).scatter_(1, slot, sums[run].view(gi.shape))
         parts.append((out_i, out_v))
     return _pad(parts, num)
 
@@ -319,9 +344,11 @@ def _pad(parts, num):
 
 # ---- a database's splits, post-processed ----
 
-def post_stats(method, params, queries, query_labels, gallery=None, gallery_labels=None, plain=None, lists=None):
+def post_stats(method, params, queries, query_labels, gallery=None, gallery_labels=None, plain=None, lists=None,
+               cache=None):
     """RankStats of the queries after `method` (gallery None: the queries rank each other, each left out of its own
-    lists); plain: their RankStats without it (kreciprocal reorders those); lists: the set's own lists, when known."""
+    lists); plain: their RankStats without it (kreciprocal reorders those); lists: the set's own lists, when known;
+    cache: a dict kept across calls on the same data (kreciprocal's Jaccard distances by k1, k2, depth)."""
     if method == 'none':
         return plain if plain is not None else metrics.rank_stats(queries, query_labels, gallery, gallery_labels)
     queries, gallery = (None if x is None else F.normalize(x.float(), dim=1) for x in (queries, gallery))
@@ -346,8 +373,12 @@ def post_stats(method, params, queries, query_labels, gallery=None, gallery_labe
         features, rows = torch.cat([queries, gallery]), torch.arange(len(queries))
         lists = merged_lists(lists, gallery, queries, length)
         cand_scores, cand = neighbour_lists(queries, gallery, depth)
-    distances = kreciprocal(features, graph(lists), rows, cand + (0 if gallery is None else len(queries)),
-                            params['k1'], params['k2'], params['lambda'])
+    neighbours, columns = graph(lists), cand + (0 if gallery is None else len(queries))  # [n, depth] set indices
+    key, cache = (params['k1'], params['k2'], depth), {} if cache is None else cache
+    if key not in cache:
+        cache[key] = jaccard_distances(features, neighbours, rows, columns, params['k1'], params['k2'])
+    distances = kreciprocal(features, neighbours, rows, columns, params['k1'], params['k2'], params['lambda'],
+                            cand_scores, cache[key])
     same = gallery_ids[cand] == query_ids[:, None]                                  # [n, depth]
     # ties go against the query, as in metrics.py: other-class items first
     before = _order(-cand_scores, same)
@@ -434,11 +465,11 @@ def tune(db, db_path, method, ks):
                                                               dtype=object).reshape(len(names), -1).T]
     longest = max(max(grid.get(n, [spec[n].default])) for n in spec if n in ('k', 'k1', 'k2', 'depth'))
     lists = neighbour_lists(queries, None, longest)
-    plain = metrics.rank_stats(queries, labels)
-    best = None
+    plain, best, cache = metrics.rank_stats(queries, labels), None, {}
     for combo in combos:
         params = {name: spec[name].kind(combo.get(name, spec[name].default)) for name in spec}
-        figures = metrics.summary(post_stats(method, params, queries, labels, plain=plain, lists=lists), ks)
+        stats = post_stats(method, params, queries, labels, plain=plain, lists=lists, cache=cache)
+        figures = metrics.summary(stats, ks)
         if best is None or figures['MAP@R'] > best[1]['MAP@R']:
             best = params, figures
     params, _ = best
@@ -507,7 +538,7 @@ class Reranker:
             features, neighbours, row, offset = torch.cat([query, self.features]), self._with_query(query), 0, 1
         cand = order[:depth]
         distances = kreciprocal(features, neighbours, torch.tensor([row]), (cand + offset)[None], p['k1'], p['k2'],
-                                p['lambda'])[0]
+                                p['lambda'], plain[None, :depth])[0]
         rest = (1 - p['lambda']) + p['lambda'] * (2 - 2 * plain[depth:]) / neighbours[1][row]
         reorder = torch.argsort(distances, stable=True)
         final = torch.cat([cand[reorder], order[depth:]])
