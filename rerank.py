@@ -1,8 +1,7 @@
 """Post-processing of a ranking, from top-K neighbour lists (memory O(N x K), never N x N): the METHODS registry
-(`none`, `aqe`, `kreciprocal`), their parameters (`k=10,alpha=3`), the evaluation of a database with and without
-them (a paired bootstrap over classes gives the change's 95 % interval), the choice of parameters on the validation
-split, saved as {database stem}_rerank.json (this module writes, reads and checks that file), and the Reranker that
-test.py and serve.py search through.
+(`none`, `aqe`, `kreciprocal`), their parameters (`k=10,alpha=3`), a split's ranking statistics after a method
+(post_stats), and the Reranker that test.py and serve.py search through. Evaluating a database with them and --tune
+are rerank_eval.py's.
 
 aqe: every vector, gallery item or query, becomes itself plus its k nearest gallery vectors (never itself), each
 weighted by max(similarity, 0)^alpha, renormalised (database-side augmentation; for a query, alpha query expansion;
@@ -15,21 +14,16 @@ its own lists; a separate query set joins the neighbour graph as in the referenc
 query's distances read are encoded, so one query from outside a gallery (test.py, serve.py) costs its own lists, the
 gallery lists it enters and a few hundred encodings, the gallery's lists being found once at start."""
 import dataclasses
-import json
 import math
-import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import files
 import metrics
-import runs
 import search
 from cli import UserError
 
-BOOTSTRAP_SAMPLES = 1000
 CHUNK = 1024  # rows of one step of the list computations, at most
 BYTES = 2 ** 26  # and the temporaries of one step at most this: 64 MiB
 
@@ -85,47 +79,6 @@ def parse_args(method, text):
 
 def params_text(params):
     return ','.join(f'{k}={v:g}' for k, v in params.items()) or '-'
-
-
-def tuned_path(db_path):
-    """Where --tune keeps its choice: {database stem}_rerank.json beside the database."""
-    return os.path.splitext(db_path)[0] + '_rerank.json'
-
-
-def write_tuned(db_path, method, params, chosen_by, figures):
-    files.atomic_write({tuned_path(db_path): (json.dumps(
-        {'version': 1, 'method': method, 'params': params, 'chosen_by': chosen_by, 'validation': figures},
-        indent=1) + '\n').encode()})
-
-
-def read_tuned(db_path, method):
-    """The parameters --tune saved for `method` beside the database, or None where it has not run."""
-    path = tuned_path(db_path)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-        if saved.get('method') != method:
-            return None
-        return parse_args(method, ','.join(f'{k}={v}' for k, v in saved['params'].items()))
-    except (OSError, ValueError, KeyError, AttributeError, UserError) as err:
-        raise UserError(f'{path} is not a usable choice of --tune ({err}); delete it or run --tune again') from None
-
-
-def resolve(method, text, db_path):
-    """The parameters a run uses: --rerank_args when given, else the database's --tune choice, else defaults."""
-    if text is None and method != 'none':
-        tuned = read_tuned(db_path, method)
-        if tuned is not None:
-            return tuned
-    return parse_args(method, text)
-
-
-def for_database(method, text, database):
-    """The Reranker test.py and serve.py search through: a retrieval.Database's searched split prepared once with
-    --rerank_args, else its --tune choice, else the defaults."""
-    return Reranker(method, resolve(method, text, database.path), database.searched, database.labels)
 
 
 # ---- neighbour lists ----
@@ -390,95 +343,6 @@ def _order(keys, same):
     """Column order by keys [n, C] ascending, ties with other-class (same False) columns first."""
     first = torch.argsort(same.to(torch.int8), dim=1, stable=True)
     return first.gather(1, torch.argsort(keys.gather(1, first), dim=1, stable=True))
-
-
-def split_data(db, split):
-    """(queries, query labels, gallery or None, gallery labels or None) of a database split: 'val' or 'test'."""
-    if split == 'test' and 'gallery_features' in db:
-        return db['test_features'].float(), db['test_labels'], db['gallery_features'].float(), db['gallery_labels']
-    return db[f'{split}_features'].float(), db[f'{split}_labels'], None, None
-
-
-def bootstrap(before, after, query_labels, samples=BOOTSTRAP_SAMPLES, seed=0):
-    """The change of R@1 and MAP@R (fractions) with 95 % intervals from a paired bootstrap over classes: classes are
-    drawn with replacement, each bringing all its queries -> {'R@1': (change, low, high), 'MAP@R': ...}."""
-    ids, _ = metrics.label_ids(query_labels, query_labels)
-    num_classes = int(ids.max()) + 1
-    found = before.r > 0
-    r1 = [((s.r > 0) & (s.first_hit < 1)).double() for s in (before, after)]
-    ap = [torch.where(found, s.precision_sum / s.r.clamp(min=1), 0) for s in (before, after)]
-    per_class = {name: (torch.zeros(num_classes, dtype=torch.float64).index_add_(0, ids, new - old),
-                        torch.zeros(num_classes, dtype=torch.float64).index_add_(0, ids, weight))
-                 for name, (old, new), weight in (('R@1', r1, torch.ones(len(ids), dtype=torch.float64)),
-                                                  ('MAP@R', ap, found.double()))}
-    draws = torch.randint(num_classes, (samples, num_classes), generator=torch.Generator().manual_seed(seed))
-    counts = torch.zeros(samples, num_classes, dtype=torch.float64).scatter_add_(
-        1, draws, torch.ones(samples, num_classes, dtype=torch.float64))
-    result = {}
-    for name, (change, weight) in per_class.items():
-        drawn = (counts @ change) / (counts @ weight).clamp(min=1)
-        low, high = np.percentile(drawn.numpy(), [2.5, 97.5])
-        result[name] = (float(change.sum() / weight.sum().clamp(min=1)), float(low), float(high))
-    return result
-
-
-def change_text(change):
-    return ' | '.join(f'{name} {100 * c:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]' for name, (c, lo, hi) in change.items())
-
-
-def evaluate_split(db, split, method, params, ks):
-    """Print a split's figures in train.py's epoch-line format; with a method: plain, post-processed and the
-    change -> (plain metrics, post-processed metrics, change or None)."""
-    queries, labels, gallery, gallery_labels = split_data(db, split)
-    plain = metrics.rank_stats(queries, labels, gallery, gallery_labels)
-    figures = metrics.summary(plain, ks)
-    if method == 'none':
-        print(f'{split} {runs.metrics_text(figures, ks)}', flush=True)
-        return figures, figures, None
-    after = post_stats(method, params, queries, labels, gallery, gallery_labels, plain)
-    new = metrics.summary(after, ks)
-    change = bootstrap(plain, after, labels)
-    print(f'{split} plain {runs.metrics_text(figures, ks)}\n'
-          f'{split} {method} {params_text(params)} {runs.metrics_text(new, ks)}\n'
-          f'{split} change (95 % interval, bootstrap over classes) {change_text(change)}', flush=True)
-    return figures, new, change
-
-
-def evaluate(db, method, params, ks):
-    """--evaluate: every split the database holds, validation first."""
-    return {split: evaluate_split(db, split, method, params, ks) for split in ('val', 'test')
-            if f'{split}_features' in db}
-
-
-def tune(db, db_path, method, ks):
-    """--tune: the grid's best parameters by validation MAP@R (test labels never read), saved beside the database;
-    then the test split evaluated once with them."""
-    if method == 'none':
-        raise UserError('--tune chooses the parameters of a method: give --rerank aqe or --rerank kreciprocal')
-    if 'val_features' not in db:
-        raise UserError(f'{db_path} holds no validation features: train with --val_split (e.g. 0.25) to tune on '
-                        f'held-out classes')
-    queries, labels = db['val_features'].float(), db['val_labels']
-    spec, grid = METHODS[method].params, METHODS[method].grid
-    names = list(grid)
-    combos = [dict(zip(names, values)) for values in np.array(np.meshgrid(*grid.values(), indexing='ij'),
-                                                              dtype=object).reshape(len(names), -1).T]
-    longest = max(max(grid.get(n, [spec[n].default])) for n in spec if n in ('k', 'k1', 'k2', 'depth'))
-    lists = neighbour_lists(queries, None, longest)
-    plain, best, cache = metrics.rank_stats(queries, labels), None, {}
-    for combo in combos:
-        params = {name: spec[name].kind(combo.get(name, spec[name].default)) for name in spec}
-        stats = post_stats(method, params, queries, labels, plain=plain, lists=lists, cache=cache)
-        figures = metrics.summary(stats, ks)
-        if best is None or figures['MAP@R'] > best[1]['MAP@R']:
-            best = params, figures
-    params, _ = best
-    print(f'--tune {method}: tried {len(combos)} settings ({"; ".join(f"{n} in {list(v)}" for n, v in grid.items())})'
-          f' on the {len(queries)} validation images; best by MAP@R: {params_text(params)}', flush=True)
-    val = evaluate_split(db, 'val', method, params, ks)
-    write_tuned(db_path, method, params, 'validation MAP@R', {k: 100 * v for k, v in val[1].items()})
-    print(f'saved to {tuned_path(db_path)}', flush=True)
-    return params, val, evaluate_split(db, 'test', method, params, ks)
 
 
 # ---- searching through a method ----

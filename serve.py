@@ -33,6 +33,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 import distributed
 import imaging
 import rerank
+import rerank_eval
 import retrieval
 import runs
 from cli import UserError, check_int, run_cli
@@ -380,7 +381,7 @@ def main(argv=None):
     device = distributed.resolve_device(args.device)
     with contextlib.closing(listen(args.host, args.port)) as sock:  # first: a taken port is reported at once
         database = runs.open_database(args.data_base, args.results_dir, device, data_path=args.data_path)
-        reranker = rerank.for_database(args.rerank, args.rerank_args, database)  # the gallery side, once
+        reranker = rerank_eval.for_database(args.rerank, args.rerank_args, database)  # the gallery side, once
         host, port = sock.getsockname()[:2]
         shown = f'[{host}]' if ':' in host else host
         any_ip = ipaddress.ip_address(host).is_unspecified  # 0.0.0.0 or ::, every interface

@@ -28,6 +28,7 @@ import files
 import imaging
 import pictures
 import rerank
+import rerank_eval
 import retrieval
 import runs
 from cli import UserError
@@ -194,9 +195,9 @@ def main(argv=None):
     database = runs.open_database(args.data_base, args.results_dir, device, with_model=query, data_path=args.data_path)
     if args.evaluate or args.tune:
         ks = database.config.get('settings', {}).get('recalls', [1, 2, 4, 8])
-        return (rerank.tune(database.db, database.path, args.rerank, ks) if args.tune else rerank.evaluate(
-            database.db, args.rerank, rerank.resolve(args.rerank, args.rerank_args, database.path), ks))
-    target, reranker = None, query and rerank.for_database(args.rerank, args.rerank_args, database)
+        return (rerank_eval.tune(database.db, database.path, args.rerank, ks) if args.tune else rerank_eval.evaluate(
+            database.db, *rerank_eval.resolve(args.rerank, args.rerank_args, database.path), ks))
+    target, reranker = None, query and rerank_eval.for_database(args.rerank, args.rerank_args, database)
     if args.query_dir is not None:
         target = retrieve_folder(database, args.query_dir, args.retrieval_num, args.results_dir, reranker)
     elif query:

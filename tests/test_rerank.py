@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import metrics
 import rerank
+import rerank_eval
 from _query_fixtures import load_script, run_test_script
 from _train_fixtures import REPO, TIMEOUT, out, python_env
 
@@ -120,7 +121,7 @@ def test_bootstrap_interval_holds_the_change():
     x, labels = unit(120, 16, 8), [i // 6 for i in range(120)]
     plain = metrics.rank_stats(x, labels)
     after = rerank.post_stats('aqe', rerank.parse_args('aqe', 'k=3'), x, labels)
-    change = rerank.bootstrap(plain, after, labels)
+    change = rerank_eval.bootstrap(plain, after, labels)
     assert change['MAP@R'][0] == pytest.approx(metrics.map_at_r(after) - metrics.map_at_r(plain))
     assert change['R@1'][0] == pytest.approx(metrics.recall_at_k(after, 1) - metrics.recall_at_k(plain, 1))
     for value, low, high in change.values():

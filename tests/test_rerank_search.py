@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import rerank
+import rerank_eval
 import retrieval
 import serve
 from _query_fixtures import load_script, make_image, run_test_script
@@ -75,7 +76,7 @@ ARGS = ('--rerank', 'kreciprocal', '--rerank_args', 'k1=3,k2=2,lambda=0.2,depth=
 
 
 def expected_answer(database, path, k):
-    reranker = rerank.for_database(ARGS[1], ARGS[3], database)
+    reranker = rerank_eval.for_database(ARGS[1], ARGS[3], database)
     exclude, feature, label = database.locate(path)
     if feature is None:
         feature = retrieval.embed_image(database.model, path, database.config, CPU)
@@ -86,7 +87,7 @@ def test_query_img_name_query_dir_and_serve_search_through_the_method(reference,
     results, _ = reference
     db_path, script, k = out(results, 'data_base.pth'), load_script(), 6
     database = retrieval.open_database(db_path, str(results), CPU)
-    plain = rerank.for_database('none', None, database)
+    plain = rerank_eval.for_database('none', None, database)
     changed = False
     for path in (str(photos / 'photo_0.png'), database.images[4]):
         indices, scores = expected_answer(database, path, k)
@@ -112,7 +113,7 @@ def test_query_img_name_query_dir_and_serve_search_through_the_method(reference,
         assert [row['path'] for row in mine] == [database.images[i] for i in indices]
         assert [float(row['score']) for row in mine] == pytest.approx(scores, abs=1e-6)
     args = serve.parse_args(['--data_base', db_path, *ARGS])
-    searcher = serve.Searcher(database, rerank.for_database(args.rerank, args.rerank_args, database))
+    searcher = serve.Searcher(database, rerank_eval.for_database(args.rerank, args.rerank_args, database))
     indices, _ = expected_answer(database, database.images[4], k)
     assert [hit['index'] for hit in searcher.search(k, index=4)['results']] == indices
 
@@ -128,14 +129,38 @@ def test_tune_on_validation_features_never_reads_test_labels(val_reference, tmp_
         code, printed, err = run_test_script(load_script(), ['--data_base', out(folder, 'data_base.pth'), '--tune',
                                                              '--rerank', 'aqe'], capsys)
         assert code == 0, err
-        saved = json.load(open(rerank.tuned_path(out(folder, 'data_base.pth'))))
+        saved = json.load(open(rerank_eval.tuned_path(out(folder, 'data_base.pth'))))['choices']['aqe']
         grid = rerank.METHODS['aqe'].grid
-        assert saved['method'] == 'aqe' and all(saved['params'][n] in grid[n] for n in grid)
-        assert re.search(r'--tune aqe: tried 8 settings .* best by MAP@R: k=\d+,alpha=\d', printed)
-        assert 'val aqe' in printed and 'test change (95 % interval' in printed
+        if saved['method'] == 'aqe':
+            assert all(saved['params'][n] in grid[n] for n in grid)
+            assert re.search(r'--tune aqe: tried 8 settings .* best by MAP@R: k=\d+,alpha=\d', printed)
+            assert 'val aqe' in printed and 'test change (95 % interval' in printed
+        else:  # no setting beat the plain ranking on validation
+            assert saved == dict(saved, method='none', params={}) and 'none beats the plain ranking' in printed
         chosen.append(saved['params'])
         code, again, _ = run_test_script(load_script(), ['--data_base', out(folder, 'data_base.pth'), '--evaluate',
                                                          '--rerank', 'aqe'], capsys)  # the saved choice is used
-        assert code == 0 and rerank.params_text(saved['params']) in again
+        assert code == 0 and (rerank.params_text(saved['params']) in again if saved['params'] else 'using none' in again)
     assert chosen[0] == chosen[1]
-    assert not os.path.exists(rerank.tuned_path(out(results, 'data_base.pth')))  # the shared run untouched
+    assert not os.path.exists(rerank_eval.tuned_path(out(results, 'data_base.pth')))  # the shared run untouched
+
+
+def test_tune_keeps_none_when_nothing_beats_the_plain_ranking_and_one_choice_per_method(tmp_path, capsys):
+    """Tight, well-apart classes: the plain ranking is perfect on validation, so no setting beats it; tuning the
+    second method keeps the first's choice."""
+    centres = unit(8, 16, 4) * 4
+    val = F.normalize(centres.repeat_interleave(6, 0) + 0.01 * unit(48, 16, 5), dim=1)
+    db = {'val_features': val, 'val_labels': [str(i // 6) for i in range(48)],
+          'test_features': unit(30, 16, 6), 'test_labels': [str(i // 5) for i in range(30)]}
+    path = str(tmp_path / 'db.pth')
+    for method in ('aqe', 'kreciprocal'):
+        chosen, params, val_figures, _ = rerank_eval.tune(db, path, method, [1, 2])
+        assert (chosen, params, val_figures[0]['MAP@R']) == ('none', {}, 1.0)
+        assert f'--tune {method}: tried' in capsys.readouterr().out
+    saved = json.load(open(rerank_eval.tuned_path(path)))['choices']
+    assert sorted(saved) == ['aqe', 'kreciprocal'] and all(c['method'] == 'none' for c in saved.values())
+    assert rerank_eval.resolve('aqe', None, path) == ('none', {})
+    assert rerank_eval.resolve('aqe', 'k=3', path) == ('aqe', {'k': 3, 'alpha': 3.0})
+    rerank_eval.write_choice(path, 'aqe', 'aqe', {'k': 2, 'alpha': 1.0}, {})
+    assert rerank_eval.resolve('aqe', None, path) == ('aqe', {'k': 2, 'alpha': 1.0})
+    assert rerank_eval.resolve('kreciprocal', None, path) == ('none', {})
