@@ -1,8 +1,9 @@
 """Time and peak memory of evaluating a database split with each post-processing method against without, on
-synthetic normalised features with 5-6 images a class (SOP's shape) at growing N; each measurement in a fresh
-process (peak RSS is per process).
+synthetic normalised features with 5 images a class (SOP's shape: 5.3) at growing N, or as many as --per_class
+says (CUB: 5,924 test images of 100 classes, --per_class 59); each measurement in a fresh process (peak RSS is per
+process), the machine's load average printed with it.
 
-    python benchmarks/rerank_cost.py [--sizes 7500,15000,30000,60502] [--dim 1536] [--threads 2]"""
+    python benchmarks/rerank_cost.py [--sizes 7500,15000,30000,60502] [--dim 1536] [--per_class 5] [--threads 2]"""
 import argparse
 import json
 import os
@@ -14,7 +15,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def measure(n, dim, method, threads):
+def measure(n, dim, method, threads, per_class):
     """One fresh process: features made, then evaluate -> {seconds, extra peak MiB over the features}."""
     code = f'''
 import json, resource, sys, time, torch
@@ -22,8 +23,8 @@ sys.path.insert(0, {REPO!r})
 import metrics, rerank
 torch.set_num_threads({threads})
 g = torch.Generator().manual_seed(0)
-labels = torch.arange({n}) // 5  # 5 images a class (SOP: 5.3)
-centres = torch.randn({n} // 5 + 1, {dim}, generator=g)
+labels = torch.arange({n}) // {per_class}
+centres = torch.randn({n} // {per_class} + 1, {dim}, generator=g)
 x = torch.nn.functional.normalize(centres[labels] + 1.2 * torch.randn({n}, {dim}, generator=g), dim=1)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
@@ -42,16 +43,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--sizes', default='7500,15000,30000,60502')
     parser.add_argument('--dim', default=1536, type=int)
+    parser.add_argument('--per_class', default=5, type=int)
     parser.add_argument('--threads', default=2, type=int)
     args = parser.parse_args()
-    print('| N | method | seconds | x plain | extra peak MiB |\n| --- | --- | --- | --- | --- |', flush=True)
+    print('| N | method | seconds | x plain | extra peak MiB | load |\n| --- | --- | --- | --- | --- | --- |', flush=True)
     for n in (int(v) for v in args.sizes.split(',')):
         plain = None
         for method in ('none', 'aqe', 'kreciprocal'):
-            m = measure(n, args.dim, method, args.threads)
+            load = os.getloadavg()[0]
+            m = measure(n, args.dim, method, args.threads, args.per_class)
             plain = plain or m
             print(f'| {n:,} | {method} | {m["seconds"]:.1f} | {m["seconds"] / plain["seconds"]:.2f} | '
-                  f'{m["extra_mib"]:.0f} |', flush=True)
+                  f'{m["extra_mib"]:.0f} | {load:.1f} |', flush=True)
 
 
 if __name__ == '__main__':
