@@ -25,7 +25,12 @@ torch.set_num_threads({threads})
 g = torch.Generator().manual_seed(0)
 labels = torch.arange({n}) // {per_class}
 centres = torch.randn({n} // {per_class} + 1, {dim}, generator=g)
-x = torch.nn.functional.normalize(centres[labels] + 1.2 * torch.randn({n}, {dim}, generator=g), dim=1)
+x = torch.empty({n}, {dim})
+for begin in range(0, {n}, 4096):  # in pieces, so that making them peaks at the features, not a few copies
+    part = labels[begin:begin + 4096]
+    x[begin:begin + 4096] = torch.nn.functional.normalize(centres[part] + 1.2 * torch.randn(len(part), {dim},
+                                                                                           generator=g), dim=1)
+del centres
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 plain = metrics.rank_stats(x, labels)
