@@ -100,7 +100,8 @@ def bootstrap(before, after, query_labels, samples=BOOTSTRAP_SAMPLES, seed=0):
 
 
 def change_text(change):
-    return ' | '.join(f'{name} {100 * c:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]' for name, (c, lo, hi) in change.items())
+    return ' | '.join(f'{name} {100 * c:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]'
+                      for name, (c, lo, hi) in change.items())
 
 
 def evaluate_split(db, split, method, params, ks):

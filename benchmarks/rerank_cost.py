@@ -51,7 +51,8 @@ def main():
     parser.add_argument('--per_class', default=5, type=int)
     parser.add_argument('--threads', default=2, type=int)
     args = parser.parse_args()
-    print('| N | method | seconds | x plain | extra peak MiB | load |\n| --- | --- | --- | --- | --- | --- |', flush=True)
+    print('| N | method | seconds | x plain | extra peak MiB | load |\n| --- | --- | --- | --- | --- | --- |',
+          flush=True)
     for n in (int(v) for v in args.sizes.split(',')):
         plain = None
         for method in ('none', 'aqe', 'kreciprocal'):

@@ -140,7 +140,8 @@ def test_tune_on_validation_features_never_reads_test_labels(val_reference, tmp_
         chosen.append(saved['params'])
         code, again, _ = run_test_script(load_script(), ['--data_base', out(folder, 'data_base.pth'), '--evaluate',
                                                          '--rerank', 'aqe'], capsys)  # the saved choice is used
-        assert code == 0 and (rerank.params_text(saved['params']) in again if saved['params'] else 'using none' in again)
+        used = rerank.params_text(saved['params']) if saved['params'] else 'using none'
+        assert code == 0 and used in again
     assert chosen[0] == chosen[1]
     assert not os.path.exists(rerank_eval.tuned_path(out(results, 'data_base.pth')))  # the shared run untouched
 
