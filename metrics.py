@@ -5,7 +5,8 @@ product of the embeddings, the cosine similarity for L2-normalised ones. Ties go
 same-class item ranks ahead of an other-class item only if it is strictly more similar, so a collapsed model
 (every vector equal) scores 0, never 100 %. Identical vectors score identically.
 
-evaluate() ranks once and returns every metric; recall() is the original's interface. The metric functions
+evaluate() ranks once and returns every metric; recall() is the original's interface; rank_stats() and summary()
+are its two halves, and reordered_stats() the ranking after post-processing reordered each query's first K. The metric functions
 below read the per-query ranking statistics (RankStats) that the ranking leaves behind; the private helpers
 after them produce those statistics without ever holding a queries x gallery matrix.
 """
@@ -53,9 +54,30 @@ def map_at_r(stats):
 def evaluate(query_features, query_labels, ks, gallery_features=None, gallery_labels=None):
     """Exact R@k for each k in ks, MAP@R and R-Precision, as fractions: {'R@1': ..., 'MAP@R': ...,
     'R-Precision': ...}. Without a gallery each query ranks all other queries."""
+    ks = check_ks(ks)
+    return summary(rank_stats(query_features, query_labels, gallery_features, gallery_labels), ks)
+
+
+def check_ks(ks):
+    """ks as a list of positive integers, else a ValueError."""
     ks = list(ks)
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f'ks must be a non-empty list of positive integers, got {ks}')
+    return ks
+
+
+def summary(stats, ks):
+    """The metrics of RankStats: {'R@k' for k in ks, 'MAP@R', 'R-Precision'} as fractions."""
+    result = {f'R@{k}': recall_at_k(stats, k) for k in ks}
+    result['MAP@R'] = map_at_r(stats)
+    result['R-Precision'] = r_precision(stats)
+    return result
+
+
+@torch.no_grad()
+def rank_stats(query_features, query_labels, gallery_features=None, gallery_labels=None):
+    """Each query's RankStats (the exact ranking behind every metric) without a queries x gallery matrix; without a
+    gallery each query ranks all other queries."""
     self_mode = gallery_features is None
     if self_mode:
         gallery_features, gallery_labels = query_features, query_labels
@@ -69,22 +91,49 @@ def evaluate(query_features, query_labels, ks, gallery_features=None, gallery_la
     dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
     queries = q.to(dtype).contiguous()
     gallery = queries if self_mode else g.to(device=q.device, dtype=dtype).contiguous()
-    # labels (lists of str/int, or tensors) -> int ids shared by queries and gallery: [Nq], [Ng]
-    labels = [v.tolist() if torch.is_tensor(v) else list(v) for v in (query_labels, gallery_labels)]
-    ids = {label: i for i, label in enumerate(dict.fromkeys(labels[0] + labels[1]))}
-    query_ids, gallery_ids = (torch.tensor([ids[label] for label in v], dtype=torch.long) for v in labels)
+    query_ids, gallery_ids = label_ids(query_labels, gallery_labels)
     duplicates = _duplicates(gallery)
     # the symmetric way keeps [N, w] tables per query and cannot equalise duplicate columns; a huge
     # class or repeated vectors take the plain way
     if self_mode and duplicates is None and \
             48 * len(queries) * int(torch.bincount(query_ids).max()) <= _budget(q.device):
-        stats = _self_stats(queries, query_ids)
-    else:
-        stats = _gallery_stats(queries, query_ids, gallery, gallery_ids, len(ids), self_mode, duplicates)
-    result = {f'R@{k}': recall_at_k(stats, k) for k in ks}
-    result['MAP@R'] = map_at_r(stats)
-    result['R-Precision'] = r_precision(stats)
-    return result
+        return _self_stats(queries, query_ids)
+    num_classes = int(max(query_ids.max(), gallery_ids.max())) + 1
+    return _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes, self_mode, duplicates)
+
+
+def label_ids(query_labels, gallery_labels):
+    """Labels (lists of str/int, or tensors) -> int64 ids shared by queries and gallery: [Nq], [Ng]."""
+    labels = [v.tolist() if torch.is_tensor(v) else list(v) for v in (query_labels, gallery_labels)]
+    ids = {label: i for i, label in enumerate(dict.fromkeys(labels[0] + labels[1]))}
+    return tuple(torch.tensor([ids[label] for label in v], dtype=torch.long) for v in labels)
+
+
+def reordered_stats(stats, before, after):
+    """RankStats after each query's first K results were put in another order, the rest left as they were.
+    before, after [N, K] bool: whether the i-th of those K is of the query's class, in the old order (the one
+    `stats` ranks by, ties against the query) and in the new. Positions past K keep their items, so only the first
+    K change R@K, and MAP@R's and R-Precision's sums only by their part inside the first K."""
+    changed = (before != after).any(1)
+    if not changed.any():
+        return stats
+    width, r = after.shape[1], stats.r
+    position = torch.arange(1, width + 1, dtype=torch.float64)
+
+    def inside(flags):  # [N, K] -> the sum of P(i) and the hits at positions i <= min(R, K)
+        counted = flags & (position[None, :] <= r[:, None])
+        return torch.where(counted, flags.cumsum(1) / position, 0).sum(1), counted.sum(1)
+
+    old_sum, _ = inside(before)
+    new_sum, new_hits = inside(after)
+    short = r <= width  # every position up to R lies inside the first K
+    precision_sum = torch.where(short, new_sum, stats.precision_sum - old_sum + new_sum)
+    r_hits = torch.where(short, new_hits, stats.r_hits)
+    found = after.any(1)
+    first_hit = torch.where(found, after.to(torch.int8).argmax(1), stats.first_hit)
+    keep = ~changed
+    return RankStats(torch.where(keep, stats.first_hit, first_hit), r,
+                     torch.where(keep, stats.precision_sum, precision_sum), torch.where(keep, stats.r_hits, r_hits))
 
 
 def recall(feature_vectors, feature_labels, rank, gallery_vectors=None, gallery_labels=None):

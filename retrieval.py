@@ -6,9 +6,11 @@ answer through it.
 
 A database: {'version': VERSION, 'test_images': [paths], 'test_labels': [str], 'test_features': float [N, D],
 ('gallery_images', 'gallery_labels', 'gallery_features': a query/gallery dataset's gallery, its query split under
-test_*, as the original stored it), 'config': {DATABASE_CONFIG, 'settings': the run's settings}}. A gallery of a
-folder (index.py, make_folder_gallery) holds only the gallery_* fields, its labels str or None (no sub-folder), its
-config the model's database's with 'gallery_dir' added and 'model_file' relative to its own folder. The image paths
+test_*, as the original stored it), ('val_images', 'val_labels', 'val_features': the held-out training classes of a
+run with --val_split; older databases have none), 'config': {DATABASE_CONFIG, 'settings': the run's settings}}. A
+gallery of a folder (index.py, make_folder_gallery) holds only the gallery_* fields, its labels str or None (no
+sub-folder), its config the model's database's with 'gallery_dir' added and 'model_file' relative to its own folder.
+The image paths
 are as train.py was given them (relative ones to the folder it ran in, found from the database's folder when read
 from elsewhere); they lie under {data_path}/{data_name}/, so a moved dataset is found under a new data_path."""
 import contextlib
@@ -36,11 +38,12 @@ MODEL_KEYS = ('backbone_type', 'feature_dim', 'branches', 'num_classes', 'image_
 DATABASE_CONFIG = MODEL_KEYS + ('mean', 'std', 'model_file', 'model_sha256')
 
 
-def make_database(splits, config, mean, std, settings):
+def make_database(splits, config, mean, std, settings, val=None):
     """A database of splits [(image paths, labels, features [N, D])]: the test split (a query/gallery dataset's
-    query split), then the gallery if there is one; `config` holds MODEL_KEYS. The model file is added on save."""
-    database = {f'{prefix}_{field}': value for prefix, split in zip(('test', 'gallery'), splits)
-                for field, value in zip(FIELDS, split)}
+    query split), then the gallery if there is one; val: the validation split, as one more; `config` holds
+    MODEL_KEYS. The model file is added on save."""
+    named = list(zip(('test', 'gallery'), splits)) + ([('val', val)] if val is not None else [])
+    database = {f'{prefix}_{field}': value for prefix, split in named for field, value in zip(FIELDS, split)}
     config = dict({key: config[key] for key in MODEL_KEYS}, mean=list(mean), std=list(std), settings=settings)
     return dict(database, version=VERSION, config=config)
 
@@ -81,6 +84,7 @@ def _problem(db):
         return (f'it is of format version {db["version"]!r}, this CLF reads version {VERSION}; rebuild it with '
                 f'train.py (the same flags and --overwrite)')
     splits, unlabelled = _splits(db), (None,) if is_folder_gallery(db) else ()
+    splits += ('val',) if any(key.startswith('val_') for key in db) else ()
     config = db.get('config')
     missing = [f'{s}_{f}' for s in splits for f in FIELDS if f'{s}_{f}' not in db]
     missing += ['config'] if not isinstance(config, dict) else [k for k in DATABASE_CONFIG if k not in config]
@@ -123,10 +127,10 @@ def load_database(path, data_path=None):
     if problem:
         raise UserError(f'{path} is not a usable CLF feature database: {problem} (expected the '
                         f'..._data_base.pth that train.py writes)')
-    for key in ('test_labels', 'gallery_labels'):
+    for key in ('test_labels', 'gallery_labels', 'val_labels'):
         if key in db:
             db[key] = [None if v is None else str(v) for v in db[key]]
-    for key in ('test_images', 'gallery_images'):
+    for key in ('test_images', 'gallery_images', 'val_images'):
         if key in db:
             db[key] = resolve_images(db[key], db['config'], path, data_path)
     return db, has_gallery(db)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 CHUNK_BYTES = 2 ** 28  # a batched search's similarity block [c, N] (float32) is at most this: 256 MiB
 EXTRA = 16  # candidates selected beyond k: more than the near-ties of the k-th score, as a rule
-PIECE = 4096  # candidates scored again in float64 at a time ([PIECE, D] float64: 48 MiB at D = 1536)
+PIECE_BYTES = 3 * 2 ** 24  # candidates scored again in float64 at a time: [piece, D] float64 of 48 MiB
 
 
 class Gallery:
@@ -123,9 +123,10 @@ def _select(scores, queries, gallery, k, excludes, gallery_labels, query_labels)
     row, position = torch.nonzero(values >= threshold[:, None], as_tuple=True)  # [m] candidates
     col = columns[row, position]
     # index_select, not features[col]: advanced indexing of the large gallery costs milliseconds here
-    exact = torch.cat([(gallery.features.index_select(0, col[i:i + PIECE]).double()
-                        * queries.index_select(0, row[i:i + PIECE])).sum(1)
-                       for i in range(0, len(col), PIECE)]).float()  # [m]
+    piece = max(1, PIECE_BYTES // (8 * queries.shape[1]))  # 4096 candidates at D = 1536
+    exact = torch.cat([(gallery.features.index_select(0, col[i:i + piece]).double()
+                        * queries.index_select(0, row[i:i + piece])).sum(1)
+                       for i in range(0, len(col), piece)]).float()  # [m]
     order = torch.argsort(col, stable=True)  # gallery order...
     if gallery_labels is not None and any(label is not None for label in query_labels):
         same = torch.tensor([query_labels[r] is not None and gallery_labels[g] == query_labels[r]

@@ -34,9 +34,10 @@ import distributed
 import export
 import imaging
 import indexes
+import rerank
+import rerank_eval
 import retrieval
 import runs
-import search
 from cli import UserError, check_int, run_cli
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.html')  # the page, inline CSS and JS
@@ -72,6 +73,8 @@ def parse_args(argv=None):
     add('--device', default=None, help='device that embeds uploaded images [default: cuda if there, else cpu]')
     add('--onnx', default=None, help="embed uploads with this export of the database's model (export.py) in "
         'onnxruntime, on the CPU, instead of PyTorch')
+    add('--rerank', default='none', choices=list(rerank.METHODS), help='post-processing of every search (rerank.py)')
+    add('--rerank_args', default=None, help="its parameters, e.g. k=10,alpha=3 [default: the choice test.py's tuning saved]")
     return parser.parse_args(argv)
 
 
@@ -91,10 +94,11 @@ class Searcher:
     dataset root (image_root), never by a local absolute path. `onnx`: an export.OnnxEmbedder that embeds uploads
     instead of the database's PyTorch model."""
 
-    def __init__(self, database, onnx=None, index=None):
+    def __init__(self, database, onnx=None, index=None, reranker=None):
         self.database, self.index, self.lock, config = database, index, threading.Lock(), database.config
         self.embed, model_file = (onnx, onnx.name) if onnx else (database.embed, database.model_path)
-        database.searched  # the searched features normalised now, once, not at the first query
+        # exact search (the searched features normalised now, once, not at the first query), post-processed or not
+        self.reranker = reranker or rerank.Reranker('none', {}, database.searched, database.labels)
         self.decodes = threading.BoundedSemaphore(DECODES)
         self.root = image_root(database.images)
         self.thumbnail = functools.lru_cache(THUMBNAILS_KEPT)(self._thumbnail)
@@ -143,7 +147,7 @@ class Searcher:
         with self.lock:
             feature = d.features[index] if x is None else self.embed(x[None])[0]  # [D]
             if self.index is None:
-                indices, scores = search.top_k(feature, d.searched, k, index, d.labels, label)
+                indices, scores = self.reranker.top_k(feature, k, index, label)
             else:
                 indices, scores = indexes.top_k(self.index, d, feature, k, index, label)
         results = [{'rank': rank, 'index': i, 'path': self.shown(d.images[i]), 'label': d.labels[i], 'score': score}
@@ -286,13 +290,13 @@ def limited_config(app, header_timeout=None, keep_alive=None, concurrency=None):
                           limit_concurrency=concurrency or MAX_CONCURRENCY, log_level='warning', access_log=False)
 
 
-def create_app(database, hosts=None, trusted=(), any_ip=False, onnx=None, index=None):
+def create_app(database, hosts=None, trusted=(), any_ip=False, onnx=None, index=None, reranker=None):
     """The FastAPI application over a loaded retrieval.Database (handed to every request by the lifespan), answering
     requests to `hosts` (default: the loopback names) and writes from its own page or `trusted` hosts (guard_hosts);
     `onnx`: see Searcher."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        yield {'searcher': Searcher(database, onnx, index)}  # request.state.searcher, the same object for every request
+        yield {'searcher': Searcher(database, onnx, index, reranker)}  # request.state.searcher, one for all requests
 
     app = FastAPI(title='CLF retrieval', lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(refuse_large_bodies)
@@ -399,6 +403,7 @@ def main(argv=None):
         if onnx:
             onnx.check_database(database.config, database.path)
         index = indexes.open_index(args.index, database, args.nprobe, args.efsearch)
+        reranker = rerank_eval.for_database(args.rerank, args.rerank_args, database, args.index)  # the gallery side, once
         host, port = sock.getsockname()[:2]
         shown = f'[{host}]' if ':' in host else host
         any_ip = ipaddress.ip_address(host).is_unspecified  # 0.0.0.0 or ::, every interface
@@ -413,7 +418,7 @@ def main(argv=None):
             print(f'warning: the server has no authentication: anyone who can reach {where} can search the '
                   f'database and see its images (--host 127.0.0.1 serves this machine only)', file=sys.stderr,
                   flush=True)
-        app = create_app(database, hosts, set(allowed), any_ip, onnx, index)
+        app = create_app(database, hosts, set(allowed), any_ip, onnx, index, reranker)
         server = uvicorn.Server(limited_config(app))
         server.run(sockets=[sock])  # Ctrl-C: uvicorn finishes the requests in flight, then re-raises it
 

@@ -4,11 +4,13 @@ of a folder, written as one CSV.
     python test.py --query_img_name PATH [--data_base NAME_OR_PATH] [--retrieval_num K]
     python test.py --query_dir DIR [--data_base NAME_OR_PATH] [--retrieval_num K]
     python test.py --data_base NAME_OR_PATH --embedding_map
+    python test.py --data_base NAME_OR_PATH --evaluate [--rerank aqe|kreciprocal [--rerank_args k=10] | --tune]
 
 The first writes results/{query stem}/query_img.jpg, retrieval_img_{rank}_{score}.jpg and retrieval.png, the
 second results/{DIR's name}_top{K}.csv. A query image that is not in the database is embedded with the
 database's model file. The third writes results/{database stem}_map.png: a t-SNE of the database's test
-embeddings, each image drawn as a thumbnail at its point, framed in its class's colour."""
+embeddings, each image drawn as a thumbnail at its point, framed in its class's colour. The fourth prints the
+database's figures per split as train.py's epoch line does; --rerank post-processes every search (rerank.py)."""
 import argparse
 import csv
 import io
@@ -25,9 +27,10 @@ import files
 import imaging
 import indexes
 import pictures
+import rerank
+import rerank_eval
 import retrieval
 import runs
-import search
 from cli import UserError
 
 BATCH = 32  # --query_dir: images decoded and embedded per forward pass
@@ -56,6 +59,10 @@ def parse_args(argv=None):
         help='write {results_dir}/{database stem}_map.png: a 2-D t-SNE of the test embeddings drawn as thumbnails')
     add('--map_images', default=1500, type=int, help='at most this many images on the map [default: %(default)s]')
     add('--seed', default=0, type=int, help="seed of the map's sample and of t-SNE [default: %(default)s]")
+    add('--evaluate', action='store_true', help="print the database's R@K, MAP@R and RP per split (val, test)")
+    add('--rerank', default='none', choices=list(rerank.METHODS), help='post-processing [default: %(default)s]')
+    add('--rerank_args', default=None, help="the method's parameters, e.g. k=10,alpha=3 [default: --tune's choice]")
+    add('--tune', action='store_true', help="choose --rerank's parameters on the validation split, then evaluate")
     return parser.parse_args(argv)
 
 
@@ -95,14 +102,15 @@ def as_text(cell):
     return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
 
 
-def ranked(database, index, feature, k, exclude, label):
-    """The top k (indices, scores) for a query feature: exact search, or through `index` (indexes.open_index)."""
+def ranked(database, index, reranker, feature, k, exclude, label):
+    """The top k (indices, scores) for a query feature: exact search post-processed by `reranker`, or
+    through `index` (indexes.open_index)."""
     if index is None:
-        return search.top_k(feature, database.searched, k, exclude, database.labels, label)
+        return reranker.top_k(feature, k, exclude, label)
     return indexes.top_k(index, database, feature, k, exclude, label)
 
 
-def retrieve_folder(database, folder, k, results_dir, index=None):
+def retrieve_folder(database, folder, k, results_dir, reranker, index=None):
     """Rank every image under `folder` into {results_dir}/{folder name}_top{k}.csv (query, rank, path, label,
     score; k rows per query, the rows test.py --query_img_name gives for it) -> the CSV's path."""
     paths, skipped = retrieval.regular_images(retrieval.list_images(folder, '--query_dir'))
@@ -115,8 +123,8 @@ def retrieve_folder(database, folder, k, results_dir, index=None):
     excluded = next((exclude for _, _, exclude, _ in queries if exclude is not None), None)  # a database image
     retrieval.check_k(k, len(images), excluded, f'--retrieval_num {k}', database.path, database.split)
     if index is None:  # (indices [n, k], scores [n, k]) in chunks
-        found = [t.tolist() for t in search.top_k_batch(torch.stack([q[1] for q in queries]), database.searched, k,
-                                                        [q[2] for q in queries], labels, [q[3] for q in queries])]
+        found = [t.tolist() for t in reranker.top_k_batch(torch.stack([q[1] for q in queries]), k,
+                                                          [q[2] for q in queries], [q[3] for q in queries])]
     else:  # one query at a time through the index
         found = zip(*(indexes.top_k(index, database, feature, k, exclude, label) for _, feature, exclude, label in queries))
     text = io.StringIO()
@@ -156,7 +164,7 @@ def write_embedding_map(database, results_dir, limit, seed):
     return target
 
 
-def retrieve(database, query_path, k, results_dir, index=None):
+def retrieve(database, query_path, k, results_dir, reranker, index=None):
     """The top k images of the database for one query, written to results_dir/{query stem}/."""
     query_image = load_query(query_path)
     stem = os.path.splitext(os.path.basename(query_path))[0]
@@ -167,7 +175,7 @@ def retrieve(database, query_path, k, results_dir, index=None):
         query_feature = database.embed_file(query_path)
     images, labels, split = database.images, database.labels, database.split
     retrieval.check_k(k, len(images), exclude, f'--retrieval_num {k}', database.path, split)
-    indices, scores = ranked(database, index, query_feature, k, exclude, query_label)
+    indices, scores = ranked(database, index, reranker, query_feature, k, exclude, query_label)
     hits = []  # every picture is read and encoded before anything is written
     for rank, (i, score) in enumerate(zip(indices, scores), start=1):
         hits.append((rank, score, labels[i], database_picture(images[i], pictures.INNER, database.path), images[i]))
@@ -191,16 +199,23 @@ def main(argv=None):
     cli.check_int('--seed', args.seed, 0, cli.SEED_MAX)
     cli.check_results_dir(args.results_dir)
     device = distributed.resolve_device(args.device)
-    query = args.query_img_name is not None or args.query_dir is not None or not args.embedding_map
-    # a map alone needs only the database's features; a query also its model
+    query = args.query_img_name is not None or args.query_dir is not None or \
+        not (args.embedding_map or args.evaluate or args.tune)
+    # a map or evaluation alone needs only the database's features; a query also its model
     database = runs.open_database(args.data_base, args.results_dir, device, with_model=query, data_path=args.data_path)
-    target, index = None, indexes.open_index(args.index, database, args.nprobe, args.efsearch)
+    if args.evaluate or args.tune:
+        ks = database.config.get('settings', {}).get('recalls', [1, 2, 4, 8])
+        return (rerank_eval.tune(database.db, database.path, args.rerank, ks) if args.tune else rerank_eval.evaluate(
+            database.db, *rerank_eval.resolve(args.rerank, args.rerank_args, database.path), ks))
+    target, reranker = None, query and rerank_eval.for_database(args.rerank, args.rerank_args, database, args.index)
+    index = indexes.open_index(args.index, database, args.nprobe, args.efsearch)
     if query and index is not None:
         print(f'searching {index.description}', flush=True)
     if args.query_dir is not None:
-        target = retrieve_folder(database, args.query_dir, args.retrieval_num, args.results_dir, index)
+        target = retrieve_folder(database, args.query_dir, args.retrieval_num, args.results_dir, reranker, index)
     elif query:
-        target = retrieve(database, args.query_img_name or DEFAULT_QUERY, args.retrieval_num, args.results_dir, index)
+        target = retrieve(database, args.query_img_name or DEFAULT_QUERY, args.retrieval_num, args.results_dir,
+                          reranker, index)
     if args.embedding_map:  # also with a query: written as well (the query's target is returned)
         drawn = write_embedding_map(database, args.results_dir, args.map_images, args.seed)
         target = target or drawn

@@ -339,8 +339,9 @@ def train(config, dicts, rt, run, model, runner, optimizer, scheduler):
 def database(images, features, config):
     """The feature database of an epoch: the evaluation splits' images, labels and embeddings."""
     splits = [(images.eval[s].images, images.eval[s].labels, features[s]) for s in config['eval_splits']]
+    val = (images.eval['val'].images, images.eval['val'].labels, features['val']) if 'val' in features else None
     return retrieval.make_database(splits, config, images.normalize.mean, images.normalize.std,
-                                   runs.run_settings(config))
+                                   runs.run_settings(config), val)
 
 
 if __name__ == '__main__':
