@@ -23,7 +23,6 @@ import torch.nn as nn
 
 import imaging
 import metrics
-import retrieval
 import runs
 from cli import UserError, check_int, run_cli
 from files import atomic_write, read_bytes
