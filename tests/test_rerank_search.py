@@ -113,7 +113,7 @@ def test_query_img_name_query_dir_and_serve_search_through_the_method(reference,
         assert [row['path'] for row in mine] == [database.images[i] for i in indices]
         assert [float(row['score']) for row in mine] == pytest.approx(scores, abs=1e-6)
     args = serve.parse_args(['--data_base', db_path, *ARGS])
-    searcher = serve.Searcher(database, rerank_eval.for_database(args.rerank, args.rerank_args, database))
+    searcher = serve.Searcher(database, reranker=rerank_eval.for_database(args.rerank, args.rerank_args, database))
     indices, _ = expected_answer(database, database.images[4], k)
     assert [hit['index'] for hit in searcher.search(k, index=4)['results']] == indices
 
