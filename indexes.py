@@ -139,7 +139,8 @@ def build_faiss(features, spec, nprobe=None, efsearch=None, seed=SEED, progress=
     try:
         index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
-        raise UserError(f'--index {spec}: not a faiss index_factory string for {d} dimensions ({faiss_reason(err)})') from None
+        raise UserError(f'--index {spec}: not a faiss index_factory string for {d} dimensions '
+                        f'({faiss_reason(err)})') from None
     set_search_parameters(index, nprobe, efsearch, spec)
     for part in filter(None, (index, faiss.try_extract_index_ivf(index))):
         part = faiss.downcast_index(part)  # PQ codes ordered for a Hamming search, which is never made: 180 s of
