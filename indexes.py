@@ -185,8 +185,10 @@ def read_faiss(path):
     faiss = import_faiss()
     damaged = f'the index file {path} is damaged or truncated (rebuild it with index.py)'
     if not os.path.isfile(path):
-        raise UserError(f'index file not found: {path}' if not os.path.lexists(path) else
-                        f'--index {path} is not a regular file')
+        if os.path.lexists(path):
+            raise UserError(f'--index {path} is not a regular file')
+        hint = '' if path.endswith('.faiss') else f' (a spec is built first: index.py --data_base NAME --index {path})'
+        raise UserError(f'index file not found: {path}{hint}')
     with open(path, 'rb') as f:
         fixed = f.read(FIXED.size)
         if len(fixed) < FIXED.size or fixed[:8] != MAGIC:

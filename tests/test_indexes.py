@@ -74,7 +74,8 @@ def test_search_time_parameters_override_what_the_index_records(tiny):
     assert faiss.downcast_index(hnsw.index).hnsw.efSearch == 48 and 'efsearch 48' in hnsw.description
     for target, options, message in ((path, {'efsearch': 8}, '--efsearch applies to an index with a graph'),
                                      (path, {'nprobe': 0}, '--nprobe must be between 1'),
-                                     (None, {'nprobe': 4}, 'give --index too')):
+                                     (None, {'nprobe': 4}, 'give --index too'),
+                                     ('IVF4,Flat', {}, r'not found: IVF4,Flat \(a spec is built first: index.py')):
         with pytest.raises(UserError, match=message):
             indexes.open_index(target, tiny.db, **options)
     assert indexes.open_index(None, tiny.db) is None
