@@ -71,8 +71,15 @@ def load_image(path, data=None, upright=False):
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         if isinstance(err, OSError) and err.errno is not None:  # the OS refused (permissions, I/O)
             raise UserError(f'cannot read image {path}: {err.strerror or err}') from None
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f'cannot decode image {path}: {reason} (damaged, or not an image)') from None
+        raise UserError(f'cannot decode image {path}: {decode_reason(err)} (damaged, or not an image)') from None
+
+
+def decode_reason(err):
+    """PIL's reason for not decoding an image, in words: its 'cannot identify image file <_io.BytesIO object at
+    0x7f...>' names a memory address, not the file."""
+    if isinstance(err, Image.UnidentifiedImageError):
+        return 'not in a format Pillow reads'
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _orientation(img):
@@ -296,8 +303,7 @@ def load_upload_uint8(name, data, max_pixels=None, max_bytes=None):
     except (UserError, MemoryError):
         raise
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... (load_image's message)
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f'cannot decode image {name}: {reason} (damaged, or not an image)') from None
+        raise UserError(f'cannot decode image {name}: {decode_reason(err)} (damaged, or not an image)') from None
     return load_image_uint8(name, data, upright=True)
 
 

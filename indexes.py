@@ -123,6 +123,14 @@ def training_sample(n, index, seed):
     return np.sort(np.random.default_rng(seed).choice(n, size, replace=False)), lists
 
 
+def faiss_reason(err):
+    """The reason of a faiss RuntimeError, without the C++ function and source line it names: 'Error in void
+    faiss::X() at faiss/x.cpp:64: Error: 'd % M == 0' failed: the reason' -> 'the reason'."""
+    lines = str(err).strip().splitlines()
+    reason = re.sub(r'^Error in .*? at \S+:\d+: ', '', lines[-1] if lines else '')
+    return re.sub(r"^Error: '.*?' failed: ", '', reason) or 'not understood'
+
+
 def build_faiss(features, spec, nprobe=None, efsearch=None, seed=SEED, progress=True):
     """A faiss index of `spec` over features [N, D] (inner product on normalised rows): trained on a seeded
     sample, then filled by chunked adds (one chunk of float32 rows in memory beside the features and the index)."""
@@ -131,8 +139,8 @@ def build_faiss(features, spec, nprobe=None, efsearch=None, seed=SEED, progress=
     try:
         index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else 'not understood'
-        raise UserError(f'--index {spec}: not a faiss index_factory string for {d} dimensions ({reason})') from None
+        raise UserError(f'--index {spec}: not a faiss index_factory string for {d} dimensions '
+                        f'({faiss_reason(err)})') from None
     set_search_parameters(index, nprobe, efsearch, spec)
     for part in filter(None, (index, faiss.try_extract_index_ivf(index))):
         part = faiss.downcast_index(part)  # PQ codes ordered for a Hamming search, which is never made: 180 s of
@@ -146,8 +154,7 @@ def build_faiss(features, spec, nprobe=None, efsearch=None, seed=SEED, progress=
         try:
             index.train(np.ascontiguousarray(F.normalize(features[torch.from_numpy(sample)].float(), dim=1).numpy()))
         except RuntimeError as err:  # e.g. PQ with more centroids than training rows
-            reason = str(err).strip().splitlines()[-1].split('Error: ')[-1]
-            raise UserError(f'--index {spec}: cannot be trained on {len(sample)} rows: {reason}') from None
+            raise UserError(f'--index {spec}: cannot be trained on {len(sample)} rows: {faiss_reason(err)}') from None
     for begin, end in tqdm(chunks(n, d), desc=f'Adding to {spec}', disable=not progress, leave=False):
         index.add(normalised(features, begin, end))
     return index
@@ -178,8 +185,10 @@ def read_faiss(path):
     faiss = import_faiss()
     damaged = f'the index file {path} is damaged or truncated (rebuild it with index.py)'
     if not os.path.isfile(path):
-        raise UserError(f'index file not found: {path}' if not os.path.lexists(path) else
-                        f'--index {path} is not a regular file')
+        if os.path.lexists(path):
+            raise UserError(f'--index {path} is not a regular file')
+        hint = '' if path.endswith('.faiss') else f' (a spec is built first: index.py --data_base NAME --index {path})'
+        raise UserError(f'index file not found: {path}{hint}')
     with open(path, 'rb') as f:
         fixed = f.read(FIXED.size)
         if len(fixed) < FIXED.size or fixed[:8] != MAGIC:
@@ -266,6 +275,9 @@ def build_milvus(database, target, index_type, nprobe=None, efsearch=None, progr
     from pymilvus import DataType
     if index_type not in MILVUS_TYPES:
         raise UserError(f'--milvus_index {index_type}: expected one of {", ".join(MILVUS_TYPES)}')
+    if index_type == 'IVF_PQ' and not target.startswith('milvus://'):  # Lite accepts it, then fails to load it
+        raise UserError(f'--milvus_index IVF_PQ: Milvus Lite ({target}) builds no IVF_PQ; choose another '
+                        f'--milvus_index, or publish to a Milvus server (milvus://HOST:PORT/COLLECTION)')
     uri, collection, shown = milvus_target(target)
     created = not target.startswith('milvus://') and not os.path.lexists(uri)  # a Lite file this build makes
     features, n = database.features, len(database.images)

@@ -361,7 +361,7 @@ def check_upload(data, name):
     except Image.UnidentifiedImageError:
         raise UserError(f'{name} is not an image (or not in a format Pillow reads)') from None
     except Exception as err:  # PIL raises SyntaxError, ValueError... on a damaged header
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = imaging.decode_reason(err)
         raise UserError(f'cannot decode image {name}: {reason} (damaged, or not an image)') from None
 
 

@@ -198,6 +198,8 @@ def test_damaged_and_missing_files_raise_user_error_naming_them(tmp_path, jpegs)
         with pytest.raises(cli.UserError, match='cannot decode image') as err:
             imaging.load_image(str(path))
         assert str(path) in str(err.value) and '(damaged, or not an image)' in str(err.value)
+    with pytest.raises(cli.UserError, match='notes.jpg: not in a format Pillow reads') as err:  # no memory address
+        imaging.load_image('notes.jpg', data=b'not an image')
     with pytest.raises(cli.UserError, match='not found') as err:
         imaging.load_image(str(tmp_path / 'gone.jpg'))
     assert str(tmp_path / 'gone.jpg') in str(err.value)
