@@ -7,6 +7,7 @@ import errno
 import fcntl
 import glob
 import io
+import hashlib
 import os
 import re
 import secrets
@@ -317,3 +318,12 @@ def write_result_folder(results_dir, stem, files):
         for leftover in (tmp, old):  # only our own hidden folders (if there): the fresh set, or the replaced one
             shutil.rmtree(leftover, ignore_errors=True)
     return target
+
+
+def file_sha256(path):
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(2 ** 20), b''):
+            digest.update(block)
+    return digest.hexdigest()

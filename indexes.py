@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import search
 from cli import UserError, check_int
+import files
 from files import atomic_file
 
 VERSION = 1  # of the index file's format
@@ -45,8 +46,7 @@ MILVUS_TYPES = {
     'IVF_FLAT': (lambda n, d: {'nlist': _nlist(n)}, 'nprobe'),
     'IVF_SQ8': (lambda n, d: {'nlist': _nlist(n)}, 'nprobe'),
     'IVF_PQ': (lambda n, d: {'nlist': _nlist(n), 'm': _pq_m(d), 'nbits': 8}, 'nprobe'),
-    'HNSW': (lambda n, d: {'M': 32, 'efConstruction': 200}, 'ef'),
-}
+    'HNSW': (lambda n, d: {'M': 32, 'efConstruction': 200}, 'ef')}
 DEFAULT_SEARCH = {'nprobe': 16, 'ef': 64}
 
 
@@ -63,15 +63,6 @@ def _pq_m(d):
 def is_milvus(target):
     """Whether --index names a Milvus collection (milvus://HOST:PORT/COLLECTION or a Milvus Lite PATH.db)."""
     return target.startswith('milvus://') or target.endswith('.db')
-
-
-def file_sha256(path):
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(2 ** 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def normalised(features, begin, end):
@@ -95,7 +86,7 @@ def index_path(database_path, spec):
 # ---- faiss ----
 
 def import_faiss():
-    try:
+    try:  # imported here: exact search, the default, never pays for it
         import faiss
     except ImportError:
         raise UserError('a faiss index needs the faiss package: pip install faiss-cpu (see requirements.txt)') from None
@@ -124,11 +115,9 @@ def training_sample(n, index, seed):
 
 
 def faiss_reason(err):
-    """The reason of a faiss RuntimeError, without the C++ function and source line it names: 'Error in void
-    faiss::X() at faiss/x.cpp:64: Error: 'd % M == 0' failed: the reason' -> 'the reason'."""
-    lines = str(err).strip().splitlines()
-    reason = re.sub(r'^Error in .*? at \S+:\d+: ', '', lines[-1] if lines else '')
-    return re.sub(r"^Error: '.*?' failed: ", '', reason) or 'not understood'
+    """A faiss RuntimeError's reason, without the C++ function, source line and failed assertion it names."""
+    reason = (str(err).strip().splitlines() or [''])[-1]
+    return re.sub(r"^Error in .*? at \S+:\d+: (Error: '.*?' failed: )?", '', reason) or 'not understood'
 
 
 def build_faiss(features, spec, nprobe=None, efsearch=None, seed=SEED, progress=True):
@@ -187,8 +176,8 @@ def read_faiss(path):
     if not os.path.isfile(path):
         if os.path.lexists(path):
             raise UserError(f'--index {path} is not a regular file')
-        hint = '' if path.endswith('.faiss') else f' (a spec is built first: index.py --data_base NAME --index {path})'
-        raise UserError(f'index file not found: {path}{hint}')
+        raise UserError(f'index file not found: {path}' + ('' if path.endswith('.faiss') else
+                        f' (a spec is built first: index.py --data_base NAME --index {path})'))
     with open(path, 'rb') as f:
         fixed = f.read(FIXED.size)
         if len(fixed) < FIXED.size or fixed[:8] != MAGIC:
@@ -223,8 +212,7 @@ class FaissIndex:
                             f'{path}')
 
     def search(self, queries, k):
-        scores, indices = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return scores, indices  # [n, k] each; -1 where the index found fewer than k
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)  # scores, indices [n, k]; -1: none
 
 
 # ---- Milvus ----
@@ -296,7 +284,7 @@ def build_milvus(database, target, index_type, nprobe=None, efsearch=None, progr
         schema.add_field('label', DataType.VARCHAR, max_length=65535)
         index_params = client.prepare_index_params()
         index_params.add_index('vector', index_type=index_type, metric_type='IP', params=build_params(n, d))
-        properties = {SHA_PROPERTY: file_sha256(database.path),
+        properties = {SHA_PROPERTY: files.file_sha256(database.path),
                       PARAMS_PROPERTY: json.dumps({'index_type': index_type, 'search': search, 'rows': n})}
         client.create_collection(temporary, schema=schema, index_params=index_params, properties=properties)
         for begin, end in tqdm(chunks(n, d), desc=f'Publishing to {shown}', disable=not progress, leave=False):
@@ -353,7 +341,7 @@ def open_milvus(target, database, nprobe=None, efsearch=None):
         properties = collection_properties(client, collection)
         if SHA_PROPERTY not in properties:
             raise UserError(f'{shown}: collection {collection} was not published by index.py')
-        if properties[SHA_PROPERTY] != file_sha256(database.path):
+        if properties[SHA_PROPERTY] != files.file_sha256(database.path):
             raise UserError(f'{shown} was published from another database than {database.path} (its SHA-256 '
                             f'differs); publish this one with index.py --index {target}')
         record = json.loads(properties[PARAMS_PROPERTY])
@@ -385,7 +373,7 @@ def build(database, target, nprobe=None, efsearch=None, milvus_index='HNSW', see
         return build_milvus(database, target, milvus_index, nprobe, efsearch, progress)
     index = build_faiss(database.features, target, nprobe, efsearch, seed, progress)
     header = {'spec': target, 'database_file': os.path.basename(database.path),
-              'database_sha256': file_sha256(database.path), 'split': database.split, 'rows': index.ntotal,
+              'database_sha256': files.file_sha256(database.path), 'split': database.split, 'rows': index.ntotal,
               'dim': index.d, 'nprobe': nprobe, 'efsearch': efsearch, 'seed': seed}
     return save_faiss(index, index_path(database.path, target), header)
 
@@ -402,7 +390,7 @@ def open_index(target, database, nprobe=None, efsearch=None):
     if is_milvus(target):
         return open_milvus(target, database, nprobe, efsearch)
     header, index = read_faiss(target)
-    if header.get('database_sha256') != file_sha256(database.path):
+    if header.get('database_sha256') != files.file_sha256(database.path):
         raise UserError(f'the index {target} was built from another database ({header.get("database_file")}) than '
                         f'{database.path} (its SHA-256 differs); build one with index.py --data_base {database.path} '
                         f'--index {header.get("spec")}')
