@@ -166,11 +166,17 @@ class _Lists:
             row, col = found
             if not len(row):
                 return
+            values = block[row, col]
+            order = torch.argsort(values, descending=True, stable=True)
+            order = order[torch.argsort(row[order], stable=True)]  # by row, best first within each
+            row, col, values = row[order], col[order], values[order]
             counts = torch.bincount(row, minlength=block.shape[0])
-            rank = torch.arange(len(row)) - (torch.cumsum(counts, 0) - counts)[row]  # rows are grouped
-            fresh = torch.full((block.shape[0], int(counts.max())), -float('inf'))
+            rank = torch.arange(len(row)) - (torch.cumsum(counts, 0) - counts)[row]
+            kept = rank < self.values.shape[1]  # a row's cells beyond its `width` best never enter: [q, width] at most
+            row, col, values, rank = row[kept], col[kept], values[kept], rank[kept]
+            fresh = torch.full((block.shape[0], int(rank.max()) + 1), -float('inf'))
             fresh_columns = torch.zeros(fresh.shape, dtype=torch.long)
-            fresh[row, rank], fresh_columns[row, rank] = block[row, col], col + first_column
+            fresh[row, rank], fresh_columns[row, rank] = values, col + first_column
         top, at = torch.cat([self.values[rows], fresh], 1).topk(self.values.shape[1], dim=1)
         self.values[rows] = top
         self.columns[rows] = torch.cat([self.columns[rows], fresh_columns], 1).gather(1, at)
