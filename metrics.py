@@ -170,7 +170,7 @@ def _duplicates(features):
     return (rows, first[rows]) if len(rows) else None
 
 
-def _similarities(queries, gallery):
+def similarities(queries, gallery):
     """[c, D] x [Ng, D] -> [c, Ng]; on CPU by NumPy's BLAS (1.5x torch.mm's speed at [1024, 1536] x [1536, 60502])."""
     if queries.is_cuda:
         return queries @ gallery.T
@@ -184,7 +184,7 @@ def _count_at_least(sims, thresholds):
     return torch.from_numpy(np.count_nonzero(sims.numpy() >= thresholds.numpy()[:, None], axis=1))
 
 
-def _cells_at_least(sims, thresholds, cap):
+def cells_at_least(sims, thresholds, cap):
     """Cells of sims [q, W] (maybe a transposed view) at least their row's threshold [q], as (row, column)
     index tensors grouped by row; None when there are more than `cap`."""
     if sims.is_cuda:
@@ -235,7 +235,7 @@ class _Ranking:
         # they are few
         low = torch.maximum(self.weakest[queries], top[:, -1])
         # beyond ~1 candidate in 32 cells, a dense pass is cheaper than gathering candidates
-        found = _cells_at_least(sims, torch.minimum(best, low), cap=max(top.numel(), sims.numel() // 32))
+        found = cells_at_least(sims, torch.minimum(best, low), cap=max(top.numel(), sims.numel() // 32))
         if found is None:
             self.first_hit[queries] += _count_at_least(sims, best).to(best.device)
             fresh = sims.topk(min(width, sims.shape[1]), dim=1).values
@@ -290,7 +290,7 @@ def _gallery_stats(queries, query_ids, gallery, gallery_ids, num_classes, self_m
         relevant = in_class
         if self_mode:  # the query itself is never a result
             relevant = in_class & (members != torch.arange(begin, end)[:, None])
-        sims = _similarities(queries[begin:end], gallery)             # [c, Ng]
+        sims = similarities(queries[begin:end], gallery)              # [c, Ng]
         if duplicates is not None:
             sims[:, duplicates[0]] = sims[:, duplicates[1]]
         members, in_class, relevant = members.to(device), in_class.to(device), relevant.to(device)
@@ -324,7 +324,7 @@ def _self_stats(features, ids):
     width = max(int(counts.max()) - 1, 1)                             # most same-class items of a query
     same = torch.full((num, width), -math.inf, device=device, dtype=x.dtype)
     for begin, end in blocks:
-        block = _similarities(x[begin:end], x[begin:end])              # [c, c]
+        block = similarities(x[begin:end], x[begin:end])               # [c, c]
         other = ids[begin:end, None] != ids[None, begin:end]
         other.fill_diagonal_(True)                                     # the query itself is no result
         block.masked_fill_(other.to(block.device), -math.inf)
@@ -332,7 +332,7 @@ def _self_stats(features, ids):
         same[begin:end, :kept] = block.topk(kept, dim=1).values
     ranking = _Ranking(same, counts[ids] - 1)
     for begin, end in blocks:
-        strip = _similarities(x[begin:end], x[begin:])                 # [c, N - begin]
+        strip = similarities(x[begin:end], x[begin:])                  # [c, N - begin]
         diagonal = strip[:, :end - begin]
         diagonal.masked_fill_(ids[begin:end, None] == ids[None, begin:end], -math.inf)
         ranking.update(strip, slice(begin, end))                       # rows: these queries

@@ -93,8 +93,8 @@ def test_ties_go_against_the_query():
 
 def force_candidates(monkeypatch, candidates):
     """Make _Ranking.update take the sparse (candidate cells) or the dense way on every strip."""
-    gather = metrics._cells_at_least
-    monkeypatch.setattr(metrics, '_cells_at_least', (lambda sims, thresholds, cap: gather(sims, thresholds, math.inf))
+    gather = metrics.cells_at_least
+    monkeypatch.setattr(metrics, 'cells_at_least', (lambda sims, thresholds, cap: gather(sims, thresholds, math.inf))
                         if candidates == 'sparse' else (lambda sims, thresholds, cap: None))
 
 
@@ -245,14 +245,14 @@ def test_identical_vectors_score_identically(mode, monkeypatch):
     """BLAS may give two identical gallery vectors similarities 1 ulp apart by their place in the
     matrix; simulated here by nudging every odd column up by 1 ulp. The same-class copy there must
     still tie with the identical other-class copy, and so rank after it (the tie rule)."""
-    products = metrics._similarities
+    products = metrics.similarities
 
     def nudged(queries, gallery):
         sims = products(queries, gallery)
         sims[:, 1::2] = torch.nextafter(sims[:, 1::2], torch.tensor(math.inf))
         return sims
 
-    monkeypatch.setattr(metrics, '_similarities', nudged)
+    monkeypatch.setattr(metrics, 'similarities', nudged)
     generator = torch.Generator().manual_seed(0)
     g = torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=1)
     # gallery: [g0 class 100, g0 class 0, g1 class 101, g1 class 1, ...]: the same-class copy at odd places

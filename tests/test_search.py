@@ -90,6 +90,17 @@ def test_knn_of_a_set_against_itself_leaves_each_item_out():
                                          torch.nn.functional.normalize(features).T).max(1).values, atol=1e-6)
 
 
+@pytest.mark.parametrize('chunk', [1, 7, 40, None])
+def test_knn_of_a_set_equals_the_batched_search_bit_for_bit(chunk):
+    """The set's own way (each block of products serving its rows and its columns) gives top_k_batch's lists."""
+    features, _ = tied_features(4, 200, 12, distinct=90)
+    features = torch.cat([features, torch.randn(100, 12, generator=torch.Generator().manual_seed(5))])
+    for k in (1, 9, 40):
+        scores, indices = search.knn(features, k=k, chunk=chunk)
+        expected = search.top_k_batch(features, features, k, range(300))
+        assert torch.equal(indices, expected[0]) and torch.equal(scores, expected[1])
+
+
 def test_gallery_is_normalised_once_in_its_dtype():
     features = torch.randn(10, 4, dtype=torch.float64) * 3
     gallery = search.Gallery(features)
